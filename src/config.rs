@@ -1,0 +1,449 @@
+//! Model and MoE configuration: plain serialisable data with documented defaults.
+//!
+//! Every struct rejects unknown keys, and all cross-field checks live in one
+//! `validate()` per struct that names the offending key. The training config
+//! nests these as its `[model]` and `[moe]` sections.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A configuration error that names the key at fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `moe.top_k`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The transformer skeleton: attention, dense FFN, norms and embeddings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Vocabulary size (number of token ids). Default 4096.
+    pub vocab_size: usize,
+    /// Residual stream width. Default 128.
+    pub d_model: usize,
+    /// Number of transformer blocks. Default 4.
+    pub n_layers: usize,
+    /// Query heads. Default 4.
+    pub n_heads: usize,
+    /// Key/value heads for grouped-query attention; must divide `n_heads`. Default 4.
+    pub n_kv_heads: usize,
+    /// Per-head width; `None` means `d_model / n_heads`. Default none.
+    pub head_dim: Option<usize>,
+    /// Hidden width of the dense SwiGLU MLP used by non-MoE blocks. Default 512.
+    pub d_ff: usize,
+    /// Maximum sequence length (tokens per training window). Default 256.
+    pub seq_len: usize,
+    /// RoPE base frequency (theta). Default 10000.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon. Default 1e-5.
+    pub rms_norm_eps: f64,
+    /// Add biases to the q/k/v projections (Qwen2 style). Default false.
+    pub qkv_bias: bool,
+    /// Share the token embedding with the LM head. Default false.
+    pub tie_embeddings: bool,
+    /// Standard deviation of the normal weight initialisation. Default 0.02.
+    pub init_std: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 4096,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 4,
+            head_dim: None,
+            d_ff: 512,
+            seq_len: 256,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            qkv_bias: false,
+            tie_embeddings: false,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The per-head width actually used.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Check every field and cross-field constraint; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("model.vocab_size", self.vocab_size),
+            ("model.d_model", self.d_model),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.n_kv_heads", self.n_kv_heads),
+            ("model.d_ff", self.d_ff),
+            ("model.seq_len", self.seq_len),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(err(key, "must be a positive integer"));
+            }
+        }
+        if self.n_kv_heads > self.n_heads || self.n_heads % self.n_kv_heads != 0 {
+            return Err(err(
+                "model.n_kv_heads",
+                format!(
+                    "must divide model.n_heads = {} (got {})",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        match self.head_dim {
+            Some(0) => return Err(err("model.head_dim", "must be positive")),
+            Some(h) if h % 2 == 1 => {
+                return Err(err("model.head_dim", "must be even for RoPE"));
+            }
+            None if self.d_model % self.n_heads != 0 => {
+                return Err(err(
+                    "model.head_dim",
+                    format!(
+                        "unset, so model.d_model = {} must be divisible by model.n_heads = {}",
+                        self.d_model, self.n_heads
+                    ),
+                ));
+            }
+            None if (self.d_model / self.n_heads) % 2 == 1 => {
+                return Err(err(
+                    "model.head_dim",
+                    "d_model / n_heads is odd; RoPE needs an even head width",
+                ));
+            }
+            _ => {}
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err(err("model.rope_theta", "must be > 0"));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(err("model.rms_norm_eps", "must be > 0"));
+        }
+        if !(self.init_std > 0.0) {
+            return Err(err("model.init_std", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// How router scores are computed from logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterScore {
+    /// Softmax over experts (Switch, Mixtral, Qwen2-MoE).
+    Softmax,
+    /// Independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// Whether the softmax is taken before or after choosing the top k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopkOrder {
+    /// Softmax over all experts, then keep the k largest probabilities.
+    SoftmaxThenTopk,
+    /// Keep the k largest logits, then softmax over those k only.
+    TopkThenSoftmax,
+}
+
+/// What happens to assignments beyond an expert's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropPolicy {
+    /// Capacity-limited: overflowing assignments contribute zero and the
+    /// residual connection carries the token.
+    Drop,
+    /// No capacity limit: every assignment is computed.
+    Dropless,
+}
+
+/// The routed-expert layer and where it sits in the stack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MoeConfig {
+    /// Routed experts per MoE layer; 0 makes every block dense. Default 8.
+    pub num_experts: usize,
+    /// Experts chosen per token. Default 2.
+    pub top_k: usize,
+    /// Hidden width of each routed SwiGLU expert. Default 256.
+    pub d_expert: usize,
+    /// Block i is MoE when `(i + 1) % every_n_layers == 0` (the Hugging Face
+    /// `decoder_sparse_step` convention), and i >= `first_k_dense`. Default 1.
+    pub every_n_layers: usize,
+    /// The first k blocks are dense. Default 0.
+    pub first_k_dense: usize,
+    /// Explicit list of MoE block indices; overrides the two keys above. Default none.
+    pub layers: Option<Vec<usize>>,
+    /// Router score function: "softmax" or "sigmoid". Default "softmax".
+    pub score: RouterScore,
+    /// "softmax_then_topk" or "topk_then_softmax". Default "softmax_then_topk".
+    pub topk_order: TopkOrder,
+    /// Renormalise the k chosen weights to sum to 1 (Mixtral always does;
+    /// Qwen2-MoE when `norm_topk_prob`). Default true.
+    pub normalize_topk: bool,
+    /// "drop" (capacity-limited) or "dropless". Default "drop".
+    pub drop_policy: DropPolicy,
+    /// Training capacity factor: capacity = ceil(cf * tokens * k / E). Default 1.25.
+    pub capacity_factor: f64,
+    /// Capacity factor at evaluation. Default 2.0.
+    pub eval_capacity_factor: f64,
+    /// Multiplicative router-input jitter epsilon, x * U(1-eps, 1+eps); training only. Default 0.
+    pub jitter_eps: f64,
+    /// Standard deviation of additive Gaussian noise on router logits; training only. Default 0.
+    pub logit_noise_std: f64,
+    /// Probability that an expert is disabled for a step; training only. Default 0.
+    pub expert_dropout: f64,
+    /// Always-on shared SwiGLU experts added to the routed output. Default 0.
+    pub num_shared_experts: usize,
+    /// Hidden width of each shared expert; `None` means `d_expert`. Default none.
+    pub d_shared_expert: Option<usize>,
+    /// Multiply the shared-expert output by sigmoid(gate(x)) (Qwen2-MoE). Default false.
+    pub shared_expert_gate: bool,
+    /// Aux-loss-free balancing (DeepSeek-V3): a per-expert bias used for
+    /// top-k selection only. Default false.
+    pub aux_free_bias: bool,
+    /// Bias update rate gamma: b_e += gamma * sign(mean_load - load_e). Default 0.001.
+    pub bias_update_rate: f64,
+    /// Coefficient of the Switch load-balancing loss. Default 0.01.
+    pub aux_loss_coef: f64,
+    /// Coefficient of the sequence-level balance loss. Default 0.
+    pub seq_aux_loss_coef: f64,
+    /// Coefficient of the router z-loss. Default 0.001.
+    pub z_loss_coef: f64,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        Self {
+            num_experts: 8,
+            top_k: 2,
+            d_expert: 256,
+            every_n_layers: 1,
+            first_k_dense: 0,
+            layers: None,
+            score: RouterScore::Softmax,
+            topk_order: TopkOrder::SoftmaxThenTopk,
+            normalize_topk: true,
+            drop_policy: DropPolicy::Drop,
+            capacity_factor: 1.25,
+            eval_capacity_factor: 2.0,
+            jitter_eps: 0.0,
+            logit_noise_std: 0.0,
+            expert_dropout: 0.0,
+            num_shared_experts: 0,
+            d_shared_expert: None,
+            shared_expert_gate: false,
+            aux_free_bias: false,
+            bias_update_rate: 1e-3,
+            aux_loss_coef: 1e-2,
+            seq_aux_loss_coef: 0.0,
+            z_loss_coef: 1e-3,
+        }
+    }
+}
+
+impl MoeConfig {
+    /// Whether block `layer` of an `n_layers` stack uses the MoE FFN.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        if self.num_experts == 0 {
+            return false;
+        }
+        match &self.layers {
+            Some(list) => list.contains(&layer),
+            None => layer >= self.first_k_dense && (layer + 1) % self.every_n_layers.max(1) == 0,
+        }
+    }
+
+    /// Width of the fused shared expert (all shared experts side by side).
+    pub fn shared_width(&self) -> usize {
+        self.num_shared_experts * self.d_shared_expert.unwrap_or(self.d_expert)
+    }
+
+    /// Capacity per expert for `tokens` tokens at capacity factor `cf`.
+    /// `None` under the dropless policy.
+    pub fn capacity(&self, tokens: usize, cf: f64) -> Option<usize> {
+        match self.drop_policy {
+            DropPolicy::Dropless => None,
+            DropPolicy::Drop => {
+                let c = (cf * (tokens * self.top_k) as f64 / self.num_experts as f64).ceil();
+                Some((c as usize).max(1))
+            }
+        }
+    }
+
+    /// Check every field against the model it will be placed in.
+    pub fn validate(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        if self.num_experts == 0 {
+            return Ok(());
+        }
+        if self.top_k == 0 || self.top_k > self.num_experts {
+            return Err(err(
+                "moe.top_k",
+                format!(
+                    "must be in 1..={} (moe.num_experts), got {}",
+                    self.num_experts, self.top_k
+                ),
+            ));
+        }
+        if self.d_expert == 0 {
+            return Err(err("moe.d_expert", "must be a positive integer"));
+        }
+        if self.every_n_layers == 0 {
+            return Err(err("moe.every_n_layers", "must be a positive integer"));
+        }
+        if let Some(list) = &self.layers {
+            if let Some(&bad) = list.iter().find(|&&l| l >= model.n_layers) {
+                return Err(err(
+                    "moe.layers",
+                    format!(
+                        "layer {bad} is out of range 0..{} (model.n_layers)",
+                        model.n_layers
+                    ),
+                ));
+            }
+        }
+        for (key, v) in [
+            ("moe.capacity_factor", self.capacity_factor),
+            ("moe.eval_capacity_factor", self.eval_capacity_factor),
+        ] {
+            if !(v > 0.0) || !v.is_finite() {
+                return Err(err(key, format!("must be a finite number > 0, got {v}")));
+            }
+        }
+        if !(0.0..1.0).contains(&self.jitter_eps) {
+            return Err(err("moe.jitter_eps", "must be in [0, 1)"));
+        }
+        if !(self.logit_noise_std >= 0.0) || !self.logit_noise_std.is_finite() {
+            return Err(err("moe.logit_noise_std", "must be a finite number >= 0"));
+        }
+        if !(0.0..1.0).contains(&self.expert_dropout) {
+            return Err(err("moe.expert_dropout", "must be in [0, 1)"));
+        }
+        if self.d_shared_expert == Some(0) {
+            return Err(err("moe.d_shared_expert", "must be positive"));
+        }
+        if self.shared_expert_gate && self.num_shared_experts == 0 {
+            return Err(err(
+                "moe.shared_expert_gate",
+                "needs moe.num_shared_experts >= 1",
+            ));
+        }
+        if self.score == RouterScore::Sigmoid && self.topk_order == TopkOrder::TopkThenSoftmax {
+            return Err(err(
+                "moe.topk_order",
+                "\"topk_then_softmax\" needs moe.score = \"softmax\"",
+            ));
+        }
+        for (key, v) in [
+            ("moe.bias_update_rate", self.bias_update_rate),
+            ("moe.aux_loss_coef", self.aux_loss_coef),
+            ("moe.seq_aux_loss_coef", self.seq_aux_loss_coef),
+            ("moe.z_loss_coef", self.z_loss_coef),
+        ] {
+            if !(v >= 0.0) || !v.is_finite() {
+                return Err(err(key, format!("must be a finite number >= 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let m = ModelConfig::default();
+        m.validate().unwrap();
+        MoeConfig::default().validate(&m).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = toml::from_str::<MoeConfig>("num_experts = 4\ntopk = 2\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("topk"), "{msg}");
+        assert!(msg.contains("top_k"), "should list allowed keys: {msg}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_allowed_values() {
+        let e = toml::from_str::<MoeConfig>("score = \"relu\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("softmax") && msg.contains("sigmoid"), "{msg}");
+    }
+
+    #[test]
+    fn validate_names_key() {
+        let m = ModelConfig::default();
+        let moe = MoeConfig {
+            top_k: 9,
+            ..MoeConfig::default()
+        };
+        assert_eq!(moe.validate(&m).unwrap_err().key, "moe.top_k");
+        let bad = ModelConfig {
+            n_kv_heads: 3,
+            ..ModelConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().key, "model.n_kv_heads");
+    }
+
+    #[test]
+    fn moe_layer_placement() {
+        let mut moe = MoeConfig::default();
+        assert!((0..4).all(|l| moe.is_moe_layer(l)));
+        moe.every_n_layers = 2;
+        let got: Vec<_> = (0..6).filter(|&l| moe.is_moe_layer(l)).collect();
+        assert_eq!(got, vec![1, 3, 5]);
+        moe.every_n_layers = 1;
+        moe.first_k_dense = 1;
+        let got: Vec<_> = (0..3).filter(|&l| moe.is_moe_layer(l)).collect();
+        assert_eq!(got, vec![1, 2]);
+        moe.layers = Some(vec![0, 2]);
+        let got: Vec<_> = (0..3).filter(|&l| moe.is_moe_layer(l)).collect();
+        assert_eq!(got, vec![0, 2]);
+        moe.num_experts = 0;
+        assert!((0..3).all(|l| !moe.is_moe_layer(l)));
+    }
+
+    #[test]
+    fn capacity_formula() {
+        let moe = MoeConfig {
+            num_experts: 4,
+            top_k: 2,
+            ..MoeConfig::default()
+        };
+        // ceil(1.25 * 10 * 2 / 4) = ceil(6.25) = 7
+        assert_eq!(moe.capacity(10, 1.25), Some(7));
+        assert_eq!(moe.capacity(8, 1.0), Some(4));
+        let dropless = MoeConfig {
+            drop_policy: DropPolicy::Dropless,
+            ..moe
+        };
+        assert_eq!(dropless.capacity(10, 1.25), None);
+    }
+}

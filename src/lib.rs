@@ -1,0 +1,13 @@
+//! switchyard: Mixture-of-Experts language-model training on Burn.
+//!
+//! - [`config`]: model and MoE configuration, validated once.
+//! - [`model`]: the decoder-only transformer (attention, RoPE, MLP, blocks).
+//! - [`moe`]: the routed-expert layer with every balancing mechanism.
+//! - [`hf`]: Hugging Face Mixtral / Qwen2-MoE checkpoint import.
+//! - [`params`]: named access to a model's parameters.
+
+pub mod config;
+pub mod hf;
+pub mod model;
+pub mod moe;
+pub mod params;

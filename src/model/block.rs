@@ -1,0 +1,79 @@
+//! One pre-norm transformer block: `x + attn(norm(x))`, then `x + ffn(norm(x))`,
+//! where the FFN is a dense SwiGLU MLP or a routed-expert layer.
+
+use super::attention::Attention;
+use super::mlp::Mlp;
+use super::rope::Rope;
+use crate::config::{ModelConfig, MoeConfig};
+use crate::moe::{MoeAux, MoeLayer, Phase};
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+
+/// The feed-forward half of a block.
+#[derive(Module, Debug)]
+pub enum Ffn {
+    /// A dense SwiGLU MLP.
+    Dense(Mlp),
+    /// A routed-expert layer.
+    Moe(MoeLayer),
+}
+
+/// A pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// RMSNorm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Causal self-attention.
+    pub self_attn: Attention,
+    /// RMSNorm before the FFN.
+    pub post_attention_layernorm: RmsNorm,
+    /// Dense MLP or MoE layer (Hugging Face `mlp` / `block_sparse_moe`).
+    pub mlp: Ffn,
+}
+
+/// RMSNorm with weight 1 and the model's epsilon.
+pub fn rms_norm(cfg: &ModelConfig, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(cfg.d_model)
+        .with_epsilon(cfg.rms_norm_eps)
+        .init(device)
+}
+
+impl Block {
+    /// Block number `layer` of the stack.
+    pub fn new(layer: usize, cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
+        let mlp = if moe.is_moe_layer(layer) {
+            Ffn::Moe(MoeLayer::new(cfg.d_model, moe, cfg.init_std, device))
+        } else {
+            Ffn::Dense(Mlp::new(cfg.d_model, cfg.d_ff, cfg.init_std, device))
+        };
+        Self {
+            input_layernorm: rms_norm(cfg, device),
+            self_attn: Attention::new(cfg, device),
+            post_attention_layernorm: rms_norm(cfg, device),
+            mlp,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[B, S, d_model]` → `[B, S, d_model]`; `valid`: `[B, S]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        valid: Tensor<2>,
+        rope: &Rope,
+        phase: Phase,
+    ) -> (Tensor<3>, Option<MoeAux>) {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope);
+        let h = self.post_attention_layernorm.forward(x.clone());
+        match &self.mlp {
+            Ffn::Dense(mlp) => (x + mlp.forward(h), None),
+            Ffn::Moe(moe) => {
+                let (y, aux) = moe.forward(h, valid, phase);
+                (x + y, Some(aux))
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The decoder-only language model: token embedding → blocks → final RMSNorm
+//! → LM head. It expresses Hugging Face Mixtral and Qwen2-MoE exactly; module
+//! field names follow their checkpoint keys so the import table in `hf.rs`
+//! stays short.
+
+pub mod attention;
+pub mod block;
+pub mod mlp;
+pub mod rope;
+
+use crate::config::{ModelConfig, MoeConfig};
+use crate::moe::{MoeAux, MoeLayer, Phase};
+use block::{rms_norm, Block, Ffn};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm};
+use burn::prelude::*;
+use rope::Rope;
+
+/// What one forward pass returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// Next-token logits. `[B, S, V]`
+    pub logits: Tensor<3>,
+    /// One entry per MoE block, in block order (MoE layer i is the i-th entry).
+    pub moe: Vec<MoeAux>,
+}
+
+/// A decoder-only MoE language model.
+#[derive(Module, Debug)]
+pub struct LanguageModel {
+    /// Token embedding. `[V, d_model]`
+    pub embed_tokens: Embedding,
+    /// The blocks.
+    pub layers: Vec<Block>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm,
+    /// LM head; `None` when tied to the embedding. `[d_model, V]`
+    pub lm_head: Option<Linear>,
+    /// RoPE tables (constants, not parameters).
+    pub rope: Rope,
+    #[module(skip)]
+    cfg: ModelConfig,
+    #[module(skip)]
+    moe_cfg: MoeConfig,
+}
+
+impl LanguageModel {
+    /// A freshly initialised model. Call `validate` on both configs first.
+    pub fn new(cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: cfg.init_std,
+        };
+        Self {
+            embed_tokens: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model)
+                .with_initializer(init)
+                .init(device),
+            layers: (0..cfg.n_layers)
+                .map(|l| Block::new(l, cfg, moe, device))
+                .collect(),
+            norm: rms_norm(cfg, device),
+            lm_head: (!cfg.tie_embeddings)
+                .then(|| mlp::linear(cfg.d_model, cfg.vocab_size, false, cfg.init_std, device)),
+            rope: Rope::new(cfg.head_dim(), cfg.seq_len, cfg.rope_theta, device),
+            cfg: cfg.clone(),
+            moe_cfg: moe.clone(),
+        }
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The MoE configuration.
+    pub fn moe_config(&self) -> &MoeConfig {
+        &self.moe_cfg
+    }
+
+    /// The MoE layers, in block order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer> {
+        self.layers.iter().filter_map(|b| match &b.mlp {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// Mutable access to the MoE layers, in block order.
+    pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut MoeLayer> {
+        self.layers.iter_mut().filter_map(|b| match &mut b.mlp {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// # Shapes
+    /// - `tokens`: `[B, S]` → logits `[B, S, V]`
+    /// - `valid`: `[B, S]`, 1.0 for real tokens, 0.0 for padding; `None` = all real
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        valid: Option<Tensor<2>>,
+        phase: Phase,
+    ) -> ModelOutput {
+        let [b, s] = tokens.dims();
+        let device = tokens.device();
+        let valid = valid.unwrap_or_else(|| Tensor::ones([b, s], &device));
+        let mut x = self.embed_tokens.forward(tokens); // [B, S, d]
+        let mut moe = Vec::new();
+        for block in &self.layers {
+            let (y, aux) = block.forward(x, valid.clone(), &self.rope, phase);
+            x = y;
+            moe.extend(aux);
+        }
+        let x = self.norm.forward(x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+        };
+        ModelOutput { logits, moe }
+    }
+}
+
+/// Mean next-token cross-entropy over positions where `mask` is 1.
+///
+/// # Shapes
+/// - `logits`: `[B, S, V]`; `targets`: `[B, S]`; `mask`: `[B, S]`; returns `[1]`
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
+    let [b, s, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.reshape([b * s, v]), 1);
+    let picked = logp.gather(1, targets.reshape([b * s, 1])).reshape([b * s]); // [B*S]
+    let mask = mask.reshape([b * s]);
+    (picked * mask.clone()).sum().neg() / mask.sum().clamp_min(1.0)
+}

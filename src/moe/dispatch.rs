@@ -1,0 +1,110 @@
+//! Token dispatch into per-expert capacity buffers, and the combine back.
+//!
+//! Each expert has C slots. Among the tokens that chose expert e, the ones
+//! with the highest router probability take its slots (priority by
+//! probability, not position, as in Switch Transformer's "batch prioritized
+//! routing", Riquelme et al. 2021); the rest are dropped and the residual
+//! connection carries them. Padding tokens never take a slot. Dropless uses
+//! C = T, which no expert can overflow since a token picks an expert at most
+//! once.
+//!
+//! The plan is built with sorts and gathers on the device: no host read and
+//! no materialised `[T, E, C]` one-hot tensor. Dispatch is one gather into an
+//! `[E, C, d]` buffer; combine is one gather back plus a weighted sum over k.
+
+use super::router::RoutingDecision;
+use burn::prelude::*;
+
+/// Where every assignment goes. Built once per layer call; carries no gradient.
+#[derive(Debug, Clone)]
+pub struct DispatchPlan {
+    /// Slots per expert.
+    pub capacity: usize,
+    /// Token index feeding each slot, expert-major; empty slots point at the
+    /// zero row T. `[E * C]`
+    pub token_for_slot: Tensor<1, Int>,
+    /// Slot index of each assignment (token-major, t * k + j); dropped and
+    /// padding assignments point at the zero row E * C. `[T * k]`
+    pub slot_for_assignment: Tensor<1, Int>,
+    /// Assignments of real tokens that got a slot, per expert. `[E]`
+    pub kept_per_expert: Tensor<1>,
+}
+
+/// Build the dispatch plan.
+///
+/// # Shapes
+/// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
+pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize>) -> DispatchPlan {
+    let [t, e] = decision.routing_map.dims();
+    let device = decision.routing_map.device();
+    let c = capacity.unwrap_or(t).min(t);
+
+    let routed = decision.routing_map.clone().detach() * valid.unsqueeze_dim::<2>(1); // [T, E]
+                                                                                      // Routed real tokens keep their probability (in [0, 1]); all others -1,
+                                                                                      // so they sort after every routed token.
+    let priority = routed.clone() * (decision.probs.clone().detach() + 1.0) - 1.0; // [T, E]
+                                                                                   // Sort indices may come back in a different integer width than the
+                                                                                   // router's top-k indices; everything below uses the router's.
+    let int = decision.topk_experts.dtype();
+    let order = priority.argsort_descending(0).cast(int); // [T, E]: c-th best token per expert
+    let rank = order.clone().argsort(0).cast(int); // [T, E]: position of token t in expert e's queue
+
+    let count = routed.clone().sum_dim(0).int().cast(int); // [1, E]
+    let slot_ids = Tensor::<1, Int>::arange(0..c as i64, &device)
+        .cast(int)
+        .unsqueeze_dim::<2>(1); // [C, 1]
+    let empty = slot_ids.expand([c, e]).greater_equal(count.expand([c, e])); // [C, E]
+    let token_for_slot = order
+        .slice([0..c])
+        .mask_fill(empty, t as i64)
+        .transpose() // [E, C]
+        .reshape([e * c]);
+
+    let kept = routed.bool().bool_and(rank.clone().lower_elem(c as i64)); // [T, E]
+    let kept_per_expert = kept.clone().float().sum_dim(0).reshape([e]);
+
+    let experts = decision.topk_experts.clone(); // [T, k]
+    let [_, k] = experts.dims();
+    let slot = experts.clone() * (c as i64) + rank.gather(1, experts.clone()); // [T, k]
+    let kept_a = kept.int().cast(int).gather(1, experts).bool(); // [T, k]
+    let slot_for_assignment = slot
+        .mask_fill(kept_a.bool_not(), (e * c) as i64)
+        .reshape([t * k]);
+
+    DispatchPlan {
+        capacity: c,
+        token_for_slot,
+        slot_for_assignment,
+        kept_per_expert,
+    }
+}
+
+/// Gather tokens into the capacity buffers.
+///
+/// # Shapes
+/// - `x`: `[T, d]` → `[E, C, d]`
+pub fn dispatch(x: Tensor<2>, plan: &DispatchPlan, num_experts: usize) -> Tensor<3> {
+    let [_, d] = x.dims();
+    let zero = Tensor::zeros([1, d], &x.device());
+    Tensor::cat(vec![x, zero], 0)
+        .select(0, plan.token_for_slot.clone())
+        .reshape([num_experts, plan.capacity, d])
+}
+
+/// Weighted sum of each token's expert outputs; dropped assignments add zero.
+///
+/// # Shapes
+/// - `expert_out`: `[E, C, d]`
+/// - `weights`: `[T, k]`
+/// - returns `[T, d]`
+pub fn combine(expert_out: Tensor<3>, plan: &DispatchPlan, weights: Tensor<2>) -> Tensor<2> {
+    let [e, c, d] = expert_out.dims();
+    let [t, k] = weights.dims();
+    let zero = Tensor::zeros([1, d], &expert_out.device());
+    let rows = Tensor::cat(vec![expert_out.reshape([e * c, d]), zero], 0)
+        .select(0, plan.slot_for_assignment.clone()); // [T * k, d]
+    (rows * weights.reshape([t * k, 1]))
+        .reshape([t, k, d])
+        .sum_dim(1)
+        .reshape([t, d])
+}

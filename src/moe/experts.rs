@@ -1,0 +1,53 @@
+//! The routed experts: E SwiGLU MLPs whose weights are stacked, so that all
+//! experts run as one batched matmul per projection over their capacity
+//! buffers instead of a loop of small matmuls.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::Distribution;
+
+/// E stacked SwiGLU experts: expert e computes
+/// `down_e(silu(gate_e(x)) * up_e(x))` (Mixtral's `w2(silu(w1 x) * w3 x)`).
+#[derive(Module, Debug)]
+pub struct Experts {
+    /// Gate projections (Mixtral `w1`, Qwen2-MoE `gate_proj`). `[E, d_model, d_expert]`
+    pub gate_proj: Param<Tensor<3>>,
+    /// Up projections (Mixtral `w3`, Qwen2-MoE `up_proj`). `[E, d_model, d_expert]`
+    pub up_proj: Param<Tensor<3>>,
+    /// Down projections (Mixtral `w2`, Qwen2-MoE `down_proj`). `[E, d_expert, d_model]`
+    pub down_proj: Param<Tensor<3>>,
+}
+
+impl Experts {
+    /// `num_experts` experts of hidden width `d_expert`, weights from N(0, std).
+    pub fn new(
+        num_experts: usize,
+        d_model: usize,
+        d_expert: usize,
+        std: f64,
+        device: &Device,
+    ) -> Self {
+        let init = |shape: [usize; 3]| {
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, std),
+                device,
+            ))
+        };
+        Self {
+            gate_proj: init([num_experts, d_model, d_expert]),
+            up_proj: init([num_experts, d_model, d_expert]),
+            down_proj: init([num_experts, d_expert, d_model]),
+        }
+    }
+
+    /// Run every expert on its own buffer.
+    ///
+    /// # Shapes
+    /// - `x`: `[E, C, d_model]` → `[E, C, d_model]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = silu(x.clone().matmul(self.gate_proj.val())) * x.matmul(self.up_proj.val()); // [E, C, F]
+        h.matmul(self.down_proj.val())
+    }
+}

@@ -1,0 +1,163 @@
+//! The routed-expert layer: router → dispatch → experts → combine, plus
+//! optional shared experts. Follows the separation of Megatron-Core's MoE
+//! (router produces the decision, a dispatcher moves tokens, experts compute,
+//! the layer combines), with aux losses and statistics as return values.
+//!
+//! References: Shazeer et al. 2017 (sparsely-gated MoE), Lepikhin et al. 2020
+//! (GShard capacity), Fedus et al. 2021 (Switch), Zoph et al. 2022 (ST-MoE
+//! z-loss), Jiang et al. 2024 (Mixtral), Qwen2-MoE shared experts, DeepSeek-V3
+//! aux-loss-free balancing.
+
+pub mod dispatch;
+pub mod experts;
+pub mod losses;
+pub mod router;
+pub mod stats;
+
+use crate::config::MoeConfig;
+use crate::model::mlp::{linear, Mlp};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
+pub use experts::Experts;
+pub use router::{Phase, Router, RoutingDecision};
+pub use stats::RoutingStats;
+
+/// The auxiliary losses of one MoE layer, unweighted. Each `[1]`.
+#[derive(Debug, Clone)]
+pub struct MoeLosses {
+    /// Switch load-balancing loss (1.0 when balanced).
+    pub load_balancing: Tensor<1>,
+    /// Sequence-level balance loss.
+    pub seq_load_balancing: Tensor<1>,
+    /// Router z-loss.
+    pub z_loss: Tensor<1>,
+}
+
+/// Everything a MoE layer returns besides its output.
+#[derive(Debug, Clone)]
+pub struct MoeAux {
+    /// Unweighted auxiliary losses.
+    pub losses: MoeLosses,
+    /// Routing statistics, on the device.
+    pub stats: RoutingStats,
+    /// Router logits (after any training noise). `[B*S, E]`
+    pub router_logits: Tensor<2>,
+    /// Chosen experts per token. `[B*S, k]`
+    pub topk_experts: Tensor<2, Int>,
+    /// Their combine weights. `[B*S, k]`
+    pub topk_weights: Tensor<2>,
+}
+
+/// A routed-expert FFN.
+#[derive(Module, Debug)]
+pub struct MoeLayer {
+    /// The router (Hugging Face `gate`).
+    pub router: Router,
+    /// The routed experts, weights stacked.
+    pub experts: Experts,
+    /// All shared experts fused side by side into one SwiGLU.
+    pub shared_expert: Option<Mlp>,
+    /// Sigmoid gate on the shared-expert output. `[d_model, 1]`
+    pub shared_expert_gate: Option<Linear>,
+    #[module(skip)]
+    cfg: MoeConfig,
+}
+
+impl MoeLayer {
+    /// A new layer for `cfg` at width `d_model`.
+    pub fn new(d_model: usize, cfg: &MoeConfig, init_std: f64, device: &Device) -> Self {
+        let shared = cfg.shared_width();
+        Self {
+            router: Router::new(d_model, cfg, init_std, device),
+            experts: Experts::new(cfg.num_experts, d_model, cfg.d_expert, init_std, device),
+            shared_expert: (shared > 0).then(|| Mlp::new(d_model, shared, init_std, device)),
+            shared_expert_gate: cfg
+                .shared_expert_gate
+                .then(|| linear(d_model, 1, false, init_std, device)),
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// The configuration of this layer.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    /// # Shapes
+    /// - `x`: `[B, S, d_model]` → `[B, S, d_model]`
+    /// - `valid`: `[B, S]`, 1.0 for real tokens and 0.0 for padding
+    pub fn forward(&self, x: Tensor<3>, valid: Tensor<2>, phase: Phase) -> (Tensor<3>, MoeAux) {
+        let [b, s, d] = x.dims();
+        let (e, k) = (self.cfg.num_experts, self.cfg.top_k);
+        let t = b * s;
+        let flat = x.reshape([t, d]); // [T, d]
+        let valid_flat = valid.clone().reshape([t]); // [T]
+
+        let decision = self.router.forward(flat.clone(), phase);
+        let cf = match phase {
+            Phase::Train => self.cfg.capacity_factor,
+            Phase::Eval => self.cfg.eval_capacity_factor,
+        };
+        let plan = dispatch::plan(&decision, valid_flat.clone(), self.cfg.capacity(t, cf));
+        let buffers = dispatch::dispatch(flat.clone(), &plan, e); // [E, C, d]
+        let expert_out = self.experts.forward(buffers); // [E, C, d]
+        let weights = decision.topk_weights.clone().cast(flat.dtype());
+        let mut y = dispatch::combine(expert_out, &plan, weights); // [T, d]
+
+        if let Some(shared) = &self.shared_expert {
+            let mut out = shared.forward(flat.clone()); // [T, d]
+            if let Some(gate) = &self.shared_expert_gate {
+                out = out * sigmoid(gate.forward(flat)); // [T, 1] broadcast
+            }
+            y = y + out;
+        }
+
+        let losses = MoeLosses {
+            load_balancing: losses::switch_load_balancing_loss(
+                decision.probs.clone(),
+                decision.routing_map.clone(),
+                valid_flat.clone(),
+                k,
+            ),
+            seq_load_balancing: losses::sequence_load_balancing_loss(
+                decision.probs.clone().reshape([b, s, e]),
+                decision.routing_map.clone().reshape([b, s, e]),
+                valid,
+                k,
+            ),
+            z_loss: losses::router_z_loss(decision.logits.clone(), valid_flat.clone()),
+        };
+        let stats = routing_stats(&decision, &plan, valid_flat);
+        let aux = MoeAux {
+            losses,
+            stats,
+            router_logits: decision.logits,
+            topk_experts: decision.topk_experts,
+            topk_weights: decision.topk_weights,
+        };
+        (y.reshape([b, s, d]), aux)
+    }
+}
+
+/// Statistics of one routing step over real tokens.
+fn routing_stats(
+    decision: &RoutingDecision,
+    plan: &dispatch::DispatchPlan,
+    valid: Tensor<1>,
+) -> RoutingStats {
+    let [t, e] = decision.probs.dims();
+    let probs = decision.probs.clone().detach();
+    let valid_col = valid.clone().reshape([t, 1]);
+    let n = valid.clone().sum();
+    RoutingStats {
+        tokens_per_expert: (decision.routing_map.clone().detach() * valid_col.clone())
+            .sum_dim(0)
+            .reshape([e]),
+        kept_per_expert: plan.kept_per_expert.clone(),
+        mean_prob: ((probs.clone() * valid_col).sum_dim(0) / n.clone().clamp_min(1.0).unsqueeze())
+            .reshape([e]),
+        num_tokens: n,
+        router_entropy: losses::router_entropy(probs, valid),
+    }
+}

@@ -1,0 +1,148 @@
+//! Named access to a module's float parameters, by dotted path such as
+//! `layers.1.mlp.experts.gate_proj`. Enum variants (`Dense`, `Moe`) do not
+//! appear in paths, so a path reads like the Hugging Face key it maps to.
+//!
+//! This is the one mechanism behind checkpoint save/load and HF import/export.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use std::collections::BTreeMap;
+
+/// Tracks the dotted path while a visitor or mapper walks the module tree.
+#[derive(Default)]
+struct PathStack(Vec<Option<String>>);
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        // Enum variants are not part of a parameter's name.
+        let part = (!container_type.starts_with("Enum:")).then(|| name.to_string());
+        self.0.push(part);
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn path(&self) -> String {
+        self.0
+            .iter()
+            .flatten()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+}
+
+struct Collect {
+    path: PathStack,
+    out: BTreeMap<String, TensorData>,
+}
+
+impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.insert(self.path.path(), param.val().into_data());
+    }
+}
+
+/// Every float parameter of `module`, read back to the host, by path.
+pub fn collect<M: Module>(module: &M) -> BTreeMap<String, TensorData> {
+    let mut v = Collect {
+        path: PathStack::default(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// Every float parameter's path and shape, without reading values.
+pub fn shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    struct Shapes(PathStack, BTreeMap<String, Vec<usize>>);
+    impl ModuleVisitor for Shapes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.0.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.1.insert(self.0.path(), param.lazy_shape().to_vec());
+        }
+    }
+    let mut v = Shapes(PathStack::default(), BTreeMap::new());
+    module.visit(&mut v);
+    v.1
+}
+
+struct Load<'a> {
+    path: PathStack,
+    values: &'a BTreeMap<String, TensorData>,
+    errors: Vec<String>,
+    used: usize,
+}
+
+impl ModuleMapper for Load<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.path();
+        let Some(data) = self.values.get(&path) else {
+            self.errors.push(format!("missing parameter `{path}`"));
+            return param;
+        };
+        let want = param.lazy_shape().to_vec();
+        if data.shape().to_vec() != want {
+            self.errors.push(format!(
+                "parameter `{path}`: expected shape {want:?}, found {:?}",
+                data.shape().to_vec()
+            ));
+            return param;
+        }
+        self.used += 1;
+        let data = data.clone();
+        param.map(|old| {
+            let device = old.device();
+            let new = Tensor::<D>::from_data(data.convert_dtype(old.dtype()), &device);
+            if old.is_require_grad() {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
+    }
+}
+
+/// Replace every float parameter of `module` with the value of the same path.
+/// Fails, naming each problem, if a path is missing, a shape differs, or a
+/// value is left unused.
+pub fn load<M: Module>(module: M, values: &BTreeMap<String, TensorData>) -> anyhow::Result<M> {
+    let mut m = Load {
+        path: PathStack::default(),
+        values,
+        errors: Vec::new(),
+        used: 0,
+    };
+    let module = module.map(&mut m);
+    let mut errors = m.errors;
+    if errors.is_empty() && m.used != values.len() {
+        let known = shapes(&module);
+        errors.extend(
+            values
+                .keys()
+                .filter(|k| !known.contains_key(*k))
+                .map(|k| format!("unexpected parameter `{k}`")),
+        );
+    }
+    if errors.is_empty() {
+        Ok(module)
+    } else {
+        anyhow::bail!("cannot load parameters:\n  {}", errors.join("\n  "))
+    }
+}

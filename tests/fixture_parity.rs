@@ -1,0 +1,144 @@
+//! Numerical parity with Hugging Face transformers on the tiny Mixtral and
+//! Qwen2-MoE fixtures in `tests/fixtures/` (see its README): logits, router
+//! logits, tokens per expert, Switch aux loss and z-loss per MoE layer.
+
+use burn::prelude::*;
+use std::path::{Path, PathBuf};
+use switchyard::hf;
+use switchyard::moe::Phase;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn f32s(t: &TensorData) -> Vec<f32> {
+    t.try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_fixture(name: &str, expect_arch: hf::HfArch, moe_layers: usize) {
+    let device = Device::flex();
+    let dir = fixture(name);
+    let (arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(arch, expect_arch);
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+
+    let ids = &expected["input_ids"];
+    let shape = ids.shape().to_vec();
+    let tokens = Tensor::<2, Int>::from_data(ids.clone(), &device);
+    let out = model.forward(tokens, None, Phase::Eval);
+
+    assert_eq!(out.logits.dims().to_vec(), vec![shape[0], shape[1], 256]);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d < 1e-4, "{name}: logits differ by {d}");
+
+    assert_eq!(out.moe.len(), moe_layers, "{name}: number of MoE layers");
+    for (i, aux) in out.moe.iter().enumerate() {
+        let rl = aux
+            .router_logits
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
+        assert!(
+            d < 1e-4,
+            "{name}: router logits of MoE layer {i} differ by {d}"
+        );
+
+        let tpe: Vec<i64> = aux
+            .stats
+            .tokens_per_expert
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v.round() as i64)
+            .collect();
+        let want: Vec<i64> = expected[&format!("tokens_per_expert.{i}")]
+            .try_to_vec()
+            .unwrap();
+        assert_eq!(tpe, want, "{name}: tokens per expert of MoE layer {i}");
+
+        for (key, got) in [
+            ("switch_aux_loss", &aux.losses.load_balancing),
+            ("z_loss", &aux.losses.z_loss),
+        ] {
+            let got = got.clone().into_data().try_to_vec::<f32>().unwrap()[0];
+            let want = f32s(&expected[&format!("{key}.{i}")])[0];
+            let rel = ((got - want) / want).abs();
+            assert!(
+                rel < 1e-5,
+                "{name}: {key}.{i} = {got}, transformers {want} (rel {rel})"
+            );
+        }
+    }
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_fixture("hf-mixtral-tiny", hf::HfArch::Mixtral, 2);
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check_fixture("hf-qwen2moe-tiny", hf::HfArch::Qwen2Moe, 2);
+}
+
+#[test]
+fn rope_theta_accepted_in_both_places() {
+    let text = std::fs::read_to_string(fixture("hf-mixtral-tiny").join("config.json")).unwrap();
+    let v5: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut v4 = v5.clone();
+    let obj = v4.as_object_mut().unwrap();
+    obj.remove("rope_parameters");
+    obj.insert("rope_theta".into(), serde_json::json!(500000.0));
+    let (_, m5, _) = hf::parse_config(&v5).unwrap();
+    let (_, m4, _) = hf::parse_config(&v4).unwrap();
+    assert_eq!(m5.rope_theta, 10000.0);
+    assert_eq!(m4.rope_theta, 500000.0);
+}
+
+#[test]
+fn unsupported_configs_name_the_field() {
+    let text = std::fs::read_to_string(fixture("hf-mixtral-tiny").join("config.json")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = [
+        ("sliding_window", serde_json::json!(4096)),
+        ("hidden_act", serde_json::json!("gelu")),
+        ("model_type", serde_json::json!("llama")),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        ),
+    ];
+    for (key, value) in cases {
+        let mut cfg = base.clone();
+        let obj = cfg.as_object_mut().unwrap();
+        obj.insert(key.into(), value);
+        if key == "rope_scaling" {
+            obj.remove("rope_parameters");
+        }
+        let err = hf::parse_config(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains(key),
+            "error for `{key}` does not name it: {err}"
+        );
+    }
+    let qwen = std::fs::read_to_string(fixture("hf-qwen2moe-tiny").join("config.json")).unwrap();
+    let mut q: serde_json::Value = serde_json::from_str(&qwen).unwrap();
+    q["use_sliding_window"] = serde_json::json!(true);
+    let err = hf::parse_config(&q).unwrap_err().to_string();
+    assert!(err.contains("use_sliding_window"), "{err}");
+}
