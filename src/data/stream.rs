@@ -1,0 +1,569 @@
+//! The token stream: documents → tokens (background threads) → weighted mix →
+//! packed `seq_len + 1` windows → seeded shuffle buffer → batches.
+//!
+//! Each source has a reader thread that reads documents in order, keeps those
+//! of the requested split (decided by a hash of the document text, so the
+//! split is the same on every run), and tokenizes them on a shared pool of
+//! worker threads, sending them over a bounded channel. The consumer mixes
+//! sources by tokens (the source furthest below its weighted share goes
+//! next), appends EOS after each document, and cuts the token stream into
+//! windows of `seq_len + 1` with stride `seq_len`, so every token is predicted
+//! exactly once.
+//!
+//! Memory is bounded by the channel depth, the shuffle buffer and the
+//! largest document (or parquet row group), whatever the corpus size.
+//!
+//! A [`Cursor`] captures, after any batch, where each source stands (the
+//! start of its first unconsumed document, and how many tokens of it were
+//! used), the partial window, the shuffle buffer and the RNG, so a stream
+//! reopened from it yields exactly the batches an uninterrupted one would.
+
+use super::sources::{resolve_files, DocPos, DocReader, Format};
+use super::{tokenizer, DataConfig, OnBadRecord};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokenizers::Tokenizer;
+
+/// Which part of the corpus a stream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Split {
+    /// Documents not held out; cycles forever, shuffled.
+    Train,
+    /// The held-out fraction; one pass, in order, then the stream ends.
+    Validation,
+}
+
+/// Whether a document (by its text) belongs to the validation split.
+pub fn is_validation(text: &str, val_fraction: f64) -> bool {
+    // FNV-1a, 64-bit: stable across runs, platforms and versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
+}
+
+/// SplitMix64 (Steele et al. 2014): tiny, fast, and its whole state is one
+/// u64 that a checkpoint can store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0), by Lemire's multiply-shift.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+}
+
+/// `seq_len + 1` tokens, of which the first `valid` targets count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    /// Token ids, `seq_len + 1` of them.
+    pub tokens: Vec<u32>,
+    /// Number of real target positions (seq_len except for the last window of a split).
+    pub valid: usize,
+}
+
+/// A batch of windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Token ids, row-major `[rows, seq_len + 1]`; inputs are `[.., :seq_len]`,
+    /// targets `[.., 1:]`.
+    pub tokens: Vec<u32>,
+    /// Loss mask over targets, `[rows, seq_len]`: 1.0 real, 0.0 padding.
+    pub mask: Vec<f32>,
+    /// Number of rows (the batch size, or fewer at the end of a split).
+    pub rows: usize,
+    /// Tokens per input row.
+    pub seq_len: usize,
+}
+
+impl Batch {
+    fn from_windows(windows: Vec<Window>, seq_len: usize) -> Self {
+        let rows = windows.len();
+        let mut tokens = Vec::with_capacity(rows * (seq_len + 1));
+        let mut mask = Vec::with_capacity(rows * seq_len);
+        for w in windows {
+            tokens.extend_from_slice(&w.tokens);
+            mask.extend((0..seq_len).map(|i| if i < w.valid { 1.0 } else { 0.0 }));
+        }
+        Self {
+            tokens,
+            mask,
+            rows,
+            seq_len,
+        }
+    }
+
+    /// Number of real target tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// Where one source stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceCursor {
+    /// Start of the first document not fully consumed.
+    pub resume: DocPos,
+    /// Tokens of that document already consumed (EOS included in the count).
+    pub skip_tokens: u64,
+    /// Tokens this source has contributed so far (drives the mixing).
+    pub emitted_tokens: u64,
+    /// The source has ended (validation split only).
+    pub exhausted: bool,
+}
+
+/// Everything needed to continue a stream exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Window length minus one, to refuse a resume at another length.
+    pub seq_len: usize,
+    /// The split this cursor belongs to.
+    pub split: Split,
+    /// One per source, in config order.
+    pub sources: Vec<SourceCursor>,
+    /// The source whose document is part-consumed, if any.
+    pub active: Option<usize>,
+    /// The partially filled window.
+    pub window: Vec<u32>,
+    /// The shuffle buffer's windows.
+    pub shuffle: Vec<Window>,
+    /// Shuffle RNG state.
+    pub rng: SplitMix64,
+    /// Batches produced so far.
+    pub batches: u64,
+}
+
+/// Options of one stream.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Tokens per input row.
+    pub seq_len: usize,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Train or validation.
+    pub split: Split,
+    /// Seed of the shuffle buffer.
+    pub seed: u64,
+}
+
+struct TokDoc {
+    tokens: Vec<u32>,
+    pos: DocPos,
+    next: DocPos,
+}
+
+enum Msg {
+    Docs(Vec<TokDoc>, u64),
+    End(u64),
+    Failed(anyhow::Error),
+}
+
+struct Source {
+    rx: Option<Receiver<Msg>>,
+    handle: Option<JoinHandle<()>>,
+    queue: VecDeque<TokDoc>,
+    ended: bool,
+    weight: f64,
+    skipped: u64,
+    cursor: SourceCursor,
+}
+
+struct Active {
+    source: usize,
+    doc: TokDoc,
+    consumed: usize,
+}
+
+/// A stream of batches over the configured sources.
+pub struct DataStream {
+    sources: Vec<Source>,
+    stop: Arc<AtomicBool>,
+    opts: StreamOptions,
+    eos: u32,
+    active: Option<Active>,
+    /// After a resume: the source whose part-consumed document comes first.
+    force_next: Option<usize>,
+    window: Vec<u32>,
+    shuffle: Vec<Window>,
+    shuffle_cap: usize,
+    drained: bool,
+    rng: SplitMix64,
+    batches: u64,
+}
+
+/// Read documents of one source, keep those of the split, tokenize them on
+/// the pool and send them on, in order.
+#[allow(clippy::too_many_arguments)]
+fn reader_thread(
+    index: usize,
+    files: Arc<Vec<(PathBuf, Format)>>,
+    start: DocPos,
+    split: Split,
+    val_fraction: f64,
+    on_bad: OnBadRecord,
+    tok: Arc<Tokenizer>,
+    eos: u32,
+    pool: Arc<rayon::ThreadPool>,
+    tx: SyncSender<Msg>,
+    stop: Arc<AtomicBool>,
+) {
+    let repeat = split == Split::Train;
+    let mut reader = DocReader::new(files, start, repeat, on_bad);
+    // Start of the current run of documents outside the split: a full lap
+    // around the corpus without one inside it means the split is empty.
+    let mut miss_since: Option<DocPos> = None;
+    let lapped = |since: &DocPos, now: &DocPos| {
+        now.epoch > since.epoch && (now.file, now.offset) >= (since.file, since.offset)
+    };
+    loop {
+        let (mut texts, mut spans, mut bytes, mut ended) = (Vec::new(), Vec::new(), 0, false);
+        while texts.len() < 64 && bytes < (1 << 20) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match reader.next_doc() {
+                Ok(Some(doc)) => {
+                    if is_validation(&doc.text, val_fraction) == (split == Split::Validation) {
+                        miss_since = None;
+                        bytes += doc.text.len();
+                        spans.push((doc.pos, doc.next));
+                        texts.push(doc.text);
+                    } else {
+                        let since = *miss_since.get_or_insert(doc.pos);
+                        if repeat && lapped(&since, &doc.pos) {
+                            let _ = tx.send(Msg::Failed(anyhow!(
+                                "data source {index} has no documents in the {split:?} split \
+                                 (corpus too small for data.val_fraction = {val_fraction}?)"
+                            )));
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    ended = true;
+                    break;
+                }
+                Err(e) => {
+                    let _ = tx.send(Msg::Failed(e));
+                    return;
+                }
+            }
+        }
+        if !texts.is_empty() {
+            let encoded = pool.install(|| tok.encode_batch_fast(texts, false));
+            let docs = match encoded {
+                Ok(encs) => encs
+                    .into_iter()
+                    .zip(spans)
+                    .map(|(enc, (pos, next))| {
+                        let mut tokens = Vec::with_capacity(enc.len() + 1);
+                        tokens.extend_from_slice(enc.get_ids());
+                        tokens.push(eos);
+                        TokDoc { tokens, pos, next }
+                    })
+                    .collect(),
+                Err(e) => {
+                    let _ = tx.send(Msg::Failed(anyhow!("tokenizing: {e}")));
+                    return;
+                }
+            };
+            if tx.send(Msg::Docs(docs, reader.skipped())).is_err() {
+                return;
+            }
+        }
+        if ended {
+            let _ = tx.send(Msg::End(reader.skipped()));
+            return;
+        }
+    }
+}
+
+impl DataStream {
+    /// Open a stream over `cfg`'s sources, from the start or from `cursor`.
+    pub fn open(
+        cfg: &DataConfig,
+        tok: Arc<Tokenizer>,
+        opts: StreamOptions,
+        cursor: Option<Cursor>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if opts.seq_len == 0 || opts.batch_size == 0 {
+            bail!("seq_len and batch_size must be positive");
+        }
+        let eos = tokenizer::eos_id(&tok, &cfg.eos_token)?;
+        if let Some(c) = &cursor {
+            if c.sources.len() != cfg.sources.len()
+                || c.seq_len != opts.seq_len
+                || c.split != opts.split
+            {
+                bail!(
+                    "the data cursor does not fit this configuration: it was saved for {} source(s), \
+                     seq_len {}, {:?} split; now {} source(s), seq_len {}, {:?} split",
+                    c.sources.len(),
+                    c.seq_len,
+                    c.split,
+                    cfg.sources.len(),
+                    opts.seq_len,
+                    opts.split
+                );
+            }
+        }
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(cfg.workers)
+                .thread_name(|i| format!("tokenize-{i}"))
+                .build()
+                .context("starting tokenization threads")?,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut sources = Vec::new();
+        for (i, sc) in cfg.sources.iter().enumerate() {
+            let files = Arc::new(resolve_files(sc, i)?);
+            let state = cursor
+                .as_ref()
+                .map(|c| c.sources[i].clone())
+                .unwrap_or(SourceCursor {
+                    resume: DocPos::default(),
+                    skip_tokens: 0,
+                    emitted_tokens: 0,
+                    exhausted: false,
+                });
+            let (tx, rx) = sync_channel(4);
+            let handle = (!state.exhausted).then(|| {
+                let (tok, pool, stop) = (tok.clone(), pool.clone(), stop.clone());
+                let (split, frac, bad, start) = (
+                    opts.split,
+                    cfg.val_fraction,
+                    cfg.on_bad_record,
+                    state.resume,
+                );
+                std::thread::Builder::new()
+                    .name(format!("data-source-{i}"))
+                    .spawn(move || {
+                        reader_thread(i, files, start, split, frac, bad, tok, eos, pool, tx, stop)
+                    })
+            });
+            sources.push(Source {
+                rx: Some(rx),
+                handle: handle
+                    .transpose()
+                    .context("starting a data reader thread")?,
+                queue: VecDeque::new(),
+                ended: state.exhausted,
+                weight: sc.weight,
+                skipped: 0,
+                cursor: state,
+            });
+        }
+        let shuffle_cap = match opts.split {
+            Split::Train => cfg.shuffle_buffer,
+            Split::Validation => 0,
+        };
+        let (window, shuffle, rng, batches, force_next) = match cursor {
+            Some(c) => (c.window, c.shuffle, c.rng, c.batches, c.active),
+            None => (Vec::new(), Vec::new(), SplitMix64(opts.seed), 0, None),
+        };
+        Ok(Self {
+            sources,
+            stop,
+            opts,
+            eos,
+            active: None,
+            force_next,
+            window,
+            shuffle,
+            shuffle_cap,
+            drained: false,
+            rng,
+            batches,
+        })
+    }
+
+    /// The next batch, or `None` when a validation stream is done.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let mut rows = Vec::with_capacity(self.opts.batch_size);
+        while rows.len() < self.opts.batch_size {
+            match self.next_shuffled()? {
+                Some(w) => rows.push(w),
+                None => break,
+            }
+        }
+        if rows.is_empty() {
+            if self.batches == 0 {
+                bail!(
+                    "the corpus produced no tokens for the {:?} split",
+                    self.opts.split
+                );
+            }
+            return Ok(None);
+        }
+        self.batches += 1;
+        Ok(Some(Batch::from_windows(rows, self.opts.seq_len)))
+    }
+
+    /// Where the stream stands after the last batch returned.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            seq_len: self.opts.seq_len,
+            split: self.opts.split,
+            sources: self.sources.iter().map(|s| s.cursor.clone()).collect(),
+            active: self.active.as_ref().map(|a| a.source).or(self.force_next),
+            window: self.window.clone(),
+            shuffle: self.shuffle.clone(),
+            rng: self.rng,
+            batches: self.batches,
+        }
+    }
+
+    /// Bad records skipped so far under `on_bad_record = "skip"`, all sources.
+    pub fn bad_records_skipped(&self) -> u64 {
+        self.sources.iter().map(|s| s.skipped).sum()
+    }
+
+    fn next_shuffled(&mut self) -> Result<Option<Window>> {
+        if self.shuffle_cap <= 1 {
+            return self.next_window();
+        }
+        while self.shuffle.len() < self.shuffle_cap && !self.drained {
+            match self.next_window()? {
+                Some(w) => self.shuffle.push(w),
+                None => self.drained = true,
+            }
+        }
+        if self.shuffle.is_empty() {
+            return Ok(None);
+        }
+        let i = self.rng.below(self.shuffle.len());
+        Ok(Some(self.shuffle.swap_remove(i)))
+    }
+
+    /// The next tokenized document of source `s`, waiting for its reader.
+    fn next_doc(&mut self, s: usize) -> Result<Option<TokDoc>> {
+        let src = &mut self.sources[s];
+        loop {
+            if let Some(d) = src.queue.pop_front() {
+                return Ok(Some(d));
+            }
+            if src.ended {
+                return Ok(None);
+            }
+            let msg = src.rx.as_ref().and_then(|rx| rx.recv().ok());
+            match msg {
+                Some(Msg::Docs(docs, skipped)) => {
+                    src.queue.extend(docs);
+                    src.skipped = skipped;
+                }
+                Some(Msg::End(skipped)) => {
+                    src.ended = true;
+                    src.skipped = skipped;
+                }
+                Some(Msg::Failed(e)) => return Err(e.context(format!("data source {s}"))),
+                None => bail!("data source {s}: its reader thread stopped unexpectedly"),
+            }
+        }
+    }
+
+    /// Pick the source furthest below its share of tokens (lowest index on ties).
+    fn pick_source(&self) -> Option<usize> {
+        let total: f64 = self
+            .sources
+            .iter()
+            .filter(|s| !s.cursor.exhausted)
+            .map(|s| s.weight)
+            .sum();
+        self.sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.cursor.exhausted)
+            .map(|(i, s)| (i, s.cursor.emitted_tokens as f64 / (s.weight / total)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .map(|(i, _)| i)
+    }
+
+    fn next_window(&mut self) -> Result<Option<Window>> {
+        let need = self.opts.seq_len + 1;
+        loop {
+            if let Some(a) = &mut self.active {
+                let take = (need - self.window.len()).min(a.doc.tokens.len() - a.consumed);
+                self.window
+                    .extend_from_slice(&a.doc.tokens[a.consumed..a.consumed + take]);
+                a.consumed += take;
+                let c = &mut self.sources[a.source].cursor;
+                c.emitted_tokens += take as u64;
+                if a.consumed == a.doc.tokens.len() {
+                    c.resume = a.doc.next;
+                    c.skip_tokens = 0;
+                    self.active = None;
+                } else {
+                    c.resume = a.doc.pos;
+                    c.skip_tokens = a.consumed as u64;
+                }
+                if self.window.len() == need {
+                    // Stride seq_len: the last token starts the next window.
+                    let last = self.window[need - 1];
+                    let tokens = std::mem::replace(&mut self.window, vec![last]);
+                    return Ok(Some(Window {
+                        tokens,
+                        valid: self.opts.seq_len,
+                    }));
+                }
+                continue;
+            }
+            let Some(s) = self.force_next.take().or_else(|| self.pick_source()) else {
+                // Every source has ended: flush a final, padded window.
+                if self.window.len() > 1 {
+                    let valid = self.window.len() - 1;
+                    let mut tokens = std::mem::take(&mut self.window);
+                    tokens.resize(need, self.eos);
+                    return Ok(Some(Window { tokens, valid }));
+                }
+                self.window.clear();
+                return Ok(None);
+            };
+            match self.next_doc(s)? {
+                Some(doc) => {
+                    let skip = std::mem::take(&mut self.sources[s].cursor.skip_tokens) as usize;
+                    if skip > doc.tokens.len() {
+                        bail!("data source {s}: the cursor points {skip} tokens into a document of {} (corpus changed since it was saved?)", doc.tokens.len());
+                    }
+                    self.active = Some(Active {
+                        source: s,
+                        doc,
+                        consumed: skip,
+                    });
+                }
+                None => self.sources[s].cursor.exhausted = true,
+            }
+        }
+    }
+}
+
+impl Drop for DataStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &mut self.sources {
+            // Dropping the receiver unblocks a reader waiting to send.
+            s.rx.take();
+            if let Some(h) = s.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
