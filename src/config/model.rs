@@ -1,35 +1,8 @@
-//! Model and MoE configuration: plain serialisable data with documented defaults.
-//!
-//! Every struct rejects unknown keys, and all cross-field checks live in one
-//! `validate()` per struct that names the offending key. The training config
-//! nests these as its `[model]` and `[moe]` sections.
+//! The `[model]` and `[moe]` sections: plain serialisable data with
+//! documented defaults, unknown keys rejected, one `validate()` each.
 
+use super::{err, ConfigError};
 use serde::{Deserialize, Serialize};
-use std::fmt;
-
-/// A configuration error that names the key at fault.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    /// Dotted path of the key, e.g. `moe.top_k`.
-    pub key: String,
-    /// What is wrong and what is allowed.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid config key `{}`: {}", self.key, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-fn err(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.to_string(),
-        message: message.into(),
-    }
-}
 
 /// The transformer skeleton: attention, dense FFN, norms and embeddings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,207 @@
+//! The `[optim]`, `[train]` and `[log]` sections.
+
+use super::{err, ConfigError};
+use serde::{Deserialize, Serialize};
+
+/// AdamW with linear warmup and cosine decay (Loshchilov & Hutter 2019).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate. Default 3e-3.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay. Default 3e-4.
+    pub min_lr: f64,
+    /// Linear warmup from 0 to `lr`, in optimizer steps. Default 50.
+    pub warmup_steps: u64,
+    /// Adam beta1. Default 0.9.
+    pub beta1: f64,
+    /// Adam beta2. Default 0.95.
+    pub beta2: f64,
+    /// Adam epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Decoupled weight decay for matrices; norms, biases and the router's
+    /// selection bias (every rank-1 parameter) are never decayed. Default 0.1.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value; 0 disables. Default 1.0.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 50,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(err("optim.lr", "must be a finite number > 0"));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(err("optim.min_lr", "must be in [0, optim.lr]"));
+        }
+        for (k, v) in [("optim.beta1", self.beta1), ("optim.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(err(k, format!("must be in [0, 1), got {v}")));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return Err(err("optim.eps", "must be > 0"));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return Err(err("optim.weight_decay", "must be >= 0"));
+        }
+        if !(self.grad_clip >= 0.0) {
+            return Err(err("optim.grad_clip", "must be >= 0 (0 disables clipping)"));
+        }
+        Ok(())
+    }
+}
+
+/// What to do when the loss or the gradient norm is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Skip the update, count it, and go on (up to `train.max_bad_steps` in a row).
+    Skip,
+    /// Stop with a message naming the step.
+    Stop,
+}
+
+/// The training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps. Default 300.
+    pub steps: u64,
+    /// Sequences per micro-batch. Default 8.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Seed of the weights, the data shuffle and the router noise. Default 1337.
+    pub seed: u64,
+    /// Evaluate on the validation split every this many steps (and at the end); 0 disables. Default 100.
+    pub eval_every: u64,
+    /// Batches per evaluation (at most). Default 8.
+    pub eval_batches: usize,
+    /// Write a checkpoint every this many steps (and at the end); 0: only at the end. Default 100.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (oldest deleted first). Default 3.
+    pub keep_checkpoints: usize,
+    /// "skip" or "stop". Default "skip".
+    pub on_nonfinite: NonFinitePolicy,
+    /// Stop after this many consecutive non-finite steps. Default 5.
+    pub max_bad_steps: u64,
+    /// Start from these weights (a run, checkpoint or Hugging Face directory)
+    /// with a fresh optimizer. Default none.
+    pub init_from: Option<String>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 8,
+            grad_accum: 1,
+            seed: 1337,
+            eval_every: 100,
+            eval_batches: 8,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            on_nonfinite: NonFinitePolicy::Skip,
+            max_bad_steps: 5,
+            init_from: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (k, v) in [
+            ("train.steps", self.steps as usize),
+            ("train.batch_size", self.batch_size),
+            ("train.grad_accum", self.grad_accum),
+            ("train.keep_checkpoints", self.keep_checkpoints),
+            ("train.max_bad_steps", self.max_bad_steps as usize),
+        ] {
+            if v == 0 {
+                return Err(err(k, "must be a positive integer"));
+            }
+        }
+        if self.eval_every > 0 && self.eval_batches == 0 {
+            return Err(err("train.eval_batches", "must be positive when train.eval_every > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Monitoring and collapse alerts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// An expert whose token share is below this fraction of the uniform
+    /// share 1/E counts as dead for that step. Default 0.1.
+    pub dead_expert_share: f64,
+    /// Alert when an expert stays dead this many consecutive steps. Default 20.
+    pub dead_expert_steps: u64,
+    /// Alert when a layer's max/mean expert load exceeds this. Default 3.0.
+    pub max_over_mean_alert: f64,
+    /// Progress display: "auto" (bar on a terminal, lines otherwise), "bar" or "lines". Default "auto".
+    pub progress: ProgressMode,
+    /// Print a plain progress line every this many steps when not drawing a bar. Default 10.
+    pub print_every: u64,
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressMode {
+    /// A bar when stdout is a terminal, plain lines otherwise.
+    Auto,
+    /// Always a bar.
+    Bar,
+    /// Always plain lines.
+    Lines,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            dead_expert_share: 0.1,
+            dead_expert_steps: 20,
+            max_over_mean_alert: 3.0,
+            progress: ProgressMode::Auto,
+            print_every: 10,
+        }
+    }
+}
+
+impl LogConfig {
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.0..1.0).contains(&self.dead_expert_share) {
+            return Err(err("log.dead_expert_share", "must be in [0, 1)"));
+        }
+        if self.dead_expert_steps == 0 {
+            return Err(err("log.dead_expert_steps", "must be a positive integer"));
+        }
+        if !(self.max_over_mean_alert >= 1.0) {
+            return Err(err("log.max_over_mean_alert", "must be >= 1"));
+        }
+        if self.print_every == 0 {
+            return Err(err("log.print_every", "must be a positive integer"));
+        }
+        Ok(())
+    }
+}
