@@ -48,7 +48,9 @@ fn one_pass(cfg: &DataConfig, tok: Arc<tokenizers::Tokenizer>) -> anyhow::Result
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "throughput".into());
-    let tok = Arc::new(tokenizer::load(std::path::Path::new("data/tokenizer.json"))?);
+    let tok = Arc::new(tokenizer::load(std::path::Path::new(
+        "data/tokenizer.json",
+    ))?);
     let base = DataConfig {
         val_fraction: 0.0,
         ..DataConfig::default()
@@ -56,11 +58,18 @@ fn main() -> anyhow::Result<()> {
     match mode.as_str() {
         "throughput" => {
             let bytes = std::fs::metadata(&base.sources[0].paths[0])?.len() as f64;
-            println!("corpus: {} ({:.1} MB)", base.sources[0].paths[0], bytes / 1e6);
+            println!(
+                "corpus: {} ({:.1} MB)",
+                base.sources[0].paths[0],
+                bytes / 1e6
+            );
             println!("| workers | MB/s | tokens/s | seconds |");
             println!("|---|---|---|---|");
             for workers in [1, 2] {
-                let cfg = DataConfig { workers, ..base.clone() };
+                let cfg = DataConfig {
+                    workers,
+                    ..base.clone()
+                };
                 one_pass(&cfg, tok.clone())?; // warm the page cache
                 let (secs, tokens) = one_pass(&cfg, tok.clone())?;
                 println!(

@@ -16,6 +16,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
+    /// Train a model from a TOML config.
+    Train(TrainArgs),
     /// Load a Hugging Face Mixtral or Qwen2-MoE directory and describe the model.
     Info {
         /// Directory holding config.json and model.safetensors.
@@ -25,6 +27,119 @@ pub enum Command {
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+    /// Write a checkpoint as a Hugging Face directory (config.json + model.safetensors).
+    Export(ExportArgs),
+    /// Show which experts each token is routed to; optionally write a trace file.
+    Inspect(InspectArgs),
+    /// Sample text from a checkpoint.
+    Generate(GenerateArgs),
+    /// Report loss and perplexity of a checkpoint on a corpus.
+    Eval(EvalArgs),
+}
+
+/// Export format.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// Mixtral when it fits, else Qwen2-MoE.
+    Auto,
+    /// MixtralForCausalLM.
+    Mixtral,
+    /// Qwen2MoeForCausalLM.
+    #[value(name = "qwen2-moe")]
+    Qwen2Moe,
+}
+
+/// Export dtype.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    /// float32
+    F32,
+    /// bfloat16
+    Bf16,
+}
+
+/// Arguments of `switchyard export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A run directory (its latest checkpoint) or a checkpoint directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Target family.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+    /// Weight dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+/// Arguments of `switchyard inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A run directory, a checkpoint directory, or a Hugging Face model directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text to tokenize and route.
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    pub text: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub token_ids: Option<Vec<u32>>,
+    /// Write logits, router_logits.{i} and topk_experts.{i} to this safetensors file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Tokenizer, when the checkpoint has none.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Arguments of `switchyard generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A run directory, a checkpoint directory, or a Hugging Face model directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// RNG seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokenizer, when the checkpoint has none.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Arguments of `switchyard eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A run directory or a checkpoint directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text files, directories or globs to evaluate on (default: the run's validation split).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<String>,
+    /// Text: a run of this many blank lines ends a document (with --data).
+    #[arg(long, default_value_t = 2)]
+    pub blank_lines: usize,
+    /// At most this many batches.
+    #[arg(long, default_value_t = 50)]
+    pub max_batches: usize,
 }
 
 /// `switchyard tokenizer ...`
@@ -72,4 +187,30 @@ pub struct TrainTokenizer {
     /// End-of-document token (id 0).
     #[arg(long, default_value = "<|endoftext|>")]
     pub eos_token: String,
+}
+
+/// Arguments of `switchyard train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run config (TOML with [model], [moe], [data], [optim], [train], [log]).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set train.steps=100`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Run name: the run goes to runs/NAME (default: the config's file name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Continue the run from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Backend: flex (CPU), wgpu, cuda or cuda:N (GPU backends need the matching cargo feature).
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// Directory that holds runs.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Stop after this many steps (checkpointing), to continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
 }

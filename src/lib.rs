@@ -7,10 +7,16 @@
 //! - [`hf`]: Hugging Face Mixtral / Qwen2-MoE checkpoint import.
 //! - [`params`]: named access to a model's parameters.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod export;
+pub mod generate;
 pub mod hf;
+pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod params;
+pub mod train;

@@ -3,14 +3,35 @@
 use anyhow::Result;
 use clap::Parser;
 use std::io::IsTerminal;
-use switchyard::cli::{Cli, Command, InputKind, TokenizerCommand, TrainTokenizer};
+use std::path::{Path, PathBuf};
+use switchyard::checkpoint::{self, Location};
+use switchyard::cli::*;
 use switchyard::data::{sources, tokenizer, SourceConfig, SourceKind};
+use switchyard::export::{ExportDtype, ExportFormat};
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Train(args) => train(args),
         Command::Info { hf } => info(&hf),
         Command::Tokenizer(TokenizerCommand::Train(args)) => train_tokenizer(args),
+        Command::Export(args) => export(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Generate(args) => generate(args),
+        Command::Eval(args) => eval(args),
     }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    switchyard::train::run(&switchyard::train::RunOptions {
+        config: args.config,
+        overrides: args.set,
+        name: args.name,
+        resume: args.resume,
+        device: args.device,
+        runs_dir: args.runs_dir,
+        stop_after: args.stop_after,
+    })?;
+    Ok(())
 }
 
 fn info(dir: &std::path::Path) -> Result<()> {
@@ -51,6 +72,138 @@ fn train_tokenizer(args: TrainTokenizer) -> Result<()> {
         args.out.display(),
         tok.get_vocab_size(true),
         start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let dir = match checkpoint::locate(&args.checkpoint)? {
+        Location::Switchyard(dir) => dir,
+        Location::HuggingFace(dir) => {
+            anyhow::bail!("{} is already a Hugging Face directory", dir.display())
+        }
+    };
+    let device = burn::prelude::Device::flex();
+    let (_, model) = checkpoint::load_model(&dir, &device)?;
+    let tok = dir.join("tokenizer.json");
+    let format = match args.format {
+        FormatArg::Auto => ExportFormat::Auto,
+        FormatArg::Mixtral => ExportFormat::Mixtral,
+        FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
+    };
+    let dtype = match args.dtype {
+        DtypeArg::F32 => ExportDtype::F32,
+        DtypeArg::Bf16 => ExportDtype::Bf16,
+    };
+    let arch = switchyard::export::export(
+        &model,
+        tok.exists().then_some(tok.as_path()),
+        &args.out,
+        format,
+        dtype,
+    )?;
+    println!(
+        "wrote {} as {arch:?} from {}",
+        args.out.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The tokenizer to use: an explicit one, else the checkpoint's.
+fn pick_tokenizer(
+    explicit: Option<PathBuf>,
+    found: Option<PathBuf>,
+) -> Result<tokenizers::Tokenizer> {
+    let path = explicit.or(found).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the checkpoint has no tokenizer.json: pass --tokenizer PATH (or use --token-ids)"
+        )
+    })?;
+    tokenizer::load(&path)
+}
+
+fn inspect(args: InspectArgs) -> Result<()> {
+    let device = burn::prelude::Device::flex();
+    let (model, tok_path) = checkpoint::load_any(&args.checkpoint, &device)?;
+    let (ids, pieces) = match (args.token_ids, args.text) {
+        (Some(ids), _) => {
+            let pieces: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            (ids, pieces)
+        }
+        (None, Some(text)) => {
+            let tok = pick_tokenizer(args.tokenizer, tok_path)?;
+            let ids = tokenizer::encode(&tok, &text)?;
+            let pieces: Vec<String> = ids
+                .iter()
+                .map(|&i| tok.decode(&[i], false).unwrap_or_default())
+                .collect();
+            (ids, pieces)
+        }
+        (None, None) => unreachable!("clap requires one of --text, --token-ids"),
+    };
+    if ids.is_empty() {
+        anyhow::bail!("nothing to inspect: the input has no tokens");
+    }
+    let trace = switchyard::inspect::trace(&model, &ids, &device)?;
+    print!("{}", trace.describe(&pieces));
+    if let Some(out) = args.out {
+        trace.save(&out)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let device = burn::prelude::Device::flex();
+    let (model, tok_path) = checkpoint::load_any(&args.checkpoint, &device)?;
+    let tok = pick_tokenizer(args.tokenizer, tok_path)?;
+    let prompt = tokenizer::encode(&tok, &args.prompt)?;
+    let opts = switchyard::generate::SampleOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: tok.token_to_id("<|endoftext|>"),
+    };
+    let out = switchyard::generate::generate(&model, &prompt, &opts, &device);
+    let text = tok
+        .decode(&out, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    println!("{}{}", args.prompt, text);
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let dir = match checkpoint::locate(&args.checkpoint)? {
+        Location::Switchyard(dir) => dir,
+        Location::HuggingFace(dir) => anyhow::bail!(
+            "{}: eval needs a switchyard checkpoint (it carries the data and tokenizer settings); \
+             use train.init_from to start from a Hugging Face model",
+            dir.display()
+        ),
+    };
+    let device = burn::prelude::Device::flex();
+    let (mut cfg, model) = checkpoint::load_model(&dir, &device)?;
+    let tok_file = dir.join("tokenizer.json");
+    if tok_file.exists() {
+        cfg.data.tokenizer = tok_file.to_string_lossy().into_owned();
+    }
+    if !args.data.is_empty() {
+        cfg.data.sources = vec![SourceConfig {
+            paths: args.data.clone(),
+            blank_lines: args.blank_lines,
+            ..SourceConfig::default()
+        }];
+        // Every document of the given files is evaluated.
+        cfg.data.val_fraction = 1.0 - f64::EPSILON;
+    }
+    let tok = std::sync::Arc::new(tokenizer::load(Path::new(&cfg.data.tokenizer))?);
+    let loss = switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?;
+    println!(
+        "{}: loss {loss:.4} | perplexity {:.2}",
+        dir.display(),
+        loss.exp()
     );
     Ok(())
 }

@@ -10,18 +10,21 @@ use std::collections::BTreeMap;
 
 /// Tracks the dotted path while a visitor or mapper walks the module tree.
 #[derive(Default)]
-struct PathStack(Vec<Option<String>>);
+pub struct PathStack(Vec<Option<String>>);
 
 impl PathStack {
-    fn enter(&mut self, name: &str, container_type: &str) {
+    /// Call from `enter_module`.
+    pub fn enter(&mut self, name: &str, container_type: &str) {
         // Enum variants are not part of a parameter's name.
         let part = (!container_type.starts_with("Enum:")).then(|| name.to_string());
         self.0.push(part);
     }
-    fn exit(&mut self) {
+    /// Call from `exit_module`.
+    pub fn exit(&mut self) {
         self.0.pop();
     }
-    fn path(&self) -> String {
+    /// The current dotted path.
+    pub fn path(&self) -> String {
         self.0
             .iter()
             .flatten()

@@ -77,10 +77,14 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            err(if key == "." { "<root>" } else { &key }, e.into_inner().to_string())
-        })?;
+        let cfg: RunConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                err(
+                    if key == "." { "<root>" } else { &key },
+                    e.into_inner().to_string(),
+                )
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -89,7 +93,8 @@ impl RunConfig {
     pub fn load(path: &Path, overrides: &[String]) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        Self::from_toml_str(&text, overrides).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        Self::from_toml_str(&text, overrides)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     /// All cross-field checks, naming the offending key.
@@ -115,13 +120,21 @@ impl RunConfig {
         let (a, b) = (table(&self.model), table(&other.model));
         for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
             if a.get(key) != b.get(key) {
-                out.push(format!("model.{key}: {} -> {}", show(a.get(key)), show(b.get(key))));
+                out.push(format!(
+                    "model.{key}: {} -> {}",
+                    show(a.get(key)),
+                    show(b.get(key))
+                ));
             }
         }
         let (a, b) = (table(&self.moe), table(&other.moe));
         for key in MOE_ARCHITECTURE_KEYS {
             if a.get(*key) != b.get(*key) {
-                out.push(format!("moe.{key}: {} -> {}", show(a.get(*key)), show(b.get(*key))));
+                out.push(format!(
+                    "moe.{key}: {} -> {}",
+                    show(a.get(*key)),
+                    show(b.get(*key))
+                ));
             }
         }
         out
@@ -162,14 +175,21 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError
         node = match entry {
             toml::Value::Table(t) => t,
             toml::Value::Array(items) => {
-                let idx: usize = parts
-                    .get(i + 1)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| err(&here, "is a list: address an element by index, e.g. data.sources.0.weight"))?;
+                let idx: usize = parts.get(i + 1).and_then(|s| s.parse().ok()).ok_or_else(
+                    || {
+                        err(
+                            &here,
+                            "is a list: address an element by index, e.g. data.sources.0.weight",
+                        )
+                    },
+                )?;
                 let len = items.len();
-                let item = items
-                    .get_mut(idx)
-                    .ok_or_else(|| err(&here, format!("has {len} element(s); index {idx} is out of range")))?;
+                let item = items.get_mut(idx).ok_or_else(|| {
+                    err(
+                        &here,
+                        format!("has {len} element(s); index {idx} is out of range"),
+                    )
+                })?;
                 let rest = parts[i + 2..].join(".");
                 let toml::Value::Table(t) = item else {
                     return Err(err(&here, "elements are not tables"));
@@ -200,9 +220,15 @@ mod tests {
     fn unknown_keys_name_their_path_and_the_allowed_keys() {
         let e = RunConfig::from_toml_str("[moe]\ntopk = 2\n", &[]).unwrap_err();
         assert!(e.key.starts_with("moe"), "{e}");
-        assert!(e.message.contains("topk") && e.message.contains("top_k"), "{e}");
+        assert!(
+            e.message.contains("topk") && e.message.contains("top_k"),
+            "{e}"
+        );
         let e = RunConfig::from_toml_str("[trian]\nsteps = 2\n", &[]).unwrap_err();
-        assert!(e.message.contains("trian") && e.message.contains("train"), "{e}");
+        assert!(
+            e.message.contains("trian") && e.message.contains("train"),
+            "{e}"
+        );
         let e = RunConfig::from_toml_str("[moe]\ndrop_policy = \"sometimes\"\n", &[]).unwrap_err();
         assert_eq!(e.key, "moe.drop_policy");
         assert!(e.message.contains("dropless"), "{e}");

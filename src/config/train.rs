@@ -140,7 +140,10 @@ impl TrainConfig {
             }
         }
         if self.eval_every > 0 && self.eval_batches == 0 {
-            return Err(err("train.eval_batches", "must be positive when train.eval_every > 0"));
+            return Err(err(
+                "train.eval_batches",
+                "must be positive when train.eval_every > 0",
+            ));
         }
         Ok(())
     }

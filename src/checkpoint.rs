@@ -1,0 +1,262 @@
+//! Checkpoints: `runs/<name>/checkpoints/step-XXXXXXX/` holding
+//! `model.safetensors` (parameters by path, the aux-free biases included),
+//! `optimizer.safetensors` (AdamW moments), `state.json` (step, optimizer
+//! step, data cursor, monitor state), `config.toml` (the resolved config)
+//! and `tokenizer.json`.
+//!
+//! Writes are atomic: everything goes into a hidden temporary directory,
+//! each file and the directory are fsynced, and one rename publishes it. A
+//! crash at any moment leaves either the previous checkpoint or the new one,
+//! never a torn one; leftovers of an interrupted write are removed on resume.
+
+use crate::config::RunConfig;
+use crate::data::stream::Cursor;
+use crate::metrics::CollapseMonitor;
+use crate::model::LanguageModel;
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Everything in `state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// AdamW update count (differs from `step` by skipped steps).
+    pub adam_t: u64,
+    /// The training stream's cursor after the last batch used.
+    pub cursor: Cursor,
+    /// Collapse-alert state.
+    pub monitor: CollapseMonitor,
+    /// Steps skipped for non-finite values, in total and in the current run of them.
+    pub bad_steps: u64,
+    /// Consecutive skipped steps at save time.
+    pub consecutive_bad: u64,
+    /// Training tokens consumed.
+    pub tokens_seen: u64,
+}
+
+/// What a checkpoint holds, in memory.
+pub struct Checkpoint {
+    /// Model parameters by path.
+    pub model: BTreeMap<String, TensorData>,
+    /// Optimizer tensors (`m.<path>`, `v.<path>`).
+    pub optimizer: BTreeMap<String, TensorData>,
+    /// Loop state.
+    pub state: TrainState,
+    /// The resolved config.
+    pub config: RunConfig,
+    /// The tokenizer file to copy in.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Save options.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    /// Keep this many checkpoints (oldest removed); 0 keeps all.
+    pub keep: usize,
+    /// Stop with an error after writing this many files, leaving the
+    /// temporary directory behind as a crash would (for testing recovery).
+    pub fail_after_files: Option<usize>,
+}
+
+/// Directory name of the checkpoint for `step`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:07}")
+}
+
+/// Serialise f32 tensors to safetensors bytes.
+pub fn safetensors_bytes(tensors: &BTreeMap<String, TensorData>) -> Result<Vec<u8>> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let view = TensorView::new(Dtype::F32, data.shape().to_vec(), data.as_bytes())
+            .with_context(|| format!("tensor `{name}`"))?;
+        views.push((name.clone(), view));
+    }
+    Ok(safetensors::serialize(views, None)?)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Write a checkpoint atomically under `run_dir/checkpoints/`; returns its path.
+pub fn save(run_dir: &Path, ckpt: &Checkpoint, opts: &SaveOptions) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root)?;
+    let name = step_dir_name(ckpt.state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp)?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.safetensors", safetensors_bytes(&ckpt.model)?),
+        ("optimizer.safetensors", safetensors_bytes(&ckpt.optimizer)?),
+        ("config.toml", ckpt.config.to_toml().into_bytes()),
+    ];
+    if let Some(tok) = &ckpt.tokenizer {
+        files.push((
+            "tokenizer.json",
+            std::fs::read(tok).with_context(|| format!("reading {}", tok.display()))?,
+        ));
+    }
+    // state.json last: its presence marks a complete directory.
+    files.push(("state.json", serde_json::to_vec(&ckpt.state)?));
+    for (i, (file, bytes)) in files.iter().enumerate() {
+        if opts.fail_after_files == Some(i) {
+            bail!("checkpoint write interrupted after {i} file(s) (simulated)");
+        }
+        write_synced(&tmp.join(file), bytes)?;
+    }
+    sync_dir(&tmp)?;
+    let dest = root.join(&name);
+    if dest.exists() {
+        // Rewriting the same step (e.g. the final checkpoint): move the old one aside first.
+        let old = root.join(format!(".old-{name}-{}", std::process::id()));
+        std::fs::rename(&dest, &old)?;
+        std::fs::rename(&tmp, &dest)?;
+        std::fs::remove_dir_all(&old)?;
+    } else {
+        std::fs::rename(&tmp, &dest)?;
+    }
+    sync_dir(&root)?;
+    if opts.keep > 0 {
+        let all = list(run_dir)?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(opts.keep)) {
+            std::fs::remove_dir_all(old)?;
+        }
+    }
+    Ok(dest)
+}
+
+/// Complete checkpoints of a run, oldest first, as (step, path).
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join("checkpoints");
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&root)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+            if path.join("state.json").exists() {
+                out.push((step, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Remove temporary directories left by interrupted writes.
+pub fn clean_interrupted(run_dir: &Path) -> Result<usize> {
+    let root = run_dir.join("checkpoints");
+    let mut n = 0;
+    if root.is_dir() {
+        for entry in std::fs::read_dir(&root)? {
+            let path = entry?.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".tmp-") || n.starts_with(".old-"));
+            if hidden {
+                std::fs::remove_dir_all(&path)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Where a `--checkpoint` argument points.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    /// A switchyard checkpoint directory.
+    Switchyard(PathBuf),
+    /// A Hugging Face model directory.
+    HuggingFace(PathBuf),
+}
+
+/// Resolve a run directory (its latest checkpoint), a checkpoint directory,
+/// or a Hugging Face model directory.
+pub fn locate(arg: &Path) -> Result<Location> {
+    if arg.join("state.json").exists() && arg.join("model.safetensors").exists() {
+        return Ok(Location::Switchyard(arg.to_path_buf()));
+    }
+    if crate::hf::is_hf_dir(arg) {
+        return Ok(Location::HuggingFace(arg.to_path_buf()));
+    }
+    if arg.join("checkpoints").is_dir() {
+        return match list(arg)?.pop() {
+            Some((_, p)) => Ok(Location::Switchyard(p)),
+            None => bail!("{}: the run has no complete checkpoint yet", arg.display()),
+        };
+    }
+    bail!(
+        "{}: not a run directory, a checkpoint directory (state.json + model.safetensors) \
+         or a Hugging Face model directory (config.json + model.safetensors)",
+        arg.display()
+    )
+}
+
+/// The resolved config stored in a checkpoint.
+pub fn read_config(dir: &Path) -> Result<RunConfig> {
+    RunConfig::load(&dir.join("config.toml"), &[])
+}
+
+/// Load a checkpoint's weights into `model`, which must have its architecture.
+pub fn load_weights(dir: &Path, model: LanguageModel) -> Result<LanguageModel> {
+    let tensors = crate::hf::read_safetensors(&dir.join("model.safetensors"))?;
+    let params: BTreeMap<_, _> = tensors.into_iter().collect();
+    crate::params::load(model, &params).with_context(|| format!("loading {}", dir.display()))
+}
+
+/// Build the model a checkpoint describes and load its weights.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(RunConfig, LanguageModel)> {
+    let cfg = read_config(dir)?;
+    let model = load_weights(dir, LanguageModel::new(&cfg.model, &cfg.moe, device))?;
+    Ok((cfg, model))
+}
+
+/// Load any `--checkpoint` location (switchyard or Hugging Face) for inference.
+/// Returns the model and the tokenizer file, if the location has one.
+pub fn load_any(arg: &Path, device: &Device) -> Result<(LanguageModel, Option<PathBuf>)> {
+    match locate(arg)? {
+        Location::Switchyard(dir) => {
+            let (_, model) = load_model(&dir, device)?;
+            let tok = dir.join("tokenizer.json");
+            Ok((model, tok.exists().then_some(tok)))
+        }
+        Location::HuggingFace(dir) => {
+            let (_, model) = crate::hf::load(&dir, device)?;
+            let tok = dir.join("tokenizer.json");
+            Ok((model, tok.exists().then_some(tok)))
+        }
+    }
+}
+
+/// Read the loop state and optimizer tensors of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<(TrainState, BTreeMap<String, TensorData>)> {
+    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+        .with_context(|| format!("{}: bad state.json", dir.display()))?;
+    let opt = crate::hf::read_safetensors(&dir.join("optimizer.safetensors"))?;
+    Ok((state, opt.into_iter().collect()))
+}

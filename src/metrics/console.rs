@@ -1,0 +1,106 @@
+//! Console progress: an `indicatif` bar on a terminal, plain lines otherwise.
+
+use super::StepReport;
+use crate::config::ProgressMode;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+/// Step progress for one run.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    print_every: u64,
+    start: Instant,
+    first_step: u64,
+}
+
+impl Progress {
+    /// Progress over steps `first_step..=total`.
+    pub fn new(mode: ProgressMode, total: u64, first_step: u64, print_every: u64) -> Self {
+        let use_bar = match mode {
+            ProgressMode::Bar => true,
+            ProgressMode::Lines => false,
+            ProgressMode::Auto => std::io::stdout().is_terminal(),
+        };
+        let bar = use_bar.then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix("train");
+            bar.set_position(first_step);
+            bar
+        });
+        Self {
+            bar,
+            total,
+            print_every,
+            start: Instant::now(),
+            first_step,
+        }
+    }
+
+    /// Show one step.
+    pub fn step(&mut self, r: &StepReport) {
+        let msg = format!(
+            "loss {:.4} | aux {:.3} | drop {:.1}% | {:.0} tok/s",
+            r.loss_total,
+            r.loss_aux,
+            r.drop_rate() * 100.0,
+            r.tokens_per_s
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(r.step);
+                bar.set_message(msg);
+            }
+            None => {
+                if r.step % self.print_every == 0
+                    || r.step == self.total
+                    || r.step == self.first_step + 1
+                {
+                    let done = (r.step - self.first_step) as f64;
+                    let per_step = self.start.elapsed().as_secs_f64() / done.max(1.0);
+                    let eta = per_step * (self.total - r.step) as f64;
+                    println!(
+                        "step {}/{} | {msg} | lm {:.4} | z {:.3} | lr {:.2e} | eta {}",
+                        r.step,
+                        self.total,
+                        r.loss_lm,
+                        r.loss_z,
+                        r.lr,
+                        format_secs(eta)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Print a line without breaking the bar.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    /// Finish the bar.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// "1h02m", "3m05s", "42s".
+pub fn format_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}

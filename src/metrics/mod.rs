@@ -1,0 +1,346 @@
+//! What a training step reports, and where it goes: TensorBoard event files,
+//! `metrics.jsonl`, the console, and expert-collapse alerts.
+//!
+//! One [`StepReport`] is built per step from a single batched host read. Its
+//! [`StepReport::values`] are the tagged numbers written both to TensorBoard
+//! and, under the same names, to `metrics.jsonl`.
+
+pub mod console;
+pub mod tensorboard;
+
+use crate::config::LogConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::io::Write;
+use std::path::Path;
+
+/// Routing numbers of one MoE layer for one step, on the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Assignments routed to each expert (before capacity).
+    pub tokens_per_expert: Vec<f64>,
+    /// Assignments each expert computed (after capacity).
+    pub kept_per_expert: Vec<f64>,
+    /// Mean router entropy, nats.
+    pub router_entropy: f64,
+    /// Aux-loss-free selection bias after this step's update, when enabled.
+    pub expert_bias: Option<Vec<f64>>,
+}
+
+impl LayerReport {
+    fn total(&self) -> f64 {
+        self.tokens_per_expert.iter().sum()
+    }
+    /// Share of assignments per expert (sums to 1).
+    pub fn token_share(&self) -> Vec<f64> {
+        let total = self.total().max(1.0);
+        self.tokens_per_expert.iter().map(|c| c / total).collect()
+    }
+    /// Fraction of assignments dropped for capacity.
+    pub fn drop_rate(&self) -> f64 {
+        let kept: f64 = self.kept_per_expert.iter().sum();
+        (self.total() - kept) / self.total().max(1.0)
+    }
+    /// Busiest expert's load over the mean load (1.0 when balanced).
+    pub fn max_over_mean(&self) -> f64 {
+        let e = self.tokens_per_expert.len() as f64;
+        let max = self.tokens_per_expert.iter().cloned().fold(0.0, f64::max);
+        max / (self.total() / e).max(1e-12)
+    }
+    /// Experts whose share is below `threshold` × the uniform share 1/E.
+    pub fn dead_experts(&self, threshold: f64) -> Vec<usize> {
+        let e = self.tokens_per_expert.len() as f64;
+        self.token_share()
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s < threshold / e)
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// Everything one optimizer step reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Optimizer step, 1-based.
+    pub step: u64,
+    /// Total loss.
+    pub loss_total: f64,
+    /// LM cross-entropy.
+    pub loss_lm: f64,
+    /// Σ over MoE layers of the Switch load-balancing loss (unweighted).
+    pub loss_aux: f64,
+    /// Σ over MoE layers of the sequence-level balance loss (unweighted).
+    pub loss_seq_aux: f64,
+    /// Σ over MoE layers of the router z-loss (unweighted).
+    pub loss_z: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens per second over this step.
+    pub tokens_per_s: f64,
+    /// Whether the update was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+    /// Per MoE layer, in order.
+    pub layers: Vec<LayerReport>,
+    /// Validation loss at evaluation steps.
+    pub eval_loss: Option<f64>,
+}
+
+impl StepReport {
+    /// Mean drop rate over MoE layers.
+    pub fn drop_rate(&self) -> f64 {
+        if self.layers.is_empty() {
+            return 0.0;
+        }
+        self.layers.iter().map(|l| l.drop_rate()).sum::<f64>() / self.layers.len() as f64
+    }
+
+    /// Every tagged scalar of this step, in a stable order.
+    pub fn scalars(&self, log: &LogConfig) -> Vec<(String, f64)> {
+        let mut v = vec![
+            ("loss/total".to_string(), self.loss_total),
+            ("loss/lm".into(), self.loss_lm),
+            ("loss/aux".into(), self.loss_aux),
+            ("loss/seq_aux".into(), self.loss_seq_aux),
+            ("loss/z".into(), self.loss_z),
+            ("lr".into(), self.lr),
+            ("grad_norm".into(), self.grad_norm),
+            ("throughput/tokens_per_s".into(), self.tokens_per_s),
+        ];
+        if let Some(l) = self.eval_loss {
+            v.push(("eval/loss".into(), l));
+            v.push(("eval/ppl".into(), l.exp()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (e, s) in layer.token_share().iter().enumerate() {
+                v.push((format!("moe/layer{i}/expert{e}/token_share"), *s));
+            }
+            v.push((format!("moe/layer{i}/drop_rate"), layer.drop_rate()));
+            v.push((
+                format!("moe/layer{i}/max_over_mean_load"),
+                layer.max_over_mean(),
+            ));
+            v.push((format!("moe/layer{i}/router_entropy"), layer.router_entropy));
+            v.push((
+                format!("moe/layer{i}/dead_experts"),
+                layer.dead_experts(log.dead_expert_share).len() as f64,
+            ));
+            if let Some(bias) = &layer.expert_bias {
+                for (e, b) in bias.iter().enumerate() {
+                    v.push((format!("moe/layer{i}/expert{e}/bias"), *b));
+                }
+            }
+        }
+        v
+    }
+
+    /// The TensorBoard summary values: every scalar plus one
+    /// `moe/layer{i}/tokens_per_expert` histogram per layer, whose bucket e
+    /// counts the tokens expert e processed (after capacity drops). Token
+    /// shares and load ratios use the routed counts instead, since capacity
+    /// caps the processed counts and would hide an imbalance.
+    pub fn summary_values(&self, log: &LogConfig) -> Vec<tensorboard::SummaryValue> {
+        let mut out: Vec<_> = self
+            .scalars(log)
+            .into_iter()
+            .map(|(tag, v)| tensorboard::scalar(tag, v))
+            .collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push(tensorboard::index_histogram(
+                format!("moe/layer{i}/tokens_per_expert"),
+                &layer.kept_per_expert,
+            ));
+        }
+        out
+    }
+
+    /// The `metrics.jsonl` object: the same tags and numbers, plus the raw
+    /// per-expert counts.
+    pub fn json(&self, log: &LogConfig) -> Value {
+        let mut m = Map::new();
+        m.insert("step".into(), json!(self.step));
+        m.insert("skipped".into(), json!(self.skipped));
+        for (tag, v) in self.scalars(log) {
+            m.insert(tag, json!(v));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            m.insert(
+                format!("moe/layer{i}/tokens_per_expert"),
+                json!(layer.tokens_per_expert),
+            );
+            m.insert(
+                format!("moe/layer{i}/kept_per_expert"),
+                json!(layer.kept_per_expert),
+            );
+        }
+        Value::Object(m)
+    }
+}
+
+/// An expert-collapse alert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// Step at which it fired.
+    pub step: u64,
+    /// "dead_expert" or "load_imbalance".
+    pub kind: &'static str,
+    /// MoE layer index.
+    pub layer: usize,
+    /// Human-readable text.
+    pub message: String,
+}
+
+impl Alert {
+    /// The `metrics.jsonl` line of this alert.
+    pub fn json(&self) -> Value {
+        json!({"step": self.step, "alert": self.kind, "layer": self.layer, "message": self.message})
+    }
+}
+
+/// Watches for experts that stay (nearly) unused and for overloaded layers.
+/// Each condition alerts once when it starts, and again only after it clears.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CollapseMonitor {
+    /// Consecutive dead steps, per layer and expert.
+    pub dead_steps: Vec<Vec<u64>>,
+    /// Whether each layer is currently above the imbalance threshold.
+    pub imbalanced: Vec<bool>,
+}
+
+impl CollapseMonitor {
+    /// Update with one step; returns the alerts that fire now.
+    pub fn update(&mut self, report: &StepReport, log: &LogConfig) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        self.dead_steps.resize(report.layers.len(), Vec::new());
+        self.imbalanced.resize(report.layers.len(), false);
+        for (i, layer) in report.layers.iter().enumerate() {
+            let runs = &mut self.dead_steps[i];
+            runs.resize(layer.tokens_per_expert.len(), 0);
+            let dead = layer.dead_experts(log.dead_expert_share);
+            for (e, run) in runs.iter_mut().enumerate() {
+                if dead.contains(&e) {
+                    *run += 1;
+                    if *run == log.dead_expert_steps {
+                        alerts.push(Alert {
+                            step: report.step,
+                            kind: "dead_expert",
+                            layer: i,
+                            message: format!(
+                                "MoE layer {i}: expert {e} has received under {:.1}% of the uniform share for {} consecutive steps",
+                                log.dead_expert_share * 100.0,
+                                log.dead_expert_steps
+                            ),
+                        });
+                    }
+                } else {
+                    *run = 0;
+                }
+            }
+            let ratio = layer.max_over_mean();
+            let over = ratio > log.max_over_mean_alert;
+            if over && !self.imbalanced[i] {
+                alerts.push(Alert {
+                    step: report.step,
+                    kind: "load_imbalance",
+                    layer: i,
+                    message: format!(
+                        "MoE layer {i}: max/mean expert load {ratio:.2} exceeds {:.2}",
+                        log.max_over_mean_alert
+                    ),
+                });
+            }
+            self.imbalanced[i] = over;
+        }
+        alerts
+    }
+}
+
+/// Appends one JSON object per line to `metrics.jsonl`.
+pub struct JsonlWriter {
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl JsonlWriter {
+    /// Open (append) `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            out: std::io::BufWriter::new(f),
+        })
+    }
+    /// Write one object.
+    pub fn write(&mut self, v: &Value) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+    /// Flush to the file.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(counts: &[f64]) -> LayerReport {
+        LayerReport {
+            tokens_per_expert: counts.to_vec(),
+            kept_per_expert: counts.iter().map(|c| c.min(4.0)).collect(),
+            router_entropy: 1.0,
+            expert_bias: None,
+        }
+    }
+
+    #[test]
+    fn layer_statistics_by_hand() {
+        let l = layer(&[6.0, 2.0, 0.0, 0.0]);
+        assert_eq!(l.token_share(), vec![0.75, 0.25, 0.0, 0.0]);
+        // kept = 4 + 2 = 6 of 8
+        assert!((l.drop_rate() - 0.25).abs() < 1e-12);
+        // mean = 2, max = 6
+        assert!((l.max_over_mean() - 3.0).abs() < 1e-12);
+        assert_eq!(l.dead_experts(0.1), vec![2, 3]);
+    }
+
+    #[test]
+    fn collapse_alerts_fire_once_after_k_steps() {
+        let log = LogConfig {
+            dead_expert_steps: 3,
+            max_over_mean_alert: 2.5,
+            ..LogConfig::default()
+        };
+        let mut mon = CollapseMonitor::default();
+        let mut fired = Vec::new();
+        for step in 1..=6 {
+            let report = StepReport {
+                step,
+                loss_total: 0.0,
+                loss_lm: 0.0,
+                loss_aux: 0.0,
+                loss_seq_aux: 0.0,
+                loss_z: 0.0,
+                lr: 0.0,
+                grad_norm: 0.0,
+                tokens_per_s: 0.0,
+                skipped: false,
+                layers: vec![layer(&[6.0, 2.0, 0.0, 8.0])],
+                eval_loss: None,
+            };
+            fired.extend(
+                mon.update(&report, &log)
+                    .into_iter()
+                    .map(|a| (a.step, a.kind)),
+            );
+        }
+        // max/mean = 8 / 4 = 2 (no imbalance alert); expert 2 dead from step 1.
+        assert_eq!(fired, vec![(3, "dead_expert")]);
+    }
+}

@@ -1,0 +1,597 @@
+//! The training loop, top to bottom:
+//!
+//! config → run directory → tokenizer, model, optimizer (fresh, from
+//! `init_from`, or from the last checkpoint) → for each step: micro-batches
+//! (forward, loss, backward, accumulate) → global grad norm → one batched
+//! host read → non-finite check → AdamW update → aux-free bias update →
+//! evaluation → TensorBoard / JSONL / console / alerts → checkpoint.
+
+pub mod eval;
+pub mod optim;
+pub mod step;
+
+use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
+use crate::config::{NonFinitePolicy, RunConfig};
+use crate::data::stream::{DataStream, Split, StreamOptions};
+use crate::data::tokenizer;
+use crate::metrics::console::{format_secs, Progress};
+use crate::metrics::tensorboard::{EventWriter, ProtoKind, ProtoValue};
+use crate::metrics::{CollapseMonitor, JsonlWriter, LayerReport, StepReport};
+use crate::model::LanguageModel;
+use crate::moe::Phase;
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::Transaction;
+use optim::{clip_scale, grad_sq_norm, learning_rate, AdamW};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use step::BatchTensors;
+
+/// How `switchyard train` was invoked.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The TOML config.
+    pub config: PathBuf,
+    /// `--set key=value` overrides.
+    pub overrides: Vec<String>,
+    /// Run name; default: the config file's stem (with a numeric suffix if taken).
+    pub name: Option<String>,
+    /// Continue the named run from its last checkpoint.
+    pub resume: bool,
+    /// `flex`, `wgpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Parent of run directories.
+    pub runs_dir: PathBuf,
+    /// Stop after this many steps in this invocation (with a checkpoint),
+    /// leaving the schedule as if the run continued: for time-sliced jobs.
+    pub stop_after: Option<u64>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Last optimizer step.
+    pub final_step: u64,
+    /// Total loss of every step run by this invocation, in order.
+    pub losses: Vec<f64>,
+    /// Last validation loss.
+    pub eval_loss: Option<f64>,
+}
+
+/// The backend device named by `spec`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, i)) => (
+            k,
+            Some(
+                i.parse::<usize>()
+                    .with_context(|| format!("bad device index in `{spec}`"))?,
+            ),
+        ),
+        None => (spec, None),
+    };
+    match kind {
+        "flex" | "cpu" => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(Default::default())),
+        "cuda" | "wgpu" => bail!("--device {kind}: this build has no `{kind}` support; rebuild with `cargo build --release --features {kind}`"),
+        other => {
+            let _ = index;
+            bail!("unknown device `{other}` (allowed: flex, wgpu, cuda, cuda:N)")
+        }
+    }
+}
+
+/// Derive the per-step RNG seed, so a resumed run draws the same noise.
+fn step_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    let mut x = crate::data::stream::SplitMix64(
+        seed ^ step.wrapping_mul(0x9e37_79b9) ^ (micro as u64) << 48,
+    );
+    x.next_u64()
+}
+
+fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
+    let stem = opts
+        .config
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("run")
+        .to_string();
+    if let Some(name) = &opts.name {
+        let dir = opts.runs_dir.join(name);
+        if !opts.resume && !checkpoint::list(&dir)?.is_empty() {
+            bail!(
+                "{} already holds a run: pass --resume to continue it, or --name to start another",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
+    if opts.resume {
+        return Ok(opts.runs_dir.join(stem));
+    }
+    let mut dir = opts.runs_dir.join(&stem);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = opts.runs_dir.join(format!("{stem}-{n}"));
+    }
+    Ok(dir)
+}
+
+/// Flatten the config's scalar values into HParams entries.
+fn hparams(cfg: &RunConfig) -> BTreeMap<String, ProtoValue> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, ProtoValue>) {
+        let kind = match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+                return;
+            }
+            toml::Value::Integer(i) => ProtoKind::Number(*i as f64),
+            toml::Value::Float(f) => ProtoKind::Number(*f),
+            toml::Value::Boolean(b) => ProtoKind::Bool(*b),
+            toml::Value::String(s) => ProtoKind::Text(s.clone()),
+            other => ProtoKind::Text(other.to_string()),
+        };
+        out.insert(prefix.to_string(), ProtoValue { kind: Some(kind) });
+    }
+    let mut out = BTreeMap::new();
+    walk(
+        "",
+        &toml::Value::try_from(cfg).expect("config serialises"),
+        &mut out,
+    );
+    out
+}
+
+/// Starting weights from `train.init_from`: the source's architecture replaces
+/// the config's, and its tokenizer (if it ships one) replaces `data.tokenizer`.
+fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Result<LanguageModel> {
+    let (model, tok) = checkpoint::load_any(src, device)
+        .with_context(|| format!("train.init_from = {}", src.display()))?;
+    let before = cfg.clone();
+    cfg.model = model.config().clone();
+    let m = model.moe_config();
+    cfg.moe.num_experts = m.num_experts;
+    cfg.moe.d_expert = m.d_expert;
+    cfg.moe.every_n_layers = m.every_n_layers;
+    cfg.moe.first_k_dense = m.first_k_dense;
+    cfg.moe.layers = m.layers.clone();
+    cfg.moe.num_shared_experts = m.num_shared_experts;
+    cfg.moe.d_shared_expert = m.d_shared_expert;
+    cfg.moe.shared_expert_gate = m.shared_expert_gate;
+    cfg.moe.aux_free_bias = m.aux_free_bias;
+    let diff = before.architecture_diff(cfg);
+    if !diff.is_empty() {
+        println!(
+            "init_from {}: architecture taken from the source:\n  {}",
+            src.display(),
+            diff.join("\n  ")
+        );
+    }
+    if let Some(tok) = tok {
+        cfg.data.tokenizer = tok.to_string_lossy().into_owned();
+    }
+    cfg.validate()?;
+    // Rebuild with this config (routing knobs from the run, weights from the source).
+    let fresh = LanguageModel::new(&cfg.model, &cfg.moe, device);
+    crate::params::load(fresh, &crate::params::collect(&model))
+}
+
+/// Run (or resume) training.
+pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
+    let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
+    let run_dir = pick_run_dir(opts)?;
+    let base_device = parse_device(&opts.device)?;
+    let device = base_device.clone().autodiff();
+
+    // Resume state, if any.
+    let resume = if opts.resume {
+        let Some((_, dir)) = checkpoint::list(&run_dir)?.pop() else {
+            bail!(
+                "--resume: {} has no complete checkpoint to resume from",
+                run_dir.display()
+            );
+        };
+        let removed = checkpoint::clean_interrupted(&run_dir)?;
+        if removed > 0 {
+            println!("removed {removed} unfinished checkpoint write(s)");
+        }
+        let saved = checkpoint::read_config(&dir)?;
+        let diff = saved.architecture_diff(&cfg);
+        if !diff.is_empty() && cfg.train.init_from.is_none() {
+            bail!(
+                "cannot resume {}: architecture keys differ from the checkpoint:\n  {}",
+                run_dir.display(),
+                diff.join("\n  ")
+            );
+        }
+        // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
+        cfg.model = saved.model.clone();
+        cfg.data.tokenizer = saved.data.tokenizer.clone();
+        Some(dir)
+    } else {
+        None
+    };
+
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    device.seed(cfg.train.seed);
+    let mut model = match (&resume, cfg.train.init_from.clone()) {
+        // Architecture from the checkpoint, routing knobs from this invocation.
+        (Some(dir), _) => {
+            checkpoint::load_weights(dir, LanguageModel::new(&cfg.model, &cfg.moe, &device))?
+        }
+        (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
+        (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, &device),
+    };
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
+
+    let tok_path = PathBuf::from(&cfg.data.tokenizer);
+    let tok = Arc::new(tokenizer::load(&tok_path)?);
+    let vocab = tok.get_vocab_size(true);
+    if vocab > cfg.model.vocab_size {
+        bail!(
+            "the tokenizer {} has {vocab} tokens but model.vocab_size is {}: raise model.vocab_size",
+            tok_path.display(),
+            cfg.model.vocab_size
+        );
+    }
+
+    let (mut state, mut adam) = match &resume {
+        Some(dir) => {
+            let (state, tensors) = checkpoint::read_state(dir)?;
+            let mut adam = AdamW {
+                t: state.adam_t,
+                ..AdamW::default()
+            };
+            for (name, data) in tensors {
+                let n = data.num_elements();
+                let t = Tensor::<1>::from_data(
+                    TensorData::new(
+                        data.try_to_vec::<f32>()
+                            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?,
+                        [n],
+                    ),
+                    &base_device,
+                );
+                if let Some(p) = name.strip_prefix("m.") {
+                    adam.m.insert(p.to_string(), t);
+                } else if let Some(p) = name.strip_prefix("v.") {
+                    adam.v.insert(p.to_string(), t);
+                }
+            }
+            (state, adam)
+        }
+        None => (
+            TrainState {
+                step: 0,
+                adam_t: 0,
+                cursor: crate::data::stream::Cursor {
+                    seq_len: cfg.model.seq_len,
+                    split: Split::Train,
+                    sources: Vec::new(),
+                    active: None,
+                    window: Vec::new(),
+                    shuffle: Vec::new(),
+                    rng: crate::data::stream::SplitMix64(cfg.train.seed),
+                    batches: 0,
+                },
+                monitor: CollapseMonitor::default(),
+                bad_steps: 0,
+                consecutive_bad: 0,
+                tokens_seen: 0,
+            },
+            AdamW::default(),
+        ),
+    };
+    let stream_opts = |split| StreamOptions {
+        seq_len: cfg.model.seq_len,
+        batch_size: cfg.train.batch_size,
+        split,
+        seed: cfg.train.seed,
+    };
+    let mut train_stream = DataStream::open(
+        &cfg.data,
+        tok.clone(),
+        stream_opts(Split::Train),
+        resume.as_ref().map(|_| state.cursor.clone()),
+    )?;
+
+    // Sinks. On resume, metrics after the checkpoint are dropped from the JSONL
+    // so the file holds each step once.
+    let jsonl_path = run_dir.join("metrics.jsonl");
+    if resume.is_some() && jsonl_path.exists() {
+        let kept: Vec<String> = std::fs::read_to_string(&jsonl_path)?
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                    .is_some_and(|s| s <= state.step)
+            })
+            .map(String::from)
+            .collect();
+        std::fs::write(
+            &jsonl_path,
+            kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )?;
+    }
+    let mut jsonl = JsonlWriter::open(&jsonl_path)?;
+    let mut tb = EventWriter::create(&run_dir)?;
+    tb.write_hparams(hparams(&cfg), "")?;
+
+    let total_steps = cfg.train.steps;
+    let first = state.step;
+    println!(
+        "run {} | {} parameters | {} MoE layers | steps {}..{} | device {}",
+        run_dir.display(),
+        model.num_params(),
+        model.moe_layers().count(),
+        first + 1,
+        total_steps,
+        opts.device
+    );
+    let mut progress = Progress::new(cfg.log.progress, total_steps, first, cfg.log.print_every);
+    let mut losses = Vec::new();
+    let mut eval_loss = None;
+    let started = Instant::now();
+
+    let stop_at = opts
+        .stop_after
+        .map_or(total_steps, |n| (first + n).min(total_steps));
+    while state.step < stop_at {
+        let step_start = Instant::now();
+        let step = state.step; // 0-based index of this step
+        let lr = learning_rate(&cfg.optim, step, total_steps);
+
+        // Micro-batches: forward, loss, backward, accumulate.
+        let mut acc = GradientsAccumulator::new();
+        let mut terms = Vec::new();
+        let mut stats: Vec<Vec<crate::moe::RoutingStats>> = Vec::new();
+        let mut tokens = 0usize;
+        for micro in 0..cfg.train.grad_accum {
+            let batch = train_stream
+                .next_batch()?
+                .context("the training stream ended")?;
+            tokens += batch.num_tokens();
+            let bt = BatchTensors::new(&batch, &device);
+            device.seed(step_seed(cfg.train.seed, step, micro));
+            let (loss, out) = step::forward(&model, &bt, &cfg, Phase::Train);
+            let grads = loss
+                .total
+                .clone()
+                .div_scalar(cfg.train.grad_accum as f64)
+                .backward();
+            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            stats.push(out.moe.into_iter().map(|a| a.stats).collect());
+            terms.push(loss);
+        }
+        let grads = acc.grads();
+        let sq_norm = grad_sq_norm(&model, &grads, &base_device);
+
+        // The one host read of this step.
+        let mean = |f: fn(&step::LossTerms) -> Tensor<1>| {
+            let n = terms.len() as f64;
+            terms
+                .iter()
+                .map(|t| f(t).inner())
+                .reduce(|a, b| a + b)
+                .unwrap()
+                .div_scalar(n)
+        };
+        let mut tx = Transaction::default()
+            .register(mean(|t| t.total.clone()))
+            .register(mean(|t| t.lm.clone()))
+            .register(mean(|t| t.aux.clone()))
+            .register(mean(|t| t.seq_aux.clone()))
+            .register(mean(|t| t.z.clone()))
+            .register(sq_norm.clone());
+        let n_layers = stats.first().map_or(0, |s| s.len());
+        let mut layer_tpe = Vec::new();
+        for l in 0..n_layers {
+            let sum = |f: fn(&crate::moe::RoutingStats) -> Tensor<1>| {
+                stats
+                    .iter()
+                    .map(|s| f(&s[l]).inner())
+                    .reduce(|a, b| a + b)
+                    .unwrap()
+            };
+            let tpe = sum(|s| s.tokens_per_expert.clone());
+            layer_tpe.push(tpe.clone());
+            tx = tx
+                .register(tpe)
+                .register(sum(|s| s.kept_per_expert.clone()))
+                .register(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64));
+        }
+        let biases: Vec<Option<Tensor<1>>> = model
+            .moe_layers()
+            .map(|m| m.router.expert_bias.as_ref().map(|b| b.val().inner()))
+            .collect();
+        for b in biases.iter().flatten() {
+            tx = tx.register(b.clone());
+        }
+        let data = tx.execute();
+        let scalar = |i: usize| data[i].iter::<f32>().next().unwrap_or(f32::NAN) as f64;
+        let vec = |i: usize| data[i].iter::<f32>().map(|v| v as f64).collect::<Vec<_>>();
+        let (total, grad_norm) = (scalar(0), scalar(5).sqrt());
+        let mut next = 6;
+        let mut layers = Vec::new();
+        for _ in 0..n_layers {
+            layers.push(LayerReport {
+                tokens_per_expert: vec(next),
+                kept_per_expert: vec(next + 1),
+                router_entropy: scalar(next + 2),
+                expert_bias: None,
+            });
+            next += 3;
+        }
+        for (l, b) in biases.iter().enumerate() {
+            if b.is_some() {
+                layers[l].expert_bias = Some(vec(next));
+                next += 1;
+            }
+        }
+
+        // Non-finite values are never silent.
+        let finite = total.is_finite() && grad_norm.is_finite();
+        if finite {
+            state.consecutive_bad = 0;
+            model = adam.step(
+                &cfg.optim,
+                lr,
+                model,
+                grads,
+                clip_scale(sq_norm, cfg.optim.grad_clip),
+            );
+            for (layer, tpe) in model.moe_layers_mut().zip(layer_tpe) {
+                layer.router.update_expert_bias(tpe);
+            }
+        } else {
+            state.bad_steps += 1;
+            state.consecutive_bad += 1;
+            let what = format!(
+                "non-finite loss or gradient norm at step {} (loss {total}, grad norm {grad_norm})",
+                step + 1
+            );
+            match cfg.train.on_nonfinite {
+                NonFinitePolicy::Stop => bail!("{what}; stopping (train.on_nonfinite = \"stop\")"),
+                NonFinitePolicy::Skip if state.consecutive_bad >= cfg.train.max_bad_steps => {
+                    bail!(
+                        "{what}: {} consecutive bad steps (train.max_bad_steps); stopping",
+                        state.consecutive_bad
+                    )
+                }
+                NonFinitePolicy::Skip => {
+                    progress.println(&format!("warning: {what}; update skipped"))
+                }
+            }
+        }
+        state.step += 1;
+        state.adam_t = adam.t;
+        state.tokens_seen += tokens as u64;
+
+        let is_last = state.step == total_steps;
+        let eval_now =
+            cfg.train.eval_every > 0 && (state.step % cfg.train.eval_every == 0 || is_last);
+        let this_eval = if eval_now {
+            let loss = eval::evaluate(
+                &model.valid(),
+                &cfg,
+                tok.clone(),
+                &base_device,
+                cfg.train.eval_batches,
+            )?;
+            eval_loss = Some(loss);
+            Some(loss)
+        } else {
+            None
+        };
+
+        let report = StepReport {
+            step: state.step,
+            loss_total: total,
+            loss_lm: scalar(1),
+            loss_aux: scalar(2),
+            loss_seq_aux: scalar(3),
+            loss_z: scalar(4),
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64(),
+            skipped: !finite,
+            layers,
+            eval_loss: this_eval,
+        };
+        losses.push(total);
+        tb.write_summary(state.step as i64, report.summary_values(&cfg.log))?;
+        jsonl.write(&report.json(&cfg.log))?;
+        for alert in state.monitor.update(&report, &cfg.log) {
+            progress.println(&format!("alert (step {}): {}", alert.step, alert.message));
+            jsonl.write(&alert.json())?;
+        }
+        if let Some(l) = this_eval {
+            progress.println(&format!(
+                "step {} | eval loss {l:.4} | ppl {:.2}",
+                state.step,
+                l.exp()
+            ));
+        }
+        progress.step(&report);
+
+        let ckpt_now = is_last
+            || state.step == stop_at
+            || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
+        if ckpt_now {
+            jsonl.flush()?;
+            tb.flush()?;
+            state.cursor = train_stream.cursor();
+            let mut optimizer = BTreeMap::new();
+            for (k, v) in adam.m.iter() {
+                optimizer.insert(format!("m.{k}"), v.clone().into_data());
+            }
+            for (k, v) in adam.v.iter() {
+                optimizer.insert(format!("v.{k}"), v.clone().into_data());
+            }
+            checkpoint::save(
+                &run_dir,
+                &Checkpoint {
+                    model: crate::params::collect(&model),
+                    optimizer,
+                    state: state.clone(),
+                    config: cfg.clone(),
+                    tokenizer: Some(tok_path.clone()),
+                },
+                &SaveOptions {
+                    keep: cfg.train.keep_checkpoints,
+                    fail_after_files: None,
+                },
+            )?;
+        }
+    }
+    progress.finish();
+    jsonl.flush()?;
+    if state.step == total_steps {
+        tb.write_hparams_end(true)?;
+    }
+    let skipped = train_stream.bad_records_skipped();
+    println!(
+        "done: {} steps in {} | final loss {:.4}{}{}{}",
+        state.step - first,
+        format_secs(started.elapsed().as_secs_f64()),
+        losses.last().copied().unwrap_or(f64::NAN),
+        eval_loss
+            .map(|l| format!(" | eval loss {l:.4} (ppl {:.2})", l.exp()))
+            .unwrap_or_default(),
+        if state.bad_steps > 0 {
+            format!(" | {} non-finite steps skipped", state.bad_steps)
+        } else {
+            String::new()
+        },
+        if skipped > 0 {
+            format!(" | {skipped} bad corpus records skipped")
+        } else {
+            String::new()
+        },
+    );
+    println!("logs: tensorboard --logdir {}", opts.runs_dir.display());
+    Ok(RunOutcome {
+        run_dir,
+        final_step: state.step,
+        losses,
+        eval_loss,
+    })
+}

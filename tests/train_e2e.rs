@@ -1,0 +1,533 @@
+//! `switchyard train` end to end on a tiny model: the loss falls, TensorBoard
+//! and JSONL logs agree, resume is bit-identical, interrupted checkpoint
+//! writes are harmless, export/import round-trips, and bad input is refused.
+
+use burn::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use switchyard::checkpoint;
+use switchyard::config::RunConfig;
+use switchyard::export::{export, ExportDtype, ExportFormat};
+use switchyard::hf::{self, HfArch};
+use switchyard::metrics::tensorboard::{event_files, read_events, EventWhat, ValueKind};
+use switchyard::model::LanguageModel;
+use switchyard::moe::Phase;
+use switchyard::train::{run, RunOptions, RunOutcome};
+
+/// Training draws from the backend's process-wide RNG: one run at a time.
+static RNG: Mutex<()> = Mutex::new(());
+fn lock() -> MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const TINY: &str = r#"
+[model]
+vocab_size = 4096
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+d_ff = 64
+seq_len = 32
+
+[moe]
+num_experts = 4
+top_k = 2
+d_expert = 32
+capacity_factor = 1.0
+logit_noise_std = 0.1
+jitter_eps = 0.01
+expert_dropout = 0.1
+aux_free_bias = true
+
+[data]
+tokenizer = "data/tokenizer.json"
+shuffle_buffer = 16
+[[data.sources]]
+paths = ["data/shakespeare/shakespeare_complete_works.txt"]
+blank_lines = 2
+
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+warmup_steps = 2
+
+[train]
+batch_size = 4
+eval_batches = 2
+
+[log]
+progress = "lines"
+"#;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("cfg.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn options(dir: &Path, cfg: &Path, name: &str, set: &[&str]) -> RunOptions {
+    RunOptions {
+        config: cfg.to_path_buf(),
+        overrides: set.iter().map(|s| s.to_string()).collect(),
+        name: Some(name.into()),
+        resume: false,
+        device: "flex".into(),
+        runs_dir: dir.join("runs"),
+        stop_after: None,
+    }
+}
+
+fn train(opts: &RunOptions) -> RunOutcome {
+    run(opts).unwrap()
+}
+
+#[test]
+fn trains_and_logs_every_step() {
+    let _g = lock();
+    let dir = scratch("logs");
+    let cfg = write_config(&dir, TINY);
+    let set = [
+        "train.steps=30",
+        "train.eval_every=10",
+        "train.checkpoint_every=10",
+        "train.keep_checkpoints=2",
+    ];
+    let out = train(&options(&dir, &cfg, "r", &set));
+    assert_eq!(out.final_step, 30);
+
+    // The loss falls from about ln(4096) = 8.3.
+    let first: f64 = out.losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = out.losses[25..].iter().sum::<f64>() / 5.0;
+    assert!(first > 7.5, "initial loss {first}");
+    assert!(last < first - 1.0, "loss did not fall: {first} -> {last}");
+    assert!(out.eval_loss.unwrap() < first - 1.0);
+
+    // Layout of the run directory; only the last two checkpoints are kept.
+    let run_dir = &out.run_dir;
+    assert!(run_dir.join("config.toml").exists());
+    let kept: Vec<u64> = checkpoint::list(run_dir)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, vec![20, 30]);
+    let saved = RunConfig::load(&run_dir.join("config.toml"), &[]).unwrap();
+    assert_eq!(saved.train.steps, 30);
+
+    // metrics.jsonl: one object per step.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("alert").is_none())
+        .collect();
+    assert_eq!(lines.len(), 30);
+
+    // The event file parses back, with every tag at every step.
+    let files = event_files(run_dir).unwrap();
+    assert_eq!(files.len(), 1);
+    let events = read_events(&files[0]).unwrap();
+    let mut by_step: BTreeMap<i64, BTreeMap<String, ValueKind>> = BTreeMap::new();
+    let mut hparams = false;
+    for e in &events {
+        if let Some(EventWhat::Summary(s)) = &e.what {
+            for v in &s.value {
+                match &v.value {
+                    Some(kind) => {
+                        by_step
+                            .entry(e.step)
+                            .or_default()
+                            .insert(v.tag.clone(), kind.clone());
+                    }
+                    None => hparams |= v.tag == "_hparams_/session_start_info",
+                }
+            }
+        }
+    }
+    assert!(hparams, "no HParams session summary");
+    assert_eq!(
+        by_step.keys().copied().collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    let mut required: Vec<String> = [
+        "loss/total",
+        "loss/lm",
+        "loss/aux",
+        "loss/z",
+        "lr",
+        "grad_norm",
+        "throughput/tokens_per_s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..2 {
+        for e in 0..4 {
+            required.push(format!("moe/layer{i}/expert{e}/token_share"));
+            required.push(format!("moe/layer{i}/expert{e}/bias"));
+        }
+        for t in [
+            "drop_rate",
+            "max_over_mean_load",
+            "router_entropy",
+            "dead_experts",
+            "tokens_per_expert",
+        ] {
+            required.push(format!("moe/layer{i}/{t}"));
+        }
+    }
+    let tokens_k = 4.0 * 32.0 * 2.0; // batch × seq_len × k
+    for (step, tags) in &by_step {
+        for t in &required {
+            assert!(tags.contains_key(t), "step {step}: no `{t}`");
+        }
+        assert_eq!(
+            tags.contains_key("eval/loss"),
+            step % 10 == 0,
+            "step {step}"
+        );
+        assert_eq!(tags.contains_key("eval/ppl"), step % 10 == 0, "step {step}");
+        let json = &lines[(*step - 1) as usize];
+        assert_eq!(json["step"], serde_json::json!(step));
+        // metrics.jsonl holds the same numbers as the event file.
+        for (tag, kind) in tags {
+            if let ValueKind::SimpleValue(v) = kind {
+                let j = json[tag]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("step {step}: `{tag}` missing in metrics.jsonl"));
+                assert_eq!(j as f32, *v, "step {step}: `{tag}`");
+            }
+        }
+        // Histogram buckets: tokens processed per expert, which add up to
+        // tokens × k minus the dropped assignments.
+        for i in 0..2 {
+            let Some(ValueKind::Histo(h)) = tags.get(&format!("moe/layer{i}/tokens_per_expert"))
+            else {
+                panic!("step {step}: layer {i} histogram")
+            };
+            assert_eq!(h.bucket.len(), 4);
+            let routed: f64 = json[format!("moe/layer{i}/tokens_per_expert")]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .sum();
+            assert_eq!(
+                routed, tokens_k,
+                "step {step}: every token routes to k experts"
+            );
+            let drop_rate = json[format!("moe/layer{i}/drop_rate")].as_f64().unwrap();
+            let dropped = (drop_rate * tokens_k).round();
+            assert_eq!(
+                h.bucket.iter().sum::<f64>(),
+                tokens_k - dropped,
+                "step {step} layer {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let _g = lock();
+    let dir = scratch("resume");
+    let cfg = write_config(&dir, TINY);
+    let set = [
+        "train.steps=12",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+    ];
+    let straight = train(&options(&dir, &cfg, "straight", &set));
+
+    let mut first = options(&dir, &cfg, "split", &set);
+    first.stop_after = Some(6);
+    let a = train(&first);
+    assert_eq!(a.final_step, 6);
+    let mut second = options(&dir, &cfg, "split", &set);
+    second.resume = true;
+    let b = train(&second);
+    assert_eq!(b.final_step, 12);
+    let joined: Vec<f64> = a.losses.iter().chain(&b.losses).copied().collect();
+    assert_eq!(joined, straight.losses, "resumed run diverged");
+
+    // The JSONL of the resumed run holds each step once.
+    let steps: Vec<u64> = std::fs::read_to_string(b.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("loss/total")
+                .and(Some(l.to_string()))
+        })
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(&l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+
+    // Changing an architecture key is refused, naming the key.
+    let mut changed = options(&dir, &cfg, "split", &["train.steps=14", "model.d_model=48"]);
+    changed.resume = true;
+    let err = run(&changed).unwrap_err().to_string();
+    assert!(err.contains("model.d_model: 32 -> 48"), "{err}");
+}
+
+#[test]
+fn interrupted_checkpoint_write_leaves_the_previous_one() {
+    let _g = lock();
+    let dir = scratch("crash");
+    let cfg = write_config(&dir, TINY);
+    let set = ["train.steps=6", "train.eval_every=0"];
+    let mut first = options(&dir, &cfg, "c", &set);
+    first.stop_after = Some(4);
+    let out = train(&first);
+    let ckpt = checkpoint::list(&out.run_dir).unwrap().pop().unwrap().1;
+    let (cfg_saved, model) = checkpoint::load_model(&ckpt, &Device::flex()).unwrap();
+    let (state, optimizer) = checkpoint::read_state(&ckpt).unwrap();
+
+    // A write of step 5 dies after two of its files.
+    let mut state5 = state.clone();
+    state5.step = 5;
+    let crash = checkpoint::save(
+        &out.run_dir,
+        &checkpoint::Checkpoint {
+            model: switchyard::params::collect(&model),
+            optimizer,
+            state: state5,
+            config: cfg_saved,
+            tokenizer: None,
+        },
+        &checkpoint::SaveOptions {
+            keep: 3,
+            fail_after_files: Some(2),
+        },
+    );
+    assert!(crash.is_err());
+    let leftovers: Vec<_> = std::fs::read_dir(out.run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leftovers.iter().any(|n| n.starts_with(".tmp-step-0000005")),
+        "{leftovers:?}"
+    );
+
+    // The last complete checkpoint is still the one found and it loads.
+    assert_eq!(
+        checkpoint::locate(&out.run_dir).unwrap(),
+        checkpoint::Location::Switchyard(ckpt.clone())
+    );
+    checkpoint::load_model(&ckpt, &Device::flex()).unwrap();
+
+    // Resuming continues from step 4 and clears the debris.
+    let mut again = options(&dir, &cfg, "c", &set);
+    again.resume = true;
+    let resumed = train(&again);
+    assert_eq!((resumed.losses.len(), resumed.final_step), (2, 6));
+    let names: BTreeSet<String> = std::fs::read_dir(out.run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+}
+
+fn logits(model: &LanguageModel, ids: &[i64]) -> Vec<f32> {
+    let t = Tensor::<2, Int>::from_data(
+        TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Device::flex(),
+    );
+    model
+        .forward(t, None, Phase::Eval)
+        .logits
+        .into_data()
+        .try_to_vec()
+        .unwrap()
+}
+
+fn round_trip(text: &str, want: HfArch) {
+    let cfg = RunConfig::from_toml_str(text, &[]).unwrap();
+    let device = Device::flex();
+    let model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+    let out = scratch(&format!("export-{want:?}"));
+    let arch = export(
+        &model,
+        Some(Path::new("data/tokenizer.json")),
+        &out,
+        ExportFormat::Auto,
+        ExportDtype::F32,
+    )
+    .unwrap();
+    assert_eq!(arch, want);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let (arch2, back) = hf::load(&out, &device).unwrap();
+    assert_eq!(arch2, want);
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 % 4096) as i64).collect();
+    let (a, b) = (logits(&model, &ids), logits(&back, &ids));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff < 1e-5,
+        "{want:?}: logits differ by {diff} after export and import"
+    );
+}
+
+#[test]
+fn export_then_import_gives_identical_logits() {
+    let _g = lock();
+    // Mixtral-shaped: every block MoE, no shared experts, no biases.
+    round_trip(
+        "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nseq_len = 32\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\ndrop_policy = \"dropless\"\n",
+        HfArch::Mixtral,
+    );
+    // Needs Qwen2-MoE: a dense first block, an ungated shared expert, no q/k/v biases.
+    round_trip(
+        "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nn_kv_heads = 1\nd_ff = 48\nseq_len = 32\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\nfirst_k_dense = 1\nnum_shared_experts = 2\nd_shared_expert = 8\ndrop_policy = \"dropless\"\n",
+        HfArch::Qwen2Moe,
+    );
+    // Top-k-then-softmax, no shared experts, q/k/v biases.
+    round_trip(
+        "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 2\nseq_len = 32\nqkv_bias = true\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\ntopk_order = \"topk_then_softmax\"\ndrop_policy = \"dropless\"\n",
+        HfArch::Qwen2Moe,
+    );
+    // Sigmoid scores and the aux-free bias cannot be expressed: refused with the reason.
+    for (extra, why) in [
+        ("score = \"sigmoid\"", "sigmoid"),
+        ("aux_free_bias = true", "aux_free_bias"),
+    ] {
+        let cfg = RunConfig::from_toml_str(&format!("[model]\nd_model = 32\nn_heads = 2\nn_kv_heads = 1\n[moe]\nnum_experts = 4\n{extra}\n"), &[]).unwrap();
+        let model = LanguageModel::new(&cfg.model, &cfg.moe, &Device::flex());
+        let err = export(
+            &model,
+            None,
+            &scratch("refuse"),
+            ExportFormat::Auto,
+            ExportDtype::F32,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}
+
+#[test]
+fn inspect_on_hf_fixtures_gives_their_logits() {
+    for name in ["hf-mixtral-tiny", "hf-qwen2moe-tiny"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let device = Device::flex();
+        let (model, _) = checkpoint::load_any(&dir, &device).unwrap();
+        let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+        let ids: Vec<i64> = expected["input_ids"].try_to_vec().unwrap();
+        let row: Vec<u32> = ids[..16].iter().map(|&i| i as u32).collect();
+        let trace = switchyard::inspect::trace(&model, &row, &device).unwrap();
+        let out = scratch(name).join("trace.safetensors");
+        trace.save(&out).unwrap();
+        let back = hf::read_safetensors(&out).unwrap();
+        let got: Vec<f32> = back["logits"].try_to_vec().unwrap();
+        let want: Vec<f32> = expected["logits"].try_to_vec().unwrap();
+        assert_eq!(back["logits"].shape().to_vec(), vec![16, 256]);
+        let diff = got
+            .iter()
+            .zip(&want[..16 * 256])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-4, "{name}: inspect logits differ by {diff}");
+        for i in 0..2 {
+            let rl: Vec<f32> = back[&format!("router_logits.{i}")].try_to_vec().unwrap();
+            let want: Vec<f32> = expected[&format!("router_logits.{i}")]
+                .try_to_vec()
+                .unwrap();
+            let d = rl
+                .iter()
+                .zip(&want[..rl.len()])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-4, "{name}: router logits {i} differ by {d}");
+            assert_eq!(
+                back[&format!("topk_experts.{i}")].shape().to_vec(),
+                vec![16, 2]
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_runs_are_refused_with_the_reason() {
+    let _g = lock();
+    let dir = scratch("bad");
+    let cfg = write_config(&dir, TINY);
+    let err = |set: &[&str]| run(&options(&dir, &cfg, "b", set)).unwrap_err().to_string();
+
+    let e = err(&["model.vocab_size=100", "train.steps=1"]);
+    assert!(e.contains("model.vocab_size") && e.contains("4096"), "{e}");
+    let e = err(&["moe.nope=1"]);
+    assert!(e.contains("nope") && e.contains("capacity_factor"), "{e}");
+    let e = err(&["train.steps=abc"]);
+    assert!(e.contains("train.steps"), "{e}");
+    let e = err(&["data.val_fraction=1.5"]);
+    assert!(e.contains("data.val_fraction"), "{e}");
+
+    let mut opts = options(&dir, &cfg, "b", &["train.steps=1"]);
+    opts.device = "tpu".into();
+    let e = run(&opts).unwrap_err().to_string();
+    assert!(e.contains("tpu") && e.contains("flex"), "{e}");
+    let mut opts = options(&dir, &cfg, "never-ran", &[]);
+    opts.resume = true;
+    let e = run(&opts).unwrap_err().to_string();
+    assert!(e.contains("no complete checkpoint"), "{e}");
+
+    // An existing run is not overwritten.
+    train(&options(
+        &dir,
+        &cfg,
+        "taken",
+        &["train.steps=1", "train.eval_every=0"],
+    ));
+    let e = run(&options(&dir, &cfg, "taken", &["train.steps=1"]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+
+    // Non-finite losses: stop names the step; skip gives up after max_bad_steps.
+    // A learning rate of 1e30 sends the weights to infinity after the first update.
+    let blowup = [
+        "optim.lr=1e30",
+        "optim.min_lr=1e30",
+        "optim.warmup_steps=0",
+        "train.steps=10",
+        "train.eval_every=0",
+    ];
+    let e = err(&[&blowup[..], &["train.on_nonfinite=stop"]].concat());
+    assert!(e.contains("non-finite") && e.contains("at step 2"), "{e}");
+    let mut o = options(
+        &dir,
+        &cfg,
+        "skip",
+        &[&blowup[..], &["train.max_bad_steps=3"]].concat(),
+    );
+    o.name = Some("skip".into());
+    let e = run(&o).unwrap_err().to_string();
+    assert!(e.contains("3 consecutive"), "{e}");
+}
