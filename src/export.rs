@@ -14,7 +14,7 @@
 //! either family, so such models are refused with the reason.
 
 use crate::config::{ModelConfig, MoeConfig, RouterScore, TopkOrder};
-use crate::hf::{key_table, HfArch};
+use crate::hf::{key_table, transpose_matrix as transpose, HfArch};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -228,17 +228,6 @@ fn config_json(
         }
     }
     c
-}
-
-/// Transpose a host-side `[r, c]` f32 matrix.
-fn transpose(v: &[f32], r: usize, c: usize) -> Vec<f32> {
-    let mut out = vec![0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = v[i * c + j];
-        }
-    }
-    out
 }
 
 /// Write `model` to `out` as a Hugging Face directory; returns the family used.

@@ -375,7 +375,18 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorData>> {
     Ok(out)
 }
 
-/// Transpose a host-side `[r, c]` f32 matrix.
+/// Transpose a row-major `[r, c]` matrix into `[c, r]`.
+pub fn transpose_matrix(v: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = v[i * c + j];
+        }
+    }
+    out
+}
+
+/// Transpose a host-side `[r, c]` f32 tensor.
 fn transpose(data: &TensorData) -> Result<(Vec<f32>, [usize; 2])> {
     let shape = data.shape().to_vec();
     let [r, c] = shape[..] else {
@@ -384,13 +395,7 @@ fn transpose(data: &TensorData) -> Result<(Vec<f32>, [usize; 2])> {
     let v = data
         .as_slice::<f32>()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut out = vec![0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = v[i * c + j];
-        }
-    }
-    Ok((out, [c, r]))
+    Ok((transpose_matrix(v, r, c), [c, r]))
 }
 
 /// Apply the key table to Hugging Face tensors, giving switchyard parameters.

@@ -19,11 +19,23 @@ fn every_config_file_loads_and_validates() {
         }
         let cfg = RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // The resolved form round-trips.
-        assert_eq!(RunConfig::from_toml_str(&cfg.to_toml(), &[]).unwrap(), cfg, "{}", path.display());
+        assert_eq!(
+            RunConfig::from_toml_str(&cfg.to_toml(), &[]).unwrap(),
+            cfg,
+            "{}",
+            path.display()
+        );
         seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
     }
     seen.sort();
-    for want in ["tiny.toml", "small.toml", "dense-baseline.toml", "continue-domain.toml", "mixtral-shaped.toml", "qwen2moe-shaped.toml"] {
+    for want in [
+        "tiny.toml",
+        "small.toml",
+        "dense-baseline.toml",
+        "continue-domain.toml",
+        "mixtral-shaped.toml",
+        "qwen2moe-shaped.toml",
+    ] {
         assert!(seen.iter().any(|s| s == want), "configs/{want} is missing");
     }
 }

@@ -2,7 +2,7 @@
 //! tokenizers, mixing, the split, exact cursor resume and every bad-input case.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use switchyard::data::sources::{resolve_files, resolve_hf_dataset, DocPos, DocReader};
 use switchyard::data::stream::{Batch, Cursor, DataStream, Split, StreamOptions};

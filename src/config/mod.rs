@@ -175,14 +175,16 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError
         node = match entry {
             toml::Value::Table(t) => t,
             toml::Value::Array(items) => {
-                let idx: usize = parts.get(i + 1).and_then(|s| s.parse().ok()).ok_or_else(
-                    || {
-                        err(
+                let idx: usize =
+                    parts
+                        .get(i + 1)
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| {
+                            err(
                             &here,
                             "is a list: address an element by index, e.g. data.sources.0.weight",
                         )
-                    },
-                )?;
+                        })?;
                 let len = items.len();
                 let item = items.get_mut(idx).ok_or_else(|| {
                     err(

@@ -8,9 +8,11 @@
 //!   `seq_len + 1` windows, a seeded shuffle buffer, train/validation split by
 //!   document hash, and an exact resume cursor.
 
+pub mod files;
 pub mod sources;
 pub mod stream;
 pub mod tokenizer;
+mod workers;
 
 use crate::config::ConfigError;
 use serde::{Deserialize, Serialize};

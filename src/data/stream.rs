@@ -18,14 +18,14 @@
 //! used), the partial window, the shuffle buffer and the RNG, so a stream
 //! reopened from it yields exactly the batches an uninterrupted one would.
 
-use super::sources::{resolve_files, DocPos, DocReader, Format};
-use super::{tokenizer, DataConfig, OnBadRecord};
-use anyhow::{anyhow, bail, Context, Result};
+use super::sources::{resolve_files, DocPos};
+use super::workers::{reader_thread, Msg, TokDoc};
+use super::{tokenizer, DataConfig};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
@@ -163,18 +163,6 @@ pub struct StreamOptions {
     pub seed: u64,
 }
 
-struct TokDoc {
-    tokens: Vec<u32>,
-    pos: DocPos,
-    next: DocPos,
-}
-
-enum Msg {
-    Docs(Vec<TokDoc>, u64),
-    End(u64),
-    Failed(anyhow::Error),
-}
-
 struct Source {
     rx: Option<Receiver<Msg>>,
     handle: Option<JoinHandle<()>>,
@@ -206,93 +194,6 @@ pub struct DataStream {
     drained: bool,
     rng: SplitMix64,
     batches: u64,
-}
-
-/// Read documents of one source, keep those of the split, tokenize them on
-/// the pool and send them on, in order.
-#[allow(clippy::too_many_arguments)]
-fn reader_thread(
-    index: usize,
-    files: Arc<Vec<(PathBuf, Format)>>,
-    start: DocPos,
-    split: Split,
-    val_fraction: f64,
-    on_bad: OnBadRecord,
-    tok: Arc<Tokenizer>,
-    eos: u32,
-    pool: Arc<rayon::ThreadPool>,
-    tx: SyncSender<Msg>,
-    stop: Arc<AtomicBool>,
-) {
-    let repeat = split == Split::Train;
-    let mut reader = DocReader::new(files, start, repeat, on_bad);
-    // Start of the current run of documents outside the split: a full lap
-    // around the corpus without one inside it means the split is empty.
-    let mut miss_since: Option<DocPos> = None;
-    let lapped = |since: &DocPos, now: &DocPos| {
-        now.epoch > since.epoch && (now.file, now.offset) >= (since.file, since.offset)
-    };
-    loop {
-        let (mut texts, mut spans, mut bytes, mut ended) = (Vec::new(), Vec::new(), 0, false);
-        while texts.len() < 64 && bytes < (1 << 20) {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            match reader.next_doc() {
-                Ok(Some(doc)) => {
-                    if is_validation(&doc.text, val_fraction) == (split == Split::Validation) {
-                        miss_since = None;
-                        bytes += doc.text.len();
-                        spans.push((doc.pos, doc.next));
-                        texts.push(doc.text);
-                    } else {
-                        let since = *miss_since.get_or_insert(doc.pos);
-                        if repeat && lapped(&since, &doc.pos) {
-                            let _ = tx.send(Msg::Failed(anyhow!(
-                                "data source {index} has no documents in the {split:?} split \
-                                 (corpus too small for data.val_fraction = {val_fraction}?)"
-                            )));
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => {
-                    ended = true;
-                    break;
-                }
-                Err(e) => {
-                    let _ = tx.send(Msg::Failed(e));
-                    return;
-                }
-            }
-        }
-        if !texts.is_empty() {
-            let encoded = pool.install(|| tok.encode_batch_fast(texts, false));
-            let docs = match encoded {
-                Ok(encs) => encs
-                    .into_iter()
-                    .zip(spans)
-                    .map(|(enc, (pos, next))| {
-                        let mut tokens = Vec::with_capacity(enc.len() + 1);
-                        tokens.extend_from_slice(enc.get_ids());
-                        tokens.push(eos);
-                        TokDoc { tokens, pos, next }
-                    })
-                    .collect(),
-                Err(e) => {
-                    let _ = tx.send(Msg::Failed(anyhow!("tokenizing: {e}")));
-                    return;
-                }
-            };
-            if tx.send(Msg::Docs(docs, reader.skipped())).is_err() {
-                return;
-            }
-        }
-        if ended {
-            let _ = tx.send(Msg::End(reader.skipped()));
-            return;
-        }
-    }
 }
 
 impl DataStream {

@@ -8,14 +8,18 @@
 
 pub mod eval;
 pub mod optim;
+mod setup;
 pub mod step;
+
+pub use setup::parse_device;
+use setup::{hparams, init_from, pick_run_dir, step_seed};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
 use crate::data::stream::{DataStream, Split, StreamOptions};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
-use crate::metrics::tensorboard::{EventWriter, ProtoKind, ProtoValue};
+use crate::metrics::tensorboard::EventWriter;
 use crate::metrics::{CollapseMonitor, JsonlWriter, LayerReport, StepReport};
 use crate::model::LanguageModel;
 use crate::moe::Phase;
@@ -62,135 +66,6 @@ pub struct RunOutcome {
     pub losses: Vec<f64>,
     /// Last validation loss.
     pub eval_loss: Option<f64>,
-}
-
-/// The backend device named by `spec`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let (kind, index) = match spec.split_once(':') {
-        Some((k, i)) => (
-            k,
-            Some(
-                i.parse::<usize>()
-                    .with_context(|| format!("bad device index in `{spec}`"))?,
-            ),
-        ),
-        None => (spec, None),
-    };
-    match kind {
-        "flex" | "cpu" => Ok(Device::flex()),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(Default::default())),
-        "cuda" | "wgpu" => bail!("--device {kind}: this build has no `{kind}` support; rebuild with `cargo build --release --features {kind}`"),
-        other => {
-            let _ = index;
-            bail!("unknown device `{other}` (allowed: flex, wgpu, cuda, cuda:N)")
-        }
-    }
-}
-
-/// Derive the per-step RNG seed, so a resumed run draws the same noise.
-fn step_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    let mut x = crate::data::stream::SplitMix64(
-        seed ^ step.wrapping_mul(0x9e37_79b9) ^ (micro as u64) << 48,
-    );
-    x.next_u64()
-}
-
-fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
-    let stem = opts
-        .config
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("run")
-        .to_string();
-    if let Some(name) = &opts.name {
-        let dir = opts.runs_dir.join(name);
-        if !opts.resume && !checkpoint::list(&dir)?.is_empty() {
-            bail!(
-                "{} already holds a run: pass --resume to continue it, or --name to start another",
-                dir.display()
-            );
-        }
-        return Ok(dir);
-    }
-    if opts.resume {
-        return Ok(opts.runs_dir.join(stem));
-    }
-    let mut dir = opts.runs_dir.join(&stem);
-    let mut n = 1;
-    while dir.exists() {
-        n += 1;
-        dir = opts.runs_dir.join(format!("{stem}-{n}"));
-    }
-    Ok(dir)
-}
-
-/// Flatten the config's scalar values into HParams entries.
-fn hparams(cfg: &RunConfig) -> BTreeMap<String, ProtoValue> {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, ProtoValue>) {
-        let kind = match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&key, v, out);
-                }
-                return;
-            }
-            toml::Value::Integer(i) => ProtoKind::Number(*i as f64),
-            toml::Value::Float(f) => ProtoKind::Number(*f),
-            toml::Value::Boolean(b) => ProtoKind::Bool(*b),
-            toml::Value::String(s) => ProtoKind::Text(s.clone()),
-            other => ProtoKind::Text(other.to_string()),
-        };
-        out.insert(prefix.to_string(), ProtoValue { kind: Some(kind) });
-    }
-    let mut out = BTreeMap::new();
-    walk(
-        "",
-        &toml::Value::try_from(cfg).expect("config serialises"),
-        &mut out,
-    );
-    out
-}
-
-/// Starting weights from `train.init_from`: the source's architecture replaces
-/// the config's, and its tokenizer (if it ships one) replaces `data.tokenizer`.
-fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Result<LanguageModel> {
-    let (model, tok) = checkpoint::load_any(src, device)
-        .with_context(|| format!("train.init_from = {}", src.display()))?;
-    let before = cfg.clone();
-    cfg.model = model.config().clone();
-    let m = model.moe_config();
-    cfg.moe.num_experts = m.num_experts;
-    cfg.moe.d_expert = m.d_expert;
-    cfg.moe.every_n_layers = m.every_n_layers;
-    cfg.moe.first_k_dense = m.first_k_dense;
-    cfg.moe.layers = m.layers.clone();
-    cfg.moe.num_shared_experts = m.num_shared_experts;
-    cfg.moe.d_shared_expert = m.d_shared_expert;
-    cfg.moe.shared_expert_gate = m.shared_expert_gate;
-    cfg.moe.aux_free_bias = m.aux_free_bias;
-    let diff = before.architecture_diff(cfg);
-    if !diff.is_empty() {
-        println!(
-            "init_from {}: architecture taken from the source:\n  {}",
-            src.display(),
-            diff.join("\n  ")
-        );
-    }
-    if let Some(tok) = tok {
-        cfg.data.tokenizer = tok.to_string_lossy().into_owned();
-    }
-    cfg.validate()?;
-    // Rebuild with this config (routing knobs from the run, weights from the source).
-    let fresh = LanguageModel::new(&cfg.model, &cfg.moe, device);
-    crate::params::load(fresh, &crate::params::collect(&model))
 }
 
 /// Run (or resume) training.
