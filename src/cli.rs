@@ -35,6 +35,37 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Report loss and perplexity of a checkpoint on a corpus.
     Eval(EvalArgs),
+    /// Train many configs that differ in a few keys, and compare them.
+    Sweep(SweepArgs),
+}
+
+/// How a sweep searches.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SearchArg {
+    /// Train every point in full.
+    Grid,
+    /// Successive halving: the worse half stops at each budget.
+    Halving,
+}
+
+/// Arguments of `switchyard sweep`.
+#[derive(Args)]
+pub struct SweepArgs {
+    /// The sweep file (base config, [set], [grid] or [[points]]).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Points trained at once; the cores are shared among them.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Skip finished points and resume unfinished ones from their checkpoints.
+    #[arg(long)]
+    pub resume: bool,
+    /// grid (every point in full) or halving (successive halving).
+    #[arg(long, value_enum, default_value_t = SearchArg::Grid)]
+    pub search: SearchArg,
+    /// Directory that holds runs.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
 }
 
 /// Export format.

@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod model;
 pub mod moe;
 pub mod params;
+pub mod sweep;
 pub mod train;

@@ -18,6 +18,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
+        Command::Sweep(args) => sweep(args),
     }
 }
 
@@ -204,6 +205,31 @@ fn eval(args: EvalArgs) -> Result<()> {
         "{}: loss {loss:.4} | perplexity {:.2}",
         dir.display(),
         loss.exp()
+    );
+    Ok(())
+}
+
+fn sweep(args: SweepArgs) -> Result<()> {
+    use switchyard::sweep::run::{run_sweep, Search, SweepOptions};
+    let out = run_sweep(&SweepOptions {
+        file: args.config,
+        jobs: args.jobs,
+        resume: args.resume,
+        search: match args.search {
+            SearchArg::Grid => Search::Grid,
+            SearchArg::Halving => Search::Halving,
+        },
+        exe: std::env::current_exe()?,
+        runs_dir: args.runs_dir,
+        bars: std::io::stdout().is_terminal(),
+    })?;
+    let md = std::fs::read_to_string(out.dir.join("summary.md"))?;
+    println!("{md}");
+    println!(
+        "wrote {}/summary.csv, summary.md and {} plot(s); compare runs with: tensorboard --logdir {}",
+        out.dir.display(),
+        out.plots.len(),
+        out.dir.display()
     );
     Ok(())
 }

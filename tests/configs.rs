@@ -15,6 +15,14 @@ fn every_config_file_loads_and_validates() {
         let text = std::fs::read_to_string(&path).unwrap();
         // Sweep files have their own format: they name a base run config.
         if text.lines().any(|l| l.trim_start().starts_with("base =")) {
+            let sweep = switchyard::sweep::Sweep::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            for p in &sweep.points {
+                sweep
+                    .point_config(p)
+                    .unwrap_or_else(|e| panic!("{}: point {}: {e}", path.display(), p.id));
+            }
+            seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
             continue;
         }
         let cfg = RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -361,8 +361,9 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         state.tokens_seen += tokens as u64;
 
         let is_last = state.step == total_steps;
-        let eval_now =
-            cfg.train.eval_every > 0 && (state.step % cfg.train.eval_every == 0 || is_last);
+        // Also at a --stop-after boundary, so a search can rank partial runs.
+        let eval_now = cfg.train.eval_every > 0
+            && (state.step % cfg.train.eval_every == 0 || is_last || state.step == stop_at);
         let this_eval = if eval_now {
             let loss = eval::evaluate(
                 &model.valid(),
