@@ -244,4 +244,8 @@ pub struct TrainArgs {
     /// Stop after this many steps (checkpointing), to continue later with --resume.
     #[arg(long)]
     pub stop_after: Option<u64>,
+    /// Start from these weights (a run, checkpoint or Hugging Face directory)
+    /// with a fresh optimizer; the same as `--set train.init_from=DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<String>,
 }

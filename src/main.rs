@@ -23,9 +23,13 @@ fn main() -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.set;
+    if let Some(dir) = args.init_from {
+        overrides.push(format!("train.init_from={}", toml::Value::String(dir)));
+    }
     switchyard::train::run(&switchyard::train::RunOptions {
         config: args.config,
-        overrides: args.set,
+        overrides,
         name: args.name,
         resume: args.resume,
         device: args.device,

@@ -237,6 +237,34 @@ fn trains_and_logs_every_step() {
 }
 
 #[test]
+fn init_from_starts_at_the_source_weights() {
+    let _g = lock();
+    let dir = scratch("init");
+    let cfg = write_config(&dir, TINY);
+    let src = train(&options(
+        &dir,
+        &cfg,
+        "src",
+        &["train.steps=25", "train.eval_every=0"],
+    ));
+    let source_loss = src.losses[20..].iter().sum::<f64>() / 5.0;
+    let init = format!("train.init_from=\"{}\"", src.run_dir.display());
+    let out = train(&options(
+        &dir,
+        &cfg,
+        "continued",
+        &["train.steps=2", "train.eval_every=0", &init],
+    ));
+    // A fresh model starts near ln(4096) = 8.3; the continued one where the source ended.
+    assert!(
+        out.losses[0] < source_loss + 0.5,
+        "{} vs source {source_loss}",
+        out.losses[0]
+    );
+    assert!(out.losses[0] < 7.5, "{}", out.losses[0]);
+}
+
+#[test]
 fn resume_is_bit_identical() {
     let _g = lock();
     let dir = scratch("resume");
