@@ -6,6 +6,7 @@
 //! and, under the same names, to `metrics.jsonl`.
 
 pub mod console;
+mod tb_proto;
 pub mod tensorboard;
 
 use crate::config::LogConfig;
