@@ -15,6 +15,7 @@ use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use burn::tensor::DType;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
@@ -71,15 +72,25 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:07}")
 }
 
-/// Serialise f32 tensors to safetensors bytes.
-pub fn safetensors_bytes(tensors: &BTreeMap<String, TensorData>) -> Result<Vec<u8>> {
+/// Serialise tensors (f32, bf16 or i64) to safetensors bytes, with optional
+/// header metadata.
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, data) in tensors {
-        let view = TensorView::new(Dtype::F32, data.shape().to_vec(), data.as_bytes())
+        let dtype = match data.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::BF16 => Dtype::BF16,
+            DType::I64 => Dtype::I64,
+            other => bail!("tensor `{name}`: cannot write dtype {other:?} to safetensors"),
+        };
+        let view = TensorView::new(dtype, data.shape().to_vec(), data.as_bytes())
             .with_context(|| format!("tensor `{name}`"))?;
         views.push((name.clone(), view));
     }
-    Ok(safetensors::serialize(views, None)?)
+    Ok(safetensors::serialize(views, metadata)?)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -105,8 +116,11 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, opts: &SaveOptions) -> Result<Pat
     }
     std::fs::create_dir(&tmp)?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![
-        ("model.safetensors", safetensors_bytes(&ckpt.model)?),
-        ("optimizer.safetensors", safetensors_bytes(&ckpt.optimizer)?),
+        ("model.safetensors", safetensors_bytes(&ckpt.model, None)?),
+        (
+            "optimizer.safetensors",
+            safetensors_bytes(&ckpt.optimizer, None)?,
+        ),
         ("config.toml", ckpt.config.to_toml().into_bytes()),
     ];
     if let Some(tok) = &ckpt.tokenizer {

@@ -264,37 +264,25 @@ pub fn export(
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let bytes: BTreeMap<String, (Vec<u8>, Vec<usize>)> = hf
+    let tensors: BTreeMap<String, TensorData> = hf
         .into_iter()
         .map(|(k, (v, s))| {
-            let b = match dtype {
-                ExportDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ExportDtype::Bf16 => v
-                    .iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                    .collect(),
+            let data = match dtype {
+                ExportDtype::F32 => TensorData::new(v, s),
+                ExportDtype::Bf16 => TensorData::new(
+                    v.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+                    s,
+                ),
             };
-            (k, (b, s))
+            (k, data)
         })
         .collect();
-    let st_dtype = match dtype {
-        ExportDtype::F32 => safetensors::Dtype::F32,
-        ExportDtype::Bf16 => safetensors::Dtype::BF16,
-    };
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(k, (b, s))| {
-            Ok((
-                k.clone(),
-                safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
     std::fs::write(
         out.join("model.safetensors"),
-        safetensors::serialize(views, Some(meta))?,
+        crate::checkpoint::safetensors_bytes(&tensors, Some(meta))?,
     )?;
 
     let eos = match tokenizer {

@@ -93,40 +93,24 @@ impl Trace {
 
     /// Write `logits`, `router_logits.{i}` and `topk_experts.{i}` to safetensors.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut bytes: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> =
-            BTreeMap::new();
-        let f32b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        bytes.insert(
-            "logits".into(),
-            (
-                safetensors::Dtype::F32,
-                self.logits.1.to_vec(),
-                f32b(&self.logits.0),
-            ),
+        let mut tensors = BTreeMap::new();
+        tensors.insert(
+            "logits".to_string(),
+            TensorData::new(self.logits.0.clone(), self.logits.1),
         );
         for (i, (rl, shape)) in self.router_logits.iter().enumerate() {
-            bytes.insert(
+            tensors.insert(
                 format!("router_logits.{i}"),
-                (safetensors::Dtype::F32, shape.to_vec(), f32b(rl)),
+                TensorData::new(rl.clone(), *shape),
             );
         }
         for (i, (ex, shape)) in self.topk_experts.iter().enumerate() {
-            let b = ex.iter().flat_map(|x| x.to_le_bytes()).collect();
-            bytes.insert(
+            tensors.insert(
                 format!("topk_experts.{i}"),
-                (safetensors::Dtype::I64, shape.to_vec(), b),
+                TensorData::new(ex.clone(), *shape),
             );
         }
-        let views: Vec<_> = bytes
-            .iter()
-            .map(|(k, (d, s, b))| {
-                Ok((
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        std::fs::write(path, safetensors::serialize(views, None)?)?;
+        std::fs::write(path, crate::checkpoint::safetensors_bytes(&tensors, None)?)?;
         Ok(())
     }
 }
