@@ -27,6 +27,29 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A titled chart with numeric axes over `x` × `y`, in the house layout.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    y_label_area: u32,
+) -> Result<Chart<'a, 'b>> {
+    ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(y_label_area)
+        .build_cartesian_2d(x, y)
+        .map_err(err)
+}
+
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -62,13 +85,13 @@ fn line_chart(
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let n = x_labels.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo - pad)..(hi + pad))
-        .map_err(err)?;
+    let mut chart = frame(
+        &root,
+        title,
+        -0.5..(n as f64 - 0.5),
+        (lo - pad)..(hi + pad),
+        64,
+    )?;
     let labels = x_labels.to_vec();
     chart
         .configure_mesh()
@@ -128,13 +151,7 @@ fn share_chart(path: &Path, title: &str, history: &[(u64, Vec<f64>)]) -> Result<
         * 1.1;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0f64..last.max(1.0), 0f64..top.max(1e-3))
-        .map_err(err)?;
+    let mut chart = frame(&root, title, 0.0..last.max(1.0), 0.0..top.max(1e-3), 64)?;
     chart
         .configure_mesh()
         .x_desc("step")
@@ -200,13 +217,13 @@ fn heatmap(path: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
         .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
     let root = BitMapBackend::new(path, (900, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("final eval loss", ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0f64..xs.len() as f64, 0f64..ys.len() as f64)
-        .map_err(err)?;
+    let mut chart = frame(
+        &root,
+        "final eval loss",
+        0.0..xs.len() as f64,
+        0.0..ys.len() as f64,
+        80,
+    )?;
     let (xl, yl) = (xs.clone(), ys.clone());
     chart
         .configure_mesh()
