@@ -37,6 +37,37 @@ pub enum Command {
     Eval(EvalArgs),
     /// Train many configs that differ in a few keys, and compare them.
     Sweep(SweepArgs),
+    /// Time whole training steps on synthetic tokens: tokens/s, phases, memory.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `switchyard bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The config giving the model and batch shape (e.g. configs/bench-moe.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config key, e.g. `--set moe.drop_policy=dropless` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// flex (CPU), wgpu, cuda or cuda:N.
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps; the median is reported.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Also time each phase (attention, router, dispatch/combine, experts, LM head, optimizer).
+    #[arg(long)]
+    pub profile: bool,
+    /// Skip measuring the backend's f32 matmul ceiling.
+    #[arg(long)]
+    pub no_sgemm: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// How a sweep searches.

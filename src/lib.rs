@@ -7,6 +7,7 @@
 //! - [`hf`]: Hugging Face Mixtral / Qwen2-MoE checkpoint import.
 //! - [`params`]: named access to a model's parameters.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -19,6 +19,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
         Command::Sweep(args) => sweep(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -235,5 +236,25 @@ fn sweep(args: SweepArgs) -> Result<()> {
         out.plots.len(),
         out.dir.display()
     );
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    use switchyard::bench::{run, BenchOptions};
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
+    let report = run(&BenchOptions {
+        config: args.config,
+        overrides: args.overrides,
+        device: args.device,
+        warmup: args.warmup,
+        steps: args.steps,
+        profile: args.profile,
+        sgemm: !args.no_sgemm,
+    })?;
+    print!("{}", report.render());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     Ok(())
 }

@@ -20,14 +20,12 @@ use crate::data::stream::{DataStream, Split, StreamOptions};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
 use crate::metrics::tensorboard::EventWriter;
-use crate::metrics::{CollapseMonitor, JsonlWriter, LayerReport, StepReport};
+use crate::metrics::{CollapseMonitor, JsonlWriter, StepReport};
 use crate::model::LanguageModel;
-use crate::moe::Phase;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::prelude::*;
-use burn::tensor::Transaction;
 use optim::{clip_scale, grad_sq_norm, learning_rate, AdamW};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -237,7 +235,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         // Micro-batches: forward, loss, backward, accumulate.
         let mut acc = GradientsAccumulator::new();
         let mut terms = Vec::new();
-        let mut stats: Vec<Vec<crate::moe::RoutingStats>> = Vec::new();
+        let mut stats = Vec::new();
         let mut tokens = 0usize;
         for micro in 0..cfg.train.grad_accum {
             let batch = train_stream
@@ -246,81 +244,18 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
             tokens += batch.num_tokens();
             let bt = BatchTensors::new(&batch, &device);
             device.seed(step_seed(cfg.train.seed, step, micro));
-            let (loss, out) = step::forward(&model, &bt, &cfg, Phase::Train);
-            let grads = loss
-                .total
-                .clone()
-                .div_scalar(cfg.train.grad_accum as f64)
-                .backward();
-            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
-            stats.push(out.moe.into_iter().map(|a| a.stats).collect());
+            let (grads, loss, micro_stats) = step::backward(&model, &bt, &cfg);
+            acc.accumulate(&model, grads);
+            stats.push(micro_stats);
             terms.push(loss);
         }
         let grads = acc.grads();
         let sq_norm = grad_sq_norm(&model, &grads, &base_device);
-
         // The one host read of this step.
-        let mean = |f: fn(&step::LossTerms) -> Tensor<1>| {
-            let n = terms.len() as f64;
-            terms
-                .iter()
-                .map(|t| f(t).inner())
-                .reduce(|a, b| a + b)
-                .unwrap()
-                .div_scalar(n)
-        };
-        let mut tx = Transaction::default()
-            .register(mean(|t| t.total.clone()))
-            .register(mean(|t| t.lm.clone()))
-            .register(mean(|t| t.aux.clone()))
-            .register(mean(|t| t.seq_aux.clone()))
-            .register(mean(|t| t.z.clone()))
-            .register(sq_norm.clone());
-        let n_layers = stats.first().map_or(0, |s| s.len());
-        let mut layer_tpe = Vec::new();
-        for l in 0..n_layers {
-            let sum = |f: fn(&crate::moe::RoutingStats) -> Tensor<1>| {
-                stats
-                    .iter()
-                    .map(|s| f(&s[l]).inner())
-                    .reduce(|a, b| a + b)
-                    .unwrap()
-            };
-            let tpe = sum(|s| s.tokens_per_expert.clone());
-            layer_tpe.push(tpe.clone());
-            tx = tx
-                .register(tpe)
-                .register(sum(|s| s.kept_per_expert.clone()))
-                .register(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64));
-        }
-        let biases: Vec<Option<Tensor<1>>> = model
-            .moe_layers()
-            .map(|m| m.router.expert_bias.as_ref().map(|b| b.val().inner()))
-            .collect();
-        for b in biases.iter().flatten() {
-            tx = tx.register(b.clone());
-        }
-        let data = tx.execute();
-        let scalar = |i: usize| data[i].iter::<f32>().next().unwrap_or(f32::NAN) as f64;
-        let vec = |i: usize| data[i].iter::<f32>().map(|v| v as f64).collect::<Vec<_>>();
-        let (total, grad_norm) = (scalar(0), scalar(5).sqrt());
-        let mut next = 6;
-        let mut layers = Vec::new();
-        for _ in 0..n_layers {
-            layers.push(LayerReport {
-                tokens_per_expert: vec(next),
-                kept_per_expert: vec(next + 1),
-                router_entropy: scalar(next + 2),
-                expert_bias: None,
-            });
-            next += 3;
-        }
-        for (l, b) in biases.iter().enumerate() {
-            if b.is_some() {
-                layers[l].expert_bias = Some(vec(next));
-                next += 1;
-            }
-        }
+        let reading = step::read_step(&model, &terms, &stats, sq_norm.clone());
+        let (total, grad_norm) = (reading.total, reading.grad_norm);
+        let layers = reading.layers;
+        let layer_tpe = reading.tokens_per_expert;
 
         // Non-finite values are never silent.
         let finite = total.is_finite() && grad_norm.is_finite();
@@ -381,10 +316,10 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         let report = StepReport {
             step: state.step,
             loss_total: total,
-            loss_lm: scalar(1),
-            loss_aux: scalar(2),
-            loss_seq_aux: scalar(3),
-            loss_z: scalar(4),
+            loss_lm: reading.lm,
+            loss_aux: reading.aux,
+            loss_seq_aux: reading.seq_aux,
+            loss_z: reading.z,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64(),

@@ -29,7 +29,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
-        "cuda" | "wgpu" => bail!("--device {kind}: this build has no `{kind}` support; rebuild with `cargo build --release --features {kind}`"),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("--device cuda: this build has no CUDA support; rebuild with `cargo build --release --features cuda`"),
+        #[cfg(not(feature = "wgpu"))]
+        "wgpu" => bail!("--device wgpu: this build has no wgpu support; rebuild with `cargo build --release --features wgpu`"),
         other => {
             let _ = index;
             bail!("unknown device `{other}` (allowed: flex, wgpu, cuda, cuda:N)")

@@ -3,9 +3,12 @@
 
 use crate::config::RunConfig;
 use crate::data::stream::Batch;
+use crate::metrics::LayerReport;
 use crate::model::{cross_entropy, LanguageModel, ModelOutput};
-use crate::moe::Phase;
+use crate::moe::{Phase, RoutingStats};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::Transaction;
 
 /// A batch on the device.
 pub struct BatchTensors {
@@ -81,4 +84,118 @@ pub fn forward(
         },
         out,
     )
+}
+
+/// Forward and backward one training micro-batch, its loss scaled by
+/// 1 / grad_accum. Returns the gradients, the loss terms and each MoE
+/// layer's routing statistics (all on the device).
+pub fn backward(
+    model: &LanguageModel,
+    batch: &BatchTensors,
+    cfg: &RunConfig,
+) -> (GradientsParams, LossTerms, Vec<RoutingStats>) {
+    let (loss, out) = forward(model, batch, cfg, Phase::Train);
+    let grads = loss
+        .total
+        .clone()
+        .div_scalar(cfg.train.grad_accum as f64)
+        .backward();
+    let grads = GradientsParams::from_grads(grads, model);
+    (grads, loss, out.moe.into_iter().map(|a| a.stats).collect())
+}
+
+/// What the host learns about one optimizer step.
+pub struct StepReading {
+    /// Mean over micro-batches of each loss term.
+    pub total: f64,
+    pub lm: f64,
+    pub aux: f64,
+    pub seq_aux: f64,
+    pub z: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Per MoE layer: token histograms, router entropy, expert bias.
+    pub layers: Vec<LayerReport>,
+    /// Per MoE layer, routed assignments per expert, still on the device
+    /// (for the aux-free bias update). `[E]` each
+    pub tokens_per_expert: Vec<Tensor<1>>,
+}
+
+/// Read the step's losses, gradient norm and routing statistics back to the
+/// host in one transaction: the only device-to-host transfer of a step.
+pub fn read_step(
+    model: &LanguageModel,
+    terms: &[LossTerms],
+    stats: &[Vec<RoutingStats>],
+    sq_norm: Tensor<1>,
+) -> StepReading {
+    let mean = |f: fn(&LossTerms) -> Tensor<1>| {
+        terms
+            .iter()
+            .map(|t| f(t).inner())
+            .reduce(|a, b| a + b)
+            .unwrap()
+            .div_scalar(terms.len() as f64)
+    };
+    let mut tx = Transaction::default()
+        .register(mean(|t| t.total.clone()))
+        .register(mean(|t| t.lm.clone()))
+        .register(mean(|t| t.aux.clone()))
+        .register(mean(|t| t.seq_aux.clone()))
+        .register(mean(|t| t.z.clone()))
+        .register(sq_norm);
+    let n_layers = stats.first().map_or(0, |s| s.len());
+    let mut tokens_per_expert = Vec::new();
+    for l in 0..n_layers {
+        let sum = |f: fn(&RoutingStats) -> Tensor<1>| {
+            stats
+                .iter()
+                .map(|s| f(&s[l]).inner())
+                .reduce(|a, b| a + b)
+                .unwrap()
+        };
+        let tpe = sum(|s| s.tokens_per_expert.clone());
+        tokens_per_expert.push(tpe.clone());
+        tx = tx
+            .register(tpe)
+            .register(sum(|s| s.kept_per_expert.clone()))
+            .register(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64));
+    }
+    let biases: Vec<Option<Tensor<1>>> = model
+        .moe_layers()
+        .map(|m| m.router.expert_bias.as_ref().map(|b| b.val().inner()))
+        .collect();
+    for b in biases.iter().flatten() {
+        tx = tx.register(b.clone());
+    }
+    let data = tx.execute();
+    let scalar = |i: usize| data[i].iter::<f32>().next().unwrap_or(f32::NAN) as f64;
+    let vec = |i: usize| data[i].iter::<f32>().map(|v| v as f64).collect::<Vec<_>>();
+    let mut next = 6;
+    let mut layers = Vec::new();
+    for _ in 0..n_layers {
+        layers.push(LayerReport {
+            tokens_per_expert: vec(next),
+            kept_per_expert: vec(next + 1),
+            router_entropy: scalar(next + 2),
+            expert_bias: None,
+        });
+        next += 3;
+    }
+    for (l, b) in biases.iter().enumerate() {
+        if b.is_some() {
+            layers[l].expert_bias = Some(vec(next));
+            next += 1;
+        }
+    }
+    StepReading {
+        total: scalar(0),
+        lm: scalar(1),
+        aux: scalar(2),
+        seq_aux: scalar(3),
+        z: scalar(4),
+        grad_norm: scalar(5).sqrt(),
+        layers,
+        tokens_per_expert,
+    }
 }

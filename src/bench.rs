@@ -1,0 +1,481 @@
+//! `switchyard bench`: whole training steps on synthetic token ids.
+//!
+//! A step here is exactly a training step of `switchyard train` with one
+//! micro-batch: forward, losses, backward, global gradient norm, the one
+//! host read of losses and routing statistics, clipping and AdamW. Only the
+//! data source differs (uniform random ids, so the corpus pipeline is not
+//! timed). Steps are timed wall-clock with a device sync at each end; the
+//! report gives the median after warm-up.
+//!
+//! The per-phase breakdown (`--profile`) times each component of the step
+//! alone, forward plus backward, on the shapes the step gives it:
+//! attention, router (with its losses), dispatch/combine, expert matmuls,
+//! dense FFN, LM head with the loss, and the optimizer. What the whole step
+//! takes beyond their sum (embedding, norms, residuals, statistics, graph
+//! bookkeeping) is reported as "other".
+
+use crate::config::RunConfig;
+use crate::data::stream::SplitMix64;
+use crate::model::block::Ffn;
+use crate::model::{cross_entropy, LanguageModel};
+use crate::moe::{dispatch, losses, Phase};
+use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
+use crate::train::step::{self, BatchTensors};
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// How `switchyard bench` was invoked.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The TOML config giving the model and batch shape.
+    pub config: PathBuf,
+    /// `--set key=value` overrides.
+    pub overrides: Vec<String>,
+    /// `flex`, `wgpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps (the median is reported).
+    pub steps: usize,
+    /// Also time each phase of the step on its own.
+    pub profile: bool,
+    /// Also measure the backend's f32 matmul throughput (the sgemm ceiling).
+    pub sgemm: bool,
+}
+
+/// One phase of the breakdown.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    /// Name of the phase.
+    pub name: String,
+    /// Median seconds per training step spent in it (all layers).
+    pub seconds: f64,
+}
+
+/// What `switchyard bench` measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Config file and overrides.
+    pub config: String,
+    /// The device spec.
+    pub device: String,
+    /// Rayon threads of the CPU backend.
+    pub threads: usize,
+    /// All parameters.
+    pub params: usize,
+    /// Parameters one token passes through, embedding excluded.
+    pub active_params: usize,
+    /// Tokens per step (batch × sequence).
+    pub tokens_per_step: usize,
+    /// Seconds of each timed step.
+    pub step_seconds: Vec<f64>,
+    /// Median step time.
+    pub median_step_s: f64,
+    /// Tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Model FLOPs of one step: 6 per active weight per token plus attention.
+    pub flops_per_step: f64,
+    /// Model FLOPs per second at the median step time, in GFLOP/s.
+    pub achieved_gflops: f64,
+    /// f32 matmul throughput of the backend on a large square product, in GFLOP/s.
+    pub sgemm_gflops: Option<f64>,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mb: f64,
+    /// Per-phase breakdown (with `--profile`).
+    pub phases: Vec<PhaseTime>,
+}
+
+/// Run the benchmark.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    let cfg = RunConfig::load(&opts.config, &opts.overrides)?;
+    let base = crate::train::parse_device(&opts.device)?;
+    let device = base.clone().autodiff();
+    base.seed(cfg.train.seed);
+    let (b, s, v) = (cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size);
+    let mut model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+    let mut adam = AdamW::default();
+    let mut rng = SplitMix64(cfg.train.seed);
+
+    let sync = |d: &Device| d.sync().context("device sync failed");
+    let mut times = Vec::new();
+    for i in 0..opts.warmup + opts.steps {
+        let batch = synthetic_batch(&mut rng, b, s, v, &device);
+        sync(&base)?;
+        let t0 = Instant::now();
+        model = train_step(model, &mut adam, &cfg, &batch, &base)?;
+        sync(&base)?;
+        if i >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let median_step_s = median(&times);
+
+    let phases = if opts.profile {
+        profile_phases(&model, &cfg, &adam, &device, opts, median_step_s)?
+    } else {
+        Vec::new()
+    };
+    let sgemm_gflops = if opts.sgemm {
+        Some(sgemm(&base, 1024)?)
+    } else {
+        None
+    };
+    let tokens = b * s;
+    let active = active_params(&cfg);
+    let flops = model_flops(&cfg, active, tokens);
+    let mut config = opts.config.display().to_string();
+    for o in &opts.overrides {
+        config.push_str(&format!(" --set {o}"));
+    }
+    Ok(BenchReport {
+        config,
+        device: opts.device.clone(),
+        threads: rayon::current_num_threads(),
+        params: model.num_params(),
+        active_params: active,
+        tokens_per_step: tokens,
+        step_seconds: times,
+        median_step_s,
+        tokens_per_s: tokens as f64 / median_step_s,
+        flops_per_step: flops,
+        achieved_gflops: flops / median_step_s / 1e9,
+        sgemm_gflops,
+        peak_rss_mb: peak_rss_mb(),
+        phases,
+    })
+}
+
+/// One optimizer step exactly as the training loop runs it with a single
+/// micro-batch.
+fn train_step(
+    model: LanguageModel,
+    adam: &mut AdamW,
+    cfg: &RunConfig,
+    batch: &BatchTensors,
+    base: &Device,
+) -> Result<LanguageModel> {
+    let (grads, terms, stats) = step::backward(&model, batch, cfg);
+    let sq_norm = grad_sq_norm(&model, &grads, base);
+    let reading = step::read_step(&model, &[terms], &[stats], sq_norm.clone());
+    anyhow::ensure!(
+        reading.total.is_finite(),
+        "non-finite loss {} in a benchmark step",
+        reading.total
+    );
+    let mut model = adam.step(
+        &cfg.optim,
+        cfg.optim.lr,
+        model,
+        grads,
+        clip_scale(sq_norm, cfg.optim.grad_clip),
+    );
+    for (layer, tpe) in model.moe_layers_mut().zip(reading.tokens_per_expert) {
+        layer.router.update_expert_bias(tpe);
+    }
+    Ok(model)
+}
+
+/// Uniform random token ids, no padding.
+fn synthetic_batch(
+    rng: &mut SplitMix64,
+    b: usize,
+    s: usize,
+    vocab: usize,
+    device: &Device,
+) -> BatchTensors {
+    let ids: Vec<i64> = (0..b * (s + 1))
+        .map(|_| (rng.next_u64() % vocab as u64) as i64)
+        .collect();
+    let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), device);
+    BatchTensors {
+        inputs: all.clone().slice([0..b, 0..s]),
+        targets: all.slice([0..b, 1..s + 1]),
+        mask: Tensor::ones([b, s], device),
+    }
+}
+
+/// Time each phase of the step alone, forward and backward, on block 0's
+/// modules, and scale by the number of layers that have it.
+fn profile_phases(
+    model: &LanguageModel,
+    cfg: &RunConfig,
+    adam: &AdamW,
+    device: &Device,
+    opts: &BenchOptions,
+    step_s: f64,
+) -> Result<Vec<PhaseTime>> {
+    let base = device.clone().inner();
+    let (b, s, d) = (cfg.train.batch_size, cfg.model.seq_len, cfg.model.d_model);
+    let t = b * s;
+    let reps = opts.steps.max(3);
+    let hidden = || {
+        Tensor::<3>::random([b, s, d], Distribution::Normal(0.0, 1.0), device).require_grad()
+    };
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut ts = Vec::new();
+        for i in 0..reps + 2 {
+            base.sync()?;
+            let t0 = Instant::now();
+            f()?;
+            base.sync()?;
+            if i >= 2 {
+                ts.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(&ts))
+    };
+    let mut out = Vec::new();
+    let n_layers = model.layers.len();
+    let block = &model.layers[0];
+
+    let attn = time(&mut || {
+        let y = block.self_attn.forward(hidden(), &model.rope);
+        let _ = y.sum().backward();
+        Ok(())
+    })?;
+    out.push(("attention", attn * n_layers as f64));
+
+    let n_moe = model.moe_layers().count();
+    if let Some(moe) = model.moe_layers().next() {
+        let mcfg = moe.config();
+        let (e, k) = (mcfg.num_experts, mcfg.top_k);
+        let valid = Tensor::<1>::ones([t], device);
+        let router = time(&mut || {
+            let x = hidden().reshape([t, d]);
+            let dec = moe.router.forward(x, Phase::Train);
+            let loss = losses::switch_load_balancing_loss(
+                dec.probs.clone(),
+                dec.routing_map.clone(),
+                valid.clone(),
+                k,
+            ) + losses::router_z_loss(dec.logits.clone(), valid.clone())
+                + dec.topk_weights.sum();
+            let _ = loss.backward();
+            Ok(())
+        })?;
+        out.push(("router", router * n_moe as f64));
+
+        // Dispatch and combine around identity experts, for one fixed decision.
+        let decision = moe
+            .router
+            .forward(hidden().reshape([t, d]).detach(), Phase::Train);
+        let capacity = mcfg.capacity(t, mcfg.capacity_factor);
+        let weights = decision.topk_weights.clone().detach();
+        let dc = time(&mut || {
+            let x = hidden().reshape([t, d]);
+            let plan = dispatch::plan(&decision, valid.clone(), capacity);
+            let buf = dispatch::dispatch(x, &plan, e);
+            let y = dispatch::combine(buf, &plan, weights.clone());
+            let _ = y.sum().backward();
+            Ok(())
+        })?;
+        out.push(("dispatch/combine", dc * n_moe as f64));
+
+        let plan = dispatch::plan(&decision, valid.clone(), capacity);
+        let c = plan.capacity;
+        let experts = time(&mut || {
+            let x = Tensor::<3>::random([e, c, d], Distribution::Normal(0.0, 1.0), device)
+                .require_grad();
+            let _ = moe.experts.forward(x).sum().backward();
+            Ok(())
+        })?;
+        out.push(("expert matmuls", experts * n_moe as f64));
+        if let Some(shared) = &moe.shared_expert {
+            let sh = time(&mut || {
+                let _ = shared.forward(hidden()).sum().backward();
+                Ok(())
+            })?;
+            out.push(("shared experts", sh * n_moe as f64));
+        }
+    }
+    let dense: Vec<_> = model
+        .layers
+        .iter()
+        .filter_map(|bl| match &bl.mlp {
+            Ffn::Dense(m) => Some(m),
+            Ffn::Moe(_) => None,
+        })
+        .collect();
+    if let Some(mlp) = dense.first() {
+        let ffn = time(&mut || {
+            let _ = mlp.forward(hidden()).sum().backward();
+            Ok(())
+        })?;
+        out.push(("dense FFN", ffn * dense.len() as f64));
+    }
+
+    let mut rng = SplitMix64(7);
+    let batch = synthetic_batch(&mut rng, b, s, cfg.model.vocab_size, device);
+    let head = time(&mut || {
+        let x = model.norm.forward(hidden());
+        let logits = match &model.lm_head {
+            Some(h) => h.forward(x),
+            None => x.matmul(model.embed_tokens.weight.val().transpose().unsqueeze()),
+        };
+        let loss = cross_entropy(logits, batch.targets.clone(), batch.mask.clone());
+        let _ = loss.backward();
+        Ok(())
+    })?;
+    out.push(("LM head + loss", head));
+
+    // The optimizer on real gradients of one step (computed untimed); the
+    // model it returns is dropped, so every repetition updates the same weights.
+    let mut ts = Vec::new();
+    for i in 0..reps + 2 {
+        let (grads, _, _) = step::backward(model, &batch, cfg);
+        base.sync()?;
+        let t0 = Instant::now();
+        let sq = grad_sq_norm(model, &grads, &base);
+        let mut state = adam.clone();
+        let updated = state.step(
+            &cfg.optim,
+            cfg.optim.lr,
+            model.clone(),
+            grads,
+            clip_scale(sq, cfg.optim.grad_clip),
+        );
+        base.sync()?;
+        if i >= 2 {
+            ts.push(t0.elapsed().as_secs_f64());
+        }
+        drop(updated);
+    }
+    let optim = median(&ts);
+    out.push(("optimizer", optim));
+
+    let sum: f64 = out.iter().map(|(_, s)| s).sum();
+    let mut phases: Vec<PhaseTime> = out
+        .into_iter()
+        .map(|(n, s)| PhaseTime {
+            name: n.to_string(),
+            seconds: s,
+        })
+        .collect();
+    phases.push(PhaseTime {
+        name: "other (embedding, norms, residuals, stats)".into(),
+        seconds: step_s - sum,
+    });
+    Ok(phases)
+}
+
+/// f32 matmul throughput of `n × n × n` products, GFLOP/s (median of 5).
+pub fn sgemm(device: &Device, n: usize) -> Result<f64> {
+    let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let mut ts = Vec::new();
+    for i in 0..7 {
+        device.sync()?;
+        let t0 = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        device.sync()?;
+        let _ = c;
+        if i >= 2 {
+            ts.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (n as f64).powi(3) / median(&ts) / 1e9)
+}
+
+/// Parameters one token passes through, the embedding excluded.
+pub fn active_params(cfg: &RunConfig) -> usize {
+    let m = &cfg.model;
+    let hd = m.head_dim();
+    let d = m.d_model;
+    let attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2;
+    let mut total = m.d_model * m.vocab_size; // LM head (tied or not, it is a matmul)
+    for l in 0..m.n_layers {
+        total += attn;
+        if cfg.moe.is_moe_layer(l) {
+            let moe = &cfg.moe;
+            total += d * moe.num_experts; // router
+            total += moe.top_k * 3 * d * moe.d_expert;
+            total += 3 * d * moe.shared_width();
+        } else {
+            total += 3 * d * m.d_ff;
+        }
+    }
+    total
+}
+
+/// Model FLOPs of one training step: 6 per active weight per token (forward
+/// 2, backward 4), plus attention scores and weighted values, 12 · layers ·
+/// seq · d_model per token (the causal half not subtracted, as is usual).
+pub fn model_flops(cfg: &RunConfig, active: usize, tokens: usize) -> f64 {
+    let m = &cfg.model;
+    let per_token = 6.0 * active as f64 + 12.0 * (m.n_layers * m.seq_len * m.d_model) as f64;
+    per_token * tokens as f64
+}
+
+/// Peak resident set size of this process (VmHWM), MiB; 0 where unknown.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+impl BenchReport {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        o.push_str(&format!("config      {}\n", self.config));
+        o.push_str(&format!(
+            "device      {} ({} CPU threads)\n",
+            self.device, self.threads
+        ));
+        o.push_str(&format!(
+            "params      {:.2}M total, {:.2}M active per token\n",
+            self.params as f64 / 1e6,
+            self.active_params as f64 / 1e6
+        ));
+        o.push_str(&format!(
+            "step        median {:.4} s over {} steps (min {:.4}, max {:.4})\n",
+            self.median_step_s,
+            self.step_seconds.len(),
+            self.step_seconds.iter().cloned().fold(f64::INFINITY, f64::min),
+            self.step_seconds.iter().cloned().fold(0.0, f64::max),
+        ));
+        o.push_str(&format!(
+            "throughput  {:.0} tokens/s, {:.2} GFLOP/s of model FLOPs\n",
+            self.tokens_per_s, self.achieved_gflops
+        ));
+        if let Some(g) = self.sgemm_gflops {
+            o.push_str(&format!(
+                "sgemm       {g:.2} GFLOP/s (1024³ f32 matmul): step runs at {:.0}% of it\n",
+                100.0 * self.achieved_gflops / g
+            ));
+        }
+        o.push_str(&format!("peak RSS    {:.0} MiB\n", self.peak_rss_mb));
+        if !self.phases.is_empty() {
+            o.push_str("phases (each alone, forward + backward, all layers):\n");
+            for p in &self.phases {
+                o.push_str(&format!(
+                    "  {:<44} {:>8.2} ms  {:>5.1}%\n",
+                    p.name,
+                    p.seconds * 1e3,
+                    100.0 * p.seconds / self.median_step_s
+                ));
+            }
+        }
+        o
+    }
+}
