@@ -109,13 +109,17 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         let t0 = Instant::now();
         model = train_step(model, &mut adam, &cfg, &batch, &base)?;
         sync(&base)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let what = if i < opts.warmup { "warm-up" } else { "timed" };
+        eprintln!("step {}/{} ({what}): {secs:.4} s", i + 1, opts.warmup + opts.steps);
         if i >= opts.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+            times.push(secs);
         }
     }
     let median_step_s = median(&times);
 
     let phases = if opts.profile {
+        eprintln!("timing each phase on its own...");
         profile_phases(&model, &cfg, &adam, &device, opts, median_step_s)?
     } else {
         Vec::new()

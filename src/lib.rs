@@ -22,3 +22,25 @@ pub mod moe;
 pub mod params;
 pub mod sweep;
 pub mod train;
+
+/// Keep freed memory in the process heap instead of returning it to the OS.
+///
+/// A training step allocates and frees the same large activation and
+/// gradient buffers every time. glibc serves blocks above its mmap threshold
+/// (which tops out at 32 MiB) with fresh mappings and unmaps them on free, so
+/// every step page-faults those buffers in again: on the bench shapes that
+/// halved the speed of the matmuls writing them. Called first thing by the
+/// `switchyard` binary; `SWITCHYARD_SYSTEM_MALLOC=1` skips it (to measure
+/// the difference). The peak resident size is what the step needs either way.
+pub fn keep_freed_memory() {
+    if std::env::var_os("SWITCHYARD_SYSTEM_MALLOC").is_some() {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

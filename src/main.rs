@@ -10,6 +10,7 @@ use switchyard::data::{sources, tokenizer, SourceConfig, SourceKind};
 use switchyard::export::{ExportDtype, ExportFormat};
 
 fn main() -> Result<()> {
+    switchyard::keep_freed_memory();
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Info { hf } => info(&hf),

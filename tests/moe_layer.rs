@@ -444,3 +444,59 @@ fn score_and_order_variants_give_valid_weights() {
         }
     }
 }
+
+#[test]
+fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
+    use switchyard::moe::dispatch;
+    let device = Device::flex();
+    let _rng = seeded(&device, 21);
+    let (d, e, k, b, s) = (8, 8, 2, 4, 80);
+    let t = b * s;
+    let dropless = MoeLayer::new(
+        d,
+        &MoeConfig {
+            drop_policy: DropPolicy::Dropless,
+            ..cfg(e, k)
+        },
+        0.5,
+        &device,
+    );
+    // The same weights with capacity C = ceil(cf · T · k / E) = T: nothing
+    // can overflow, the plain (if E/k times costlier) dropless computation.
+    let mut full = MoeLayer::new(
+        d,
+        &MoeConfig {
+            drop_policy: DropPolicy::Drop,
+            capacity_factor: (e / k) as f64,
+            ..cfg(e, k)
+        },
+        0.5,
+        &device,
+    );
+    full.router = dropless.router.clone();
+    full.experts = dropless.experts.clone();
+    assert_eq!(full.config().capacity(t, (e / k) as f64), Some(t));
+
+    let x = randn3([b, s, d], &device);
+    let valid = Tensor::<2>::ones([b, s], &device);
+    let (y, aux) = dropless.forward(x.clone(), valid.clone(), Phase::Eval);
+    let (want, _) = full.forward(x.clone(), valid.clone(), Phase::Train);
+    let diff = vec3(y)
+        .iter()
+        .zip(vec3(want))
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 1e-5, "dropless differs from capacity T by {diff}");
+    assert_eq!(vec1(aux.stats.dropped()), vec![0.0]);
+
+    // The buffers hold the busiest expert, rounded up to 64, and are far
+    // smaller than T.
+    let decision = dropless.router.forward(x.reshape([t, d]), Phase::Eval);
+    let busiest = vec1(aux.stats.tokens_per_expert.clone())
+        .into_iter()
+        .fold(0.0, f32::max) as usize;
+    let plan = dispatch::plan(&decision, valid.reshape([t]), None);
+    assert!(plan.capacity >= busiest, "{} < {busiest}", plan.capacity);
+    assert_eq!(plan.capacity % 64, 0);
+    assert!(plan.capacity < t, "capacity {} is not below T = {t}", plan.capacity);
+}

@@ -37,9 +37,12 @@ pub struct DispatchPlan {
 pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize>) -> DispatchPlan {
     let [t, e] = decision.routing_map.dims();
     let device = decision.routing_map.device();
-    let c = capacity.unwrap_or(t).min(t);
-
     let routed = decision.routing_map.clone().detach() * valid.unsqueeze_dim::<2>(1); // [T, E]
+    let c = match capacity {
+        Some(c) => c.min(t),
+        None => dropless_capacity(routed.clone().sum_dim(0).max().into_scalar::<f32>(), t),
+    };
+
                                                                                       // Routed real tokens keep their probability (in [0, 1]); all others -1,
                                                                                       // so they sort after every routed token.
     let priority = routed.clone() * (decision.probs.clone().detach() + 1.0) - 1.0; // [T, E]
@@ -79,6 +82,14 @@ pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize
     }
 }
 
+/// Buffer size that holds the busiest expert's `max_count` assignments,
+/// rounded up to a multiple of 64 (fewer distinct shapes for kernels to be
+/// built for), never above `t` and at least 1.
+pub fn dropless_capacity(max_count: f32, t: usize) -> usize {
+    let need = max_count.max(0.0).ceil() as usize;
+    need.div_ceil(64).max(1).saturating_mul(64).min(t).max(1)
+}
+
 /// Gather tokens into the capacity buffers.
 ///
 /// # Shapes
@@ -107,4 +118,20 @@ pub fn combine(expert_out: Tensor<3>, plan: &DispatchPlan, weights: Tensor<2>) -
         .reshape([t, k, d])
         .sum_dim(1)
         .reshape([t, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dropless_capacity;
+
+    #[test]
+    fn dropless_capacity_rounds_up_to_64_and_caps_at_t() {
+        assert_eq!(dropless_capacity(0.0, 2048), 64);
+        assert_eq!(dropless_capacity(1.0, 2048), 64);
+        assert_eq!(dropless_capacity(64.0, 2048), 64);
+        assert_eq!(dropless_capacity(65.0, 2048), 128);
+        assert_eq!(dropless_capacity(600.0, 2048), 640);
+        assert_eq!(dropless_capacity(30.0, 40), 40);
+        assert_eq!(dropless_capacity(0.0, 10), 10);
+    }
 }

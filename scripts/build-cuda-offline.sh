@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build `switchyard` with the CUDA backend on a machine that cannot download
+# LLVM.
+#
+# Burn's CUDA backend (cubecl-cuda) always links an LLVM-based PTX compiler
+# beside the NVRTC one, and the build script of its LLVM bundle downloads a
+# prebuilt LLVM. switchyard selects NVRTC (the `cpp` feature of cubecl-cuda,
+# turned on by our `cuda` feature), so LLVM is never called at run time.
+# This script builds without the download (DOCS_RS=1 makes those two build
+# scripts skip it) and links stubs in place of the LLVM symbols; a stub that
+# is somehow called aborts with a message instead of misbehaving.
+#
+# Needs: a Rust toolchain, gcc, nm. Does not need the CUDA toolkit; running
+# the binary needs the NVIDIA driver and NVRTC (libnvrtc) on the GPU machine.
+#
+#   scripts/build-cuda-offline.sh            # → target/release/switchyard
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DOCS_RS=1
+stub_dir=target/cuda-offline
+mkdir -p "$stub_dir"
+
+# 1. Link once leaving LLVM's symbols undefined, to learn which they are.
+cargo rustc --release --features cuda --bin switchyard -- \
+  -C link-arg=-Wl,--unresolved-symbols=ignore-all
+nm -D --undefined-only target/release/switchyard | awk '{print $2}' | grep -v '@' |
+  grep -E '^(LLVM|cubecl_|_ZN4llvm|lld)' | sort -u >"$stub_dir/symbols.txt"
+
+# 2. One aborting stub per symbol.
+{
+  echo '#include <stdio.h>'
+  echo '#include <stdlib.h>'
+  echo 'static void llvm_missing(const char *name) {'
+  echo '  fprintf(stderr, "switchyard: %s called, but this CUDA build has no LLVM (NVRTC only)\n", name);'
+  echo '  abort();'
+  echo '}'
+  while read -r sym; do
+    echo "void $sym(void) { llvm_missing(\"$sym\"); }"
+  done <"$stub_dir/symbols.txt"
+} >"$stub_dir/llvm_stubs.c"
+gcc -O1 -fPIC -c "$stub_dir/llvm_stubs.c" -o "$stub_dir/llvm_stubs.o"
+
+# 3. Link again against the stubs: no undefined symbols remain.
+touch src/main.rs
+cargo rustc --release --features cuda --bin switchyard -- \
+  -C link-arg="$PWD/$stub_dir/llvm_stubs.o"
+echo "built target/release/switchyard with the cuda feature ($(wc -l <"$stub_dir/symbols.txt") LLVM symbols stubbed)"
