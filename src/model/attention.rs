@@ -8,6 +8,8 @@ use crate::config::ModelConfig;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Bool;
 
 /// Grouped-query causal self-attention.
@@ -55,7 +57,18 @@ impl Attention {
         let k = rope.apply(split(self.k_proj.forward(x.clone()), kv)); // [B, KV, S, hd]
         let v = split(self.v_proj.forward(x), kv); // [B, KV, S, hd]
         let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
-        let out = causal_attention(q, k, v); // [B, H, S, hd]
+        let out = if on_cpu(&q.device()) {
+            causal_attention(q, k, v)
+        } else {
+            // GPU backends: Burn's attention, the path the GPU figures in the
+            // README were measured on.
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            attention(q, k, v, None, None, options)
+        }; // [B, H, S, hd]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
@@ -75,9 +88,9 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let q = q.mul_scalar(1.0 / (hd as f64).sqrt());
     // Query blocks see only the keys up to their last position, so the
     // upper triangle of the score matrix is mostly never built: with n
-    // blocks, (n + 1) / 2n of it is. Only on the CPU backend, where it was
-    // measured (attention forward + backward 42% faster): on GPU backends
-    // every block shape is more kernels to compile at the first step.
+    // blocks, (n + 1) / 2n of it is (attention forward + backward 42%
+    // faster on the CPU backend). One block elsewhere: on GPU backends every
+    // block shape is more kernels to compile at the first step.
     let blocks = attention_blocks(s, &q.device());
     let mut outs = Vec::with_capacity(blocks);
     for i in 0..blocks {
@@ -104,9 +117,14 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     }
 }
 
+/// Whether `device` is the CPU backend (with or without autodiff).
+fn on_cpu(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
 /// How many query blocks [`causal_attention`] uses for length `s`.
 fn attention_blocks(s: usize, device: &Device) -> usize {
-    if device.clone().without_autodiff() == Device::flex() {
+    if on_cpu(device) {
         (s / ATTENTION_BLOCK).clamp(1, MAX_ATTENTION_BLOCKS)
     } else {
         1
@@ -135,8 +153,6 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::module::attention;
-    use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::Distribution;
 
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
