@@ -217,9 +217,10 @@ fn profile_phases(
     let (b, s, d) = (cfg.train.batch_size, cfg.model.seq_len, cfg.model.d_model);
     let t = b * s;
     let reps = opts.steps.max(3);
-    let hidden = || {
-        Tensor::<3>::random([b, s, d], Distribution::Normal(0.0, 1.0), device).require_grad()
-    };
+    // Inputs are drawn once, outside the timed windows; each repetition
+    // makes a fresh gradient leaf of them.
+    let h0 = Tensor::<3>::random([b, s, d], Distribution::Normal(0.0, 1.0), device);
+    let hidden = || h0.clone().require_grad();
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         let mut ts = Vec::new();
         for i in 0..reps + 2 {
@@ -282,9 +283,9 @@ fn profile_phases(
 
         let plan = dispatch::plan(&decision, valid.clone(), capacity);
         let c = plan.capacity;
+        let x0 = Tensor::<3>::random([e, c, d], Distribution::Normal(0.0, 1.0), device);
         let experts = time(&mut || {
-            let x = Tensor::<3>::random([e, c, d], Distribution::Normal(0.0, 1.0), device)
-                .require_grad();
+            let x = x0.clone().require_grad();
             let _ = moe.experts.forward(x).sum().backward();
             Ok(())
         })?;
