@@ -498,5 +498,9 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
     let plan = dispatch::plan(&decision, valid.reshape([t]), None);
     assert!(plan.capacity >= busiest, "{} < {busiest}", plan.capacity);
     assert_eq!(plan.capacity % 64, 0);
-    assert!(plan.capacity < t, "capacity {} is not below T = {t}", plan.capacity);
+    assert!(
+        plan.capacity < t,
+        "capacity {} is not below T = {t}",
+        plan.capacity
+    );
 }

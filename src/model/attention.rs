@@ -106,7 +106,8 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         };
         // Key j is in query q0 + r's future when j > q0 + r.
         let future = Tensor::<2, Bool>::tril_mask([q1 - q0, q1], q0 as i64, &q.device());
-        let bias = Tensor::<2>::zeros([q1 - q0, q1], &q.device()).mask_fill(future, f32::NEG_INFINITY);
+        let bias =
+            Tensor::<2>::zeros([q1 - q0, q1], &q.device()).mask_fill(future, f32::NEG_INFINITY);
         let scores = qi.matmul(ki.swap_dims(2, 3)) + bias.unsqueeze::<4>(); // [B, H, q1-q0, q1]
         outs.push(softmax(scores, 3).matmul(vi));
     }
@@ -180,7 +181,10 @@ mod tests {
                 is_causal: true,
             };
             let want = attention(q.clone(), k.clone(), v.clone(), None, None, options);
-            assert!(max_diff(ours.clone(), want.clone()) < 1e-5, "values differ at S = {s}");
+            assert!(
+                max_diff(ours.clone(), want.clone()) < 1e-5,
+                "values differ at S = {s}"
+            );
             let g1 = (ours * w.clone()).sum().backward();
             let g2 = (want * w).sum().backward();
             for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {

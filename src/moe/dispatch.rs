@@ -43,8 +43,8 @@ pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize
         None => dropless_capacity(routed.clone().sum_dim(0).max().into_scalar::<f32>(), t),
     };
 
-                                                                                      // Routed real tokens keep their probability (in [0, 1]); all others -1,
-                                                                                      // so they sort after every routed token.
+    // Routed real tokens keep their probability (in [0, 1]); all others -1,
+    // so they sort after every routed token.
     let priority = routed.clone() * (decision.probs.clone().detach() + 1.0) - 1.0; // [T, E]
                                                                                    // Sort indices may come back in a different integer width than the
                                                                                    // router's top-k indices; everything below uses the router's.

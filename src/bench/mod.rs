@@ -14,11 +14,11 @@
 //! takes beyond their sum (embedding, norms, residuals, statistics, graph
 //! bookkeeping) is reported as "other".
 
+mod profile;
+
 use crate::config::RunConfig;
 use crate::data::stream::SplitMix64;
-use crate::model::block::Ffn;
-use crate::model::{cross_entropy, LanguageModel};
-use crate::moe::{dispatch, losses, Phase};
+use crate::model::LanguageModel;
 use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use crate::train::step::{self, BatchTensors};
 use anyhow::{Context, Result};
@@ -96,7 +96,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let base = crate::train::parse_device(&opts.device)?;
     let device = base.clone().autodiff();
     base.seed(cfg.train.seed);
-    let (b, s, v) = (cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size);
+    let (b, s, v) = (
+        cfg.train.batch_size,
+        cfg.model.seq_len,
+        cfg.model.vocab_size,
+    );
     let mut model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
     let mut adam = AdamW::default();
     let mut rng = SplitMix64(cfg.train.seed);
@@ -111,7 +115,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         sync(&base)?;
         let secs = t0.elapsed().as_secs_f64();
         let what = if i < opts.warmup { "warm-up" } else { "timed" };
-        eprintln!("step {}/{} ({what}): {secs:.4} s", i + 1, opts.warmup + opts.steps);
+        eprintln!(
+            "step {}/{} ({what}): {secs:.4} s",
+            i + 1,
+            opts.warmup + opts.steps
+        );
         if i >= opts.warmup {
             times.push(secs);
         }
@@ -120,7 +128,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     let phases = if opts.profile {
         eprintln!("timing each phase on its own...");
-        profile_phases(&model, &cfg, &adam, &device, opts, median_step_s)?
+        profile::profile_phases(&model, &cfg, &adam, &device, opts, median_step_s)?
     } else {
         Vec::new()
     };
@@ -185,7 +193,7 @@ fn train_step(
 }
 
 /// Uniform random token ids, no padding.
-fn synthetic_batch(
+pub(crate) fn synthetic_batch(
     rng: &mut SplitMix64,
     b: usize,
     s: usize,
@@ -201,171 +209,6 @@ fn synthetic_batch(
         targets: all.slice([0..b, 1..s + 1]),
         mask: Tensor::ones([b, s], device),
     }
-}
-
-/// Time each phase of the step alone, forward and backward, on block 0's
-/// modules, and scale by the number of layers that have it.
-fn profile_phases(
-    model: &LanguageModel,
-    cfg: &RunConfig,
-    adam: &AdamW,
-    device: &Device,
-    opts: &BenchOptions,
-    step_s: f64,
-) -> Result<Vec<PhaseTime>> {
-    let base = device.clone().inner();
-    let (b, s, d) = (cfg.train.batch_size, cfg.model.seq_len, cfg.model.d_model);
-    let t = b * s;
-    let reps = opts.steps.max(3);
-    // Inputs are drawn once, outside the timed windows; each repetition
-    // makes a fresh gradient leaf of them.
-    let h0 = Tensor::<3>::random([b, s, d], Distribution::Normal(0.0, 1.0), device);
-    let hidden = || h0.clone().require_grad();
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut ts = Vec::new();
-        for i in 0..reps + 2 {
-            base.sync()?;
-            let t0 = Instant::now();
-            f()?;
-            base.sync()?;
-            if i >= 2 {
-                ts.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        Ok(median(&ts))
-    };
-    let mut out = Vec::new();
-    let n_layers = model.layers.len();
-    let block = &model.layers[0];
-
-    let attn = time(&mut || {
-        let y = block.self_attn.forward(hidden(), &model.rope);
-        let _ = y.sum().backward();
-        Ok(())
-    })?;
-    out.push(("attention", attn * n_layers as f64));
-
-    let n_moe = model.moe_layers().count();
-    if let Some(moe) = model.moe_layers().next() {
-        let mcfg = moe.config();
-        let (e, k) = (mcfg.num_experts, mcfg.top_k);
-        let valid = Tensor::<1>::ones([t], device);
-        let router = time(&mut || {
-            let x = hidden().reshape([t, d]);
-            let dec = moe.router.forward(x, Phase::Train);
-            let loss = losses::switch_load_balancing_loss(
-                dec.probs.clone(),
-                dec.routing_map.clone(),
-                valid.clone(),
-                k,
-            ) + losses::router_z_loss(dec.logits.clone(), valid.clone())
-                + dec.topk_weights.sum();
-            let _ = loss.backward();
-            Ok(())
-        })?;
-        out.push(("router", router * n_moe as f64));
-
-        // Dispatch and combine around identity experts, for one fixed decision.
-        let decision = moe
-            .router
-            .forward(hidden().reshape([t, d]).detach(), Phase::Train);
-        let capacity = mcfg.capacity(t, mcfg.capacity_factor);
-        let weights = decision.topk_weights.clone().detach();
-        let dc = time(&mut || {
-            let x = hidden().reshape([t, d]);
-            let plan = dispatch::plan(&decision, valid.clone(), capacity);
-            let buf = dispatch::dispatch(x, &plan, e);
-            let y = dispatch::combine(buf, &plan, weights.clone());
-            let _ = y.sum().backward();
-            Ok(())
-        })?;
-        out.push(("dispatch/combine", dc * n_moe as f64));
-
-        let plan = dispatch::plan(&decision, valid.clone(), capacity);
-        let c = plan.capacity;
-        let x0 = Tensor::<3>::random([e, c, d], Distribution::Normal(0.0, 1.0), device);
-        let experts = time(&mut || {
-            let x = x0.clone().require_grad();
-            let _ = moe.experts.forward(x).sum().backward();
-            Ok(())
-        })?;
-        out.push(("expert matmuls", experts * n_moe as f64));
-        if let Some(shared) = &moe.shared_expert {
-            let sh = time(&mut || {
-                let _ = shared.forward(hidden()).sum().backward();
-                Ok(())
-            })?;
-            out.push(("shared experts", sh * n_moe as f64));
-        }
-    }
-    let dense: Vec<_> = model
-        .layers
-        .iter()
-        .filter_map(|bl| match &bl.mlp {
-            Ffn::Dense(m) => Some(m),
-            Ffn::Moe(_) => None,
-        })
-        .collect();
-    if let Some(mlp) = dense.first() {
-        let ffn = time(&mut || {
-            let _ = mlp.forward(hidden()).sum().backward();
-            Ok(())
-        })?;
-        out.push(("dense FFN", ffn * dense.len() as f64));
-    }
-
-    let mut rng = SplitMix64(7);
-    let batch = synthetic_batch(&mut rng, b, s, cfg.model.vocab_size, device);
-    let head = time(&mut || {
-        let x = model.norm.forward(hidden());
-        let logits = match &model.lm_head {
-            Some(h) => h.forward(x),
-            None => x.matmul(model.embed_tokens.weight.val().transpose().unsqueeze()),
-        };
-        let loss = cross_entropy(logits, batch.targets.clone(), batch.mask.clone());
-        let _ = loss.backward();
-        Ok(())
-    })?;
-    out.push(("LM head + loss", head));
-
-    // The optimizer on real gradients of one step (computed untimed); the
-    // model it returns is dropped, so every repetition updates the same weights.
-    let mut ts = Vec::new();
-    for i in 0..reps + 2 {
-        let (grads, _, _) = step::backward(model, &batch, cfg);
-        base.sync()?;
-        let t0 = Instant::now();
-        let sq = grad_sq_norm(model, &grads, &base);
-        let mut state = adam.clone();
-        let updated = state.step(
-            &cfg.optim,
-            cfg.optim.lr,
-            model.clone(),
-            grads,
-            clip_scale(sq, cfg.optim.grad_clip),
-        );
-        base.sync()?;
-        if i >= 2 {
-            ts.push(t0.elapsed().as_secs_f64());
-        }
-        drop(updated);
-    }
-    let optim = median(&ts);
-    out.push(("optimizer", optim));
-
-    let sum: f64 = out.iter().map(|(_, s)| s).sum();
-    let mut phases: Vec<PhaseTime> = out
-        .into_iter()
-        .map(|(n, s)| PhaseTime {
-            name: n.to_string(),
-            seconds: s,
-        })
-        .collect();
-    phases.push(PhaseTime {
-        name: "other (embedding, norms, residuals, stats)".into(),
-        seconds: step_s - sum,
-    });
-    Ok(phases)
 }
 
 /// f32 matmul throughput of `n × n × n` products, GFLOP/s (median of 5).
@@ -428,7 +271,7 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
@@ -456,7 +299,10 @@ impl BenchReport {
             "step        median {:.4} s over {} steps (min {:.4}, max {:.4})\n",
             self.median_step_s,
             self.step_seconds.len(),
-            self.step_seconds.iter().cloned().fold(f64::INFINITY, f64::min),
+            self.step_seconds
+                .iter()
+                .cloned()
+                .fold(f64::INFINITY, f64::min),
             self.step_seconds.iter().cloned().fold(0.0, f64::max),
         ));
         o.push_str(&format!(
