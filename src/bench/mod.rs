@@ -17,9 +17,9 @@
 mod profile;
 
 use crate::config::RunConfig;
-use crate::data::stream::SplitMix64;
+use crate::data::stream::{Batch, SplitMix64};
 use crate::model::LanguageModel;
-use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
+use crate::train::optim::{grad_sq_norm, AdamW};
 use crate::train::step::{self, BatchTensors};
 use anyhow::{Context, Result};
 use burn::module::Module;
@@ -179,17 +179,15 @@ fn train_step(
         "non-finite loss {} in a benchmark step",
         reading.total
     );
-    let mut model = adam.step(
-        &cfg.optim,
-        cfg.optim.lr,
+    Ok(step::apply_update(
         model,
+        adam,
+        cfg,
+        cfg.optim.lr,
         grads,
-        clip_scale(sq_norm, cfg.optim.grad_clip),
-    );
-    for (layer, tpe) in model.moe_layers_mut().zip(reading.tokens_per_expert) {
-        layer.router.update_expert_bias(tpe);
-    }
-    Ok(model)
+        sq_norm,
+        reading.tokens_per_expert,
+    ))
 }
 
 /// Uniform random token ids, no padding.
@@ -200,33 +198,30 @@ pub(crate) fn synthetic_batch(
     vocab: usize,
     device: &Device,
 ) -> BatchTensors {
-    let ids: Vec<i64> = (0..b * (s + 1))
-        .map(|_| (rng.next_u64() % vocab as u64) as i64)
-        .collect();
-    let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), device);
-    BatchTensors {
-        inputs: all.clone().slice([0..b, 0..s]),
-        targets: all.slice([0..b, 1..s + 1]),
-        mask: Tensor::ones([b, s], device),
-    }
+    let batch = Batch {
+        tokens: (0..b * (s + 1))
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect(),
+        mask: vec![1.0; b * s],
+        rows: b,
+        seq_len: s,
+    };
+    BatchTensors::new(&batch, device)
 }
 
 /// f32 matmul throughput of `n × n × n` products, GFLOP/s (median of 5).
 pub fn sgemm(device: &Device, n: usize) -> Result<f64> {
     let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
     let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
-    let mut ts = Vec::new();
-    for i in 0..7 {
-        device.sync()?;
-        let t0 = Instant::now();
-        let c = a.clone().matmul(b.clone());
-        device.sync()?;
-        let _ = c;
-        if i >= 2 {
-            ts.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    Ok(2.0 * (n as f64).powi(3) / median(&ts) / 1e9)
+    let secs = time_median(
+        device,
+        5,
+        || (),
+        |()| {
+            let _ = a.clone().matmul(b.clone());
+        },
+    )?;
+    Ok(2.0 * (n as f64).powi(3) / secs / 1e9)
 }
 
 /// Parameters one token passes through, the embedding excluded.
@@ -271,7 +266,30 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-pub(crate) fn median(xs: &[f64]) -> f64 {
+/// Median seconds of `run` over `reps` repetitions after 2 untimed ones.
+/// `setup` prepares each repetition's input outside the timed window; the
+/// device is synced at both ends of it.
+pub(crate) fn time_median<T>(
+    device: &Device,
+    reps: usize,
+    mut setup: impl FnMut() -> T,
+    mut run: impl FnMut(T),
+) -> Result<f64> {
+    let mut ts = Vec::new();
+    for i in 0..reps + 2 {
+        let input = setup();
+        device.sync()?;
+        let t0 = Instant::now();
+        run(input);
+        device.sync()?;
+        if i >= 2 {
+            ts.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&ts))
+}
+
+fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {

@@ -1,7 +1,7 @@
 //! The per-phase breakdown of `switchyard bench --profile`: each component
 //! of the step timed alone, forward and backward, on block 0's modules.
 
-use super::{median, synthetic_batch, BenchOptions, PhaseTime};
+use super::{synthetic_batch, time_median, BenchOptions, PhaseTime};
 use crate::config::RunConfig;
 use crate::data::stream::SplitMix64;
 use crate::model::block::Ffn;
@@ -12,7 +12,6 @@ use crate::train::step;
 use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use std::time::Instant;
 
 /// Time each phase of the step alone, forward and backward, on block 0's
 /// modules, and scale by the number of layers that have it.
@@ -32,19 +31,7 @@ pub(super) fn profile_phases(
     // makes a fresh gradient leaf of them.
     let h0 = Tensor::<3>::random([b, s, d], Distribution::Normal(0.0, 1.0), device);
     let hidden = || h0.clone().require_grad();
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut ts = Vec::new();
-        for i in 0..reps + 2 {
-            base.sync()?;
-            let t0 = Instant::now();
-            f()?;
-            base.sync()?;
-            if i >= 2 {
-                ts.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        Ok(median(&ts))
-    };
+    let time = |f: &mut dyn FnMut()| time_median(&base, reps, || (), |()| f());
     let mut out = Vec::new();
     let n_layers = model.layers.len();
     let block = &model.layers[0];
@@ -52,7 +39,6 @@ pub(super) fn profile_phases(
     let attn = time(&mut || {
         let y = block.self_attn.forward(hidden(), &model.rope);
         let _ = y.sum().backward();
-        Ok(())
     })?;
     out.push(("attention", attn * n_layers as f64));
 
@@ -72,7 +58,6 @@ pub(super) fn profile_phases(
             ) + losses::router_z_loss(dec.logits.clone(), valid.clone())
                 + dec.topk_weights.sum();
             let _ = loss.backward();
-            Ok(())
         })?;
         out.push(("router", router * n_moe as f64));
 
@@ -88,7 +73,6 @@ pub(super) fn profile_phases(
             let buf = dispatch::dispatch(x, &plan, e);
             let y = dispatch::combine(buf, &plan, weights.clone());
             let _ = y.sum().backward();
-            Ok(())
         })?;
         out.push(("dispatch/combine", dc * n_moe as f64));
 
@@ -98,13 +82,11 @@ pub(super) fn profile_phases(
         let experts = time(&mut || {
             let x = x0.clone().require_grad();
             let _ = moe.experts.forward(x).sum().backward();
-            Ok(())
         })?;
         out.push(("expert matmuls", experts * n_moe as f64));
         if let Some(shared) = &moe.shared_expert {
             let sh = time(&mut || {
                 let _ = shared.forward(hidden()).sum().backward();
-                Ok(())
             })?;
             out.push(("shared experts", sh * n_moe as f64));
         }
@@ -120,7 +102,6 @@ pub(super) fn profile_phases(
     if let Some(mlp) = dense.first() {
         let ffn = time(&mut || {
             let _ = mlp.forward(hidden()).sum().backward();
-            Ok(())
         })?;
         out.push(("dense FFN", ffn * dense.len() as f64));
     }
@@ -135,33 +116,23 @@ pub(super) fn profile_phases(
         };
         let loss = cross_entropy(logits, batch.targets.clone(), batch.mask.clone());
         let _ = loss.backward();
-        Ok(())
     })?;
     out.push(("LM head + loss", head));
 
     // The optimizer on real gradients of one step (computed untimed); the
     // model it returns is dropped, so every repetition updates the same weights.
-    let mut ts = Vec::new();
-    for i in 0..reps + 2 {
-        let (grads, _, _) = step::backward(model, &batch, cfg);
-        base.sync()?;
-        let t0 = Instant::now();
-        let sq = grad_sq_norm(model, &grads, &base);
-        let mut state = adam.clone();
-        let updated = state.step(
-            &cfg.optim,
-            cfg.optim.lr,
-            model.clone(),
-            grads,
-            clip_scale(sq, cfg.optim.grad_clip),
-        );
-        base.sync()?;
-        if i >= 2 {
-            ts.push(t0.elapsed().as_secs_f64());
-        }
-        drop(updated);
-    }
-    let optim = median(&ts);
+    let optim = time_median(
+        &base,
+        reps,
+        || step::backward(model, &batch, cfg).0,
+        |grads| {
+            let sq = grad_sq_norm(model, &grads, &base);
+            let clip = clip_scale(sq, cfg.optim.grad_clip);
+            let _ = adam
+                .clone()
+                .step(&cfg.optim, cfg.optim.lr, model.clone(), grads, clip);
+        },
+    )?;
     out.push(("optimizer", optim));
 
     let sum: f64 = out.iter().map(|(_, s)| s).sum();

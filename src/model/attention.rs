@@ -89,9 +89,8 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     // Query blocks see only the keys up to their last position, so the
     // upper triangle of the score matrix is mostly never built: with n
     // blocks, (n + 1) / 2n of it is (attention forward + backward 42%
-    // faster on the CPU backend). One block elsewhere: on GPU backends every
-    // block shape is more kernels to compile at the first step.
-    let blocks = attention_blocks(s, &q.device());
+    // faster on the CPU backend, the only one `Attention` uses this on).
+    let blocks = attention_blocks(s);
     let mut outs = Vec::with_capacity(blocks);
     for i in 0..blocks {
         let (q0, q1) = (i * s / blocks, (i + 1) * s / blocks);
@@ -124,12 +123,8 @@ fn on_cpu(device: &Device) -> bool {
 }
 
 /// How many query blocks [`causal_attention`] uses for length `s`.
-fn attention_blocks(s: usize, device: &Device) -> usize {
-    if on_cpu(device) {
-        (s / ATTENTION_BLOCK).clamp(1, MAX_ATTENTION_BLOCKS)
-    } else {
-        1
-    }
+fn attention_blocks(s: usize) -> usize {
+    (s / ATTENTION_BLOCK).clamp(1, MAX_ATTENTION_BLOCKS)
 }
 
 /// Query rows per block of [`causal_attention`] (at least), and the most blocks.
@@ -167,7 +162,7 @@ mod tests {
     fn blocked_causal_attention_matches_burn_attention_and_its_gradients() {
         let device = Device::flex().autodiff();
         for (s, blocks) in [(40, 1), (200, 3), (256, 4)] {
-            assert_eq!(attention_blocks(s, &device), blocks);
+            assert_eq!(attention_blocks(s), blocks);
             let r = || {
                 Tensor::<4>::random([2, 3, s, 8], Distribution::Normal(0.0, 1.0), &device)
                     .require_grad()

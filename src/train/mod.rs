@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::optim::GradientsAccumulator;
 use burn::prelude::*;
-use optim::{clip_scale, grad_sq_norm, learning_rate, AdamW};
+use optim::{grad_sq_norm, learning_rate, AdamW};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -261,16 +261,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         let finite = total.is_finite() && grad_norm.is_finite();
         if finite {
             state.consecutive_bad = 0;
-            model = adam.step(
-                &cfg.optim,
-                lr,
-                model,
-                grads,
-                clip_scale(sq_norm, cfg.optim.grad_clip),
-            );
-            for (layer, tpe) in model.moe_layers_mut().zip(layer_tpe) {
-                layer.router.update_expert_bias(tpe);
-            }
+            model = step::apply_update(model, &mut adam, &cfg, lr, grads, sq_norm, layer_tpe);
         } else {
             state.bad_steps += 1;
             state.consecutive_bad += 1;

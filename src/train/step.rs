@@ -6,6 +6,7 @@ use crate::data::stream::Batch;
 use crate::metrics::LayerReport;
 use crate::model::{cross_entropy, LanguageModel, ModelOutput};
 use crate::moe::{Phase, RoutingStats};
+use crate::train::optim::{clip_scale, AdamW};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Transaction;
@@ -198,4 +199,24 @@ pub fn read_step(
         layers,
         tokens_per_expert,
     }
+}
+
+/// Apply one optimizer step: AdamW with the global-norm clipping factor from
+/// `sq_norm`, then the aux-free bias update of each MoE layer from its
+/// routed counts (`StepReading::tokens_per_expert`).
+pub fn apply_update(
+    model: LanguageModel,
+    adam: &mut AdamW,
+    cfg: &RunConfig,
+    lr: f64,
+    grads: GradientsParams,
+    sq_norm: Tensor<1>,
+    tokens_per_expert: Vec<Tensor<1>>,
+) -> LanguageModel {
+    let clip = clip_scale(sq_norm, cfg.optim.grad_clip);
+    let mut model = adam.step(&cfg.optim, lr, model, grads, clip);
+    for (layer, tpe) in model.moe_layers_mut().zip(tokens_per_expert) {
+        layer.router.update_expert_bias(tpe);
+    }
+    model
 }
