@@ -70,17 +70,10 @@ fn line_chart(
     y_name: &str,
     series: &[(String, Vec<Option<f64>>)],
 ) -> Result<()> {
-    let ys: Vec<f64> = series
-        .iter()
-        .flat_map(|s| s.1.iter().flatten().copied())
-        .filter(|v| v.is_finite())
-        .collect();
-    if ys.is_empty() {
+    let Some((lo, hi)) = finite_range(series.iter().flat_map(|s| s.1.iter().flatten().copied()))
+    else {
         return Ok(());
-    }
-    let (lo, hi) = ys
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
+    };
     let pad = ((hi - lo) * 0.1).max(1e-3);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -204,17 +197,9 @@ fn heatmap(path: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
         v
     };
     let (xs, ys) = (vals(&axes[0]), vals(&axes[1]));
-    let losses: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r.final_eval_loss)
-        .filter(|l| l.is_finite())
-        .collect();
-    if losses.is_empty() {
+    let Some((lo, hi)) = finite_range(rows.iter().filter_map(|r| r.final_eval_loss)) else {
         return Ok(());
-    }
-    let (lo, hi) = losses
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
+    };
     let root = BitMapBackend::new(path, (900, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = frame(
@@ -401,4 +386,14 @@ fn group_name(r: &PointResult, skip: usize) -> String {
 
 fn slug(axis: &str) -> String {
     axis.replace('.', "_")
+}
+
+/// Smallest and largest finite value; `None` when there is none.
+fn finite_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    values
+        .filter(|v| v.is_finite())
+        .fold(None, |range, v| match range {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((f64::min(lo, v), f64::max(hi, v))),
+        })
 }
