@@ -16,6 +16,7 @@ pub mod export;
 pub mod generate;
 pub mod hf;
 pub mod inspect;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod moe;

@@ -5,12 +5,11 @@
 use super::mlp::linear;
 use super::rope::Rope;
 use crate::config::ModelConfig;
+use crate::kernels::{causal_softmax, on_cpu};
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Bool;
 
 /// Grouped-query causal self-attention.
 #[derive(Module, Debug)]
@@ -76,10 +75,11 @@ impl Attention {
 
 /// softmax(q kᵀ / √hd + causal) v, written out so that training builds as
 /// few `[B, H, S, S]` intermediates as possible: the scale is folded into q
-/// (S times smaller than the scores), the causal mask is an additive bias
-/// that needs no gradient, and the softmax's max shift is detached. Burn's
-/// `attention` under autodiff decomposes into more full-size operations
-/// (scaling, mask fill, NaN guards), each with its own backward.
+/// (S times smaller than the scores), and the causal mask and the softmax
+/// are one fused operation with its own backward ([`causal_softmax`]).
+/// Burn's `attention` under autodiff decomposes into more full-size
+/// operations (scaling, mask fill, NaN guards, the softmax's parts), each
+/// with its own backward.
 ///
 /// # Shapes
 /// - `q`, `k`, `v`: `[B, H, S, hd]` → `[B, H, S, hd]`
@@ -103,23 +103,15 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
                 v.clone().slice([0..b, 0..h, 0..q1, 0..hd]),
             )
         };
-        // Key j is in query q0 + r's future when j > q0 + r.
-        let future = Tensor::<2, Bool>::tril_mask([q1 - q0, q1], q0 as i64, &q.device());
-        let bias =
-            Tensor::<2>::zeros([q1 - q0, q1], &q.device()).mask_fill(future, f32::NEG_INFINITY);
-        let scores = qi.matmul(ki.swap_dims(2, 3)) + bias.unsqueeze::<4>(); // [B, H, q1-q0, q1]
-        outs.push(softmax(scores, 3).matmul(vi));
+        // Row r is query q0 + r, which sees keys 0..=q0 + r.
+        let scores = qi.matmul(ki.swap_dims(2, 3)); // [B, H, q1-q0, q1]
+        outs.push(causal_softmax(scores, q0).matmul(vi));
     }
     if outs.len() == 1 {
         outs.pop().unwrap()
     } else {
         Tensor::cat(outs, 2)
     }
-}
-
-/// Whether `device` is the CPU backend (with or without autodiff).
-fn on_cpu(device: &Device) -> bool {
-    device.clone().without_autodiff() == Device::flex()
 }
 
 /// How many query blocks [`causal_attention`] uses for length `s`.

@@ -2,9 +2,9 @@
 //! Transformer"): `down(silu(gate(x)) * up(x))`, used by dense blocks and by
 //! shared experts. Field names follow the Hugging Face Qwen2/Llama keys.
 
+use crate::kernels::swiglu;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 /// A bias-free SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -38,7 +38,7 @@ impl Mlp {
     /// # Shapes
     /// - `x`: `[..., d_model]` → `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let h = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        let h = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         self.down_proj.forward(h)
     }
 }

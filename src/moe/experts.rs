@@ -2,9 +2,9 @@
 //! experts run as one batched matmul per projection over their capacity
 //! buffers instead of a loop of small matmuls.
 
+use crate::kernels::swiglu;
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::Distribution;
 
 /// E stacked SwiGLU experts: expert e computes
@@ -47,7 +47,10 @@ impl Experts {
     /// # Shapes
     /// - `x`: `[E, C, d_model]` → `[E, C, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = silu(x.clone().matmul(self.gate_proj.val())) * x.matmul(self.up_proj.val()); // [E, C, F]
+        let h = swiglu(
+            x.clone().matmul(self.gate_proj.val()),
+            x.matmul(self.up_proj.val()),
+        ); // [E, C, F]
         h.matmul(self.down_proj.val())
     }
 }

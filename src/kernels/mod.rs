@@ -1,0 +1,374 @@
+//! Fused operations with hand-written backward passes, for the CPU backend.
+//!
+//! Under autodiff Burn builds SiLU, softmax and log-softmax from several
+//! full-size tensor operations, each with its own allocation, its own
+//! backward step and (on the CPU backend) a single thread. The three
+//! operations here replace the largest of those chains in a training step:
+//!
+//! - [`swiglu`]: `silu(gate) * up`, the SwiGLU activation of every expert
+//!   and dense FFN;
+//! - [`causal_softmax`]: the attention softmax over each query's causal
+//!   prefix;
+//! - [`cross_entropy_rows`]: per-token cross-entropy from the LM head's
+//!   logits.
+//!
+//! Each is a Burn backend extension implemented for the CPU backend (`Flex`)
+//! and for `Autodiff` over it, whose backward is one fused kernel (see
+//! [`cpu`]). On every other backend, and for dtypes other than f32, the
+//! public functions compose the same result from Burn's tensor operations,
+//! so GPU backends keep the path their own fusion is built for.
+
+pub mod cpu;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{DType, TensorData};
+
+/// The fused operations, as a backend extension.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// `silu(gate) * up`, element-wise; both of one shape.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Softmax over the last dimension of each `[rows, cols]` matrix, where
+    /// row r sees only columns `0..=offset + r`.
+    fn causal_softmax(scores: FloatTensor<Self>, offset: usize) -> FloatTensor<Self>;
+    /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
+    fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
+        -> FloatTensor<Self>;
+}
+
+/// The raw kernels a backend provides for [`FusedOps`] under autodiff:
+/// forwards that also return what their backward needs, and the backwards.
+pub trait FusedKernels: Backend {
+    /// [`FusedOps::cross_entropy_rows`] and the rows' log-sum-exp.
+    fn cross_entropy_rows_lse(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients of `gate` and `up` given the output gradient.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradient of the scores from the probabilities and their gradient.
+    fn causal_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offset: usize,
+    ) -> FloatTensor<Self>;
+    /// Gradient of the logits given each row's loss gradient.
+    fn cross_entropy_rows_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether the fused kernels serve a float tensor on `device` of `dtype`:
+/// the CPU backend (with or without autodiff) in f32.
+pub fn fused_on(device: &Device, dtype: DType) -> bool {
+    on_cpu(device) && dtype == DType::F32
+}
+
+/// Whether `device` is the CPU backend (with or without autodiff).
+pub fn on_cpu(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    if fused_on(&gate.device(), gate.dtype()) {
+        let out = <Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch());
+        Tensor::from_dispatch(out)
+    } else {
+        silu(gate) * up
+    }
+}
+
+/// Softmax over the last dimension, where row r of each `[rows, cols]`
+/// matrix sees only columns `0..=offset + r` and gives the others 0.
+pub fn causal_softmax<const D: usize>(scores: Tensor<D>, offset: usize) -> Tensor<D> {
+    if fused_on(&scores.device(), scores.dtype()) {
+        let out = <Dispatch as FusedOps>::causal_softmax(scores.into_dispatch(), offset);
+        return Tensor::from_dispatch(out);
+    }
+    let dims = scores.dims();
+    let (rows, cols) = (dims[D - 2], dims[D - 1]);
+    let future = Tensor::<2, Bool>::tril_mask([rows, cols], offset as i64, &scores.device());
+    let bias = Tensor::<2>::zeros([rows, cols], &scores.device())
+        .mask_fill(future, f32::NEG_INFINITY)
+        .cast(scores.dtype());
+    softmax(scores + bias.unsqueeze::<D>(), D - 1)
+}
+
+/// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`.
+///
+/// # Shapes
+/// - `logits`: `[n, v]`; `targets`: `[n]`; returns `[n]`
+pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    if fused_on(&logits.device(), logits.dtype()) {
+        let out = <Dispatch as FusedOps>::cross_entropy_rows(
+            logits.into_dispatch(),
+            targets.into_dispatch(),
+        );
+        return Tensor::from_dispatch(out);
+    }
+    let [n, _] = logits.dims();
+    let logp = log_softmax(logits, 1);
+    logp.gather(1, targets.reshape([n, 1])).reshape([n]).neg()
+}
+
+// ---------------------------------------------------------------- Flex --
+
+/// An f32 tensor's values, contiguous.
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("fused kernels take f32 tensors")
+                .to_vec(),
+        ),
+    }
+}
+
+/// An integer tensor's values as i64, whatever its integer width.
+fn indices(t: &FlexTensor) -> Vec<i64> {
+    let t = t.to_contiguous();
+    match t.dtype() {
+        DType::I64 => t.as_slice::<i64>().unwrap().to_vec(),
+        DType::I32 => t
+            .as_slice::<i32>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::U32 => t
+            .as_slice::<u32>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::U64 => t
+            .as_slice::<u64>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        other => panic!("fused kernels: unsupported index dtype {other:?}"),
+    }
+}
+
+fn shape_of(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// The last two dimensions of `shape`, or (1, n) for a vector.
+fn matrix_dims(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [.., r, c] => (*r, *c),
+    }
+}
+
+impl FusedOps for Flex {
+    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        let shape = shape_of(&gate);
+        assert_eq!(shape, shape_of(&up), "swiglu: gate and up differ in shape");
+        let (g, u) = (values(&gate), values(&up));
+        let mut h = vec![0.0; g.len()];
+        cpu::swiglu_forward(&g, &u, &mut h);
+        tensor(h, shape)
+    }
+
+    fn causal_softmax(scores: FlexTensor, offset: usize) -> FlexTensor {
+        let shape = shape_of(&scores);
+        let (rows, cols) = matrix_dims(&shape);
+        let x = values(&scores);
+        let mut p = vec![0.0; x.len()];
+        cpu::causal_softmax_forward(&x, &mut p, rows, cols, offset);
+        tensor(p, shape)
+    }
+
+    fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        Self::cross_entropy_rows_lse(logits, targets).0
+    }
+}
+
+impl FusedKernels for Flex {
+    fn cross_entropy_rows_lse(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&logits);
+        let [n, v] = shape[..] else {
+            panic!("cross_entropy_rows: logits must be [n, v], got {shape:?}")
+        };
+        let t = indices(&targets);
+        assert_eq!(
+            t.len(),
+            n,
+            "cross_entropy_rows: {n} rows but {} targets",
+            t.len()
+        );
+        let x = values(&logits);
+        let (mut loss, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        cpu::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
+        (tensor(loss, vec![n]), tensor(lse, vec![n]))
+    }
+
+    fn swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&gate);
+        let (g, u, dh) = (values(&gate), values(&up), values(&grad));
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        cpu::swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
+        (tensor(dg, shape.clone()), tensor(du, shape))
+    }
+
+    fn causal_softmax_backward(probs: FlexTensor, grad: FlexTensor, offset: usize) -> FlexTensor {
+        let shape = shape_of(&probs);
+        let (rows, cols) = matrix_dims(&shape);
+        let (p, dp) = (values(&probs), values(&grad));
+        let mut dx = vec![0.0; p.len()];
+        cpu::causal_softmax_backward(&p, &dp, &mut dx, rows, cols, offset);
+        tensor(dx, shape)
+    }
+
+    fn cross_entropy_rows_backward(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        let shape = shape_of(&logits);
+        let v = shape[1];
+        let (x, t, lse, g) = (
+            values(&logits),
+            indices(&targets),
+            values(&lse),
+            values(&grad),
+        );
+        let mut d = vec![0.0; x.len()];
+        cpu::cross_entropy_backward(&x, &t, &lse, &g, v, &mut d);
+        tensor(d, shape)
+    }
+}
+
+// ------------------------------------------------------------ Autodiff --
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 2> for SwigluBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (dg, du) = B::swiglu_backward(gate, up, grad);
+        let [gate_node, up_node] = ops.parents;
+        if let Some(node) = gate_node {
+            grads.register::<B>(node.id, dg);
+        }
+        if let Some(node) = up_node {
+            grads.register::<B>(node.id, du);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CausalSoftmaxBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 1> for CausalSoftmaxBackward {
+    type State = (FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (probs, offset) = ops.state;
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::causal_softmax_backward(probs, grad, offset));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, targets, lse) = ops.state;
+        if let [Some(node)] = ops.parents {
+            let d = B::cross_entropy_rows_backward(logits, targets, lse, grad);
+            grads.register::<B>(node.id, d);
+        }
+    }
+}
+
+impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (g, u) = (gate.primitive().clone(), up.primitive().clone());
+        match SwigluBackward
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::swiglu(g.clone(), u.clone());
+                prep.finish((g, u), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(g, u)),
+        }
+    }
+
+    fn causal_softmax(scores: FloatTensor<Self>, offset: usize) -> FloatTensor<Self> {
+        let x = scores.primitive().clone();
+        match CausalSoftmaxBackward
+            .prepare::<C>([scores.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let p = B::causal_softmax(x, offset);
+                prep.finish((p.clone(), offset), p)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::causal_softmax(x, offset)),
+        }
+    }
+
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let x = logits.primitive().clone();
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (loss, lse) = B::cross_entropy_rows_lse(x.clone(), targets.clone());
+                prep.finish((x, targets, lse), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy_rows(x, targets)),
+        }
+    }
+}
