@@ -497,10 +497,89 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
         .fold(0.0, f32::max) as usize;
     let plan = dispatch::plan(&decision, valid.reshape([t]), None);
     assert!(plan.capacity >= busiest, "{} < {busiest}", plan.capacity);
-    assert_eq!(plan.capacity % 64, 0);
+    assert_eq!(plan.capacity % dispatch::granule(&device), 0);
     assert!(
         plan.capacity < t,
         "capacity {} is not below T = {t}",
         plan.capacity
+    );
+}
+
+/// One expert applied to one token, straight from the stacked weights.
+fn expert_on_token(moe: &MoeLayer, e: usize, x: Tensor<2>) -> Tensor<2> {
+    let [_, d, f] = moe.experts.gate_proj.val().dims();
+    let w = |p: &Param<Tensor<3>>, rows, cols| p.val().slice([e..e + 1]).reshape([rows, cols]);
+    let g = x.clone().matmul(w(&moe.experts.gate_proj, d, f));
+    let u = x.matmul(w(&moe.experts.up_proj, d, f));
+    (burn::tensor::activation::silu(g) * u).matmul(w(&moe.experts.down_proj, f, d))
+}
+
+#[test]
+fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_without_changing_the_output() {
+    use switchyard::moe::dispatch;
+    let device = Device::flex();
+    let _rng = seeded(&device, 33);
+    let (d, e, k, b, s) = (8, 8, 2, 4, 80);
+    let t = b * s;
+    // C = ceil(2 · 320 · 2 / 8) = 160, about twice what any expert gets.
+    let moe = MoeLayer::new(
+        d,
+        &MoeConfig {
+            capacity_factor: 2.0,
+            ..cfg(e, k)
+        },
+        0.5,
+        &device,
+    );
+    let c = moe.config().capacity(t, 2.0).unwrap();
+    assert_eq!(c, 160);
+    let x = randn3([b, s, d], &device);
+    let valid = Tensor::<2>::ones([b, s], &device);
+    let (y, aux) = moe.forward(x.clone(), valid.clone(), Phase::Train);
+    assert_eq!(vec1(aux.stats.dropped()), vec![0.0]);
+
+    let flat = x.reshape([t, d]);
+    let decision = moe.router.forward(flat.clone(), Phase::Train);
+    let plan = dispatch::plan(&decision, valid.reshape([t]), Some(c));
+    let busiest = vec1(aux.stats.tokens_per_expert.clone())
+        .into_iter()
+        .fold(0.0, f32::max) as usize;
+    assert!(
+        plan.capacity >= busiest && plan.capacity < c,
+        "buffer {} for busiest {busiest}",
+        plan.capacity
+    );
+
+    // Every token's output, one expert at a time, from the chosen experts and
+    // their combine weights.
+    let experts = aux
+        .topk_experts
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
+    let weights = vec2(aux.topk_weights);
+    let y = vec3(y);
+    let mut worst = 0.0f32;
+    for tok in 0..t {
+        let xt = flat.clone().slice([tok..tok + 1]);
+        let mut want = vec![0f32; d];
+        for j in 0..k {
+            let out = vec2(expert_on_token(
+                &moe,
+                experts[tok * k + j] as usize,
+                xt.clone(),
+            ));
+            for (w, o) in want.iter_mut().zip(out) {
+                *w += weights[tok * k + j] * o;
+            }
+        }
+        for (i, w) in want.iter().enumerate() {
+            worst = worst.max((y[tok * d + i] - w).abs());
+        }
+    }
+    assert!(
+        worst < 1e-5,
+        "layer output differs from the per-token sum by {worst}"
     );
 }

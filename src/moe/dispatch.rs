@@ -4,15 +4,19 @@
 //! with the highest router probability take its slots (priority by
 //! probability, not position, as in Switch Transformer's "batch prioritized
 //! routing", Riquelme et al. 2021); the rest are dropped and the residual
-//! connection carries them. Padding tokens never take a slot. Dropless uses
-//! C = T, which no expert can overflow since a token picks an expert at most
-//! once.
+//! connection carries them. Padding tokens never take a slot. Dropless
+//! could use C = T, which no expert can overflow since a token picks an
+//! expert at most once. Buffers never hold more slots than the busiest expert needs: under
+//! dropless always, and on the CPU backend under a capacity too (see
+//! [`plan`]), so the expert matmuls skip slots that would stay empty.
 //!
-//! The plan is built with sorts and gathers on the device: no host read and
-//! no materialised `[T, E, C]` one-hot tensor. Dispatch is one gather into an
+//! The plan is built with sorts and gathers on the device, with no
+//! materialised `[T, E, C]` one-hot tensor; the one host read is the busiest
+//! expert's count, where the buffers are cut to it. Dispatch is one gather into an
 //! `[E, C, d]` buffer; combine is one gather back plus a weighted sum over k.
 
 use super::router::RoutingDecision;
+use crate::kernels::on_cpu;
 use burn::prelude::*;
 
 /// Where every assignment goes. Built once per layer call; carries no gradient.
@@ -38,9 +42,15 @@ pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize
     let [t, e] = decision.routing_map.dims();
     let device = decision.routing_map.device();
     let routed = decision.routing_map.clone().detach() * valid.unsqueeze_dim::<2>(1); // [T, E]
+                                                                                      // Slots past the busiest expert's count stay empty whatever the policy,
+                                                                                      // so the buffers are cut to that count (rounded up) whenever reading it
+                                                                                      // back is cheap: always under dropless (C would otherwise be T), and on
+                                                                                      // the CPU backend, where the read is not a device sync.
+    let busiest = || routed.clone().sum_dim(0).max().into_scalar::<f32>();
     let c = match capacity {
+        Some(c) if on_cpu(&device) => c.min(busiest_capacity(busiest(), t, CPU_GRANULE)),
         Some(c) => c.min(t),
-        None => dropless_capacity(routed.clone().sum_dim(0).max().into_scalar::<f32>(), t),
+        None => busiest_capacity(busiest(), t, granule(&device)),
     };
 
     // Routed real tokens keep their probability (in [0, 1]); all others -1,
@@ -83,11 +93,29 @@ pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize
 }
 
 /// Buffer size that holds the busiest expert's `max_count` assignments,
-/// rounded up to a multiple of 64 (fewer distinct shapes for kernels to be
-/// built for), never above `t` and at least 1.
-pub fn dropless_capacity(max_count: f32, t: usize) -> usize {
+/// rounded up to a multiple of `granule`, never above `t` and at least 1.
+pub fn busiest_capacity(max_count: f32, t: usize, granule: usize) -> usize {
     let need = max_count.max(0.0).ceil() as usize;
-    need.div_ceil(64).max(1).saturating_mul(64).min(t).max(1)
+    need.div_ceil(granule)
+        .max(1)
+        .saturating_mul(granule)
+        .min(t)
+        .max(1)
+}
+
+/// Buffer rounding on the CPU backend, which builds nothing per shape.
+const CPU_GRANULE: usize = 16;
+/// Buffer rounding on GPU backends: fewer distinct shapes for kernels to be
+/// compiled and tuned for.
+const GPU_GRANULE: usize = 64;
+
+/// The buffer rounding for `device`.
+pub fn granule(device: &Device) -> usize {
+    if on_cpu(device) {
+        CPU_GRANULE
+    } else {
+        GPU_GRANULE
+    }
 }
 
 /// Gather tokens into the capacity buffers.
@@ -122,16 +150,17 @@ pub fn combine(expert_out: Tensor<3>, plan: &DispatchPlan, weights: Tensor<2>) -
 
 #[cfg(test)]
 mod tests {
-    use super::dropless_capacity;
+    use super::busiest_capacity;
 
     #[test]
-    fn dropless_capacity_rounds_up_to_64_and_caps_at_t() {
-        assert_eq!(dropless_capacity(0.0, 2048), 64);
-        assert_eq!(dropless_capacity(1.0, 2048), 64);
-        assert_eq!(dropless_capacity(64.0, 2048), 64);
-        assert_eq!(dropless_capacity(65.0, 2048), 128);
-        assert_eq!(dropless_capacity(600.0, 2048), 640);
-        assert_eq!(dropless_capacity(30.0, 40), 40);
-        assert_eq!(dropless_capacity(0.0, 10), 10);
+    fn busiest_capacity_rounds_up_to_the_granule_and_caps_at_t() {
+        assert_eq!(busiest_capacity(0.0, 2048, 64), 64);
+        assert_eq!(busiest_capacity(1.0, 2048, 64), 64);
+        assert_eq!(busiest_capacity(64.0, 2048, 64), 64);
+        assert_eq!(busiest_capacity(65.0, 2048, 64), 128);
+        assert_eq!(busiest_capacity(600.0, 2048, 64), 640);
+        assert_eq!(busiest_capacity(545.0, 2048, 16), 560);
+        assert_eq!(busiest_capacity(30.0, 40, 64), 40);
+        assert_eq!(busiest_capacity(0.0, 10, 64), 10);
     }
 }
