@@ -26,7 +26,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Dispatch, Flex};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{DType, TensorData};
@@ -42,6 +42,19 @@ pub trait FusedOps: Backend {
     /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
         -> FloatTensor<Self>;
+    /// One AdamW update of a flat parameter: returns the new parameter and
+    /// moments. `scale` (`[1]`) multiplies the gradient first.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        hyper: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Sum of squared entries. `[1]`
+    fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The raw kernels a backend provides for [`FusedOps`] under autodiff:
@@ -127,6 +140,86 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
     logp.gather(1, targets.reshape([n, 1])).reshape([n]).neg()
 }
 
+/// AdamW's hyperparameters for one update, in the order [`cpu::adamw`]
+/// takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay (0 for undecayed parameters).
+    pub weight_decay: f64,
+    /// Bias corrections 1 - β1^t and 1 - β2^t.
+    pub bias_correction: (f64, f64),
+}
+
+impl AdamWStep {
+    fn packed(&self) -> [f32; 7] {
+        [
+            self.lr as f32,
+            self.beta1 as f32,
+            self.beta2 as f32,
+            self.eps as f32,
+            self.weight_decay as f32,
+            self.bias_correction.0 as f32,
+            self.bias_correction.1 as f32,
+        ]
+    }
+}
+
+/// One AdamW update of flat `[n]` tensors: the new parameter and moments,
+/// from the gradient times `scale` (`[1]`, the clipping factor). Fused into
+/// one pass on the CPU backend; composed from tensor operations elsewhere.
+pub fn adamw_update(
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    scale: Tensor<1>,
+    step: &AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let fused = [&param, &grad, &m, &v, &scale]
+        .iter()
+        .all(|t| fused_on(&t.device(), t.dtype()));
+    if fused {
+        let (p, m, v) = <Dispatch as FusedOps>::adamw_update(
+            param.into_dispatch(),
+            grad.into_dispatch(),
+            m.into_dispatch(),
+            v.into_dispatch(),
+            scale.into_dispatch(),
+            step.packed(),
+        );
+        return (
+            Tensor::from_dispatch(p),
+            Tensor::from_dispatch(m),
+            Tensor::from_dispatch(v),
+        );
+    }
+    let (b1, b2) = (step.beta1, step.beta2);
+    let g = grad * scale;
+    let m = m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+    let v = v.mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
+    let m_hat = m.clone().div_scalar(step.bias_correction.0);
+    let v_hat = v.clone().div_scalar(step.bias_correction.1);
+    let p = param.mul_scalar(1.0 - step.lr * step.weight_decay)
+        - (m_hat / (v_hat.sqrt() + step.eps)).mul_scalar(step.lr);
+    (p, m, v)
+}
+
+/// Sum of the squared entries of `x`. `[1]`
+pub fn sum_squares<const D: usize>(x: Tensor<D>) -> Tensor<1> {
+    if fused_on(&x.device(), x.dtype()) {
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::sum_squares(x.into_dispatch()));
+    }
+    x.square().sum()
+}
+
 // ---------------------------------------------------------------- Flex --
 
 /// An f32 tensor's values, contiguous.
@@ -207,6 +300,38 @@ impl FusedOps for Flex {
 
     fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
         Self::cross_entropy_rows_lse(logits, targets).0
+    }
+
+    fn adamw_update(
+        param: FlexTensor,
+        grad: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        scale: FlexTensor,
+        hyper: [f32; 7],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = shape_of(&param);
+        let scale = values(&scale)[0];
+        let (mut p, mut m, mut v) = (owned(param), owned(m), owned(v));
+        cpu::adamw(&mut p, &values(&grad), &mut m, &mut v, scale, hyper);
+        (
+            tensor(p, shape.clone()),
+            tensor(m, shape.clone()),
+            tensor(v, shape),
+        )
+    }
+
+    fn sum_squares(x: FlexTensor) -> FlexTensor {
+        tensor(vec![cpu::sum_squares(&values(&x))], vec![1])
+    }
+}
+
+/// An f32 tensor's values as an owned vector (no copy when the tensor is
+/// contiguous and not shared).
+fn owned(t: FlexTensor) -> Vec<f32> {
+    match t.into_data().try_into_vec::<f32>() {
+        Ok(v) => v,
+        Err(e) => panic!("fused kernels take f32 tensors: {e:?}"),
     }
 }
 
@@ -324,6 +449,35 @@ impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
 }
 
 impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    /// Optimizer updates act on the inner tensors and are not tracked.
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        hyper: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let inner = |t: FloatTensor<Self>| t.into_primitive();
+        let (p, m, v) = B::adamw_update(
+            inner(param),
+            inner(grad),
+            inner(m),
+            inner(v),
+            inner(scale),
+            hyper,
+        );
+        (
+            Self::from_inner(p),
+            Self::from_inner(m),
+            Self::from_inner(v),
+        )
+    }
+
+    fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::sum_squares(x.into_primitive()))
+    }
+
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let (g, u) = (gate.primitive().clone(), up.primitive().clone());
         match SwigluBackward

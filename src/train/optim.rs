@@ -9,6 +9,7 @@
 //! restores them bit for bit.
 
 use crate::config::OptimConfig;
+use crate::kernels::{adamw_update, sum_squares, AdamWStep};
 use crate::params::PathStack;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -36,7 +37,7 @@ pub fn grad_sq_norm<M: Module>(module: &M, grads: &GradientsParams, device: &Dev
     impl ModuleVisitor for V<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                self.acc = self.acc.clone() + g.square().sum();
+                self.acc = self.acc.clone() + sum_squares(g);
             }
         }
     }
@@ -94,18 +95,20 @@ impl ModuleMapper for Update<'_> {
             let n = shape.num_elements();
             let require_grad = p.is_require_grad();
             let x = p.inner().reshape([n]); // [n]
-            let g = grad.reshape([n]) * scale.to_device(&x.device());
-            let m = m_old
-                .unwrap_or_else(|| Tensor::zeros([n], &x.device()))
-                .mul_scalar(b1)
-                + g.clone().mul_scalar(1.0 - b1);
-            let v = v_old
-                .unwrap_or_else(|| Tensor::zeros([n], &x.device()))
-                .mul_scalar(b2)
-                + g.square().mul_scalar(1.0 - b2);
-            let m_hat = m.clone().div_scalar(1.0 - b1.powi(t));
-            let v_hat = v.clone().div_scalar(1.0 - b2.powi(t));
-            let x = x.mul_scalar(1.0 - lr * decay) - (m_hat / (v_hat.sqrt() + eps)).mul_scalar(lr);
+            let device = x.device();
+            let g = grad.reshape([n]);
+            let scale = scale.to_device(&device);
+            let m = m_old.unwrap_or_else(|| Tensor::zeros([n], &device));
+            let v = v_old.unwrap_or_else(|| Tensor::zeros([n], &device));
+            let step = AdamWStep {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                weight_decay: decay,
+                bias_correction: (1.0 - b1.powi(t), 1.0 - b2.powi(t)),
+            };
+            let (x, m, v) = adamw_update(x, g, m, v, scale, &step);
             new_m = Some(m);
             new_v = Some(v);
             let x = Tensor::<D>::from_inner(x.reshape(shape));
