@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def switchyard(args, extra):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [os.path.join(ROOT, "target/release/switchyard"), "bench", "--json", f.name,
+        cmd = [args.binary, "bench", "--json", f.name,
                "--steps", str(args.steps)] + extra
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.load(open(f.name))
@@ -37,6 +37,8 @@ def pytorch(args, model):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/switchyard"),
+                    help="the switchyard binary to run (default: the release build)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
