@@ -556,7 +556,7 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_without_changing_the_outpu
         .topk_experts
         .into_data()
         .convert::<i64>()
-        .to_vec::<i64>()
+        .try_to_vec::<i64>()
         .unwrap();
     let weights = vec2(aux.topk_weights);
     let y = vec3(y);
