@@ -133,3 +133,60 @@ fn fused_operations_run_without_autodiff_and_on_untracked_inputs() {
         assert!(max_diff(cross_entropy_rows(l, t), want.neg()) < 1e-5);
     }
 }
+
+#[test]
+fn grouped_swiglu_matches_per_expert_matmuls_in_value_and_gradients() {
+    use switchyard::kernels::grouped_swiglu;
+    let device = autodiff();
+    let (e, d, f) = (4, 24, 40);
+    // Expert 2 gets no rows; the others get uneven runs.
+    let counts = [37usize, 5, 0, 58];
+    let n: usize = counts.iter().sum();
+    let mut offsets = vec![0i64];
+    for c in counts {
+        offsets.push(offsets.last().unwrap() + c as i64);
+    }
+    let x = values([n, d], 0.15, 1.0, &device).require_grad();
+    let gate = values([e, d, f], 0.25, 0.3, &device).require_grad();
+    let up = values([e, d, f], 0.35, 0.3, &device).require_grad();
+    let down = values([e, f, d], 0.45, 0.3, &device).require_grad();
+    let w = values([n, d], 0.55, 1.0, &device);
+    let offs = Tensor::<1, Int>::from_data(TensorData::new(offsets.clone(), [e + 1]), &device);
+
+    let ours = grouped_swiglu(x.clone(), gate.clone(), up.clone(), down.clone(), offs);
+    // Composed: each expert's rows through its own slices of the stacks.
+    let pick =
+        |t: &Tensor<3>, i: usize, r: usize, c: usize| t.clone().slice([i..i + 1]).reshape([r, c]);
+    let mut parts = Vec::new();
+    for i in 0..e {
+        let (r0, r1) = (offsets[i] as usize, offsets[i + 1] as usize);
+        if r0 == r1 {
+            continue;
+        }
+        let xe = x.clone().slice([r0..r1]);
+        let h = silu(xe.clone().matmul(pick(&gate, i, d, f))) * xe.matmul(pick(&up, i, d, f));
+        parts.push(h.matmul(pick(&down, i, f, d)));
+    }
+    let want = Tensor::cat(parts, 0);
+    let dv = max_diff(ours.clone(), want.clone());
+    assert!(dv < 1e-5, "outputs differ by {dv}");
+
+    let g1 = (ours * w.clone()).sum().backward();
+    let g2 = (want * w).sum().backward();
+    let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+    assert!(dx < 1e-5, "gradient of x differs by {dx}");
+    for (name, p) in [("gate", &gate), ("up", &up), ("down", &down)] {
+        let (a, b) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
+        // Relative to the gradient's largest entry: the sums over up to 58
+        // rows run in a different order.
+        let scale = b.clone().abs().max().into_scalar::<f32>();
+        let dp = max_diff(a.clone(), b) / scale;
+        assert!(
+            dp < 1e-6,
+            "gradient of {name} differs by {dp} of its largest entry {scale}"
+        );
+        // The idle expert's block is zero.
+        let idle = a.slice([2..3]).abs().max().into_scalar::<f32>();
+        assert_eq!(idle, 0.0, "idle expert got a {name} gradient");
+    }
+}

@@ -515,7 +515,7 @@ fn expert_on_token(moe: &MoeLayer, e: usize, x: Tensor<2>) -> Tensor<2> {
 }
 
 #[test]
-fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_without_changing_the_output() {
+fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_match_per_token_sums() {
     use switchyard::moe::dispatch;
     let device = Device::flex();
     let _rng = seeded(&device, 33);
@@ -558,6 +558,7 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_without_changing_the_outpu
         .convert::<i64>()
         .try_to_vec::<i64>()
         .unwrap();
+    let aux_weights = aux.topk_weights.clone();
     let weights = vec2(aux.topk_weights);
     let y = vec3(y);
     let mut worst = 0.0f32;
@@ -581,5 +582,24 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_without_changing_the_outpu
     assert!(
         worst < 1e-5,
         "layer output differs from the per-token sum by {worst}"
+    );
+
+    // The padded path GPU backends take (capacity buffers, one batched
+    // matmul per projection) gives the same output from the same plan.
+    let weights = aux_weights.cast(flat.dtype());
+    let buffers = dispatch::dispatch(flat, &plan, e);
+    let padded = vec2(dispatch::combine(
+        moe.experts.forward(buffers),
+        &plan,
+        weights,
+    ));
+    let worst = padded
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        worst < 1e-5,
+        "padded path differs from the grouped one by {worst}"
     );
 }

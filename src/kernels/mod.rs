@@ -19,6 +19,7 @@
 //! so GPU backends keep the path their own fusion is built for.
 
 pub mod cpu;
+pub mod grouped;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -55,6 +56,16 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Sum of squared entries. `[1]`
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// SwiGLU experts over rows grouped by expert: rows
+    /// `offsets[e]..offsets[e + 1]` of `x` (`[N, d]`) go through expert e of
+    /// the stacked `gate`, `up` (`[E, d, F]`) and `down` (`[E, F, d]`).
+    fn grouped_swiglu(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// The raw kernels a backend provides for [`FusedOps`] under autodiff:
@@ -77,6 +88,20 @@ pub trait FusedKernels: Backend {
         grad: FloatTensor<Self>,
         offset: usize,
     ) -> FloatTensor<Self>;
+    /// [`FusedOps::grouped_swiglu`] and what its backward needs.
+    fn grouped_swiglu_forward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        offsets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, GroupedSaved<Self>);
+    /// Gradients of x and the three weight stacks.
+    fn grouped_swiglu_backward(
+        x: FloatTensor<Self>,
+        weights: [FloatTensor<Self>; 3],
+        offsets: IntTensor<Self>,
+        saved: GroupedSaved<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 4];
     /// Gradient of the logits given each row's loss gradient.
     fn cross_entropy_rows_backward(
         logits: FloatTensor<Self>,
@@ -85,6 +110,10 @@ pub trait FusedKernels: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
+
+/// The `[N, F]` gate and up projections and SwiGLU output a grouped
+/// forward keeps for its backward.
+pub type GroupedSaved<B> = [FloatTensor<B>; 3];
 
 /// Whether the fused kernels serve a float tensor on `device` of `dtype`:
 /// the CPU backend (with or without autodiff) in f32.
@@ -212,6 +241,35 @@ pub fn adamw_update(
     (p, m, v)
 }
 
+/// SwiGLU experts over rows grouped by expert, with one matmul per expert
+/// and projection over exactly its rows (CPU backend, f32 only: check
+/// [`fused_on`] first).
+///
+/// # Shapes
+/// - `x`: `[N, d]`, rows `offsets[e]..offsets[e + 1]` for expert e
+/// - `gate`, `up`: `[E, d, F]`; `down`: `[E, F, d]`; `offsets`: `[E + 1]`
+/// - returns `[N, d]`
+pub fn grouped_swiglu(
+    x: Tensor<2>,
+    gate: Tensor<3>,
+    up: Tensor<3>,
+    down: Tensor<3>,
+    offsets: Tensor<1, Int>,
+) -> Tensor<2> {
+    assert!(
+        fused_on(&x.device(), x.dtype()),
+        "grouped_swiglu runs on the CPU backend in f32"
+    );
+    let out = <Dispatch as FusedOps>::grouped_swiglu(
+        x.into_dispatch(),
+        gate.into_dispatch(),
+        up.into_dispatch(),
+        down.into_dispatch(),
+        offsets.into_dispatch(),
+    );
+    Tensor::from_dispatch(out)
+}
+
 /// Sum of the squared entries of `x`. `[1]`
 pub fn sum_squares<const D: usize>(x: Tensor<D>) -> Tensor<1> {
     if fused_on(&x.device(), x.dtype()) {
@@ -324,6 +382,34 @@ impl FusedOps for Flex {
     fn sum_squares(x: FlexTensor) -> FlexTensor {
         tensor(vec![cpu::sum_squares(&values(&x))], vec![1])
     }
+
+    fn grouped_swiglu(
+        x: FlexTensor,
+        gate: FlexTensor,
+        up: FlexTensor,
+        down: FlexTensor,
+        offsets: FlexTensor,
+    ) -> FlexTensor {
+        Self::grouped_swiglu_forward(x, [gate, up, down], offsets).0
+    }
+}
+
+/// The grouping of a grouped call: its dimensions and row offsets.
+fn grouping(
+    x: &FlexTensor,
+    gate: &FlexTensor,
+    offsets: &FlexTensor,
+) -> (grouped::Dims, Vec<usize>) {
+    let [experts, d, f] = shape_of(gate)[..] else {
+        panic!("grouped_swiglu: expert weights must be [E, d, F]")
+    };
+    assert_eq!(
+        shape_of(x)[1],
+        d,
+        "grouped_swiglu: x width differs from the experts'"
+    );
+    let offsets = indices(offsets).into_iter().map(|o| o as usize).collect();
+    (grouped::Dims { experts, d, f }, offsets)
 }
 
 /// An f32 tensor's values as an owned vector (no copy when the tensor is
@@ -373,6 +459,54 @@ impl FusedKernels for Flex {
         let mut dx = vec![0.0; p.len()];
         cpu::causal_softmax_backward(&p, &dp, &mut dx, rows, cols, offset);
         tensor(dx, shape)
+    }
+
+    fn grouped_swiglu_forward(
+        x: FlexTensor,
+        weights: [FlexTensor; 3],
+        offsets: FlexTensor,
+    ) -> (FlexTensor, GroupedSaved<Self>) {
+        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let n = shape_of(&x)[0];
+        let [gate, up, down] = weights.each_ref().map(values);
+        let (y, saved) = grouped::forward(&values(&x), &gate, &up, &down, &offs, dims);
+        let nf = vec![n, dims.f];
+        let saved = [
+            tensor(saved.g, nf.clone()),
+            tensor(saved.u, nf.clone()),
+            tensor(saved.h, nf),
+        ];
+        (tensor(y, vec![n, dims.d]), saved)
+    }
+
+    fn grouped_swiglu_backward(
+        x: FlexTensor,
+        weights: [FlexTensor; 3],
+        offsets: FlexTensor,
+        saved: GroupedSaved<Self>,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 4] {
+        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let [gate, up, down] = weights.each_ref().map(values);
+        let [g, u, h] = saved.each_ref().map(|t| values(t).into_owned());
+        let saved = grouped::Saved { g, u, h };
+        let (dx, dg, du, dd) = grouped::backward(
+            &values(&x),
+            &gate,
+            &up,
+            &down,
+            &offs,
+            dims,
+            &saved,
+            &values(&grad),
+        );
+        let [wg_shape, wu_shape, wd_shape] = weights.each_ref().map(shape_of);
+        [
+            tensor(dx, shape_of(&x)),
+            tensor(dg, wg_shape),
+            tensor(du, wu_shape),
+            tensor(dd, wd_shape),
+        ]
     }
 
     fn cross_entropy_rows_backward(
@@ -448,7 +582,57 @@ impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct GroupedSwigluBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
+    /// x, the three weight stacks, the offsets and the saved projections.
+    type State = (
+        FloatTensor<B>,
+        [FloatTensor<B>; 3],
+        IntTensor<B>,
+        GroupedSaved<B>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weights, offsets, saved) = ops.state;
+        let all = B::grouped_swiglu_backward(x, weights, offsets, saved, grad);
+        for (node, g) in ops.parents.into_iter().zip(all) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn grouped_swiglu(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let xi = x.primitive().clone();
+        let weights = [&gate, &up, &down].map(|w| w.primitive().clone());
+        match GroupedSwigluBackward
+            .prepare::<C>([x.node(), gate.node(), up.node(), down.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, saved) =
+                    B::grouped_swiglu_forward(xi.clone(), weights.clone(), offsets.clone());
+                prep.finish((xi, weights, offsets, saved), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [g, u, d] = weights;
+                prep.finish(B::grouped_swiglu(xi, g, u, d, offsets))
+            }
+        }
+    }
+
     /// Optimizer updates act on the inner tensors and are not tracked.
     fn adamw_update(
         param: FloatTensor<Self>,

@@ -138,14 +138,93 @@ pub fn dispatch(x: Tensor<2>, plan: &DispatchPlan, num_experts: usize) -> Tensor
 /// - returns `[T, d]`
 pub fn combine(expert_out: Tensor<3>, plan: &DispatchPlan, weights: Tensor<2>) -> Tensor<2> {
     let [e, c, d] = expert_out.dims();
+    combine_rows(
+        expert_out.reshape([e * c, d]),
+        plan.slot_for_assignment.clone(),
+        weights,
+    )
+}
+
+/// Weighted sum of each token's k output rows, where assignment t·k + j
+/// reads row `row_for_assignment[t·k + j]` of `rows` (`R` = the row count
+/// means none: a dropped assignment adds zero).
+///
+/// # Shapes
+/// - `rows`: `[R, d]`; `row_for_assignment`: `[T * k]`; `weights`: `[T, k]`
+/// - returns `[T, d]`
+pub fn combine_rows(
+    rows: Tensor<2>,
+    row_for_assignment: Tensor<1, Int>,
+    weights: Tensor<2>,
+) -> Tensor<2> {
+    let [_, d] = rows.dims();
     let [t, k] = weights.dims();
-    let zero = Tensor::zeros([1, d], &expert_out.device());
-    let rows = Tensor::cat(vec![expert_out.reshape([e * c, d]), zero], 0)
-        .select(0, plan.slot_for_assignment.clone()); // [T * k, d]
-    (rows * weights.reshape([t * k, 1]))
+    let zero = Tensor::zeros([1, d], &rows.device());
+    let picked = Tensor::cat(vec![rows, zero], 0).select(0, row_for_assignment); // [T * k, d]
+    (picked * weights.reshape([t * k, 1]))
         .reshape([t, k, d])
         .sum_dim(1)
         .reshape([t, d])
+}
+
+/// The kept assignments laid out by expert with no empty slots, for the
+/// grouped expert matmuls: expert e's tokens are rows
+/// `offsets[e]..offsets[e + 1]`, in the same priority order as its slots.
+#[derive(Debug, Clone)]
+pub struct Grouping {
+    /// Token index of each row. `[N]`
+    pub token_for_row: Tensor<1, Int>,
+    /// Row offsets per expert. `[E + 1]`
+    pub offsets: Tensor<1, Int>,
+    /// Row of each assignment (token-major); dropped and padding
+    /// assignments point at N. `[T * k]`
+    pub row_for_assignment: Tensor<1, Int>,
+}
+
+/// Compact `plan`'s slots into a [`Grouping`], for `t` tokens. Reads the
+/// plan back to the host, so it is for backends where that is not a device
+/// sync (the CPU).
+pub fn group(plan: &DispatchPlan, num_experts: usize, t: usize) -> Grouping {
+    let device = plan.token_for_slot.device();
+    let ints = |t: &Tensor<1, Int>| {
+        t.clone()
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("dispatch plans hold integers")
+    };
+    let (tokens, slots) = (ints(&plan.token_for_slot), ints(&plan.slot_for_assignment));
+    let c = plan.capacity;
+    let mut offsets = vec![0i64; num_experts + 1];
+    let mut token_for_row = Vec::with_capacity(tokens.len());
+    for e in 0..num_experts {
+        let block = &tokens[e * c..(e + 1) * c];
+        // Kept slots come first; empty ones point at the zero row T.
+        let kept = block.iter().take_while(|&&tok| tok < t as i64).count();
+        token_for_row.extend_from_slice(&block[..kept]);
+        offsets[e + 1] = offsets[e] + kept as i64;
+    }
+    let n = *offsets.last().unwrap();
+    let row_for_assignment = slots
+        .iter()
+        .map(|&s| {
+            let s = s as usize;
+            if s >= num_experts * c {
+                n
+            } else {
+                offsets[s / c] + (s % c) as i64
+            }
+        })
+        .collect::<Vec<_>>();
+    let int = |v: Vec<i64>| {
+        let len = v.len();
+        Tensor::<1, Int>::from_data(TensorData::new(v, [len]), &device)
+    };
+    Grouping {
+        token_for_row: int(token_for_row),
+        offsets: int(offsets),
+        row_for_assignment: int(row_for_assignment),
+    }
 }
 
 #[cfg(test)]

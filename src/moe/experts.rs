@@ -2,7 +2,7 @@
 //! experts run as one batched matmul per projection over their capacity
 //! buffers instead of a loop of small matmuls.
 
-use crate::kernels::swiglu;
+use crate::kernels::{grouped_swiglu, swiglu};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -52,5 +52,21 @@ impl Experts {
             x.matmul(self.up_proj.val()),
         ); // [E, C, F]
         h.matmul(self.down_proj.val())
+    }
+
+    /// Run every expert on its rows of `x`, grouped by expert: rows
+    /// `offsets[e]..offsets[e + 1]` go through expert e, with no padding
+    /// (CPU backend, f32; see [`crate::kernels::grouped_swiglu`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[N, d_model]` → `[N, d_model]`; `offsets`: `[E + 1]`
+    pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
+        grouped_swiglu(
+            x,
+            self.gate_proj.val(),
+            self.up_proj.val(),
+            self.down_proj.val(),
+            offsets,
+        )
     }
 }
