@@ -18,6 +18,7 @@
 //! public functions compose the same result from Burn's tensor operations,
 //! so GPU backends keep the path their own fusion is built for.
 
+pub mod attention;
 pub mod cpu;
 pub mod grouped;
 
@@ -56,6 +57,14 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Sum of squared entries. `[1]`
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads:
+    /// `q: [B, H, S, hd]`, `k, v: [B, KV, S, hd]`, query head i reads
+    /// key/value head i / (H / KV).
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// SwiGLU experts over rows grouped by expert: rows
     /// `offsets[e]..offsets[e + 1]` of `x` (`[N, d]`) go through expert e of
     /// the stacked `gate`, `up` (`[E, d, F]`) and `down` (`[E, F, d]`).
@@ -102,6 +111,20 @@ pub trait FusedKernels: Backend {
         saved: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4];
+    /// [`FusedOps::causal_attention`] and its probabilities `[B, H, S, S]`.
+    fn causal_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients of q, k and v from the inputs, the output, the
+    /// probabilities and the output gradient.
+    fn causal_attention_backward(
+        qkv: [FloatTensor<Self>; 3],
+        out: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
     /// Gradient of the logits given each row's loss gradient.
     fn cross_entropy_rows_backward(
         logits: FloatTensor<Self>,
@@ -239,6 +262,25 @@ pub fn adamw_update(
     let p = param.mul_scalar(1.0 - step.lr * step.weight_decay)
         - (m_hat / (v_hat.sqrt() + step.eps)).mul_scalar(step.lr);
     (p, m, v)
+}
+
+/// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads,
+/// fused on the CPU backend (f32 only: check [`fused_on`] first). Key/value
+/// head j serves query heads `j·H/KV .. (j+1)·H/KV`; nothing is repeated.
+///
+/// # Shapes
+/// - `q`: `[B, H, S, hd]`; `k`, `v`: `[B, KV, S, hd]` → `[B, H, S, hd]`
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    assert!(
+        fused_on(&q.device(), q.dtype()),
+        "the fused causal_attention runs on the CPU backend in f32"
+    );
+    let out = <Dispatch as FusedOps>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+    );
+    Tensor::from_dispatch(out)
 }
 
 /// SwiGLU experts over rows grouped by expert, with one matmul per expert
@@ -392,6 +434,32 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         Self::grouped_swiglu_forward(x, [gate, up, down], offsets).0
     }
+
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
+        Self::causal_attention_forward(q, k, v).0
+    }
+}
+
+/// The dimensions of a causal attention call, checked.
+fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::Dims {
+    let [b, h, s, hd] = shape_of(q)[..] else {
+        panic!("causal_attention: q must be [B, H, S, hd]")
+    };
+    let [kb, kv, ks, khd] = shape_of(k)[..] else {
+        panic!("causal_attention: k must be [B, KV, S, hd]")
+    };
+    assert_eq!(
+        shape_of(k),
+        shape_of(v),
+        "causal_attention: k and v differ in shape"
+    );
+    assert!(
+        kb == b && ks == s && khd == hd && kv > 0 && h % kv == 0,
+        "causal_attention: q {:?} and k {:?} do not fit",
+        shape_of(q),
+        shape_of(k)
+    );
+    attention::Dims { b, h, kv, s, hd }
 }
 
 /// The grouping of a grouped call: its dimensions and row offsets.
@@ -509,6 +577,41 @@ impl FusedKernels for Flex {
         ]
     }
 
+    fn causal_attention_forward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let dims = attention_dims(&q, &k, &v);
+        let (o, p) = attention::forward(&values(&q), &values(&k), &values(&v), dims);
+        let (b, h, s) = (dims.b, dims.h, dims.s);
+        (tensor(o, shape_of(&q)), tensor(p, vec![b, h, s, s]))
+    }
+
+    fn causal_attention_backward(
+        qkv: [FlexTensor; 3],
+        out: FlexTensor,
+        probs: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let [q, k, v] = &qkv;
+        let dims = attention_dims(q, k, v);
+        let (dq, dk, dv) = attention::backward(
+            &values(q),
+            &values(k),
+            &values(v),
+            &values(&out),
+            &values(&probs),
+            &values(&grad),
+            dims,
+        );
+        [
+            tensor(dq, shape_of(q)),
+            tensor(dk, shape_of(k)),
+            tensor(dv, shape_of(v)),
+        ]
+    }
+
     fn cross_entropy_rows_backward(
         logits: FlexTensor,
         targets: FlexTensor,
@@ -606,7 +709,49 @@ impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
     }
 }
 
+#[derive(Debug)]
+struct CausalAttentionBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 3> for CausalAttentionBackward {
+    /// q, k, v, the output and the probabilities.
+    type State = ([FloatTensor<B>; 3], FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (qkv, out, probs) = ops.state;
+        let all = B::causal_attention_backward(qkv, out, probs, grad);
+        for (node, g) in ops.parents.into_iter().zip(all) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let qkv = [&q, &k, &v].map(|t| t.primitive().clone());
+        match CausalAttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [qi, ki, vi] = qkv.clone();
+                let (o, p) = B::causal_attention_forward(qi, ki, vi);
+                prep.finish((qkv, o.clone(), p), o)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [qi, ki, vi] = qkv;
+                prep.finish(B::causal_attention(qi, ki, vi))
+            }
+        }
+    }
+
     fn grouped_swiglu(
         x: FloatTensor<Self>,
         gate: FloatTensor<Self>,
