@@ -559,3 +559,68 @@ fn bad_runs_are_refused_with_the_reason() {
     let e = run(&o).unwrap_err().to_string();
     assert!(e.contains("3 consecutive"), "{e}");
 }
+
+/// Mixed precision: the same weights computing in bf16 give nearly the f32
+/// loss and gradients; the router and the logits stay f32, the gradients
+/// reach the f32 parameters in f32; and a bf16 run trains.
+#[test]
+fn bf16_mixed_precision_tracks_f32_and_trains() {
+    use switchyard::config::Precision;
+    use switchyard::model::cross_entropy;
+    let _g = lock();
+    let device = Device::flex().autodiff();
+    device.seed(5);
+    let cfg = RunConfig::from_toml_str(TINY, &[]).unwrap();
+    let f32_model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+    let bf16_model = f32_model.clone().with_precision(Precision::Bf16);
+    assert_eq!(bf16_model.compute_dtype(), burn::tensor::DType::BF16);
+    let (b, s) = (2, cfg.model.seq_len);
+    let ids: Vec<i64> = (0..b * (s + 1))
+        .map(|i| ((i * 7919) % 4000) as i64)
+        .collect();
+    let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), &device);
+    let (inputs, targets) = (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]));
+    let mask = Tensor::<2>::ones([b, s], &device);
+
+    let run = |m: &LanguageModel| {
+        let out = m.forward(inputs.clone(), None, Phase::Eval);
+        assert_eq!(out.logits.dtype(), burn::tensor::DType::F32);
+        for aux in &out.moe {
+            assert_eq!(aux.router_logits.dtype(), burn::tensor::DType::F32);
+        }
+        let loss = cross_entropy(out.logits, targets.clone(), mask.clone());
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = loss.backward();
+        let g = m.layers[0].self_attn.q_proj.weight.grad(&grads).unwrap();
+        assert_eq!(g.dtype(), burn::tensor::DType::F32);
+        (value, g.into_data().to_vec::<f32>().unwrap())
+    };
+    let (l32, g32) = run(&f32_model);
+    let (l16, g16) = run(&bf16_model);
+    assert!(
+        (l16 - l32).abs() < 0.02 * l32,
+        "bf16 loss {l16} vs f32 {l32}"
+    );
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = g16.iter().zip(&g32).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&g32);
+    assert!(
+        rel < 0.1,
+        "bf16 gradient differs from f32 by {rel} (relative norm)"
+    );
+
+    let dir = scratch("bf16");
+    let cfgp = write_config(&dir, TINY);
+    let out = train(&options(
+        &dir,
+        &cfgp,
+        "r",
+        &["train.steps=20", "train.precision=bf16"],
+    ));
+    let first: f64 = out.losses[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = out.losses[16..].iter().sum::<f64>() / 4.0;
+    assert!(
+        last < first - 0.5,
+        "bf16 loss did not fall: {first} -> {last}"
+    );
+}

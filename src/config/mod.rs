@@ -7,7 +7,7 @@ mod model;
 mod train;
 
 pub use model::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
-pub use train::{LogConfig, NonFinitePolicy, OptimConfig, ProgressMode, TrainConfig};
+pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 
 use crate::data::DataConfig;
 use serde::{Deserialize, Serialize};

@@ -78,6 +78,21 @@ pub enum NonFinitePolicy {
     Stop,
 }
 
+/// The dtype the model computes in. Parameters, optimizer state, the
+/// router and the loss stay f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Activations and matmuls in bf16 (weights cast from their f32 master
+    /// copies each step); norms, the router, softmax statistics of the loss
+    /// and all parameters in f32. Meant for GPUs; the CPU backend runs bf16
+    /// matmuls through f32 and gains nothing.
+    Bf16,
+}
+
 /// The training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,6 +120,9 @@ pub struct TrainConfig {
     /// Start from these weights (a run, checkpoint or Hugging Face directory)
     /// with a fresh optimizer. Default none.
     pub init_from: Option<String>,
+    /// "f32" or "bf16" (mixed precision, router and master weights in f32).
+    /// Default "f32".
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +139,7 @@ impl Default for TrainConfig {
             on_nonfinite: NonFinitePolicy::Skip,
             max_bad_steps: 5,
             init_from: None,
+            precision: Precision::F32,
         }
     }
 }

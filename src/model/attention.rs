@@ -2,7 +2,7 @@
 //! 2023) and RoPE, laid out as in Hugging Face Mixtral/Qwen2: separate
 //! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`.
 
-use super::mlp::linear;
+use super::mlp::{apply, linear};
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::kernels::{self, causal_softmax, fused_on, on_cpu};
@@ -52,9 +52,9 @@ impl Attention {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), h)); // [B, H, S, hd]
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), kv)); // [B, KV, S, hd]
-        let v = split(self.v_proj.forward(x), kv); // [B, KV, S, hd]
+        let q = rope.apply(split(apply(&self.q_proj, x.clone()), h)); // [B, H, S, hd]
+        let k = rope.apply(split(apply(&self.k_proj, x.clone()), kv)); // [B, KV, S, hd]
+        let v = split(apply(&self.v_proj, x), kv); // [B, KV, S, hd]
         let out = if fused_on(&q.device(), q.dtype()) {
             // CPU, f32: one fused operation with its own backward, reading
             // each key/value head for its query heads without repeating it.
@@ -73,8 +73,7 @@ impl Attention {
             };
             attention(q, k, v, None, None, options)
         }; // [B, H, S, hd]
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+        apply(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
 }
 

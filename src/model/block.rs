@@ -8,6 +8,7 @@ use crate::config::{ModelConfig, MoeConfig};
 use crate::moe::{MoeAux, MoeLayer, Phase};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
+use burn::tensor::DType;
 
 /// The feed-forward half of a block.
 #[derive(Module, Debug)]
@@ -38,6 +39,16 @@ pub fn rms_norm(cfg: &ModelConfig, device: &Device) -> RmsNorm {
         .init(device)
 }
 
+/// RMSNorm computed in f32 whatever the activations' dtype, and returned
+/// in that dtype.
+pub fn norm(layer: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    let dt = x.dtype();
+    if dt == DType::F32 {
+        return layer.forward(x);
+    }
+    layer.forward(x.cast(DType::F32)).cast(dt)
+}
+
 impl Block {
     /// Block number `layer` of the stack.
     pub fn new(layer: usize, cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
@@ -63,11 +74,8 @@ impl Block {
         rope: &Rope,
         phase: Phase,
     ) -> (Tensor<3>, Option<MoeAux>) {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
-        let h = self.post_attention_layernorm.forward(x.clone());
+        let x = x.clone() + self.self_attn.forward(norm(&self.input_layernorm, x), rope);
+        let h = norm(&self.post_attention_layernorm, x.clone());
         match &self.mlp {
             Ffn::Dense(mlp) => (x + mlp.forward(h), None),
             Ffn::Moe(moe) => {

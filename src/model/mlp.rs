@@ -5,7 +5,7 @@
 use crate::kernels::{fused_on, grouped_swiglu, swiglu};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 /// A bias-free SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -24,6 +24,27 @@ pub fn linear(d_in: usize, d_out: usize, bias: bool, std: f64, device: &Device) 
         .with_bias(bias)
         .with_initializer(Initializer::Normal { mean: 0.0, std })
         .init(device)
+}
+
+/// `layer(x)` computed in x's dtype: under mixed precision the f32 weight
+/// (and bias) are cast to the activations' dtype, and the gradient flows
+/// back to the f32 master copy through the cast.
+pub fn apply<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dt = x.dtype();
+    burn::tensor::module::linear(
+        x,
+        in_dtype(layer.weight.val(), dt),
+        layer.bias.as_ref().map(|b| in_dtype(b.val(), dt)),
+    )
+}
+
+/// `t` in dtype `dt`; no operation when it already is.
+pub fn in_dtype<const D: usize>(t: Tensor<D>, dt: DType) -> Tensor<D> {
+    if t.dtype() == dt {
+        t
+    } else {
+        t.cast(dt)
+    }
 }
 
 impl Mlp {
@@ -59,8 +80,8 @@ impl Mlp {
             );
             return y.reshape(dims);
         }
-        let h = swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(h)
+        let h = swiglu(apply(&self.gate_proj, x.clone()), apply(&self.up_proj, x));
+        apply(&self.down_proj, h)
     }
 }
 

@@ -8,11 +8,13 @@ pub mod block;
 pub mod mlp;
 pub mod rope;
 
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{ModelConfig, MoeConfig, Precision};
 use crate::moe::{MoeAux, MoeLayer, Phase};
-use block::{rms_norm, Block, Ffn};
+use block::{norm, rms_norm, Block, Ffn};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm};
 use burn::prelude::*;
+use burn::tensor::DType;
+use mlp::{apply, in_dtype};
 use rope::Rope;
 
 /// What one forward pass returns.
@@ -41,6 +43,9 @@ pub struct LanguageModel {
     cfg: ModelConfig,
     #[module(skip)]
     moe_cfg: MoeConfig,
+    /// The dtype activations and matmuls run in (parameters stay f32).
+    #[module(skip)]
+    compute: DType,
 }
 
 impl LanguageModel {
@@ -63,7 +68,22 @@ impl LanguageModel {
             rope: Rope::new(cfg.head_dim(), cfg.seq_len, cfg.rope_theta, device),
             cfg: cfg.clone(),
             moe_cfg: moe.clone(),
+            compute: DType::F32,
         }
+    }
+
+    /// Compute in `precision` (see [`Precision`]); parameters stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.compute = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+        self
+    }
+
+    /// The dtype activations and matmuls run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
     }
 
     /// The model configuration.
@@ -104,18 +124,27 @@ impl LanguageModel {
         let [b, s] = tokens.dims();
         let device = tokens.device();
         let valid = valid.unwrap_or_else(|| Tensor::ones([b, s], &device));
-        let mut x = self.embed_tokens.forward(tokens); // [B, S, d]
+        let mut x = in_dtype(self.embed_tokens.forward(tokens), self.compute); // [B, S, d]
         let mut moe = Vec::new();
         for block in &self.layers {
             let (y, aux) = block.forward(x, valid.clone(), &self.rope, phase);
             x = y;
             moe.extend(aux);
         }
-        let x = self.norm.forward(x);
+        let x = norm(&self.norm, x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+            Some(head) => apply(head, x),
+            None => {
+                let dt = x.dtype();
+                x.matmul(
+                    in_dtype(self.embed_tokens.weight.val(), dt)
+                        .transpose()
+                        .unsqueeze(),
+                )
+            }
         };
+        // The loss and everything read from the logits work in f32.
+        let logits = in_dtype(logits, DType::F32);
         ModelOutput { logits, moe }
     }
 }

@@ -3,6 +3,7 @@
 //! i is paired with i + head_dim/2, not with its interleaved neighbour as in
 //! burn-nn's `RotaryEncoding`.
 
+use super::mlp::in_dtype;
 use burn::prelude::*;
 
 /// Precomputed cos/sin tables for positions `0..max_len`.
@@ -51,8 +52,9 @@ impl Rope {
             "sequence length {s} exceeds the RoPE table length {}",
             self.max_len()
         );
-        let cos = self.cos.clone().slice([0..s]).reshape([1, 1, s, hd]);
-        let sin = self.sin.clone().slice([0..s]).reshape([1, 1, s, hd]);
+        let dt = x.dtype();
+        let cos = in_dtype(self.cos.clone().slice([0..s]), dt).reshape([1, 1, s, hd]);
+        let sin = in_dtype(self.sin.clone().slice([0..s]), dt).reshape([1, 1, s, hd]);
         let half = hd / 2;
         let x1 = x.clone().slice_dim(3, 0..half);
         let x2 = x.clone().slice_dim(3, half..hd);

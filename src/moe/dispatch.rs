@@ -17,6 +17,7 @@
 
 use super::router::RoutingDecision;
 use crate::kernels::on_cpu;
+use crate::model::mlp::in_dtype;
 use burn::prelude::*;
 
 /// Where every assignment goes. Built once per layer call; carries no gradient.
@@ -124,7 +125,7 @@ pub fn granule(device: &Device) -> usize {
 /// - `x`: `[T, d]` → `[E, C, d]`
 pub fn dispatch(x: Tensor<2>, plan: &DispatchPlan, num_experts: usize) -> Tensor<3> {
     let [_, d] = x.dims();
-    let zero = Tensor::zeros([1, d], &x.device());
+    let zero = in_dtype(Tensor::<2>::zeros([1, d], &x.device()), x.dtype());
     Tensor::cat(vec![x, zero], 0)
         .select(0, plan.token_for_slot.clone())
         .reshape([num_experts, plan.capacity, d])
@@ -159,7 +160,7 @@ pub fn combine_rows(
 ) -> Tensor<2> {
     let [_, d] = rows.dims();
     let [t, k] = weights.dims();
-    let zero = Tensor::zeros([1, d], &rows.device());
+    let zero = in_dtype(Tensor::<2>::zeros([1, d], &rows.device()), rows.dtype());
     let picked = Tensor::cat(vec![rows, zero], 0).select(0, row_for_assignment); // [T * k, d]
     (picked * weights.reshape([t * k, 1]))
         .reshape([t, k, d])

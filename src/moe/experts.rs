@@ -3,6 +3,7 @@
 //! buffers instead of a loop of small matmuls.
 
 use crate::kernels::{grouped_swiglu, swiglu};
+use crate::model::mlp::in_dtype;
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -47,11 +48,13 @@ impl Experts {
     /// # Shapes
     /// - `x`: `[E, C, d_model]` → `[E, C, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let dt = x.dtype();
+        let w = |p: &Param<Tensor<3>>| in_dtype(p.val(), dt);
         let h = swiglu(
-            x.clone().matmul(self.gate_proj.val()),
-            x.matmul(self.up_proj.val()),
+            x.clone().matmul(w(&self.gate_proj)),
+            x.matmul(w(&self.up_proj)),
         ); // [E, C, F]
-        h.matmul(self.down_proj.val())
+        h.matmul(w(&self.down_proj))
     }
 
     /// Run every expert on its rows of `x`, grouped by expert: rows

@@ -16,7 +16,7 @@ pub mod stats;
 
 use crate::config::MoeConfig;
 use crate::kernels::fused_on;
-use crate::model::mlp::{linear, Mlp};
+use crate::model::mlp::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
@@ -117,7 +117,7 @@ impl MoeLayer {
         if let Some(shared) = &self.shared_expert {
             let mut out = shared.forward(flat.clone()); // [T, d]
             if let Some(gate) = &self.shared_expert_gate {
-                out = out * sigmoid(gate.forward(flat)); // [T, 1] broadcast
+                out = out * sigmoid(apply(gate, flat)); // [T, 1] broadcast
             }
             y = y + out;
         }

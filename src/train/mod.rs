@@ -111,7 +111,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         }
         (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
         (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, &device),
-    };
+    }
+    .with_precision(cfg.train.precision);
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
 
     let tok_path = PathBuf::from(&cfg.data.tokenizer);
