@@ -6,7 +6,7 @@
 //! All tensors are row-major f32: `q: [B, H, S, hd]`, `k, v: [B, KV, S, hd]`,
 //! the probabilities `p: [B, H, S, S]` (zero above the diagonal).
 
-use super::cpu;
+use super::cpu::{self, Operand};
 use rayon::prelude::*;
 
 /// Shapes of one call.
@@ -24,9 +24,8 @@ pub struct Dims {
     pub hd: usize,
 }
 
-/// `c[m×n] = a[m×k] · b[k×n]` (plus `c` when `accumulate`), each operand a
-/// slice with (row stride, column stride); single-threaded, as the callers
-/// run many of these in parallel.
+/// `c (+)= alpha · a · b` on one thread, operands given as (data, row
+/// stride, column stride): the callers run many of these in parallel.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     m: usize,
@@ -38,39 +37,23 @@ fn gemm(
     accumulate: bool,
     alpha: f32,
 ) {
-    let last = |(d, rs, cs): (&[f32], usize, usize), r: usize, col: usize| {
-        assert!(
-            (r - 1) * rs + (col - 1) * cs < d.len(),
-            "attention gemm out of bounds"
-        );
-    };
-    last(a, m, k);
-    last(b, k, n);
-    assert!(m * n <= c.len(), "attention gemm output out of bounds");
-    // SAFETY: the bounds are checked above and `c` is a distinct &mut slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    fn operand((data, rs, cs): (&[f32], usize, usize)) -> Operand<'_> {
+        if cs == 1 {
+            Operand::plain(data, rs)
+        } else {
+            assert_eq!(rs, 1, "attention operands are plain or transposed");
+            Operand::transposed(data, cs)
+        }
     }
+    cpu::matmul(
+        (m, k, n),
+        operand(a),
+        operand(b),
+        c,
+        accumulate,
+        alpha,
+        false,
+    );
 }
 
 /// Forward: the output `[B, H, S, hd]` and the probabilities `[B, H, S, S]`.

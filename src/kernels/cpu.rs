@@ -75,6 +75,96 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mu
         });
 }
 
+/// A row-major matrix operand: its data and its row and column strides
+/// (`(k, 1)` for a plain `[m, k]` matrix, `(1, k)` for its transpose).
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub fn plain(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+}
+
+/// `c = alpha · a · b`, or `c += alpha · a · b` when `accumulate`, with
+/// `a: [m, k]`, `b: [k, n]` and `c` a row-major `[m, n]` slice. `parallel`
+/// lets the matmul split across the rayon pool (off for callers that run
+/// many matmuls in parallel themselves).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    (m, k, n): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let last = |o: Operand, rows: usize, cols: usize| {
+        (rows - 1) * o.row_stride + (cols - 1) * o.col_stride
+    };
+    assert!(last(a, m, k) < a.data.len(), "matmul: lhs out of bounds");
+    assert!(last(b, k, n) < b.data.len(), "matmul: rhs out of bounds");
+    assert!(m * n <= c.len(), "matmul: output out of bounds");
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index gemm touches inside the
+    // slices; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// How many leading columns row `i` of a stack of `[rows, cols]` matrices
 /// may attend to: row r of each matrix is query position `offset + r`,
 /// which sees keys `0..=offset + r`.

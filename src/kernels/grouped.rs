@@ -9,83 +9,19 @@
 //! `offsets[e]..offsets[e + 1]` belong to expert e, and the weights are
 //! stacked `gate, up: [E, d, F]` and `down: [E, F, d]`.
 
-use super::cpu;
+use super::cpu::{self, Operand};
 
-/// A row-major matrix operand: its data and its row and column strides
-/// (`(k, 1)` for a plain `[m, k]` matrix, `(1, k)` for its transpose).
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
+/// `c (+)= a · b` over the whole rayon pool.
+fn matmul(m: usize, k: usize, n: usize, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
+    cpu::matmul((m, k, n), a, b, c, accumulate, 1.0, true);
 }
 
 fn plain(data: &[f32], cols: usize) -> Operand<'_> {
-    Operand {
-        data,
-        row_stride: cols,
-        col_stride: 1,
-    }
+    Operand::plain(data, cols)
 }
 
-/// The transpose of a row-major matrix with `cols` columns.
 fn transposed(data: &[f32], cols: usize) -> Operand<'_> {
-    Operand {
-        data,
-        row_stride: 1,
-        col_stride: cols,
-    }
-}
-
-/// `c = a · b` (or `c += a · b` when `accumulate`), with `a: [m, k]`,
-/// `b: [k, n]` and `c` a row-major `[m, n]` slice.
-fn matmul(m: usize, k: usize, n: usize, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let last = |o: Operand, rows: usize, cols: usize| {
-        (rows - 1) * o.row_stride + (cols - 1) * o.col_stride
-    };
-    assert!(
-        last(a, m, k) < a.data.len(),
-        "grouped matmul: lhs out of bounds"
-    );
-    assert!(
-        last(b, k, n) < b.data.len(),
-        "grouped matmul: rhs out of bounds"
-    );
-    assert!(m * n <= c.len(), "grouped matmul: output out of bounds");
-    // SAFETY: the asserts above keep every index gemm touches inside the
-    // slices; `c` does not alias `a` or `b` (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
+    Operand::transposed(data, cols)
 }
 
 /// Shapes of one grouped call.

@@ -337,29 +337,11 @@ fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
 
 /// An integer tensor's values as i64, whatever its integer width.
 fn indices(t: &FlexTensor) -> Vec<i64> {
-    let t = t.to_contiguous();
-    match t.dtype() {
-        DType::I64 => t.as_slice::<i64>().unwrap().to_vec(),
-        DType::I32 => t
-            .as_slice::<i32>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect(),
-        DType::U32 => t
-            .as_slice::<u32>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect(),
-        DType::U64 => t
-            .as_slice::<u64>()
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect(),
-        other => panic!("fused kernels: unsupported index dtype {other:?}"),
-    }
+    t.clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_else(|e| panic!("fused kernels take integer indices: {e:?}"))
 }
 
 fn shape_of(t: &FlexTensor) -> Vec<usize> {
