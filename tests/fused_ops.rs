@@ -190,3 +190,61 @@ fn grouped_swiglu_matches_per_expert_matmuls_in_value_and_gradients() {
         assert_eq!(idle, 0.0, "idle expert got a {name} gradient");
     }
 }
+
+#[test]
+fn rms_norm_matches_burns_rms_norm_in_value_and_gradients() {
+    use burn::module::Param;
+    use burn::nn::RmsNormConfig;
+    use switchyard::kernels::rms_norm;
+    let device = autodiff();
+    let d = 48;
+    let mut layer = RmsNormConfig::new(d).with_epsilon(1e-5).init(&device);
+    layer.gamma = Param::from_tensor(
+        values([d], 0.8, 1.0, &device)
+            .add_scalar(1.0)
+            .require_grad(),
+    );
+    // 3·120 rows of 48: several parallel tasks, whose dgamma partials add up.
+    let x = values([3, 120, d], 0.4, 2.0, &device).require_grad();
+    let w = values([3, 120, d], 1.1, 1.0, &device);
+    let ours = rms_norm(x.clone(), layer.gamma.val(), layer.epsilon).expect("fused on the CPU");
+    let want = layer.forward(x.clone());
+    assert!(max_diff(ours.clone(), want.clone()) < 1e-5);
+    let g1 = (ours * w.clone()).sum().backward();
+    let g2 = (want * w).sum().backward();
+    let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+    assert!(dx < 1e-5, "gradient of x differs by {dx}");
+    let (a, b) = (
+        layer.gamma.grad(&g1).unwrap(),
+        layer.gamma.grad(&g2).unwrap(),
+    );
+    let scale = b.clone().abs().max().into_scalar::<f32>();
+    let dg = max_diff(a, b) / scale;
+    assert!(
+        dg < 1e-5,
+        "gradient of gamma differs by {dg} of its largest entry"
+    );
+}
+
+#[test]
+fn rope_matches_the_rotate_half_formula_in_value_and_gradient() {
+    use switchyard::kernels::rope;
+    let device = autodiff();
+    let (s, hd) = (50, 16);
+    let cos = values([s, hd], 0.2, 1.0, &device);
+    let sin = values([s, hd], 0.6, 1.0, &device);
+    // 2·6·50 rows of 16: several parallel tasks, positions cycling per head.
+    let x = values([2, 6, s, hd], 0.9, 2.0, &device).require_grad();
+    let w = values([2, 6, s, hd], 1.4, 1.0, &device);
+    let ours = rope(x.clone(), cos.clone(), sin.clone()).expect("fused on the CPU");
+    let half = hd / 2;
+    let x1 = x.clone().slice_dim(3, 0..half);
+    let x2 = x.clone().slice_dim(3, half..hd);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let want = x.clone() * cos.reshape([1, 1, s, hd]) + rotated * sin.reshape([1, 1, s, hd]);
+    assert!(max_diff(ours.clone(), want.clone()) < 1e-5);
+    let g1 = (ours * w.clone()).sum().backward();
+    let g2 = (want * w).sum().backward();
+    let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+    assert!(dx < 1e-5, "gradient of x differs by {dx}");
+}

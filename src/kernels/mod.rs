@@ -2,21 +2,26 @@
 //!
 //! Under autodiff Burn builds SiLU, softmax and log-softmax from several
 //! full-size tensor operations, each with its own allocation, its own
-//! backward step and (on the CPU backend) a single thread. The three
-//! operations here replace the largest of those chains in a training step:
+//! backward step and (on the CPU backend) a single thread; and it has no
+//! grouped matmul. The operations here replace the largest of those chains
+//! in a training step:
 //!
-//! - [`swiglu`]: `silu(gate) * up`, the SwiGLU activation of every expert
-//!   and dense FFN;
-//! - [`causal_softmax`]: the attention softmax over each query's causal
-//!   prefix;
+//! - [`grouped_swiglu`]: every expert's SwiGLU MLP over exactly its tokens
+//!   (and the dense MLP, as one expert), matmuls and activation in one
+//!   operation ([`grouped`]);
+//! - [`causal_attention`]: grouped-query causal attention ([`attention`]);
+//! - [`swiglu`] and [`causal_softmax`]: the activation and the masked
+//!   softmax alone, for the paths that do not use the two above;
 //! - [`cross_entropy_rows`]: per-token cross-entropy from the LM head's
-//!   logits.
+//!   logits;
+//! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
+//!   gradient norm, one pass each (no autodiff involved).
 //!
 //! Each is a Burn backend extension implemented for the CPU backend (`Flex`)
 //! and for `Autodiff` over it, whose backward is one fused kernel (see
 //! [`cpu`]). On every other backend, and for dtypes other than f32, the
-//! public functions compose the same result from Burn's tensor operations,
-//! so GPU backends keep the path their own fusion is built for.
+//! callers compose the same result from Burn's tensor operations, so GPU
+//! backends keep the path their own fusion is built for.
 
 pub mod attention;
 pub mod cpu;
@@ -57,6 +62,15 @@ pub trait FusedOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Sum of squared entries. `[1]`
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// RMSNorm over the last dimension: `x / √(mean(x²) + eps) · gamma`.
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    /// RoPE (`rotate_half` pairing) on `[.., S, hd]` with `[S, hd]` tables;
+    /// the tables carry no gradient.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads:
     /// `q: [B, H, S, hd]`, `k, v: [B, KV, S, hd]`, query head i reads
     /// key/value head i / (H / KV).
@@ -111,6 +125,25 @@ pub trait FusedKernels: Backend {
         saved: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4];
+    /// [`FusedOps::rms_norm`] and each row's `1 / rms`.
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients of x and gamma.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The transpose of [`FusedOps::rope`] applied to a gradient.
+    fn rope_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// [`FusedOps::causal_attention`] and its probabilities `[B, H, S, S]`.
     fn causal_attention_forward(
         q: FloatTensor<Self>,
@@ -312,6 +345,28 @@ pub fn grouped_swiglu(
     Tensor::from_dispatch(out)
 }
 
+/// RMSNorm over the last dimension, `x / √(mean(x²) + eps) · gamma`, fused
+/// on the CPU backend in f32 (`None` elsewhere: the caller uses Burn's).
+pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    if !fused_on(&x.device(), x.dtype()) || gamma.dtype() != x.dtype() {
+        return None;
+    }
+    let out =
+        <Dispatch as FusedOps>::rms_norm(x.into_dispatch(), gamma.into_dispatch(), eps as f32);
+    Some(Tensor::from_dispatch(out))
+}
+
+/// RoPE with `rotate_half` pairing on `[.., S, hd]`, from `[S, hd]` cos and
+/// sin tables, fused on the CPU backend in f32 (`None` elsewhere).
+pub fn rope<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> Option<Tensor<D>> {
+    if !fused_on(&x.device(), x.dtype()) || cos.dtype() != x.dtype() {
+        return None;
+    }
+    let out =
+        <Dispatch as FusedOps>::rope(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch());
+    Some(Tensor::from_dispatch(out))
+}
+
 /// Sum of the squared entries of `x`. `[1]`
 pub fn sum_squares<const D: usize>(x: Tensor<D>) -> Tensor<1> {
     if fused_on(&x.device(), x.dtype()) {
@@ -420,6 +475,26 @@ impl FusedOps for Flex {
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
         Self::causal_attention_forward(q, k, v).0
     }
+
+    fn rms_norm(x: FlexTensor, gamma: FlexTensor, eps: f32) -> FlexTensor {
+        Self::rms_norm_forward(x, gamma, eps).0
+    }
+
+    fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        rope_apply(x, cos, sin, false)
+    }
+}
+
+/// RoPE or its transpose on the CPU backend.
+fn rope_apply(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
+    let shape = shape_of(&x);
+    let (s, hd) = matrix_dims(&shape);
+    assert_eq!(shape_of(&cos), vec![s, hd], "rope: tables must be [S, hd]");
+    assert!(hd % 2 == 0, "rope: head width {hd} is odd");
+    let xv = values(&x);
+    let mut y = vec![0.0; xv.len()];
+    cpu::rope(&xv, &values(&cos), &values(&sin), s, inverse, &mut y);
+    tensor(y, shape)
 }
 
 /// The dimensions of a causal attention call, checked.
@@ -557,6 +632,44 @@ impl FusedKernels for Flex {
             tensor(du, wu_shape),
             tensor(dd, wd_shape),
         ]
+    }
+
+    fn rms_norm_forward(x: FlexTensor, gamma: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&x);
+        let d = shape_of(&gamma)[0];
+        assert_eq!(
+            shape.last(),
+            Some(&d),
+            "rms_norm: gamma width differs from x"
+        );
+        let xv = values(&x);
+        let mut y = vec![0.0; xv.len()];
+        let inv = cpu::rms_norm_forward(&xv, &values(&gamma), eps, &mut y);
+        let rows = inv.len();
+        (tensor(y, shape), tensor(inv, vec![rows]))
+    }
+
+    fn rms_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        inv_rms: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&x);
+        let xv = values(&x);
+        let mut dx = vec![0.0; xv.len()];
+        let dgamma = cpu::rms_norm_backward(
+            &xv,
+            &values(&gamma),
+            &values(&inv_rms),
+            &values(&grad),
+            &mut dx,
+        );
+        (tensor(dx, shape), tensor(dgamma, shape_of(&gamma)))
+    }
+
+    fn rope_backward(grad: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        rope_apply(grad, cos, sin, true)
     }
 
     fn causal_attention_forward(
@@ -710,7 +823,80 @@ impl<B: Backend + FusedKernels> Backward<B, 3> for CausalAttentionBackward {
     }
 }
 
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 2> for RmsNormBackward {
+    /// x, gamma and each row's 1 / rms.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, inv) = ops.state;
+        let (dx, dgamma) = B::rms_norm_backward(x, gamma, inv, grad);
+        let [x_node, gamma_node] = ops.parents;
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = gamma_node {
+            grads.register::<B>(node.id, dgamma);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 1> for RopeBackward {
+    /// The cos and sin tables.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::rope_backward(grad, cos, sin));
+        }
+    }
+}
+
 impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        let (xi, gi) = (x.primitive().clone(), gamma.primitive().clone());
+        match RmsNormBackward
+            .prepare::<C>([x.node(), gamma.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, inv) = B::rms_norm_forward(xi.clone(), gi.clone(), eps);
+                prep.finish((xi, gi, inv), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(xi, gi, eps)),
+        }
+    }
+
+    /// Only x is differentiated; the tables are constants.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let xi = x.primitive().clone();
+        let (c, s) = (cos.into_primitive(), sin.into_primitive());
+        match RopeBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::rope(xi, c.clone(), s.clone());
+                prep.finish((c, s), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rope(xi, c, s)),
+        }
+    }
+
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -5,6 +5,7 @@ use super::attention::Attention;
 use super::mlp::Mlp;
 use super::rope::Rope;
 use crate::config::{ModelConfig, MoeConfig};
+use crate::kernels;
 use crate::moe::{MoeAux, MoeLayer, Phase};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
@@ -44,7 +45,10 @@ pub fn rms_norm(cfg: &ModelConfig, device: &Device) -> RmsNorm {
 pub fn norm(layer: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
     let dt = x.dtype();
     if dt == DType::F32 {
-        return layer.forward(x);
+        return match kernels::rms_norm(x.clone(), layer.gamma.val(), layer.epsilon) {
+            Some(y) => y,
+            None => layer.forward(x),
+        };
     }
     layer.forward(x.cast(DType::F32)).cast(dt)
 }

@@ -53,8 +53,15 @@ impl Rope {
             self.max_len()
         );
         let dt = x.dtype();
-        let cos = in_dtype(self.cos.clone().slice([0..s]), dt).reshape([1, 1, s, hd]);
-        let sin = in_dtype(self.sin.clone().slice([0..s]), dt).reshape([1, 1, s, hd]);
+        let (cos, sin) = (
+            in_dtype(self.cos.clone().slice([0..s]), dt),
+            in_dtype(self.sin.clone().slice([0..s]), dt),
+        );
+        if let Some(y) = crate::kernels::rope(x.clone(), cos.clone(), sin.clone()) {
+            return y;
+        }
+        let cos = cos.reshape([1, 1, s, hd]);
+        let sin = sin.reshape([1, 1, s, hd]);
         let half = hd / 2;
         let x1 = x.clone().slice_dim(3, 0..half);
         let x2 = x.clone().slice_dim(3, half..hd);

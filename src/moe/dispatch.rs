@@ -1,4 +1,4 @@
-//! Token dispatch into per-expert capacity buffers, and the combine back.
+//! Token dispatch to the experts, and the combine back.
 //!
 //! Each expert has C slots. Among the tokens that chose expert e, the ones
 //! with the highest router probability take its slots (priority by
@@ -6,14 +6,20 @@
 //! routing", Riquelme et al. 2021); the rest are dropped and the residual
 //! connection carries them. Padding tokens never take a slot. Dropless
 //! could use C = T, which no expert can overflow since a token picks an
-//! expert at most once. Buffers never hold more slots than the busiest expert needs: under
-//! dropless always, and on the CPU backend under a capacity too (see
-//! [`plan`]), so the expert matmuls skip slots that would stay empty.
+//! expert at most once.
 //!
 //! The plan is built with sorts and gathers on the device, with no
-//! materialised `[T, E, C]` one-hot tensor; the one host read is the busiest
-//! expert's count, where the buffers are cut to it. Dispatch is one gather into an
-//! `[E, C, d]` buffer; combine is one gather back plus a weighted sum over k.
+//! materialised `[T, E, C]` one-hot tensor. Then, by backend:
+//!
+//! - GPU backends: dispatch is one gather into `[E, C, d]` capacity
+//!   buffers for one batched matmul per projection; combine is one gather
+//!   back plus a weighted sum over k. Under dropless, C is the busiest
+//!   expert's count rounded up to 64 (one host read per layer).
+//! - The CPU backend: [`group`] lays the kept tokens out by expert with no
+//!   empty slots, for the grouped expert kernel (one matmul per expert over
+//!   exactly its rows), and combine gathers from those rows. The plan's
+//!   buffers are cut to the busiest expert first, since reading it back is
+//!   free there.
 
 use super::router::RoutingDecision;
 use crate::kernels::on_cpu;

@@ -1,6 +1,7 @@
-//! The routed experts: E SwiGLU MLPs whose weights are stacked, so that all
-//! experts run as one batched matmul per projection over their capacity
-//! buffers instead of a loop of small matmuls.
+//! The routed experts: E SwiGLU MLPs whose weights are stacked. On GPU
+//! backends all experts run as one batched matmul per projection over their
+//! capacity buffers; on the CPU backend one fused grouped kernel runs each
+//! expert over exactly its tokens.
 
 use crate::kernels::{grouped_swiglu, swiglu};
 use crate::model::mlp::in_dtype;
