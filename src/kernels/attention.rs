@@ -120,7 +120,8 @@ pub fn backward(
                 gemm(s, hd, s, (doh, hd, 1), (vh, 1, hd), &mut ds, false, 1.0);
                 // ds = p ⊙ (dp − rowsum(dout ⊙ o)), times the score scale
                 for i in 0..s {
-                    let dot: f32 = (0..hd).map(|c| doh[i * hd + c] * oh[i * hd + c]).sum();
+                    let span = i * hd..(i + 1) * hd;
+                    let dot = cpu::dot(&doh[span.clone()], &oh[span]);
                     let row = &mut ds[i * s..(i + 1) * s];
                     let prow = &ph[i * s..(i + 1) * s];
                     for (j, x) in row.iter_mut().enumerate() {

@@ -30,7 +30,9 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.3;
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    // k = 1.5·2^23 + n exactly, so its bit pattern is 0x4B40_0000 + n.
+    let k = xc * LOG2E + ROUND;
+    let n = k - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_2e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -39,12 +41,85 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the integer in k's bits: integer adds and a shift, which
+    // vectorise (a float-to-int cast does not, with Rust's saturating `as`).
+    let scale = f32::from_bits(k.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if underflow {
         0.0
     } else {
         er * scale
     }
+}
+
+/// Lanes of the reductions below. A loop that adds into one f32 cannot be
+/// vectorised (the compiler may not reorder float additions); eight
+/// independent accumulators can.
+const LANES: usize = 8;
+
+/// Σ f(a_i, b_i, c_i) over three equally long slices, in [`LANES`] lanes.
+#[inline(always)]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ac, bc, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let (ar, br, cr) = (ac.remainder(), bc.remainder(), cc.remainder());
+    for ((a, b), c) in ac.zip(bc).zip(cc) {
+        for l in 0..LANES {
+            acc[l] += f(a[l], b[l], c[l]);
+        }
+    }
+    let tail: f32 = ar
+        .iter()
+        .zip(br)
+        .zip(cr)
+        .map(|((&a, &b), &c)| f(a, b, c))
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ f(x_i) over a slice, in [`LANES`] lanes.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        let mut v = [0.0f32; LANES];
+        for l in 0..LANES {
+            v[l] = f(c[l]);
+        }
+        for l in 0..LANES {
+            acc[l] += v[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a_i b_i, in [`LANES`] lanes.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    lane_sum3(a, b, b, |a, b, _| a * b)
+}
+
+/// The largest value of a slice (-inf when empty), in [`LANES`] lanes.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
 }
 
 /// `h = silu(g) * u`, element-wise.
@@ -185,13 +260,11 @@ pub fn causal_softmax_forward(x: &[f32], p: &mut [f32], rows: usize, cols: usize
                 let len = causal_len(task * per + j, rows, cols, offset);
                 let (p_in, p_out) = p.split_at_mut(len);
                 let x = &x[..len];
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
+                let max = lane_max(x);
                 for (p, &x) in p_in.iter_mut().zip(x) {
                     *p = exp(x - max);
-                    sum += *p;
                 }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / lane_sum(p_in, |p| p);
                 p_in.iter_mut().for_each(|p| *p *= inv);
                 p_out.fill(0.0);
             }
@@ -218,9 +291,9 @@ pub fn causal_softmax_backward(
                 let len = causal_len(task * per + j, rows, cols, offset);
                 let (dx_in, dx_out) = dx.split_at_mut(len);
                 let (p, dp) = (&p[..len], &dp[..len]);
-                let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
+                let pd = dot(p, dp);
                 for ((dx, &p), &dp) in dx_in.iter_mut().zip(p).zip(dp) {
-                    *dx = p * (dp - dot);
+                    *dx = p * (dp - pd);
                 }
                 dx_out.fill(0.0);
             }
@@ -244,10 +317,16 @@ pub fn cross_entropy_forward(
         .zip(lse.par_chunks_mut(per))
         .zip(logits.par_chunks(per * v).zip(targets.par_chunks(per)))
         .for_each(|((loss, lse), (logits, targets))| {
+            let mut e = vec![0.0f32; v];
             for (i, row) in logits.chunks(v).enumerate() {
                 let t = check_target(targets[i], v);
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+                let max = lane_max(row);
+                // The exponentials into a scratch row first: a map
+                // vectorises where a sum over exp does not.
+                for (e, &x) in e.iter_mut().zip(row) {
+                    *e = exp(x - max);
+                }
+                let sum = lane_sum(&e, |p| p);
                 lse[i] = max + sum.ln();
                 loss[i] = lse[i] - row[t];
             }
@@ -321,7 +400,7 @@ pub fn rms_norm_forward(x: &[f32], gamma: &[f32], eps: f32, y: &mut [f32]) -> Ve
         .zip(x.par_chunks(per * d).zip(inv.par_chunks_mut(per)))
         .for_each(|(y, (x, inv))| {
             for ((y, x), r) in y.chunks_mut(d).zip(x.chunks(d)).zip(inv.iter_mut()) {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let ms = lane_sum(x, |v| v * v) / d as f32;
                 *r = 1.0 / (ms + eps).sqrt();
                 for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
                     *y = x * *r * g;
@@ -349,7 +428,7 @@ pub fn rms_norm_backward(
             let mut dgamma = vec![0.0f32; d];
             let rows = dx.chunks_mut(d).zip(x.chunks(d).zip(dy.chunks(d)));
             for ((dx, (x, dy)), &r) in rows.zip(inv) {
-                let gx: f32 = (0..d).map(|j| dy[j] * gamma[j] * x[j]).sum();
+                let gx = lane_sum3(dy, gamma, x, |dy, g, x| dy * g * x);
                 let k = r * r * r * gx / d as f32;
                 for j in 0..d {
                     dx[j] = r * dy[j] * gamma[j] - x[j] * k;
