@@ -1,0 +1,358 @@
+//! The CPU backend's implementation of [`FusedOps`] and [`FusedKernels`]:
+//! unwrap the flex tensors into slices, run the kernels in [`super::cpu`],
+//! [`super::grouped`] and [`super::attention`], and wrap the results.
+
+use super::{attention, cpu, grouped, norm, FusedKernels, FusedOps, GroupedSaved};
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::TensorData;
+
+/// An f32 tensor's values, contiguous.
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("fused kernels take f32 tensors")
+                .to_vec(),
+        ),
+    }
+}
+
+/// An integer tensor's values as i64, whatever its integer width.
+fn indices(t: &FlexTensor) -> Vec<i64> {
+    t.clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap_or_else(|e| panic!("fused kernels take integer indices: {e:?}"))
+}
+
+fn shape_of(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// The last two dimensions of `shape`, or (1, n) for a vector.
+fn matrix_dims(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [.., r, c] => (*r, *c),
+    }
+}
+
+impl FusedOps for Flex {
+    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        let shape = shape_of(&gate);
+        assert_eq!(shape, shape_of(&up), "swiglu: gate and up differ in shape");
+        let (g, u) = (values(&gate), values(&up));
+        let mut h = vec![0.0; g.len()];
+        cpu::swiglu_forward(&g, &u, &mut h);
+        tensor(h, shape)
+    }
+
+    fn causal_softmax(scores: FlexTensor, offset: usize) -> FlexTensor {
+        let shape = shape_of(&scores);
+        let (rows, cols) = matrix_dims(&shape);
+        let x = values(&scores);
+        let mut p = vec![0.0; x.len()];
+        cpu::causal_softmax_forward(&x, &mut p, rows, cols, offset);
+        tensor(p, shape)
+    }
+
+    fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        Self::cross_entropy_rows_lse(logits, targets).0
+    }
+
+    fn adamw_update(
+        param: FlexTensor,
+        grad: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        scale: FlexTensor,
+        hyper: [f32; 7],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = shape_of(&param);
+        let scale = values(&scale)[0];
+        let (mut p, mut m, mut v) = (owned(param), owned(m), owned(v));
+        cpu::adamw(&mut p, &values(&grad), &mut m, &mut v, scale, hyper);
+        (
+            tensor(p, shape.clone()),
+            tensor(m, shape.clone()),
+            tensor(v, shape),
+        )
+    }
+
+    fn sum_squares(x: FlexTensor) -> FlexTensor {
+        tensor(vec![cpu::sum_squares(&values(&x))], vec![1])
+    }
+
+    fn grouped_swiglu(
+        x: FlexTensor,
+        gate: FlexTensor,
+        up: FlexTensor,
+        down: FlexTensor,
+        offsets: FlexTensor,
+    ) -> FlexTensor {
+        Self::grouped_swiglu_forward(x, [gate, up, down], offsets).0
+    }
+
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
+        Self::causal_attention_forward(q, k, v).0
+    }
+
+    fn rms_norm(x: FlexTensor, gamma: FlexTensor, eps: f32) -> FlexTensor {
+        Self::rms_norm_forward(x, gamma, eps).0
+    }
+
+    fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        rope_apply(x, cos, sin, false)
+    }
+}
+
+/// RoPE or its transpose on the CPU backend.
+fn rope_apply(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
+    let shape = shape_of(&x);
+    let (s, hd) = matrix_dims(&shape);
+    assert_eq!(shape_of(&cos), vec![s, hd], "rope: tables must be [S, hd]");
+    assert!(hd % 2 == 0, "rope: head width {hd} is odd");
+    let xv = values(&x);
+    let mut y = vec![0.0; xv.len()];
+    norm::rope(&xv, &values(&cos), &values(&sin), s, inverse, &mut y);
+    tensor(y, shape)
+}
+
+/// The dimensions of a causal attention call, checked.
+fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::Dims {
+    let [b, h, s, hd] = shape_of(q)[..] else {
+        panic!("causal_attention: q must be [B, H, S, hd]")
+    };
+    let [kb, kv, ks, khd] = shape_of(k)[..] else {
+        panic!("causal_attention: k must be [B, KV, S, hd]")
+    };
+    assert_eq!(
+        shape_of(k),
+        shape_of(v),
+        "causal_attention: k and v differ in shape"
+    );
+    assert!(
+        kb == b && ks == s && khd == hd && kv > 0 && h % kv == 0,
+        "causal_attention: q {:?} and k {:?} do not fit",
+        shape_of(q),
+        shape_of(k)
+    );
+    attention::Dims { b, h, kv, s, hd }
+}
+
+/// The grouping of a grouped call: its dimensions and row offsets.
+fn grouping(
+    x: &FlexTensor,
+    gate: &FlexTensor,
+    offsets: &FlexTensor,
+) -> (grouped::Dims, Vec<usize>) {
+    let [experts, d, f] = shape_of(gate)[..] else {
+        panic!("grouped_swiglu: expert weights must be [E, d, F]")
+    };
+    assert_eq!(
+        shape_of(x)[1],
+        d,
+        "grouped_swiglu: x width differs from the experts'"
+    );
+    let offsets = indices(offsets).into_iter().map(|o| o as usize).collect();
+    (grouped::Dims { experts, d, f }, offsets)
+}
+
+/// An f32 tensor's values as an owned vector (no copy when the tensor is
+/// contiguous and not shared).
+fn owned(t: FlexTensor) -> Vec<f32> {
+    match t.into_data().try_into_vec::<f32>() {
+        Ok(v) => v,
+        Err(e) => panic!("fused kernels take f32 tensors: {e:?}"),
+    }
+}
+
+impl FusedKernels for Flex {
+    fn cross_entropy_rows_lse(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&logits);
+        let [n, v] = shape[..] else {
+            panic!("cross_entropy_rows: logits must be [n, v], got {shape:?}")
+        };
+        let t = indices(&targets);
+        assert_eq!(
+            t.len(),
+            n,
+            "cross_entropy_rows: {n} rows but {} targets",
+            t.len()
+        );
+        let x = values(&logits);
+        let (mut loss, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        cpu::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
+        (tensor(loss, vec![n]), tensor(lse, vec![n]))
+    }
+
+    fn swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&gate);
+        let (g, u, dh) = (values(&gate), values(&up), values(&grad));
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        cpu::swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
+        (tensor(dg, shape.clone()), tensor(du, shape))
+    }
+
+    fn causal_softmax_backward(probs: FlexTensor, grad: FlexTensor, offset: usize) -> FlexTensor {
+        let shape = shape_of(&probs);
+        let (rows, cols) = matrix_dims(&shape);
+        let (p, dp) = (values(&probs), values(&grad));
+        let mut dx = vec![0.0; p.len()];
+        cpu::causal_softmax_backward(&p, &dp, &mut dx, rows, cols, offset);
+        tensor(dx, shape)
+    }
+
+    fn grouped_swiglu_forward(
+        x: FlexTensor,
+        weights: [FlexTensor; 3],
+        offsets: FlexTensor,
+    ) -> (FlexTensor, GroupedSaved<Self>) {
+        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let n = shape_of(&x)[0];
+        let [gate, up, down] = weights.each_ref().map(values);
+        let (y, saved) = grouped::forward(&values(&x), &gate, &up, &down, &offs, dims);
+        let nf = vec![n, dims.f];
+        let saved = [
+            tensor(saved.g, nf.clone()),
+            tensor(saved.u, nf.clone()),
+            tensor(saved.h, nf),
+        ];
+        (tensor(y, vec![n, dims.d]), saved)
+    }
+
+    fn grouped_swiglu_backward(
+        x: FlexTensor,
+        weights: [FlexTensor; 3],
+        offsets: FlexTensor,
+        saved: GroupedSaved<Self>,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 4] {
+        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let [gate, up, down] = weights.each_ref().map(values);
+        let [g, u, h] = saved.each_ref().map(|t| values(t).into_owned());
+        let saved = grouped::Saved { g, u, h };
+        let (dx, dg, du, dd) = grouped::backward(
+            &values(&x),
+            &gate,
+            &up,
+            &down,
+            &offs,
+            dims,
+            &saved,
+            &values(&grad),
+        );
+        let [wg_shape, wu_shape, wd_shape] = weights.each_ref().map(shape_of);
+        [
+            tensor(dx, shape_of(&x)),
+            tensor(dg, wg_shape),
+            tensor(du, wu_shape),
+            tensor(dd, wd_shape),
+        ]
+    }
+
+    fn rms_norm_forward(x: FlexTensor, gamma: FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&x);
+        let d = shape_of(&gamma)[0];
+        assert_eq!(
+            shape.last(),
+            Some(&d),
+            "rms_norm: gamma width differs from x"
+        );
+        let xv = values(&x);
+        let mut y = vec![0.0; xv.len()];
+        let inv = norm::rms_norm_forward(&xv, &values(&gamma), eps, &mut y);
+        let rows = inv.len();
+        (tensor(y, shape), tensor(inv, vec![rows]))
+    }
+
+    fn rms_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        inv_rms: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = shape_of(&x);
+        let xv = values(&x);
+        let mut dx = vec![0.0; xv.len()];
+        let dgamma = norm::rms_norm_backward(
+            &xv,
+            &values(&gamma),
+            &values(&inv_rms),
+            &values(&grad),
+            &mut dx,
+        );
+        (tensor(dx, shape), tensor(dgamma, shape_of(&gamma)))
+    }
+
+    fn rope_backward(grad: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        rope_apply(grad, cos, sin, true)
+    }
+
+    fn causal_attention_forward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let dims = attention_dims(&q, &k, &v);
+        let (o, p) = attention::forward(&values(&q), &values(&k), &values(&v), dims);
+        let (b, h, s) = (dims.b, dims.h, dims.s);
+        (tensor(o, shape_of(&q)), tensor(p, vec![b, h, s, s]))
+    }
+
+    fn causal_attention_backward(
+        qkv: [FlexTensor; 3],
+        out: FlexTensor,
+        probs: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let [q, k, v] = &qkv;
+        let dims = attention_dims(q, k, v);
+        let (dq, dk, dv) = attention::backward(
+            &values(q),
+            &values(k),
+            &values(v),
+            &values(&out),
+            &values(&probs),
+            &values(&grad),
+            dims,
+        );
+        [
+            tensor(dq, shape_of(q)),
+            tensor(dk, shape_of(k)),
+            tensor(dv, shape_of(v)),
+        ]
+    }
+
+    fn cross_entropy_rows_backward(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        let shape = shape_of(&logits);
+        let v = shape[1];
+        let (x, t, lse, g) = (
+            values(&logits),
+            indices(&targets),
+            values(&lse),
+            values(&grad),
+        );
+        let mut d = vec![0.0; x.len()];
+        cpu::cross_entropy_backward(&x, &t, &lse, &g, v, &mut d);
+        tensor(d, shape)
+    }
+}
