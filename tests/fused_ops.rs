@@ -1,12 +1,12 @@
 //! The fused CPU operations against the same functions composed from Burn's
 //! own tensor operations, in value and in every input's gradient. Shapes are
 //! chosen so that the kernels split their work across several parallel
-//! tasks (the row index of a task's first row matters to the causal mask).
+//! tasks (the row index of a task's first row matters to RoPE's position).
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::{Bool, TensorData};
-use switchyard::kernels::{causal_softmax, cross_entropy_rows, swiglu};
+use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::TensorData;
+use switchyard::kernels::{cross_entropy_rows, grouped_swiglu};
 
 /// Deterministic values spread over about [-scale, scale].
 fn values<const D: usize>(shape: [usize; D], seed: f32, scale: f32, device: &Device) -> Tensor<D> {
@@ -23,76 +23,6 @@ fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
 
 fn autodiff() -> Device {
     Device::flex().autodiff()
-}
-
-#[test]
-fn swiglu_matches_silu_times_up_in_value_and_gradients() {
-    let device = autodiff();
-    // 48 000 elements: three parallel chunks.
-    let shape = [3, 40, 400];
-    let g = values(shape, 0.1, 6.0, &device).require_grad();
-    let u = values(shape, 0.7, 2.0, &device).require_grad();
-    let w = values(shape, 1.3, 1.0, &device);
-
-    let ours = swiglu(g.clone(), u.clone());
-    let want = silu(g.clone()) * u.clone();
-    assert!(max_diff(ours.clone(), want.clone()) < 1e-5);
-
-    let g1 = (ours * w.clone()).sum().backward();
-    let g2 = (want * w).sum().backward();
-    for (name, x) in [("gate", &g), ("up", &u)] {
-        let d = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-        assert!(d < 1e-5, "gradient of {name} differs by {d}");
-    }
-}
-
-/// Softmax over each row's causal prefix, composed: an additive -inf bias
-/// on the columns after `offset + row`.
-fn composed_causal_softmax(x: Tensor<4>, offset: usize) -> Tensor<4> {
-    let [_, _, rows, cols] = x.dims();
-    let future = Tensor::<2, Bool>::tril_mask([rows, cols], offset as i64, &x.device());
-    let bias = Tensor::<2>::zeros([rows, cols], &x.device()).mask_fill(future, f32::NEG_INFINITY);
-    softmax(x + bias.unsqueeze::<4>(), 3)
-}
-
-#[test]
-fn causal_softmax_matches_masked_softmax_in_value_and_gradient() {
-    let device = autodiff();
-    // Square from offset 0; a later query block (offset 30) that sees more
-    // keys than it has rows; and 2·3·200 rows of 256, which the kernel
-    // splits 64 rows per task, so rows of one matrix land in several tasks.
-    for (shape, offset) in [
-        ([2, 3, 20, 20], 0),
-        ([2, 3, 20, 50], 30),
-        ([2, 3, 200, 256], 0),
-    ] {
-        let x = values(shape, 0.3, 4.0, &device).require_grad();
-        let w = values(shape, 2.1, 1.0, &device);
-        let ours = causal_softmax(x.clone(), offset);
-        let want = composed_causal_softmax(x.clone(), offset);
-        let d = max_diff(ours.clone(), want.clone());
-        assert!(
-            d < 1e-6,
-            "probabilities differ by {d} for {shape:?}, offset {offset}"
-        );
-
-        let g1 = (ours * w.clone()).sum().backward();
-        let g2 = (want * w).sum().backward();
-        let d = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-        assert!(
-            d < 1e-6,
-            "gradients differ by {d} for {shape:?}, offset {offset}"
-        );
-    }
-}
-
-#[test]
-fn causal_softmax_reads_a_non_contiguous_input() {
-    let device = Device::flex();
-    let x = values([2, 3, 16, 16], 0.9, 3.0, &device);
-    let t = x.clone().swap_dims(2, 3); // a strided view
-    let want = composed_causal_softmax(t.clone().mul_scalar(1.0), 0);
-    assert!(max_diff(causal_softmax(t, 0), want) < 1e-6);
 }
 
 #[test]
@@ -122,9 +52,19 @@ fn cross_entropy_rows_matches_log_softmax_gather_in_value_and_gradient() {
 #[test]
 fn fused_operations_run_without_autodiff_and_on_untracked_inputs() {
     for device in [Device::flex(), autodiff()] {
-        let g = values([4, 9], 0.2, 3.0, &device);
-        let u = values([4, 9], 0.4, 3.0, &device);
-        assert!(max_diff(swiglu(g.clone(), u.clone()), silu(g) * u) < 1e-5);
+        // One expert over every row: the plain SwiGLU MLP.
+        let x = values([4, 6], 0.1, 1.0, &device);
+        let (gate, up) = (
+            values([1, 6, 5], 0.2, 0.5, &device),
+            values([1, 6, 5], 0.4, 0.5, &device),
+        );
+        let down = values([1, 5, 6], 0.5, 0.5, &device);
+        let offs = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 4], [2]), &device);
+        let ours = grouped_swiglu(x.clone(), gate.clone(), up.clone(), down.clone(), offs);
+        let two = |w: Tensor<3>, r, c| w.reshape([r, c]);
+        let want = (silu(x.clone().matmul(two(gate, 6, 5))) * x.matmul(two(up, 6, 5)))
+            .matmul(two(down, 5, 6));
+        assert!(max_diff(ours, want) < 1e-5);
         let t = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 8, 3, 5], [4]), &device);
         let l = values([4, 9], 0.6, 3.0, &device);
         let want = log_softmax(l.clone(), 1)
@@ -136,7 +76,6 @@ fn fused_operations_run_without_autodiff_and_on_untracked_inputs() {
 
 #[test]
 fn grouped_swiglu_matches_per_expert_matmuls_in_value_and_gradients() {
-    use switchyard::kernels::grouped_swiglu;
     let device = autodiff();
     let (e, d, f) = (4, 24, 40);
     // Expert 2 gets no rows; the others get uneven runs.

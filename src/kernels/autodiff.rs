@@ -24,35 +24,6 @@ fn register_all<B: Backend, const N: usize>(
 }
 
 #[derive(Debug)]
-struct SwigluBackward;
-
-impl<B: Backend + FusedKernels> Backward<B, 2> for SwigluBackward {
-    type State = (FloatTensor<B>, FloatTensor<B>);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (gate, up) = ops.state;
-        let (dg, du) = B::swiglu_backward(gate, up, grad);
-        register_all::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dg, du]);
-    }
-}
-
-#[derive(Debug)]
-struct CausalSoftmaxBackward;
-
-impl<B: Backend + FusedKernels> Backward<B, 1> for CausalSoftmaxBackward {
-    type State = (FloatTensor<B>, usize);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (probs, offset) = ops.state;
-        if let [Some(node)] = ops.parents {
-            grads.register::<B>(node.id, B::causal_softmax_backward(probs, grad, offset));
-        }
-    }
-}
-
-#[derive(Debug)]
 struct CrossEntropyBackward;
 
 impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
@@ -247,36 +218,6 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
 
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::sum_squares(x.into_primitive()))
-    }
-
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (g, u) = (gate.primitive().clone(), up.primitive().clone());
-        match SwigluBackward
-            .prepare::<C>([gate.node(), up.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let out = B::swiglu(g.clone(), u.clone());
-                prep.finish((g, u), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(g, u)),
-        }
-    }
-
-    fn causal_softmax(scores: FloatTensor<Self>, offset: usize) -> FloatTensor<Self> {
-        let x = scores.primitive().clone();
-        match CausalSoftmaxBackward
-            .prepare::<C>([scores.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let p = B::causal_softmax(x, offset);
-                prep.finish((p.clone(), offset), p)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::causal_softmax(x, offset)),
-        }
     }
 
     fn cross_entropy_rows(

@@ -271,35 +271,6 @@ pub fn causal_softmax_forward(x: &[f32], p: &mut [f32], rows: usize, cols: usize
         });
 }
 
-/// Gradient of [`causal_softmax_forward`] from its output `p`:
-/// `dx = p (dp - Σ p dp)` over each row's causal prefix, 0 after it.
-pub fn causal_softmax_backward(
-    p: &[f32],
-    dp: &[f32],
-    dx: &mut [f32],
-    rows: usize,
-    cols: usize,
-    offset: usize,
-) {
-    let per = rows_per_task(cols);
-    dx.par_chunks_mut(per * cols)
-        .zip(p.par_chunks(per * cols).zip(dp.par_chunks(per * cols)))
-        .enumerate()
-        .for_each(|(task, (dx, (p, dp)))| {
-            let rows_iter = dx.chunks_mut(cols).zip(p.chunks(cols).zip(dp.chunks(cols)));
-            for (j, (dx, (p, dp))) in rows_iter.enumerate() {
-                let len = causal_len(task * per + j, rows, cols, offset);
-                let (dx_in, dx_out) = dx.split_at_mut(len);
-                let (p, dp) = (&p[..len], &dp[..len]);
-                let pd = dot(p, dp);
-                for ((dx, &p), &dp) in dx_in.iter_mut().zip(p).zip(dp) {
-                    *dx = p * (dp - pd);
-                }
-                dx_out.fill(0.0);
-            }
-        });
-}
-
 /// Per-row cross-entropy `loss = logsumexp(row) - row[target]`, with the
 /// log-sum-exp kept for the backward pass. `logits` is `[n, v]`.
 ///
@@ -416,6 +387,29 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn swiglu_kernels_follow_silu_and_its_derivative() {
+        // 40 000 values: three parallel chunks. Checked against f64.
+        let n = 40_000;
+        let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.013).sin() * 8.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.029).cos() * 2.0).collect();
+        let dh: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.007).sin()).collect();
+        let mut h = vec![0.0; n];
+        swiglu_forward(&g, &u, &mut h);
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
+        for i in 0..n {
+            let (g, u, dh) = (g[i] as f64, u[i] as f64, dh[i] as f64);
+            let s = 1.0 / (1.0 + (-g).exp());
+            assert!((h[i] as f64 - g * s * u).abs() < 1e-5, "h {i}");
+            assert!(
+                (dg[i] as f64 - dh * u * (s + g * s * (1.0 - s))).abs() < 1e-5,
+                "dg {i}"
+            );
+            assert!((du[i] as f64 - dh * g * s).abs() < 1e-5, "du {i}");
+        }
     }
 
     #[test]

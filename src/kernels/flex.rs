@@ -47,24 +47,6 @@ fn matrix_dims(shape: &[usize]) -> (usize, usize) {
 }
 
 impl FusedOps for Flex {
-    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        let shape = shape_of(&gate);
-        assert_eq!(shape, shape_of(&up), "swiglu: gate and up differ in shape");
-        let (g, u) = (values(&gate), values(&up));
-        let mut h = vec![0.0; g.len()];
-        cpu::swiglu_forward(&g, &u, &mut h);
-        tensor(h, shape)
-    }
-
-    fn causal_softmax(scores: FlexTensor, offset: usize) -> FlexTensor {
-        let shape = shape_of(&scores);
-        let (rows, cols) = matrix_dims(&shape);
-        let x = values(&scores);
-        let mut p = vec![0.0; x.len()];
-        cpu::causal_softmax_forward(&x, &mut p, rows, cols, offset);
-        tensor(p, shape)
-    }
-
     fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
         Self::cross_entropy_rows_lse(logits, targets).0
     }
@@ -193,27 +175,6 @@ impl FusedKernels for Flex {
         let (mut loss, mut lse) = (vec![0.0; n], vec![0.0; n]);
         cpu::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
         (tensor(loss, vec![n]), tensor(lse, vec![n]))
-    }
-
-    fn swiglu_backward(
-        gate: FlexTensor,
-        up: FlexTensor,
-        grad: FlexTensor,
-    ) -> (FlexTensor, FlexTensor) {
-        let shape = shape_of(&gate);
-        let (g, u, dh) = (values(&gate), values(&up), values(&grad));
-        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
-        cpu::swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
-        (tensor(dg, shape.clone()), tensor(du, shape))
-    }
-
-    fn causal_softmax_backward(probs: FlexTensor, grad: FlexTensor, offset: usize) -> FlexTensor {
-        let shape = shape_of(&probs);
-        let (rows, cols) = matrix_dims(&shape);
-        let (p, dp) = (values(&probs), values(&grad));
-        let mut dx = vec![0.0; p.len()];
-        cpu::causal_softmax_backward(&p, &dp, &mut dx, rows, cols, offset);
-        tensor(dx, shape)
     }
 
     fn grouped_swiglu_forward(

@@ -10,8 +10,6 @@
 //!   (and the dense MLP, as one expert), matmuls and activation in one
 //!   operation ([`grouped`]);
 //! - [`causal_attention`]: grouped-query causal attention ([`attention`]);
-//! - [`swiglu`] and [`causal_softmax`]: the activation and the masked
-//!   softmax alone, for the paths that do not use the two above;
 //! - [`cross_entropy_rows`]: per-token cross-entropy from the LM head's
 //!   logits;
 //! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
@@ -33,17 +31,12 @@ pub mod norm;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::DType;
 
 /// The fused operations, as a backend extension.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
-    /// `silu(gate) * up`, element-wise; both of one shape.
-    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// Softmax over the last dimension of each `[rows, cols]` matrix, where
-    /// row r sees only columns `0..=offset + r`.
-    fn causal_softmax(scores: FloatTensor<Self>, offset: usize) -> FloatTensor<Self>;
     /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
         -> FloatTensor<Self>;
@@ -97,18 +90,6 @@ pub trait FusedKernels: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradients of `gate` and `up` given the output gradient.
-    fn swiglu_backward(
-        gate: FloatTensor<Self>,
-        up: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradient of the scores from the probabilities and their gradient.
-    fn causal_softmax_backward(
-        probs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        offset: usize,
-    ) -> FloatTensor<Self>;
     /// [`FusedOps::grouped_swiglu`] and what its backward needs.
     fn grouped_swiglu_forward(
         x: FloatTensor<Self>,
@@ -178,32 +159,6 @@ pub fn fused_on(device: &Device, dtype: DType) -> bool {
 /// Whether `device` is the CPU backend (with or without autodiff).
 pub fn on_cpu(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
-}
-
-/// `silu(gate) * up`.
-pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    if fused_on(&gate.device(), gate.dtype()) {
-        let out = <Dispatch as FusedOps>::swiglu(gate.into_dispatch(), up.into_dispatch());
-        Tensor::from_dispatch(out)
-    } else {
-        silu(gate) * up
-    }
-}
-
-/// Softmax over the last dimension, where row r of each `[rows, cols]`
-/// matrix sees only columns `0..=offset + r` and gives the others 0.
-pub fn causal_softmax<const D: usize>(scores: Tensor<D>, offset: usize) -> Tensor<D> {
-    if fused_on(&scores.device(), scores.dtype()) {
-        let out = <Dispatch as FusedOps>::causal_softmax(scores.into_dispatch(), offset);
-        return Tensor::from_dispatch(out);
-    }
-    let dims = scores.dims();
-    let (rows, cols) = (dims[D - 2], dims[D - 1]);
-    let future = Tensor::<2, Bool>::tril_mask([rows, cols], offset as i64, &scores.device());
-    let bias = Tensor::<2>::zeros([rows, cols], &scores.device())
-        .mask_fill(future, f32::NEG_INFINITY)
-        .cast(scores.dtype());
-    softmax(scores + bias.unsqueeze::<D>(), D - 1)
 }
 
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`.

@@ -2,9 +2,10 @@
 //! Transformer"): `down(silu(gate(x)) * up(x))`, used by dense blocks and by
 //! shared experts. Field names follow the Hugging Face Qwen2/Llama keys.
 
-use crate::kernels::{fused_on, grouped_swiglu, swiglu};
+use crate::kernels::{fused_on, grouped_swiglu};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, TensorData};
 
 /// A bias-free SwiGLU MLP.
@@ -80,7 +81,7 @@ impl Mlp {
             );
             return y.reshape(dims);
         }
-        let h = swiglu(apply(&self.gate_proj, x.clone()), apply(&self.up_proj, x));
+        let h = silu(apply(&self.gate_proj, x.clone())) * apply(&self.up_proj, x);
         apply(&self.down_proj, h)
     }
 }

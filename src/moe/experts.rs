@@ -3,10 +3,11 @@
 //! capacity buffers; on the CPU backend one fused grouped kernel runs each
 //! expert over exactly its tokens.
 
-use crate::kernels::{grouped_swiglu, swiglu};
+use crate::kernels::grouped_swiglu;
 use crate::model::mlp::in_dtype;
 use burn::module::Param;
 use burn::prelude::*;
+use burn::tensor::activation::silu;
 use burn::tensor::Distribution;
 
 /// E stacked SwiGLU experts: expert e computes
@@ -51,10 +52,7 @@ impl Experts {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let dt = x.dtype();
         let w = |p: &Param<Tensor<3>>| in_dtype(p.val(), dt);
-        let h = swiglu(
-            x.clone().matmul(w(&self.gate_proj)),
-            x.matmul(w(&self.up_proj)),
-        ); // [E, C, F]
+        let h = silu(x.clone().matmul(w(&self.gate_proj))) * x.matmul(w(&self.up_proj)); // [E, C, F]
         h.matmul(w(&self.down_proj))
     }
 
