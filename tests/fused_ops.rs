@@ -172,15 +172,16 @@ fn rope_matches_the_rotate_half_formula_in_value_and_gradient() {
     let (s, hd) = (50, 16);
     let cos = values([s, hd], 0.2, 1.0, &device);
     let sin = values([s, hd], 0.6, 1.0, &device);
-    // 2·6·50 rows of 16: several parallel tasks, positions cycling per head.
-    let x = values([2, 6, s, hd], 0.9, 2.0, &device).require_grad();
-    let w = values([2, 6, s, hd], 1.4, 1.0, &device);
+    // 2·50·6 rows of 16, sequence-major: several parallel tasks, each
+    // position shared by the six heads that follow it.
+    let x = values([2, s, 6, hd], 0.9, 2.0, &device).require_grad();
+    let w = values([2, s, 6, hd], 1.4, 1.0, &device);
     let ours = rope(x.clone(), cos.clone(), sin.clone()).expect("fused on the CPU");
     let half = hd / 2;
     let x1 = x.clone().slice_dim(3, 0..half);
     let x2 = x.clone().slice_dim(3, half..hd);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let want = x.clone() * cos.reshape([1, 1, s, hd]) + rotated * sin.reshape([1, 1, s, hd]);
+    let want = x.clone() * cos.reshape([1, s, 1, hd]) + rotated * sin.reshape([1, s, 1, hd]);
     assert!(max_diff(ours.clone(), want.clone()) < 1e-5);
     let g1 = (ours * w.clone()).sum().backward();
     let g2 = (want * w).sum().backward();

@@ -133,11 +133,7 @@ pub(super) fn profile_phases(
     let mut rng = SplitMix64(7);
     let batch = synthetic_batch(&mut rng, b, s, cfg.model.vocab_size, device);
     let head = time(&mut || {
-        let x = model.norm.forward(hidden());
-        let logits = match &model.lm_head {
-            Some(h) => h.forward(x),
-            None => x.matmul(model.embed_tokens.weight.val().transpose().unsqueeze()),
-        };
+        let logits = model.head(hidden());
         let loss = cross_entropy(logits, batch.targets.clone(), batch.mask.clone());
         let _ = loss.backward();
     })?;

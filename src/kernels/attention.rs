@@ -1,13 +1,22 @@
-//! Causal grouped-query attention on the CPU, forward and backward, one
-//! parallel task per (batch, key/value head). Each task runs the query heads
-//! that share its key/value head, so their key and value gradients add up in
-//! one place without locks, and no repeated key/value copies are made.
+//! Causal grouped-query attention on the CPU, forward and backward.
 //!
-//! All tensors are row-major f32: `q: [B, H, S, hd]`, `k, v: [B, KV, S, hd]`,
-//! the probabilities `p: [B, H, S, S]` (zero above the diagonal).
+//! Tensors are row-major f32 in the sequence-major layout the projections
+//! produce, so no head transposes are copied on the way in or out:
+//! `q` and the output `[B, S, H, hd]`, `k, v: [B, S, KV, hd]`. The
+//! probabilities `p: [B, H, S, S]` are kept for the backward, zero above the
+//! diagonal. Query head i reads key/value head i / (H / KV) in place.
+//!
+//! One parallel task per batch row owns that row's outputs and gradients,
+//! so the key and value gradients of heads that share a key/value head add
+//! up without locks. Query positions go in blocks of [`BLOCK`]; each block's
+//! products stop at its last key, so the masked upper triangle is neither
+//! computed nor read (5/8 of the full products at S = 256).
 
 use super::cpu::{self, Operand};
 use rayon::prelude::*;
+
+/// Query positions per block.
+const BLOCK: usize = 64;
 
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
@@ -24,62 +33,84 @@ pub struct Dims {
     pub hd: usize,
 }
 
-/// `c (+)= alpha · a · b` on one thread, operands given as (data, row
-/// stride, column stride): the callers run many of these in parallel.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    c: &mut [f32],
-    accumulate: bool,
-    alpha: f32,
-) {
-    fn operand((data, rs, cs): (&[f32], usize, usize)) -> Operand<'_> {
-        if cs == 1 {
-            Operand::plain(data, rs)
-        } else {
-            assert_eq!(rs, 1, "attention operands are plain or transposed");
-            Operand::transposed(data, cs)
-        }
-    }
-    cpu::matmul(
-        (m, k, n),
-        operand(a),
-        operand(b),
-        c,
-        accumulate,
-        alpha,
-        false,
-    );
+/// The query blocks `(first, end)` of a sequence of length `s`.
+fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s).step_by(BLOCK).map(move |i0| (i0, (i0 + BLOCK).min(s)))
 }
 
-/// Forward: the output `[B, H, S, hd]` and the probabilities `[B, H, S, S]`.
+/// `c (+)= alpha · a · b` into a `[m, n]` block of `c` with row stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, k, n): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    cpu::matmul_strided((m, k, n), a, b, (c, ldc), accumulate, alpha, parallel);
+}
+
+/// Whether the matmuls of one task should split across the pool: only when
+/// there are fewer batch rows than threads to keep busy.
+fn inner_parallel(b: usize) -> bool {
+    b < rayon::current_num_threads()
+}
+
+/// Forward: the output `[B, S, H, hd]` and the probabilities `[B, H, S, S]`.
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) {
     let Dims { b, h, kv, s, hd } = dims;
     let rep = h / kv;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut o = vec![0.0; b * h * s * hd];
+    // Row strides of the query-shaped and key-shaped tensors.
+    let (qs, ks) = (h * hd, kv * hd);
+    let par = inner_parallel(b);
+    let mut o = vec![0.0; b * s * qs];
     let mut p = vec![0.0; b * h * s * s];
-    // One task per (batch, kv head): `rep` consecutive query heads.
-    o.par_chunks_mut(rep * s * hd)
-        .zip(p.par_chunks_mut(rep * s * s))
+    o.par_chunks_mut(s * qs)
+        .zip(p.par_chunks_mut(h * s * s))
         .enumerate()
-        .for_each(|(task, (o, p))| {
-            let kv_off = task * s * hd;
-            let (kh, vh) = (&k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
-            for r in 0..rep {
-                let qh_off = (task * rep + r) * s * hd;
-                let qh = &q[qh_off..qh_off + s * hd];
-                let ph = &mut p[r * s * s..(r + 1) * s * s];
-                // scores = scale · q kᵀ, then the causal softmax in place.
-                gemm(s, hd, s, (qh, hd, 1), (kh, 1, hd), ph, false, scale);
-                let scores = ph.to_vec();
-                cpu::causal_softmax_forward(&scores, ph, s, s, 0);
-                let oh = &mut o[r * s * hd..(r + 1) * s * hd];
-                gemm(s, s, hd, (ph, s, 1), (vh, hd, 1), oh, false, 1.0);
+        .for_each(|(bi, (o, p))| {
+            let (qb, kb, vb) = (
+                &q[bi * s * qs..(bi + 1) * s * qs],
+                &k[bi * s * ks..(bi + 1) * s * ks],
+                &v[bi * s * ks..(bi + 1) * s * ks],
+            );
+            for head in 0..h {
+                let g = head / rep;
+                let (qh, kh, vh) = (&qb[head * hd..], &kb[g * hd..], &vb[g * hd..]);
+                let ph = &mut p[head * s * s..(head + 1) * s * s];
+                for (i0, i1) in blocks(s) {
+                    let rows = i1 - i0;
+                    let pb = &mut ph[i0 * s..];
+                    // scores = scale · q[i0..i1] · k[..i1]ᵀ
+                    gemm(
+                        (rows, hd, i1),
+                        Operand::plain(&qh[i0 * qs..], qs),
+                        Operand::transposed(kh, ks),
+                        pb,
+                        s,
+                        false,
+                        scale,
+                        par,
+                    );
+                    for r in 0..rows {
+                        cpu::softmax_prefix(&mut pb[r * s..r * s + i1], i0 + r + 1);
+                    }
+                    // o[i0..i1] = p[i0..i1, ..i1] · v[..i1]
+                    gemm(
+                        (rows, i1, hd),
+                        Operand::plain(pb, s),
+                        Operand::plain(vh, ks),
+                        &mut o[i0 * qs + head * hd..],
+                        qs,
+                        false,
+                        1.0,
+                        par,
+                    );
+                }
             }
         });
     (o, p)
@@ -87,6 +118,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
 
 /// Backward: the gradients of q, k and v from the output gradient `dout`,
 /// given the forward's output `o` and probabilities `p`.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &[f32],
     k: &[f32],
@@ -99,43 +131,87 @@ pub fn backward(
     let Dims { b, h, kv, s, hd } = dims;
     let rep = h / kv;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut dq = vec![0.0; b * h * s * hd];
-    let mut dk = vec![0.0; b * kv * s * hd];
-    let mut dv = vec![0.0; b * kv * s * hd];
-    dq.par_chunks_mut(rep * s * hd)
-        .zip(dk.par_chunks_mut(s * hd).zip(dv.par_chunks_mut(s * hd)))
+    let (qs, ks) = (h * hd, kv * hd);
+    let par = inner_parallel(b);
+    let mut dq = vec![0.0; b * s * qs];
+    let mut dk = vec![0.0; b * s * ks];
+    let mut dv = vec![0.0; b * s * ks];
+    dq.par_chunks_mut(s * qs)
+        .zip(dk.par_chunks_mut(s * ks).zip(dv.par_chunks_mut(s * ks)))
         .enumerate()
-        .for_each(|(task, (dq, (dk, dv)))| {
-            let kv_off = task * s * hd;
-            let (kh, vh) = (&k[kv_off..kv_off + s * hd], &v[kv_off..kv_off + s * hd]);
+        .for_each(|(bi, (dq, (dk, dv)))| {
+            let qspan = bi * s * qs..(bi + 1) * s * qs;
+            let kspan = bi * s * ks..(bi + 1) * s * ks;
+            let (qb, ob, db) = (&q[qspan.clone()], &o[qspan.clone()], &dout[qspan]);
+            let (kb, vb) = (&k[kspan.clone()], &v[kspan]);
             let mut ds = vec![0.0; s * s];
-            for r in 0..rep {
-                let head = task * rep + r;
-                let span = head * s * hd..(head + 1) * s * hd;
-                let (qh, oh, doh) = (&q[span.clone()], &o[span.clone()], &dout[span]);
-                let ph = &p[head * s * s..(head + 1) * s * s];
-                // dv += pᵀ · dout
-                gemm(s, s, hd, (ph, 1, s), (doh, hd, 1), dv, r > 0, 1.0);
-                // dp = dout · vᵀ, into ds
-                gemm(s, hd, s, (doh, hd, 1), (vh, 1, hd), &mut ds, false, 1.0);
-                // ds = p ⊙ (dp − rowsum(dout ⊙ o)), times the score scale
-                for i in 0..s {
-                    let span = i * hd..(i + 1) * hd;
-                    let dot = cpu::dot(&doh[span.clone()], &oh[span]);
-                    let row = &mut ds[i * s..(i + 1) * s];
-                    let prow = &ph[i * s..(i + 1) * s];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if j <= i {
-                            prow[j] * (*x - dot) * scale
-                        } else {
-                            0.0
-                        };
+            for head in 0..h {
+                let g = head / rep;
+                let (qh, oh, doh) = (&qb[head * hd..], &ob[head * hd..], &db[head * hd..]);
+                let (kh, vh) = (&kb[g * hd..], &vb[g * hd..]);
+                let ph = &p[(bi * h + head) * s * s..(bi * h + head + 1) * s * s];
+                for (i0, i1) in blocks(s) {
+                    let rows = i1 - i0;
+                    let (pb, dsb) = (&ph[i0 * s..], &mut ds[i0 * s..]);
+                    // dv[..i1] += p[i0..i1, ..i1]ᵀ · dout[i0..i1]
+                    gemm(
+                        (i1, rows, hd),
+                        Operand::transposed(pb, s),
+                        Operand::plain(&doh[i0 * qs..], qs),
+                        &mut dv[g * hd..],
+                        ks,
+                        true,
+                        1.0,
+                        par,
+                    );
+                    // dp = dout[i0..i1] · v[..i1]ᵀ, into ds
+                    gemm(
+                        (rows, hd, i1),
+                        Operand::plain(&doh[i0 * qs..], qs),
+                        Operand::transposed(vh, ks),
+                        dsb,
+                        s,
+                        false,
+                        1.0,
+                        par,
+                    );
+                    // ds = p ⊙ (dp − rowsum(dout ⊙ o)), times the score scale
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let dot = cpu::dot(&doh[i * qs..i * qs + hd], &oh[i * qs..i * qs + hd]);
+                        let row = &mut dsb[r * s..r * s + i1];
+                        let prow = &pb[r * s..r * s + i1];
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = if j <= i {
+                                prow[j] * (*x - dot) * scale
+                            } else {
+                                0.0
+                            };
+                        }
                     }
+                    // dq[i0..i1] = ds · k[..i1]
+                    gemm(
+                        (rows, i1, hd),
+                        Operand::plain(dsb, s),
+                        Operand::plain(kh, ks),
+                        &mut dq[i0 * qs + head * hd..],
+                        qs,
+                        false,
+                        1.0,
+                        par,
+                    );
+                    // dk[..i1] += dsᵀ · q[i0..i1]
+                    gemm(
+                        (i1, rows, hd),
+                        Operand::transposed(dsb, s),
+                        Operand::plain(&qh[i0 * qs..], qs),
+                        &mut dk[g * hd..],
+                        ks,
+                        true,
+                        1.0,
+                        par,
+                    );
                 }
-                // dq = ds · k; dk += dsᵀ · q
-                let dqh = &mut dq[r * s * hd..(r + 1) * s * hd];
-                gemm(s, s, hd, (&ds, s, 1), (kh, hd, 1), dqh, false, 1.0);
-                gemm(s, s, hd, (&ds, 1, s), (qh, hd, 1), dk, r > 0, 1.0);
             }
         });
     (dq, dk, dv)

@@ -193,12 +193,31 @@ pub fn matmul(
     alpha: f32,
     parallel: bool,
 ) {
+    matmul_strided((m, k, n), a, b, (c, n), accumulate, alpha, parallel);
+}
+
+/// [`matmul`] into an `[m, n]` block of a larger row-major matrix: `c` is
+/// given with its row stride (≥ n).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    (m, k, n): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    (c, ldc): (&mut [f32], usize),
+    accumulate: bool,
+    alpha: f32,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n, "matmul: output row stride {ldc} below its width {n}");
+    assert!((m - 1) * ldc + n <= c.len(), "matmul: output out of bounds");
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
@@ -207,7 +226,6 @@ pub fn matmul(
     };
     assert!(last(a, m, k) < a.data.len(), "matmul: lhs out of bounds");
     assert!(last(b, k, n) < b.data.len(), "matmul: rhs out of bounds");
-    assert!(m * n <= c.len(), "matmul: output out of bounds");
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -222,7 +240,7 @@ pub fn matmul(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -240,35 +258,15 @@ pub fn matmul(
     }
 }
 
-/// How many leading columns row `i` of a stack of `[rows, cols]` matrices
-/// may attend to: row r of each matrix is query position `offset + r`,
-/// which sees keys `0..=offset + r`.
-#[inline]
-fn causal_len(i: usize, rows: usize, cols: usize, offset: usize) -> usize {
-    (offset + i % rows + 1).min(cols)
-}
-
-/// Row softmax over the causal prefix of each row; the columns after it
-/// get probability 0. `x` and `p` hold whole `[rows, cols]` matrices.
-pub fn causal_softmax_forward(x: &[f32], p: &mut [f32], rows: usize, cols: usize, offset: usize) {
-    let per = rows_per_task(cols);
-    p.par_chunks_mut(per * cols)
-        .zip(x.par_chunks(per * cols))
-        .enumerate()
-        .for_each(|(task, (p, x))| {
-            for (j, (p, x)) in p.chunks_mut(cols).zip(x.chunks(cols)).enumerate() {
-                let len = causal_len(task * per + j, rows, cols, offset);
-                let (p_in, p_out) = p.split_at_mut(len);
-                let x = &x[..len];
-                let max = lane_max(x);
-                for (p, &x) in p_in.iter_mut().zip(x) {
-                    *p = exp(x - max);
-                }
-                let inv = 1.0 / lane_sum(p_in, |p| p);
-                p_in.iter_mut().for_each(|p| *p *= inv);
-                p_out.fill(0.0);
-            }
-        });
+/// Softmax in place over the first `len` values of `row`; the values after
+/// them become probability 0 (the causal mask of one attention row).
+pub fn softmax_prefix(row: &mut [f32], len: usize) {
+    let (live, masked) = row.split_at_mut(len);
+    let max = lane_max(live);
+    live.iter_mut().for_each(|p| *p = exp(*p - max));
+    let inv = 1.0 / lane_sum(live, |p| p);
+    live.iter_mut().for_each(|p| *p *= inv);
+    masked.fill(0.0);
 }
 
 /// Per-row cross-entropy `loss = logsumexp(row) - row[target]`, with the
@@ -413,24 +411,39 @@ mod tests {
     }
 
     #[test]
-    fn causal_softmax_rows_sum_to_one_over_their_prefix() {
-        // Two [3, 4] matrices, offset 1: rows see 2, 3 and 4 keys.
-        let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut p = vec![f32::NAN; 24];
-        causal_softmax_forward(&x, &mut p, 3, 4, 1);
-        for i in 0..p.len() / 4 {
-            let len = i % 3 + 2;
-            let x = &x[i * 4..i * 4 + len];
-            let z: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
-            for c in 0..4 {
+    fn softmax_prefix_sums_to_one_and_masks_the_rest() {
+        let x: Vec<f32> = (0..7).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for len in 1..=7 {
+            let mut p = x.clone();
+            softmax_prefix(&mut p, len);
+            let z: f64 = x[..len].iter().map(|&v| (v as f64).exp()).sum();
+            for c in 0..7 {
                 let want = if c < len {
                     (x[c] as f64).exp() / z
                 } else {
                     0.0
                 };
-                assert!((p[i * 4 + c] as f64 - want).abs() < 1e-6, "row {i} col {c}");
+                assert!((p[c] as f64 - want).abs() < 1e-6, "len {len} col {c}");
             }
         }
+    }
+
+    #[test]
+    fn strided_matmul_writes_only_its_block() {
+        // a [2, 3] · b [3, 2] into columns 1..3 of a [2, 4] matrix.
+        let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let mut c = [9.0f32; 8];
+        matmul_strided(
+            (2, 3, 2),
+            Operand::plain(&a, 3),
+            Operand::plain(&b, 2),
+            (&mut c[1..], 4),
+            false,
+            1.0,
+            false,
+        );
+        assert_eq!(c, [9.0, 4.0, 5.0, 9.0, 9.0, 10.0, 11.0, 9.0]);
     }
 
     #[test]

@@ -11,12 +11,7 @@ use burn::tensor::TensorData;
 fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     match t.as_slice::<f32>() {
         Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(
-            t.to_contiguous()
-                .as_slice::<f32>()
-                .expect("fused kernels take f32 tensors")
-                .to_vec(),
-        ),
+        None => std::borrow::Cow::Owned(owned(t.to_contiguous())),
     }
 }
 
@@ -35,15 +30,6 @@ fn shape_of(t: &FlexTensor) -> Vec<usize> {
 
 fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
-}
-
-/// The last two dimensions of `shape`, or (1, n) for a vector.
-fn matrix_dims(shape: &[usize]) -> (usize, usize) {
-    match shape {
-        [] => (1, 1),
-        [n] => (1, *n),
-        [.., r, c] => (*r, *c),
-    }
 }
 
 impl FusedOps for Flex {
@@ -100,22 +86,24 @@ impl FusedOps for Flex {
 /// RoPE or its transpose on the CPU backend.
 fn rope_apply(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
     let shape = shape_of(&x);
-    let (s, hd) = matrix_dims(&shape);
+    let [_, s, heads, hd] = shape[..] else {
+        panic!("rope: x must be [B, S, H, hd], got {shape:?}")
+    };
     assert_eq!(shape_of(&cos), vec![s, hd], "rope: tables must be [S, hd]");
     assert!(hd % 2 == 0, "rope: head width {hd} is odd");
     let xv = values(&x);
     let mut y = vec![0.0; xv.len()];
-    norm::rope(&xv, &values(&cos), &values(&sin), s, inverse, &mut y);
+    norm::rope(&xv, &values(&cos), &values(&sin), s, heads, inverse, &mut y);
     tensor(y, shape)
 }
 
 /// The dimensions of a causal attention call, checked.
 fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::Dims {
-    let [b, h, s, hd] = shape_of(q)[..] else {
-        panic!("causal_attention: q must be [B, H, S, hd]")
+    let [b, s, h, hd] = shape_of(q)[..] else {
+        panic!("causal_attention: q must be [B, S, H, hd]")
     };
-    let [kb, kv, ks, khd] = shape_of(k)[..] else {
-        panic!("causal_attention: k must be [B, KV, S, hd]")
+    let [kb, ks, kv, khd] = shape_of(k)[..] else {
+        panic!("causal_attention: k must be [B, S, KV, hd]")
     };
     assert_eq!(
         shape_of(k),
@@ -204,8 +192,12 @@ impl FusedKernels for Flex {
     ) -> [FlexTensor; 4] {
         let (dims, offs) = grouping(&x, &weights[0], &offsets);
         let [gate, up, down] = weights.each_ref().map(values);
-        let [g, u, h] = saved.each_ref().map(|t| values(t).into_owned());
-        let saved = grouped::Saved { g, u, h };
+        let [g, u, h] = saved.each_ref().map(values);
+        let saved = grouped::Saved {
+            g: &g[..],
+            u: &u[..],
+            h: &h[..],
+        };
         let (dx, dg, du, dd) = grouped::backward(
             &values(&x),
             &gate,
@@ -213,7 +205,7 @@ impl FusedKernels for Flex {
             &down,
             &offs,
             dims,
-            &saved,
+            saved,
             &values(&grad),
         );
         let [wg_shape, wu_shape, wd_shape] = weights.each_ref().map(shape_of);

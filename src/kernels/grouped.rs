@@ -53,14 +53,15 @@ fn check_offsets(offsets: &[usize], rows: usize, experts: usize) {
 }
 
 /// What the forward keeps for the backward: the gate and up projections and
-/// the SwiGLU output, each `[N, F]`.
-pub struct Saved {
+/// the SwiGLU output, each `[N, F]`; owned by the forward, borrowed by the
+/// backward.
+pub struct Saved<T = Vec<f32>> {
     /// `x · gate_e`
-    pub g: Vec<f32>,
+    pub g: T,
     /// `x · up_e`
-    pub u: Vec<f32>,
+    pub u: T,
     /// `silu(g) · u`
-    pub h: Vec<f32>,
+    pub h: T,
 }
 
 /// `y = down_e(silu(x · gate_e) · (x · up_e))` for every row of every expert.
@@ -112,7 +113,7 @@ pub fn backward(
     down: &[f32],
     offsets: &[usize],
     dims: Dims,
-    saved: &Saved,
+    saved: Saved<&[f32]>,
     dy: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { experts, d, f } = dims;
@@ -140,7 +141,7 @@ pub fn backward(
         matmul(f, rows, d, transposed(he, f), plain(dye, d), block, false);
     }
     let (mut dg, mut du) = (vec![0.0; n * f], vec![0.0; n * f]);
-    cpu::swiglu_backward(&saved.g, &saved.u, &dh, &mut dg, &mut du);
+    cpu::swiglu_backward(saved.g, saved.u, &dh, &mut dg, &mut du);
     drop(dh);
     let mut dx = vec![0.0; n * d];
     let (mut dgate, mut dup) = (vec![0.0; experts * d * f], vec![0.0; experts * d * f]);

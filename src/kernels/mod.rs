@@ -55,16 +55,16 @@ pub trait FusedOps: Backend {
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// RMSNorm over the last dimension: `x / √(mean(x²) + eps) · gamma`.
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
-    /// RoPE (`rotate_half` pairing) on `[.., S, hd]` with `[S, hd]` tables;
-    /// the tables carry no gradient.
+    /// RoPE (`rotate_half` pairing) on `[B, S, H, hd]` with `[S, hd]`
+    /// tables; the tables carry no gradient.
     fn rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads:
-    /// `q: [B, H, S, hd]`, `k, v: [B, KV, S, hd]`, query head i reads
-    /// key/value head i / (H / KV).
+    /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads,
+    /// sequence-major: `q: [B, S, H, hd]`, `k, v: [B, S, KV, hd]`, output
+    /// `[B, S, H, hd]`; query head i reads key/value head i / (H / KV).
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -255,7 +255,8 @@ pub fn adamw_update(
 /// head j serves query heads `j·H/KV .. (j+1)·H/KV`; nothing is repeated.
 ///
 /// # Shapes
-/// - `q`: `[B, H, S, hd]`; `k`, `v`: `[B, KV, S, hd]` → `[B, H, S, hd]`
+/// - `q`: `[B, S, H, hd]`; `k`, `v`: `[B, S, KV, hd]` → `[B, S, H, hd]`
+///   (sequence-major, as the projections produce them)
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     assert!(
         fused_on(&q.device(), q.dtype()),
@@ -309,9 +310,9 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Opt
     Some(Tensor::from_dispatch(out))
 }
 
-/// RoPE with `rotate_half` pairing on `[.., S, hd]`, from `[S, hd]` cos and
-/// sin tables, fused on the CPU backend in f32 (`None` elsewhere).
-pub fn rope<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> Option<Tensor<D>> {
+/// RoPE with `rotate_half` pairing on `[B, S, H, hd]`, from `[S, hd]` cos
+/// and sin tables, fused on the CPU backend in f32 (`None` elsewhere).
+pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Option<Tensor<4>> {
     if !fused_on(&x.device(), x.dtype()) || cos.dtype() != x.dtype() {
         return None;
     }

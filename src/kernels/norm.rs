@@ -63,8 +63,17 @@ pub fn rms_norm_backward(
 /// RoPE with `rotate_half`: for each `hd`-wide row at position `pos`,
 /// `y = x · cos[pos] + [-x2, x1] · sin[pos]` (x1, x2 the two halves), or its
 /// transpose (the backward) when `inverse`: `[dy1 c1 + dy2 s2, dy2 c2 - dy1 s1]`.
-/// Rows run over positions `0..s` in turn.
-pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], s: usize, inverse: bool, y: &mut [f32]) {
+/// `x` is `[.., S, heads, hd]`: row r sits at position `(r / heads) % s`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    x: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    s: usize,
+    heads: usize,
+    inverse: bool,
+    y: &mut [f32],
+) {
     let hd = cos.len() / s;
     let half = hd / 2;
     let per = rows_per_task(hd);
@@ -73,7 +82,7 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], s: usize, inverse: bool, y: &mu
         .enumerate()
         .for_each(|(task, (y, x))| {
             for (j, (y, x)) in y.chunks_mut(hd).zip(x.chunks(hd)).enumerate() {
-                let pos = (task * per + j) % s;
+                let pos = ((task * per + j) / heads) % s;
                 let (c, sn) = (
                     &cos[pos * hd..(pos + 1) * hd],
                     &sin[pos * hd..(pos + 1) * hd],

@@ -51,26 +51,33 @@ impl Attention {
     pub fn forward(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]).swap_dims(1, 2);
-        let q = rope.apply(split(apply(&self.q_proj, x.clone()), h)); // [B, H, S, hd]
-        let k = rope.apply(split(apply(&self.k_proj, x.clone()), kv)); // [B, KV, S, hd]
-        let v = split(apply(&self.v_proj, x), kv); // [B, KV, S, hd]
+        // Heads stay sequence-major, [B, S, heads, hd]: a free reshape of
+        // the projection's output.
+        let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]);
+        let q = rope.apply(split(apply(&self.q_proj, x.clone()), h)); // [B, S, H, hd]
+        let k = rope.apply(split(apply(&self.k_proj, x.clone()), kv)); // [B, S, KV, hd]
+        let v = split(apply(&self.v_proj, x), kv); // [B, S, KV, hd]
         let out = if fused_on(&q.device(), q.dtype()) {
             // CPU, f32: one fused operation with its own backward, reading
-            // each key/value head for its query heads without repeating it.
+            // the heads in place and each key/value head for all its query
+            // heads without repeating it.
             kernels::causal_attention(q, k, v)
         } else {
             // GPU backends (and other dtypes): Burn's attention, the path the
             // GPU figures in the README were measured on.
-            let (k, v) = (repeat_kv(k, h / kv), repeat_kv(v, h / kv));
+            let heads_first = |t: Tensor<4>| t.swap_dims(1, 2);
+            let (k, v) = (
+                repeat_kv(heads_first(k), h / kv),
+                repeat_kv(heads_first(v), h / kv),
+            );
             let options = AttentionModuleOptions {
                 scale: None,
                 softcap: None,
                 is_causal: true,
             };
-            attention(q, k, v, None, None, options)
-        }; // [B, H, S, hd]
-        apply(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, h * hd]))
+            attention(heads_first(q), k, v, None, None, options).swap_dims(1, 2)
+        }; // [B, S, H, hd]
+        apply(&self.o_proj, out.reshape([b, s, h * hd]))
     }
 }
 
@@ -104,21 +111,26 @@ mod tests {
     #[test]
     fn fused_grouped_attention_matches_burn_attention_and_its_gradients() {
         let device = Device::flex().autodiff();
-        for (h, kv, s) in [(4, 2, 37), (6, 3, 130), (2, 2, 16)] {
+        for (b, h, kv, s) in [(2, 4, 2, 37), (3, 6, 3, 130), (2, 2, 2, 16), (1, 4, 1, 200)] {
             let r = |heads| {
-                Tensor::<4>::random([2, heads, s, 8], Distribution::Normal(0.0, 1.0), &device)
+                Tensor::<4>::random([b, s, heads, 8], Distribution::Normal(0.0, 1.0), &device)
                     .require_grad()
             };
             let (q, k, v) = (r(h), r(kv), r(kv));
-            let w = Tensor::<4>::random([2, h, s, 8], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<4>::random([b, s, h, 8], Distribution::Normal(0.0, 1.0), &device);
             let ours = kernels::causal_attention(q.clone(), k.clone(), v.clone());
             let options = AttentionModuleOptions {
                 scale: None,
                 softcap: None,
                 is_causal: true,
             };
-            let (kr, vr) = (repeat_kv(k.clone(), h / kv), repeat_kv(v.clone(), h / kv));
-            let want = attention(q.clone(), kr, vr, None, None, options);
+            // Burn's attention is heads-first: transpose in and out.
+            let t = |x: Tensor<4>| x.swap_dims(1, 2);
+            let (kr, vr) = (
+                repeat_kv(t(k.clone()), h / kv),
+                repeat_kv(t(v.clone()), h / kv),
+            );
+            let want = t(attention(t(q.clone()), kr, vr, None, None, options));
             let d = max_diff(ours.clone(), want.clone());
             assert!(
                 d < 1e-5,

@@ -131,6 +131,15 @@ impl LanguageModel {
             x = y;
             moe.extend(aux);
         }
+        ModelOutput {
+            logits: self.head(x),
+            moe,
+        }
+    }
+
+    /// The final norm and the LM head (the tied embedding when there is no
+    /// head): hidden states `[B, S, d]` → f32 logits `[B, S, V]`.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = norm(&self.norm, x);
         let logits = match &self.lm_head {
             Some(head) => apply(head, x),
@@ -144,8 +153,7 @@ impl LanguageModel {
             }
         };
         // The loss and everything read from the logits work in f32.
-        let logits = in_dtype(logits, DType::F32);
-        ModelOutput { logits, moe }
+        in_dtype(logits, DType::F32)
     }
 }
 

@@ -41,12 +41,13 @@ impl Rope {
         self.cos.dims()[0]
     }
 
-    /// Rotate queries or keys.
+    /// Rotate queries or keys, in the sequence-major layout the projections
+    /// produce.
     ///
     /// # Shapes
-    /// - `x`: `[B, H, S, head_dim]` → `[B, H, S, head_dim]`
+    /// - `x`: `[B, S, H, head_dim]` → `[B, S, H, head_dim]`
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, s, hd] = x.dims();
+        let [_, s, _, hd] = x.dims();
         assert!(
             s <= self.max_len(),
             "sequence length {s} exceeds the RoPE table length {}",
@@ -60,8 +61,8 @@ impl Rope {
         if let Some(y) = crate::kernels::rope(x.clone(), cos.clone(), sin.clone()) {
             return y;
         }
-        let cos = cos.reshape([1, 1, s, hd]);
-        let sin = sin.reshape([1, 1, s, hd]);
+        let cos = cos.reshape([1, s, 1, hd]);
+        let sin = sin.reshape([1, s, 1, hd]);
         let half = hd / 2;
         let x1 = x.clone().slice_dim(3, 0..half);
         let x2 = x.clone().slice_dim(3, half..hd);
@@ -80,20 +81,20 @@ mod tests {
         let device = Device::flex();
         let rope = Rope::new(8, 4, 10_000.0, &device);
         let x = Tensor::<4>::random(
-            [1, 2, 4, 8],
+            [1, 4, 2, 8],
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &device,
         );
         let y = rope.apply(x.clone());
         let x0: Vec<f32> = x
             .clone()
-            .slice_dim(2, 0..1)
+            .slice_dim(1, 0..1)
             .into_data()
             .try_to_vec()
             .unwrap();
         let y0: Vec<f32> = y
             .clone()
-            .slice_dim(2, 0..1)
+            .slice_dim(1, 0..1)
             .into_data()
             .try_to_vec()
             .unwrap();
@@ -114,7 +115,7 @@ mod tests {
         let device = Device::flex();
         let rope = Rope::new(2, 2, 10_000.0, &device);
         let x = Tensor::<4>::from_data(
-            TensorData::new(vec![0.0f32, 0.0, 1.0, 2.0], [1, 1, 2, 2]),
+            TensorData::new(vec![0.0f32, 0.0, 1.0, 2.0], [1, 2, 1, 2]),
             &device,
         );
         let y: Vec<f32> = rope.apply(x).into_data().try_to_vec().unwrap();
