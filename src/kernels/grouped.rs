@@ -10,10 +10,66 @@
 //! stacked `gate, up: [E, d, F]` and `down: [E, F, d]`.
 
 use super::cpu::{self, Operand};
+use std::sync::Mutex;
 
-/// `c (+)= a · b` over the whole rayon pool.
-fn matmul(m: usize, k: usize, n: usize, a: Operand, b: Operand, c: &mut [f32], accumulate: bool) {
-    cpu::matmul((m, k, n), a, b, c, accumulate, 1.0, true);
+/// `c (+)= a · b`, over the whole rayon pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    cpu::matmul((m, k, n), a, b, c, accumulate, 1.0, parallel);
+}
+
+/// Run `work` once per expert task. With at least two experts per thread,
+/// the experts run side by side, largest first, each on one thread with
+/// its matmuls unsplit (`work` gets `false`): every core keeps its own
+/// expert's data in cache and no matmul waits on another thread. With fewer
+/// (a dense MLP is one expert), they run in turn and each matmul splits
+/// across the pool (`work` gets `true`).
+fn for_each_expert<T: Send>(
+    mut tasks: Vec<(usize, T)>,
+    offsets: &[usize],
+    work: impl Fn(usize, T, bool) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if tasks.len() < 2 * threads {
+        for (e, t) in tasks {
+            work(e, t, true);
+        }
+        return;
+    }
+    tasks.sort_by_key(|&(e, _)| std::cmp::Reverse(offsets[e + 1] - offsets[e]));
+    let queue = Mutex::new(tasks.into_iter());
+    rayon::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|_| loop {
+                let next = queue.lock().expect("expert queue").next();
+                match next {
+                    Some((e, t)) => work(e, t, false),
+                    None => break,
+                }
+            });
+        }
+    });
+}
+
+/// `buf` (rows of `width` values) cut into each expert's rows.
+fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    offsets
+        .windows(2)
+        .map(|w| {
+            let (head, rest) = std::mem::take(&mut buf).split_at_mut((w[1] - w[0]) * width);
+            buf = rest;
+            head
+        })
+        .collect()
 }
 
 fn plain(data: &[f32], cols: usize) -> Operand<'_> {
@@ -78,29 +134,24 @@ pub fn forward(
     check_offsets(offsets, n, experts);
     let (mut g, mut u, mut h) = (vec![0.0; n * f], vec![0.0; n * f], vec![0.0; n * f]);
     let mut y = vec![0.0; n * d];
-    for e in 0..experts {
+    let tasks = split_rows(&mut g, offsets, f)
+        .into_iter()
+        .zip(split_rows(&mut u, offsets, f))
+        .zip(split_rows(&mut h, offsets, f))
+        .zip(split_rows(&mut y, offsets, d))
+        .enumerate()
+        .map(|(e, (((g, u), h), y))| (e, (g, u, h, y)))
+        .collect();
+    for_each_expert(tasks, offsets, |e, (g, u, h, y), par| {
         let (r0, r1) = (offsets[e], offsets[e + 1]);
         let rows = r1 - r0;
         let xe = plain(&x[r0 * d..r1 * d], d);
-        let (wg, wu) = (block(gate, e, d * f), block(up, e, d * f));
-        matmul(rows, d, f, xe, plain(wg, f), &mut g[r0 * f..r1 * f], false);
-        matmul(rows, d, f, xe, plain(wu, f), &mut u[r0 * f..r1 * f], false);
-    }
-    cpu::swiglu_forward(&g, &u, &mut h);
-    for e in 0..experts {
-        let (r0, r1) = (offsets[e], offsets[e + 1]);
-        let wd = &down[e * f * d..(e + 1) * f * d];
-        let he = plain(&h[r0 * f..r1 * f], f);
-        matmul(
-            r1 - r0,
-            f,
-            d,
-            he,
-            plain(wd, d),
-            &mut y[r0 * d..r1 * d],
-            false,
-        );
-    }
+        let (wg, wu, wd) = (block(gate, e, d * f), block(up, e, d * f), block(down, e, f * d));
+        matmul(rows, d, f, xe, plain(wg, f), g, false, par);
+        matmul(rows, d, f, xe, plain(wu, f), u, false, par);
+        cpu::swiglu_forward(g, u, h);
+        matmul(rows, f, d, plain(h, f), plain(wd, d), y, false, par);
+    });
     (y, Saved { g, u, h })
 }
 
@@ -119,61 +170,41 @@ pub fn backward(
     let Dims { experts, d, f } = dims;
     let n = x.len() / d;
     check_offsets(offsets, n, experts);
-    let mut dh = vec![0.0; n * f];
-    let mut ddown = vec![0.0; experts * f * d];
-    for e in 0..experts {
-        let (r0, r1) = (offsets[e], offsets[e + 1]);
-        let rows = r1 - r0;
-        let wd = &down[e * f * d..(e + 1) * f * d];
-        let dye = &dy[r0 * d..r1 * d];
-        // dh = dy · downᵀ; ddown = hᵀ · dy
-        matmul(
-            rows,
-            d,
-            f,
-            plain(dye, d),
-            transposed(wd, d),
-            &mut dh[r0 * f..r1 * f],
-            false,
-        );
-        let he = &saved.h[r0 * f..r1 * f];
-        let block = &mut ddown[e * f * d..(e + 1) * f * d];
-        matmul(f, rows, d, transposed(he, f), plain(dye, d), block, false);
-    }
-    let (mut dg, mut du) = (vec![0.0; n * f], vec![0.0; n * f]);
-    cpu::swiglu_backward(saved.g, saved.u, &dh, &mut dg, &mut du);
-    drop(dh);
     let mut dx = vec![0.0; n * d];
     let (mut dgate, mut dup) = (vec![0.0; experts * d * f], vec![0.0; experts * d * f]);
-    for e in 0..experts {
+    let mut ddown = vec![0.0; experts * f * d];
+    let tasks = split_rows(&mut dx, offsets, d)
+        .into_iter()
+        .zip(dgate.chunks_mut(d * f))
+        .zip(dup.chunks_mut(d * f))
+        .zip(ddown.chunks_mut(f * d))
+        .enumerate()
+        .map(|(e, (((dx, dg), du), dd))| (e, (dx, dg, du, dd)))
+        .collect();
+    for_each_expert(tasks, offsets, |e, (dxe, dgate, dup, ddown), par| {
         let (r0, r1) = (offsets[e], offsets[e + 1]);
         let rows = r1 - r0;
-        let (wg, wu) = (block(gate, e, d * f), block(up, e, d * f));
-        let (dge, due) = (&dg[r0 * f..r1 * f], &du[r0 * f..r1 * f]);
+        if rows == 0 {
+            return; // no rows: zero weight gradients, as allocated
+        }
+        let (wg, wu, wd) = (block(gate, e, d * f), block(up, e, d * f), block(down, e, f * d));
+        let dye = plain(&dy[r0 * d..r1 * d], d);
+        // dh = dy · downᵀ; ddown = hᵀ · dy
+        let mut dh = vec![0.0; rows * f];
+        matmul(rows, d, f, dye, transposed(wd, d), &mut dh, false, par);
+        let he = transposed(&saved.h[r0 * f..r1 * f], f);
+        matmul(f, rows, d, he, dye, ddown, false, par);
+        let (mut dg, mut du) = (vec![0.0; rows * f], vec![0.0; rows * f]);
+        let (ge, ue) = (&saved.g[r0 * f..r1 * f], &saved.u[r0 * f..r1 * f]);
+        cpu::swiglu_backward(ge, ue, &dh, &mut dg, &mut du);
+        drop(dh);
         // dx = dg · gateᵀ + du · upᵀ
-        let dxe = &mut dx[r0 * d..r1 * d];
-        matmul(rows, f, d, plain(dge, f), transposed(wg, f), dxe, false);
-        matmul(rows, f, d, plain(due, f), transposed(wu, f), dxe, true);
+        matmul(rows, f, d, plain(&dg, f), transposed(wg, f), dxe, false, par);
+        matmul(rows, f, d, plain(&du, f), transposed(wu, f), dxe, true, par);
         // dgate = xᵀ · dg; dup = xᵀ · du
         let xe = transposed(&x[r0 * d..r1 * d], d);
-        matmul(
-            d,
-            rows,
-            f,
-            xe,
-            plain(dge, f),
-            &mut dgate[e * d * f..(e + 1) * d * f],
-            false,
-        );
-        matmul(
-            d,
-            rows,
-            f,
-            xe,
-            plain(due, f),
-            &mut dup[e * d * f..(e + 1) * d * f],
-            false,
-        );
-    }
+        matmul(d, rows, f, xe, plain(&dg, f), dgate, false, par);
+        matmul(d, rows, f, xe, plain(&du, f), dup, false, par);
+    });
     (dx, dgate, dup, ddown)
 }
