@@ -6,7 +6,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::TensorData;
-use switchyard::kernels::{cross_entropy_rows, grouped_swiglu};
+use switchyard::kernels::{cross_entropy_rows, grouped_swiglu, head, linear_cross_entropy};
 
 /// Deterministic values spread over about [-scale, scale].
 fn values<const D: usize>(shape: [usize; D], seed: f32, scale: f32, device: &Device) -> Tensor<D> {
@@ -23,6 +23,48 @@ fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
 
 fn autodiff() -> Device {
     Device::flex().autodiff()
+}
+
+#[test]
+fn linear_cross_entropy_matches_matmul_and_log_softmax_in_value_and_gradients() {
+    let device = autodiff();
+    // 70 rows over a vocabulary of 40000: three chunks of rows, the last
+    // one short.
+    let (n, d, v) = (70, 8, 40_000);
+    assert!(head::chunk_rows(v) < n && n % head::chunk_rows(v) != 0);
+    let x = values([n, d], 0.3, 1.0, &device).require_grad();
+    let w = values([d, v], 0.8, 0.5, &device).require_grad();
+    let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7919 + 13) % v as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    // A loss mask with some rows off and one weighted.
+    let mask: Vec<f32> = (0..n)
+        .map(|i| match i % 5 {
+            0 => 0.0,
+            1 => 2.5,
+            _ => 1.0,
+        })
+        .collect();
+    let mask = Tensor::<1>::from_data(TensorData::new(mask, [n]), &device);
+
+    let ours = linear_cross_entropy(x.clone(), w.clone(), targets.clone(), mask.clone())
+        .expect("fused on the CPU");
+    let nll = log_softmax(x.clone().matmul(w.clone()), 1)
+        .gather(1, targets.reshape([n, 1]))
+        .reshape([n])
+        .neg();
+    let want = (nll * mask).sum();
+    let (a, b) = (ours.clone().into_scalar::<f32>(), want.clone().into_scalar::<f32>());
+    assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b}");
+
+    // A loss gradient other than 1 reaches both inputs.
+    let g1 = ours.mul_scalar(0.7).backward();
+    let g2 = want.mul_scalar(0.7).backward();
+    for (name, t) in [("x", &x), ("w", &w)] {
+        let (a, b) = (t.grad(&g1).unwrap(), t.grad(&g2).unwrap());
+        let scale = b.clone().abs().max().into_scalar::<f32>();
+        let dg = max_diff(a, b) / scale;
+        assert!(dg < 1e-5, "gradient of {name} differs by {dg} of its largest entry {scale}");
+    }
 }
 
 #[test]

@@ -560,6 +560,57 @@ fn bad_runs_are_refused_with_the_reason() {
     assert!(e.contains("3 consecutive"), "{e}");
 }
 
+/// The training loss (LM head and cross-entropy fused on the CPU, never
+/// holding the logits) equals the logits of `forward` put through
+/// `cross_entropy`, in value and in the gradients of the head, the
+/// embedding and a block weight, with an untied and a tied head and a mask
+/// that drops positions.
+#[test]
+fn fused_head_loss_matches_logits_then_cross_entropy() {
+    use switchyard::model::cross_entropy;
+    let _g = lock();
+    let device = Device::flex().autodiff();
+    for tied in [false, true] {
+        device.seed(11);
+        let tie = format!("model.tie_embeddings={tied}");
+        let cfg = RunConfig::from_toml_str(TINY, &[tie]).unwrap();
+        let model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+        assert_eq!(model.lm_head.is_none(), tied);
+        let (b, s) = (2, cfg.model.seq_len);
+        let ids: Vec<i64> = (0..b * (s + 1))
+            .map(|i| ((i * 7919 + 5) % 4000) as i64)
+            .collect();
+        let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), &device);
+        let (inputs, targets) = (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]));
+        let mask: Vec<f32> = (0..b * s).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, s]), &device);
+
+        // Evaluation routing: no router noise or expert dropout, so both
+        // passes route alike.
+        let (fused, _) =
+            model.forward_loss(inputs.clone(), targets.clone(), mask.clone(), Phase::Eval);
+        let logits = model.forward(inputs, Some(mask.clone()), Phase::Eval).logits;
+        let want = cross_entropy(logits, targets, mask);
+        let (a, w) = (fused.clone().into_scalar::<f32>(), want.clone().into_scalar::<f32>());
+        assert!((a - w).abs() < 1e-5 * w, "tied {tied}: loss {a} vs {w}");
+
+        let (g1, g2) = (fused.backward(), want.backward());
+        let mut weights = vec![
+            ("embedding", model.embed_tokens.weight.clone()),
+            ("q_proj", model.layers[0].self_attn.q_proj.weight.clone()),
+        ];
+        if let Some(head) = &model.lm_head {
+            weights.push(("lm_head", head.weight.clone()));
+        }
+        for (name, p) in weights {
+            let (a, b) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
+            let scale = b.clone().abs().max().into_scalar::<f32>();
+            let d = (a - b).abs().max().into_scalar::<f32>() / scale;
+            assert!(d < 1e-4, "tied {tied}: gradient of {name} differs by {d} of {scale}");
+        }
+    }
+}
+
 /// Mixed precision: the same weights computing in bf16 give nearly the f32
 /// loss and gradients; the router and the logits stay f32, the gradients
 /// reach the f32 parameters in f32; and a bf16 run trains.

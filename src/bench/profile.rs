@@ -6,7 +6,7 @@ use crate::config::RunConfig;
 use crate::data::stream::SplitMix64;
 use crate::kernels::fused_on;
 use crate::model::block::Ffn;
-use crate::model::{cross_entropy, LanguageModel};
+use crate::model::LanguageModel;
 use crate::moe::{dispatch, losses, Phase};
 use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use crate::train::step;
@@ -133,9 +133,9 @@ pub(super) fn profile_phases(
     let mut rng = SplitMix64(7);
     let batch = synthetic_batch(&mut rng, b, s, cfg.model.vocab_size, device);
     let head = time(&mut || {
-        let logits = model.head(hidden());
-        let loss = cross_entropy(logits, batch.targets.clone(), batch.mask.clone());
-        let _ = loss.backward();
+        let _ = model
+            .head_loss(hidden(), batch.targets.clone(), batch.mask.clone())
+            .backward();
     })?;
     out.push(("LM head + loss", head));
 

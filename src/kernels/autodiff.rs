@@ -40,6 +40,21 @@ impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
 }
 
 #[derive(Debug)]
+struct LinearCrossEntropyBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 2> for LinearCrossEntropyBackward {
+    /// The gradients of x and w the forward computed.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (dx, dw) = ops.state;
+        let all = B::linear_cross_entropy_backward(dx, dw, grad);
+        register_all::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), all);
+    }
+}
+
+#[derive(Debug)]
 struct GroupedSwigluBackward;
 
 impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
@@ -218,6 +233,29 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
 
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::sum_squares(x.into_primitive()))
+    }
+
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (xi, wi) = (x.primitive().clone(), w.primitive().clone());
+        let weights = weights.into_primitive();
+        match LinearCrossEntropyBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [loss, dx, dw] = B::linear_cross_entropy_forward(xi, wi, targets, weights);
+                prep.finish((dx, dw), loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::linear_cross_entropy(xi, wi, targets, weights))
+            }
+        }
     }
 
     fn cross_entropy_rows(

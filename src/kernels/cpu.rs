@@ -329,6 +329,12 @@ pub fn cross_entropy_backward(
         });
 }
 
+/// `x *= s`, element-wise.
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK)
+        .for_each(|x| x.iter_mut().for_each(|v| *v *= s));
+}
+
 /// One AdamW step in place. `hyper` is
 /// `[lr, β1, β2, eps, weight decay, 1 - β1^t, 1 - β2^t]`; the gradient is
 /// multiplied by `scale` first (global-norm clipping):

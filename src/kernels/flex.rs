@@ -2,7 +2,7 @@
 //! unwrap the flex tensors into slices, run the kernels in [`super::cpu`],
 //! [`super::grouped`] and [`super::attention`], and wrap the results.
 
-use super::{attention, cpu, grouped, norm, FusedKernels, FusedOps, GroupedSaved};
+use super::{attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::TensorData;
@@ -35,6 +35,17 @@ fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 impl FusedOps for Flex {
     fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
         Self::cross_entropy_rows_lse(logits, targets).0
+    }
+
+    fn linear_cross_entropy(
+        x: FlexTensor,
+        w: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
+    ) -> FlexTensor {
+        let (dims, t) = head_dims(&x, &w, &targets, &weights);
+        let loss = head::loss(&values(&x), &values(&w), &t, &values(&weights), dims);
+        tensor(vec![loss], vec![1])
     }
 
     fn adamw_update(
@@ -117,6 +128,32 @@ fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::
         shape_of(k)
     );
     attention::Dims { b, h, kv, s, hd }
+}
+
+/// The shapes of a linear cross-entropy call and its targets, checked.
+fn head_dims(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    targets: &FlexTensor,
+    weights: &FlexTensor,
+) -> (head::Dims, Vec<i64>) {
+    let [n, d] = shape_of(x)[..] else {
+        panic!("linear_cross_entropy: x must be [n, d], got {:?}", shape_of(x))
+    };
+    let [wd, v] = shape_of(w)[..] else {
+        panic!("linear_cross_entropy: w must be [d, v], got {:?}", shape_of(w))
+    };
+    assert_eq!(wd, d, "linear_cross_entropy: x is {d} wide, w has {wd} rows");
+    let t = indices(targets);
+    assert_eq!(t.len(), n, "linear_cross_entropy: {n} rows but {} targets", t.len());
+    assert_eq!(
+        shape_of(weights),
+        vec![n],
+        "linear_cross_entropy: {n} rows but weights {:?}",
+        shape_of(weights)
+    );
+    let chunk = head::chunk_rows(v);
+    (head::Dims { n, d, v, chunk }, t)
 }
 
 /// The grouping of a grouped call: its dimensions and row offsets.
@@ -288,6 +325,36 @@ impl FusedKernels for Flex {
             tensor(dk, shape_of(k)),
             tensor(dv, shape_of(v)),
         ]
+    }
+
+    fn linear_cross_entropy_forward(
+        x: FlexTensor,
+        w: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let (dims, t) = head_dims(&x, &w, &targets, &weights);
+        let (loss, dx, dw) =
+            head::loss_and_grads(&values(&x), &values(&w), &t, &values(&weights), dims);
+        [
+            tensor(vec![loss], vec![1]),
+            tensor(dx, shape_of(&x)),
+            tensor(dw, shape_of(&w)),
+        ]
+    }
+
+    fn linear_cross_entropy_backward(
+        dx: FlexTensor,
+        dw: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 2] {
+        let g = values(&grad)[0];
+        [dx, dw].map(|t| {
+            let shape = shape_of(&t);
+            let mut v = owned(t);
+            cpu::scale(&mut v, g);
+            tensor(v, shape)
+        })
     }
 
     fn cross_entropy_rows_backward(

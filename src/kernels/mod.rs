@@ -10,8 +10,9 @@
 //!   (and the dense MLP, as one expert), matmuls and activation in one
 //!   operation ([`grouped`]);
 //! - [`causal_attention`]: grouped-query causal attention ([`attention`]);
-//! - [`cross_entropy_rows`]: per-token cross-entropy from the LM head's
-//!   logits;
+//! - [`linear_cross_entropy`]: the LM head and the per-token cross-entropy
+//!   in cache-sized chunks of rows, never writing the full logits
+//!   ([`head`]); [`cross_entropy_rows`] for logits made elsewhere;
 //! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
 //!   gradient norm, one pass each (no autodiff involved).
 //!
@@ -26,6 +27,7 @@ mod autodiff;
 pub mod cpu;
 mod flex;
 pub mod grouped;
+pub mod head;
 pub mod norm;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -40,6 +42,15 @@ pub trait FusedOps: Backend {
     /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
         -> FloatTensor<Self>;
+    /// `Σ_i weights[i] · cross_entropy_rows(x · w, targets)[i]` (`[1]`) for
+    /// `x: [n, d]`, `w: [d, v]`, without materialising the `[n, v]` logits.
+    /// The weights (`[n]`) carry no gradient.
+    fn linear_cross_entropy(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// One AdamW update of a flat parameter: returns the new parameter and
     /// moments. `scale` (`[1]`) multiplies the gradient first.
     #[allow(clippy::too_many_arguments)]
@@ -137,6 +148,21 @@ pub trait FusedKernels: Backend {
         probs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
+    /// [`FusedOps::linear_cross_entropy`] and its gradients with respect to
+    /// x and w (for a loss gradient of 1).
+    fn linear_cross_entropy_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
+    /// The gradients of x and w for the loss gradient `grad` (`[1]`): the
+    /// forward's, scaled.
+    fn linear_cross_entropy_backward(
+        dx: FloatTensor<Self>,
+        dw: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2];
     /// Gradient of the logits given each row's loss gradient.
     fn cross_entropy_rows_backward(
         logits: FloatTensor<Self>,
@@ -176,6 +202,32 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
     let [n, _] = logits.dims();
     let logp = log_softmax(logits, 1);
     logp.gather(1, targets.reshape([n, 1])).reshape([n]).neg()
+}
+
+/// The weighted sum of the per-row cross-entropies of the logits `x · w`,
+/// `Σ_i weights[i] · nll_i`, fused with the matmul on the CPU backend in
+/// f32 (`None` elsewhere: the caller makes the logits). The weights (the
+/// loss mask) carry no gradient.
+///
+/// # Shapes
+/// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`, `weights`: `[n]`; returns `[1]`
+pub fn linear_cross_entropy(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Tensor<1>,
+) -> Option<Tensor<1>> {
+    let same_dtype = w.dtype() == x.dtype() && weights.dtype() == x.dtype();
+    if !fused_on(&x.device(), x.dtype()) || !same_dtype {
+        return None;
+    }
+    let out = <Dispatch as FusedOps>::linear_cross_entropy(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        weights.into_dispatch(),
+    );
+    Some(Tensor::from_dispatch(out))
 }
 
 /// AdamW's hyperparameters for one update, in the order [`cpu::adamw`]

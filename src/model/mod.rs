@@ -121,6 +121,65 @@ impl LanguageModel {
         valid: Option<Tensor<2>>,
         phase: Phase,
     ) -> ModelOutput {
+        let (x, moe) = self.hidden(tokens, valid, phase);
+        ModelOutput {
+            logits: self.head(x),
+            moe,
+        }
+    }
+
+    /// The mean next-token cross-entropy over positions where `mask` is 1,
+    /// and each MoE layer's auxiliary outputs: [`Self::forward`] followed by
+    /// [`cross_entropy`], except that on the CPU backend in f32 the LM head
+    /// and the loss run as one operation that never holds the full logits.
+    ///
+    /// # Shapes
+    /// - `tokens`, `targets`, `mask`: `[B, S]`; the loss is `[1]`
+    pub fn forward_loss(
+        &self,
+        tokens: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        mask: Tensor<2>,
+        phase: Phase,
+    ) -> (Tensor<1>, Vec<MoeAux>) {
+        let (x, moe) = self.hidden(tokens, Some(mask.clone()), phase);
+        (self.head_loss(x, targets, mask), moe)
+    }
+
+    /// The final norm, the LM head and the mean cross-entropy over
+    /// positions where `mask` is 1, from the blocks' output `x: [B, S, d]`.
+    pub fn head_loss(&self, x: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
+        let h = norm(&self.norm, x);
+        let [b, s, d] = h.dims();
+        // The head weight as `[d, V]`; a biased head takes the composed path.
+        let w = match &self.lm_head {
+            Some(head) if head.bias.is_none() => Some(head.weight.val()),
+            Some(_) => None,
+            None => Some(self.embed_tokens.weight.val().transpose()),
+        };
+        let mask_flat = mask.clone().reshape([b * s]);
+        let fused = w.and_then(|w| {
+            crate::kernels::linear_cross_entropy(
+                h.clone().reshape([b * s, d]),
+                w,
+                targets.clone().reshape([b * s]),
+                mask_flat.clone(),
+            )
+        });
+        match fused {
+            Some(sum) => sum / mask_flat.sum().clamp_min(1.0),
+            None => cross_entropy(self.project(h), targets, mask),
+        }
+    }
+
+    /// The blocks: embeddings in, final hidden states `[B, S, d]` (before
+    /// the final norm) and each MoE layer's auxiliary outputs out.
+    fn hidden(
+        &self,
+        tokens: Tensor<2, Int>,
+        valid: Option<Tensor<2>>,
+        phase: Phase,
+    ) -> (Tensor<3>, Vec<MoeAux>) {
         let [b, s] = tokens.dims();
         let device = tokens.device();
         let valid = valid.unwrap_or_else(|| Tensor::ones([b, s], &device));
@@ -131,16 +190,17 @@ impl LanguageModel {
             x = y;
             moe.extend(aux);
         }
-        ModelOutput {
-            logits: self.head(x),
-            moe,
-        }
+        (x, moe)
     }
 
     /// The final norm and the LM head (the tied embedding when there is no
     /// head): hidden states `[B, S, d]` → f32 logits `[B, S, V]`.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = norm(&self.norm, x);
+        self.project(norm(&self.norm, x))
+    }
+
+    /// The LM head alone, on normed hidden states.
+    fn project(&self, x: Tensor<3>) -> Tensor<3> {
         let logits = match &self.lm_head {
             Some(head) => apply(head, x),
             None => {
@@ -165,6 +225,10 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>
     let [b, s, v] = logits.dims();
     let nll =
         crate::kernels::cross_entropy_rows(logits.reshape([b * s, v]), targets.reshape([b * s])); // [B*S]
-    let mask = mask.reshape([b * s]);
-    (nll * mask.clone()).sum() / mask.sum().clamp_min(1.0)
+    masked_mean(nll, mask.reshape([b * s]))
+}
+
+/// The mean of `values` where `mask` is 1 (0 when the mask is empty).
+fn masked_mean(values: Tensor<1>, mask: Tensor<1>) -> Tensor<1> {
+    (values * mask.clone()).sum() / mask.sum().clamp_min(1.0)
 }

@@ -4,8 +4,8 @@
 use crate::config::RunConfig;
 use crate::data::stream::Batch;
 use crate::metrics::LayerReport;
-use crate::model::{cross_entropy, LanguageModel, ModelOutput};
-use crate::moe::{Phase, RoutingStats};
+use crate::model::LanguageModel;
+use crate::moe::{MoeAux, Phase, RoutingStats};
 use crate::train::optim::{clip_scale, AdamW};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -49,23 +49,24 @@ pub struct LossTerms {
     pub z: Tensor<1>,
 }
 
-/// Forward a batch and combine the losses with the configured coefficients.
+/// Forward a batch and combine the losses with the configured coefficients;
+/// also returns each MoE layer's auxiliary outputs.
 pub fn forward(
     model: &LanguageModel,
     batch: &BatchTensors,
     cfg: &RunConfig,
     phase: Phase,
-) -> (LossTerms, ModelOutput) {
+) -> (LossTerms, Vec<MoeAux>) {
     let device = batch.mask.device();
-    let out = model.forward(batch.inputs.clone(), Some(batch.mask.clone()), phase);
-    let lm = cross_entropy(
-        out.logits.clone(),
+    let (lm, moe) = model.forward_loss(
+        batch.inputs.clone(),
         batch.targets.clone(),
         batch.mask.clone(),
+        phase,
     );
     let zero = || Tensor::<1>::zeros([1], &device);
     let (mut aux, mut seq_aux, mut z) = (zero(), zero(), zero());
-    for layer in &out.moe {
+    for layer in &moe {
         aux = aux + layer.losses.load_balancing.clone();
         seq_aux = seq_aux + layer.losses.seq_load_balancing.clone();
         z = z + layer.losses.z_loss.clone();
@@ -83,7 +84,7 @@ pub fn forward(
             seq_aux,
             z,
         },
-        out,
+        moe,
     )
 }
 
@@ -95,14 +96,14 @@ pub fn backward(
     batch: &BatchTensors,
     cfg: &RunConfig,
 ) -> (GradientsParams, LossTerms, Vec<RoutingStats>) {
-    let (loss, out) = forward(model, batch, cfg, Phase::Train);
+    let (loss, moe) = forward(model, batch, cfg, Phase::Train);
     let grads = loss
         .total
         .clone()
         .div_scalar(cfg.train.grad_accum as f64)
         .backward();
     let grads = GradientsParams::from_grads(grads, model);
-    (grads, loss, out.moe.into_iter().map(|a| a.stats).collect())
+    (grads, loss, moe.into_iter().map(|a| a.stats).collect())
 }
 
 /// What the host learns about one optimizer step.
