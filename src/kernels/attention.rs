@@ -67,8 +67,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
     // Row strides of the query-shaped and key-shaped tensors.
     let (qs, ks) = (h * hd, kv * hd);
     let par = inner_parallel(b);
-    let mut o = vec![0.0; b * s * qs];
-    let mut p = vec![0.0; b * h * s * s];
+    let mut o = cpu::zeros(b * s * qs);
+    let mut p = cpu::zeros(b * h * s * s);
     o.par_chunks_mut(s * qs)
         .zip(p.par_chunks_mut(h * s * s))
         .enumerate()
@@ -133,9 +133,9 @@ pub fn backward(
     let scale = 1.0 / (hd as f32).sqrt();
     let (qs, ks) = (h * hd, kv * hd);
     let par = inner_parallel(b);
-    let mut dq = vec![0.0; b * s * qs];
-    let mut dk = vec![0.0; b * s * ks];
-    let mut dv = vec![0.0; b * s * ks];
+    let mut dq = cpu::zeros(b * s * qs);
+    let mut dk = cpu::zeros(b * s * ks);
+    let mut dv = cpu::zeros(b * s * ks);
     dq.par_chunks_mut(s * qs)
         .zip(dk.par_chunks_mut(s * ks).zip(dv.par_chunks_mut(s * ks)))
         .enumerate()
@@ -144,7 +144,7 @@ pub fn backward(
             let kspan = bi * s * ks..(bi + 1) * s * ks;
             let (qb, ob, db) = (&q[qspan.clone()], &o[qspan.clone()], &dout[qspan]);
             let (kb, vb) = (&k[kspan.clone()], &v[kspan]);
-            let mut ds = vec![0.0; s * s];
+            let mut ds = cpu::zeros(s * s);
             for head in 0..h {
                 let g = head / rep;
                 let (qh, oh, doh) = (&qb[head * hd..], &ob[head * hd..], &db[head * hd..]);

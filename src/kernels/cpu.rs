@@ -15,6 +15,22 @@ pub(crate) fn rows_per_task(cols: usize) -> usize {
     (CHUNK / cols.max(1)).max(1)
 }
 
+/// A zeroed f32 buffer of length `n`. Large buffers are zeroed across the
+/// pool: a kernel's output allocation would otherwise be zeroed by one
+/// thread while the others wait.
+pub fn zeros(n: usize) -> Vec<f32> {
+    if n < 4 * CHUNK {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the first n elements were all written just above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `e^x` in single precision, written without branches or library calls so
 /// that loops over it vectorise. Range reduction `x = n ln2 + r` with
 /// |r| ≤ ln2 / 2 and a degree-6 polynomial for `e^r` (the Cephes `expf`

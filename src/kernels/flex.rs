@@ -103,7 +103,7 @@ fn rope_apply(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) ->
     assert_eq!(shape_of(&cos), vec![s, hd], "rope: tables must be [S, hd]");
     assert!(hd % 2 == 0, "rope: head width {hd} is odd");
     let xv = values(&x);
-    let mut y = vec![0.0; xv.len()];
+    let mut y = cpu::zeros(xv.len());
     norm::rope(&xv, &values(&cos), &values(&sin), s, heads, inverse, &mut y);
     tensor(y, shape)
 }
@@ -197,7 +197,7 @@ impl FusedKernels for Flex {
             t.len()
         );
         let x = values(&logits);
-        let (mut loss, mut lse) = (vec![0.0; n], vec![0.0; n]);
+        let (mut loss, mut lse) = (cpu::zeros(n), cpu::zeros(n));
         cpu::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
         (tensor(loss, vec![n]), tensor(lse, vec![n]))
     }
@@ -263,7 +263,7 @@ impl FusedKernels for Flex {
             "rms_norm: gamma width differs from x"
         );
         let xv = values(&x);
-        let mut y = vec![0.0; xv.len()];
+        let mut y = cpu::zeros(xv.len());
         let inv = norm::rms_norm_forward(&xv, &values(&gamma), eps, &mut y);
         let rows = inv.len();
         (tensor(y, shape), tensor(inv, vec![rows]))
@@ -277,7 +277,7 @@ impl FusedKernels for Flex {
     ) -> (FlexTensor, FlexTensor) {
         let shape = shape_of(&x);
         let xv = values(&x);
-        let mut dx = vec![0.0; xv.len()];
+        let mut dx = cpu::zeros(xv.len());
         let dgamma = norm::rms_norm_backward(
             &xv,
             &values(&gamma),
@@ -371,7 +371,7 @@ impl FusedKernels for Flex {
             values(&lse),
             values(&grad),
         );
-        let mut d = vec![0.0; x.len()];
+        let mut d = cpu::zeros(x.len());
         cpu::cross_entropy_backward(&x, &t, &lse, &g, v, &mut d);
         tensor(d, shape)
     }

@@ -132,8 +132,8 @@ pub fn forward(
     let Dims { experts, d, f } = dims;
     let n = x.len() / d;
     check_offsets(offsets, n, experts);
-    let (mut g, mut u, mut h) = (vec![0.0; n * f], vec![0.0; n * f], vec![0.0; n * f]);
-    let mut y = vec![0.0; n * d];
+    let (mut g, mut u, mut h) = (cpu::zeros(n * f), cpu::zeros(n * f), cpu::zeros(n * f));
+    let mut y = cpu::zeros(n * d);
     let tasks = split_rows(&mut g, offsets, f)
         .into_iter()
         .zip(split_rows(&mut u, offsets, f))
@@ -170,9 +170,9 @@ pub fn backward(
     let Dims { experts, d, f } = dims;
     let n = x.len() / d;
     check_offsets(offsets, n, experts);
-    let mut dx = vec![0.0; n * d];
-    let (mut dgate, mut dup) = (vec![0.0; experts * d * f], vec![0.0; experts * d * f]);
-    let mut ddown = vec![0.0; experts * f * d];
+    let mut dx = cpu::zeros(n * d);
+    let (mut dgate, mut dup) = (cpu::zeros(experts * d * f), cpu::zeros(experts * d * f));
+    let mut ddown = cpu::zeros(experts * f * d);
     let tasks = split_rows(&mut dx, offsets, d)
         .into_iter()
         .zip(dgate.chunks_mut(d * f))
@@ -190,11 +190,11 @@ pub fn backward(
         let (wg, wu, wd) = (block(gate, e, d * f), block(up, e, d * f), block(down, e, f * d));
         let dye = plain(&dy[r0 * d..r1 * d], d);
         // dh = dy · downᵀ; ddown = hᵀ · dy
-        let mut dh = vec![0.0; rows * f];
+        let mut dh = cpu::zeros(rows * f);
         matmul(rows, d, f, dye, transposed(wd, d), &mut dh, false, par);
         let he = transposed(&saved.h[r0 * f..r1 * f], f);
         matmul(f, rows, d, he, dye, ddown, false, par);
-        let (mut dg, mut du) = (vec![0.0; rows * f], vec![0.0; rows * f]);
+        let (mut dg, mut du) = (cpu::zeros(rows * f), cpu::zeros(rows * f));
         let (ge, ue) = (&saved.g[r0 * f..r1 * f], &saved.u[r0 * f..r1 * f]);
         cpu::swiglu_backward(ge, ue, &dh, &mut dg, &mut du);
         drop(dh);

@@ -60,8 +60,8 @@ fn chunks(dims: Dims) -> impl Iterator<Item = (usize, usize)> {
 /// If a target is outside `0..V`.
 pub fn loss(x: &[f32], w: &[f32], targets: &[i64], r: &[f32], dims: Dims) -> f32 {
     let Dims { n, v, chunk, .. } = dims;
-    let (mut nll, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    let mut buf = vec![0.0; chunk.min(n) * v];
+    let (mut nll, mut lse) = (cpu::zeros(n), cpu::zeros(n));
+    let mut buf = cpu::zeros(chunk.min(n) * v);
     for (r0, r1) in chunks(dims) {
         let buf = &mut buf[..(r1 - r0) * v];
         logits(x, w, (r0, r1), dims, buf);
@@ -92,11 +92,11 @@ pub fn loss_and_grads(
     dims: Dims,
 ) -> (f32, Vec<f32>, Vec<f32>) {
     let Dims { n, d, v, chunk } = dims;
-    let (mut nll, mut lse) = (vec![0.0; n], vec![0.0; n]);
-    let mut dx = vec![0.0; n * d];
-    let mut dw = vec![0.0; d * v];
+    let (mut nll, mut lse) = (cpu::zeros(n), cpu::zeros(n));
+    let mut dx = cpu::zeros(n * d);
+    let mut dw = cpu::zeros(d * v);
     let rows = chunk.min(n);
-    let (mut buf, mut dlogits) = (vec![0.0; rows * v], vec![0.0; rows * v]);
+    let (mut buf, mut dlogits) = (cpu::zeros(rows * v), cpu::zeros(rows * v));
     for (i, (r0, r1)) in chunks(dims).enumerate() {
         let m = r1 - r0;
         let (buf, dl) = (&mut buf[..m * v], &mut dlogits[..m * v]);
