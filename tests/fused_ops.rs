@@ -6,7 +6,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::TensorData;
-use switchyard::kernels::{cross_entropy_rows, grouped_swiglu, head, linear_cross_entropy};
+use switchyard::kernels::{cross_entropy_rows, grouped_swiglu, head, linear, linear_cross_entropy};
 
 /// Deterministic values spread over about [-scale, scale].
 fn values<const D: usize>(shape: [usize; D], seed: f32, scale: f32, device: &Device) -> Tensor<D> {
@@ -23,6 +23,23 @@ fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
 
 fn autodiff() -> Device {
     Device::flex().autodiff()
+}
+
+#[test]
+fn linear_matches_matmul_in_value_and_gradients() {
+    let device = autodiff();
+    // [3, 50, 24] rows through a [24, 40] weight.
+    let x = values([3, 50, 24], 0.2, 1.0, &device).require_grad();
+    let w = values([24, 40], 0.6, 0.5, &device).require_grad();
+    let g = values([3, 50, 40], 1.1, 1.0, &device);
+    let ours = linear(x.clone(), w.clone()).expect("fused on the CPU");
+    let want = x.clone().matmul(w.clone().unsqueeze());
+    assert!(max_diff(ours.clone(), want.clone()) < 1e-5);
+    let g1 = (ours * g.clone()).sum().backward();
+    let g2 = (want * g).sum().backward();
+    let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+    let dw = max_diff(w.grad(&g1).unwrap(), w.grad(&g2).unwrap());
+    assert!(dx < 1e-4 && dw < 1e-4, "gradients differ by {dx} (x) and {dw} (w)");
 }
 
 #[test]

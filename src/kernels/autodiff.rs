@@ -40,6 +40,21 @@ impl<B: Backend + FusedKernels> Backward<B, 1> for CrossEntropyBackward {
 }
 
 #[derive(Debug)]
+struct LinearBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 2> for LinearBackward {
+    /// x and w.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let all = B::fused_linear_backward(x, w, grad);
+        register_all::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), all);
+    }
+}
+
+#[derive(Debug)]
 struct LinearCrossEntropyBackward;
 
 impl<B: Backend + FusedKernels> Backward<B, 2> for LinearCrossEntropyBackward {
@@ -233,6 +248,21 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
 
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::sum_squares(x.into_primitive()))
+    }
+
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xi, wi) = (x.primitive().clone(), w.primitive().clone());
+        match LinearBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::fused_linear(xi.clone(), wi.clone());
+                prep.finish((xi, wi), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_linear(xi, wi)),
+        }
     }
 
     fn linear_cross_entropy(

@@ -433,6 +433,15 @@ mod tests {
     }
 
     #[test]
+    fn zeros_are_zero_at_every_size() {
+        for n in [0, 5, 4 * CHUNK - 1, 4 * CHUNK, 9 * CHUNK + 3] {
+            let z = zeros(n);
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&v| v == 0.0), "n = {n}");
+        }
+    }
+
+    #[test]
     fn softmax_prefix_sums_to_one_and_masks_the_rest() {
         let x: Vec<f32> = (0..7).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         for len in 1..=7 {

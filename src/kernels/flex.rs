@@ -2,6 +2,7 @@
 //! unwrap the flex tensors into slices, run the kernels in [`super::cpu`],
 //! [`super::grouped`] and [`super::attention`], and wrap the results.
 
+use super::cpu::Operand;
 use super::{attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -35,6 +36,21 @@ fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 impl FusedOps for Flex {
     fn cross_entropy_rows(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
         Self::cross_entropy_rows_lse(logits, targets).0
+    }
+
+    fn fused_linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (n, d_in, d_out) = linear_dims(&x, &w);
+        let mut y = cpu::zeros(n * d_out);
+        cpu::matmul(
+            (n, d_in, d_out),
+            Operand::plain(&values(&x), d_in),
+            Operand::plain(&values(&w), d_out),
+            &mut y,
+            false,
+            1.0,
+            true,
+        );
+        tensor(y, vec![n, d_out])
     }
 
     fn linear_cross_entropy(
@@ -128,6 +144,16 @@ fn attention_dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> attention::
         shape_of(k)
     );
     attention::Dims { b, h, kv, s, hd }
+}
+
+/// `(n, d_in, d_out)` of a linear call, checked.
+fn linear_dims(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
+    let (xs, ws) = (shape_of(x), shape_of(w));
+    let (&[n, d], &[d_in, d_out]) = (&xs[..], &ws[..]) else {
+        panic!("linear: x {xs:?} and w {ws:?} must be matrices")
+    };
+    assert_eq!(d, d_in, "linear: x is {d} wide, w has {d_in} rows");
+    (n, d_in, d_out)
 }
 
 /// The shapes of a linear cross-entropy call and its targets, checked.
@@ -325,6 +351,33 @@ impl FusedKernels for Flex {
             tensor(dk, shape_of(k)),
             tensor(dv, shape_of(v)),
         ]
+    }
+
+    fn fused_linear_backward(x: FlexTensor, w: FlexTensor, grad: FlexTensor) -> [FlexTensor; 2] {
+        let (n, d_in, d_out) = linear_dims(&x, &w);
+        let (xv, wv, g) = (values(&x), values(&w), values(&grad));
+        // dx = grad · wᵀ; dw = xᵀ · grad
+        let mut dx = cpu::zeros(n * d_in);
+        cpu::matmul(
+            (n, d_out, d_in),
+            Operand::plain(&g, d_out),
+            Operand::transposed(&wv, d_out),
+            &mut dx,
+            false,
+            1.0,
+            true,
+        );
+        let mut dw = cpu::zeros(d_in * d_out);
+        cpu::matmul(
+            (d_in, n, d_out),
+            Operand::transposed(&xv, d_in),
+            Operand::plain(&g, d_out),
+            &mut dw,
+            false,
+            1.0,
+            true,
+        );
+        [tensor(dx, vec![n, d_in]), tensor(dw, vec![d_in, d_out])]
     }
 
     fn linear_cross_entropy_forward(

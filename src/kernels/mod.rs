@@ -13,6 +13,7 @@
 //! - [`linear_cross_entropy`]: the LM head and the per-token cross-entropy
 //!   in cache-sized chunks of rows, never writing the full logits
 //!   ([`head`]); [`cross_entropy_rows`] for logits made elsewhere;
+//! - [`linear`]: a bias-free linear layer's matmul;
 //! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
 //!   gradient norm, one pass each (no autodiff involved).
 //!
@@ -42,6 +43,8 @@ pub trait FusedOps: Backend {
     /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
         -> FloatTensor<Self>;
+    /// `x · w` for `x: [n, d_in]`, `w: [d_in, d_out]`.
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `Σ_i weights[i] · cross_entropy_rows(x · w, targets)[i]` (`[1]`) for
     /// `x: [n, d]`, `w: [d, v]`, without materialising the `[n, v]` logits.
     /// The weights (`[n]`) carry no gradient.
@@ -148,6 +151,12 @@ pub trait FusedKernels: Backend {
         probs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
+    /// Gradients of x and w of [`FusedOps::fused_linear`].
+    fn fused_linear_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2];
     /// [`FusedOps::linear_cross_entropy`] and its gradients with respect to
     /// x and w (for a loss gradient of 1).
     fn linear_cross_entropy_forward(
@@ -202,6 +211,28 @@ pub fn cross_entropy_rows(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<
     let [n, _] = logits.dims();
     let logp = log_softmax(logits, 1);
     logp.gather(1, targets.reshape([n, 1])).reshape([n]).neg()
+}
+
+/// `x · w` over the last dimension of x (a bias-free linear layer), on the
+/// CPU backend in f32 (`None` elsewhere: the caller uses Burn's). Its
+/// output buffer is zeroed across the pool and its backward is two matmuls.
+///
+/// # Shapes
+/// - `x`: `[.., d_in]`; `w`: `[d_in, d_out]`; returns `[.., d_out]`
+pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Option<Tensor<D>> {
+    if !fused_on(&x.device(), x.dtype()) || w.dtype() != x.dtype() {
+        return None;
+    }
+    let mut dims = x.dims();
+    let [d_in, d_out] = w.dims();
+    assert_eq!(dims[D - 1], d_in, "linear: x is {} wide, w has {d_in} rows", dims[D - 1]);
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = <Dispatch as FusedOps>::fused_linear(
+        x.reshape([rows, d_in]).into_dispatch(),
+        w.into_dispatch(),
+    );
+    dims[D - 1] = d_out;
+    Some(Tensor::<2>::from_dispatch(y).reshape(dims))
 }
 
 /// The weighted sum of the per-row cross-entropies of the logits `x · w`,
