@@ -122,7 +122,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The largest value of a slice (-inf when empty), in [`LANES`] lanes.
 #[inline(always)]
-fn lane_max(x: &[f32]) -> f32 {
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks
@@ -285,110 +285,6 @@ pub fn softmax_prefix(row: &mut [f32], len: usize) {
     masked.fill(0.0);
 }
 
-/// Per-row cross-entropy `loss = logsumexp(row) - row[target]`, with the
-/// log-sum-exp kept for the backward pass. `logits` is `[n, v]`.
-///
-/// # Panics
-/// If a target is outside `0..v`.
-pub fn cross_entropy_forward(
-    logits: &[f32],
-    targets: &[i64],
-    v: usize,
-    loss: &mut [f32],
-    lse: &mut [f32],
-) {
-    let per = rows_per_task(v);
-    loss.par_chunks_mut(per)
-        .zip(lse.par_chunks_mut(per))
-        .zip(logits.par_chunks(per * v).zip(targets.par_chunks(per)))
-        .for_each(|((loss, lse), (logits, targets))| {
-            let mut e = vec![0.0f32; v];
-            for (i, row) in logits.chunks(v).enumerate() {
-                let t = check_target(targets[i], v);
-                let max = lane_max(row);
-                // The exponentials into a scratch row first: a map
-                // vectorises where a sum over exp does not.
-                for (e, &x) in e.iter_mut().zip(row) {
-                    *e = exp(x - max);
-                }
-                let sum = lane_sum(&e, |p| p);
-                lse[i] = max + sum.ln();
-                loss[i] = lse[i] - row[t];
-            }
-        });
-}
-
-/// Gradient of [`cross_entropy_forward`]: row i of `dlogits` is
-/// `g[i] (softmax(row) - onehot(target))`.
-pub fn cross_entropy_backward(
-    logits: &[f32],
-    targets: &[i64],
-    lse: &[f32],
-    g: &[f32],
-    v: usize,
-    dlogits: &mut [f32],
-) {
-    let per = rows_per_task(v);
-    dlogits
-        .par_chunks_mut(per * v)
-        .zip(logits.par_chunks(per * v))
-        .enumerate()
-        .for_each(|(task, (d, logits))| {
-            for (j, (d, row)) in d.chunks_mut(v).zip(logits.chunks(v)).enumerate() {
-                let i = task * per + j;
-                let (gi, lse) = (g[i], lse[i]);
-                for (d, &x) in d.iter_mut().zip(row) {
-                    *d = gi * exp(x - lse);
-                }
-                d[check_target(targets[i], v)] -= gi;
-            }
-        });
-}
-
-/// `x *= s`, element-wise.
-pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|x| x.iter_mut().for_each(|v| *v *= s));
-}
-
-/// One AdamW step in place. `hyper` is
-/// `[lr, β1, β2, eps, weight decay, 1 - β1^t, 1 - β2^t]`; the gradient is
-/// multiplied by `scale` first (global-norm clipping):
-/// `m ← β1 m + (1-β1) g`, `v ← β2 v + (1-β2) g²`,
-/// `p ← p (1 - lr·wd) - lr · (m / bc1) / (√(v / bc2) + eps)`.
-pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], scale: f32, hyper: [f32; 7]) {
-    let [lr, b1, b2, eps, wd, bc1, bc2] = hyper;
-    let decay = 1.0 - lr * wd;
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|((p, (m, v)), g)| {
-            for i in 0..p.len() {
-                let g = g[i] * scale;
-                let mi = m[i] * b1 + g * (1.0 - b1);
-                let vi = v[i] * b2 + g * g * (1.0 - b2);
-                m[i] = mi;
-                v[i] = vi;
-                p[i] = p[i] * decay - (mi / bc1) / ((vi / bc2).sqrt() + eps) * lr;
-            }
-        });
-}
-
-/// Σ x², accumulated in f64 per chunk.
-pub fn sum_squares(x: &[f32]) -> f32 {
-    x.par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-        .sum::<f64>() as f32
-}
-
-fn check_target(t: i64, v: usize) -> usize {
-    assert!(
-        (0..v as i64).contains(&t),
-        "cross-entropy target {t} is outside the vocabulary 0..{v}"
-    );
-    t as usize
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,57 +371,5 @@ mod tests {
             false,
         );
         assert_eq!(c, [9.0, 4.0, 5.0, 9.0, 9.0, 10.0, 11.0, 9.0]);
-    }
-
-    #[test]
-    fn cross_entropy_is_logsumexp_minus_the_target_logit() {
-        let logits = [1.0f32, 2.0, 3.0, -1.0, 0.5, 0.0];
-        let mut loss = [0.0f32; 2];
-        let mut lse = [0.0f32; 2];
-        cross_entropy_forward(&logits, &[2, 0], 3, &mut loss, &mut lse);
-        let l0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 3.0;
-        let l1 = ((-1f64).exp() + 0.5f64.exp() + 1.0).ln() + 1.0;
-        assert!((loss[0] as f64 - l0).abs() < 1e-6);
-        assert!((loss[1] as f64 - l1).abs() < 1e-6);
-    }
-
-    #[test]
-    fn adamw_follows_the_update_rule_over_three_steps() {
-        // 40 000 values (three parallel chunks), checked against the rule in f64.
-        let n = 40_000;
-        let (lr, b1, b2, eps, wd, scale) = (0.01f64, 0.9f64, 0.95f64, 1e-8f64, 0.1f64, 0.5f64);
-        let mut p: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.001).sin()).collect();
-        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-        let mut want: Vec<(f64, f64, f64)> = p.iter().map(|&p| (p as f64, 0.0, 0.0)).collect();
-        for t in 1..=3 {
-            let g: Vec<f32> = (0..n).map(|i| ((i * t) as f32 * 0.37).cos()).collect();
-            let (bc1, bc2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
-            let hyper = [lr, b1, b2, eps, wd, bc1, bc2].map(|x| x as f32);
-            adamw(&mut p, &g, &mut m, &mut v, scale as f32, hyper);
-            for (w, &g) in want.iter_mut().zip(&g) {
-                let g = g as f64 * scale;
-                w.1 = b1 * w.1 + (1.0 - b1) * g;
-                w.2 = b2 * w.2 + (1.0 - b2) * g * g;
-                w.0 = w.0 * (1.0 - lr * wd) - lr * (w.1 / bc1) / ((w.2 / bc2).sqrt() + eps);
-            }
-        }
-        for i in 0..n {
-            assert!((p[i] as f64 - want[i].0).abs() < 1e-5, "param {i}");
-            assert!((m[i] as f64 - want[i].1).abs() < 1e-6, "m {i}");
-            assert!((v[i] as f64 - want[i].2).abs() < 1e-6, "v {i}");
-        }
-    }
-
-    #[test]
-    fn sum_squares_matches_a_plain_sum() {
-        let x: Vec<f32> = (0..50_000).map(|i| (i as f32 * 0.01).sin()).collect();
-        let want: f64 = x.iter().map(|&x| (x as f64).powi(2)).sum();
-        assert!((sum_squares(&x) as f64 - want).abs() < 1e-6 * want);
-    }
-
-    #[test]
-    #[should_panic(expected = "outside the vocabulary")]
-    fn cross_entropy_rejects_a_target_outside_the_vocabulary() {
-        cross_entropy_forward(&[0.0; 3], &[3], 3, &mut [0.0], &mut [0.0]);
     }
 }

@@ -3,7 +3,7 @@
 //! [`super::grouped`] and [`super::attention`], and wrap the results.
 
 use super::cpu::Operand;
-use super::{attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
+use super::{adamw, attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::TensorData;
@@ -75,7 +75,7 @@ impl FusedOps for Flex {
         let shape = shape_of(&param);
         let scale = values(&scale)[0];
         let (mut p, mut m, mut v) = (owned(param), owned(m), owned(v));
-        cpu::adamw(&mut p, &values(&grad), &mut m, &mut v, scale, hyper);
+        adamw::adamw(&mut p, &values(&grad), &mut m, &mut v, scale, hyper);
         (
             tensor(p, shape.clone()),
             tensor(m, shape.clone()),
@@ -84,7 +84,7 @@ impl FusedOps for Flex {
     }
 
     fn sum_squares(x: FlexTensor) -> FlexTensor {
-        tensor(vec![cpu::sum_squares(&values(&x))], vec![1])
+        tensor(vec![adamw::sum_squares(&values(&x))], vec![1])
     }
 
     fn grouped_swiglu(
@@ -224,7 +224,7 @@ impl FusedKernels for Flex {
         );
         let x = values(&logits);
         let (mut loss, mut lse) = (cpu::zeros(n), cpu::zeros(n));
-        cpu::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
+        head::cross_entropy_forward(&x, &t, v, &mut loss, &mut lse);
         (tensor(loss, vec![n]), tensor(lse, vec![n]))
     }
 
@@ -405,7 +405,7 @@ impl FusedKernels for Flex {
         [dx, dw].map(|t| {
             let shape = shape_of(&t);
             let mut v = owned(t);
-            cpu::scale(&mut v, g);
+            adamw::scale(&mut v, g);
             tensor(v, shape)
         })
     }
@@ -425,7 +425,7 @@ impl FusedKernels for Flex {
             values(&grad),
         );
         let mut d = cpu::zeros(x.len());
-        cpu::cross_entropy_backward(&x, &t, &lse, &g, v, &mut d);
+        head::cross_entropy_backward(&x, &t, &lse, &g, v, &mut d);
         tensor(d, shape)
     }
 }

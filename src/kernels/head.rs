@@ -11,7 +11,8 @@
 //! them. That is three matmuls over the logits in all, as for an unfused
 //! head, and no second pass over them.
 
-use super::cpu::{self, Operand};
+use super::cpu::{self, exp, lane_max, lane_sum, rows_per_task, Operand};
+use rayon::prelude::*;
 
 /// Logit values per chunk: 4 MiB of f32, which leaves room in a shared
 /// last-level cache for the chunk's gradient and the weight.
@@ -66,7 +67,7 @@ pub fn loss(x: &[f32], w: &[f32], targets: &[i64], r: &[f32], dims: Dims) -> f32
         let buf = &mut buf[..(r1 - r0) * v];
         logits(x, w, (r0, r1), dims, buf);
         let (nll, lse) = (&mut nll[r0..r1], &mut lse[r0..r1]);
-        cpu::cross_entropy_forward(buf, &targets[r0..r1], v, nll, lse);
+        cross_entropy_forward(buf, &targets[r0..r1], v, nll, lse);
     }
     weighted_sum(&nll, r)
 }
@@ -102,9 +103,9 @@ pub fn loss_and_grads(
         let (buf, dl) = (&mut buf[..m * v], &mut dlogits[..m * v]);
         logits(x, w, (r0, r1), dims, buf);
         let (t, lse) = (&targets[r0..r1], &mut lse[r0..r1]);
-        cpu::cross_entropy_forward(buf, t, v, &mut nll[r0..r1], lse);
+        cross_entropy_forward(buf, t, v, &mut nll[r0..r1], lse);
         // dlogits = r_i (softmax - onehot), row by row
-        cpu::cross_entropy_backward(buf, t, lse, &r[r0..r1], v, dl);
+        cross_entropy_backward(buf, t, lse, &r[r0..r1], v, dl);
         // dx = dlogits · wᵀ; dw += xᵀ · dlogits
         cpu::matmul(
             (m, v, d),
@@ -126,6 +127,74 @@ pub fn loss_and_grads(
         );
     }
     (weighted_sum(&nll, r), dx, dw)
+}
+
+/// Per-row cross-entropy `loss = logsumexp(row) - row[target]`, with the
+/// log-sum-exp kept for the backward pass. `logits` is `[n, v]`.
+///
+/// # Panics
+/// If a target is outside `0..v`.
+pub fn cross_entropy_forward(
+    logits: &[f32],
+    targets: &[i64],
+    v: usize,
+    loss: &mut [f32],
+    lse: &mut [f32],
+) {
+    let per = rows_per_task(v);
+    loss.par_chunks_mut(per)
+        .zip(lse.par_chunks_mut(per))
+        .zip(logits.par_chunks(per * v).zip(targets.par_chunks(per)))
+        .for_each(|((loss, lse), (logits, targets))| {
+            let mut e = vec![0.0f32; v];
+            for (i, row) in logits.chunks(v).enumerate() {
+                let t = check_target(targets[i], v);
+                let max = lane_max(row);
+                // The exponentials into a scratch row first: a map
+                // vectorises where a sum over exp does not.
+                for (e, &x) in e.iter_mut().zip(row) {
+                    *e = exp(x - max);
+                }
+                let sum = lane_sum(&e, |p| p);
+                lse[i] = max + sum.ln();
+                loss[i] = lse[i] - row[t];
+            }
+        });
+}
+
+/// Gradient of [`cross_entropy_forward`]: row i of `dlogits` is
+/// `g[i] (softmax(row) - onehot(target))`.
+pub fn cross_entropy_backward(
+    logits: &[f32],
+    targets: &[i64],
+    lse: &[f32],
+    g: &[f32],
+    v: usize,
+    dlogits: &mut [f32],
+) {
+    let per = rows_per_task(v);
+    dlogits
+        .par_chunks_mut(per * v)
+        .zip(logits.par_chunks(per * v))
+        .enumerate()
+        .for_each(|(task, (d, logits))| {
+            for (j, (d, row)) in d.chunks_mut(v).zip(logits.chunks(v)).enumerate() {
+                let i = task * per + j;
+                let (gi, lse) = (g[i], lse[i]);
+                for (d, &x) in d.iter_mut().zip(row) {
+                    *d = gi * exp(x - lse);
+                }
+                d[check_target(targets[i], v)] -= gi;
+            }
+        });
+}
+
+fn check_target(t: i64, v: usize) -> usize {
+    assert!(
+        (0..v as i64).contains(&t),
+        "cross-entropy target {t} is outside the vocabulary 0..{v}"
+    );
+    t as usize
 }
 
 #[cfg(test)]
@@ -172,5 +241,23 @@ mod tests {
                 assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn cross_entropy_is_logsumexp_minus_the_target_logit() {
+        let logits = [1.0f32, 2.0, 3.0, -1.0, 0.5, 0.0];
+        let mut loss = [0.0f32; 2];
+        let mut lse = [0.0f32; 2];
+        cross_entropy_forward(&logits, &[2, 0], 3, &mut loss, &mut lse);
+        let l0 = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 3.0;
+        let l1 = ((-1f64).exp() + 0.5f64.exp() + 1.0).ln() + 1.0;
+        assert!((loss[0] as f64 - l0).abs() < 1e-6);
+        assert!((loss[1] as f64 - l1).abs() < 1e-6);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the vocabulary")]
+    fn cross_entropy_rejects_a_target_outside_the_vocabulary() {
+        cross_entropy_forward(&[0.0; 3], &[3], 3, &mut [0.0], &mut [0.0]);
     }
 }

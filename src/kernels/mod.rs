@@ -23,6 +23,7 @@
 //! callers compose the same result from Burn's tensor operations, so GPU
 //! backends keep the path their own fusion is built for.
 
+pub mod adamw;
 pub mod attention;
 mod autodiff;
 pub mod cpu;
@@ -261,7 +262,7 @@ pub fn linear_cross_entropy(
     Some(Tensor::from_dispatch(out))
 }
 
-/// AdamW's hyperparameters for one update, in the order [`cpu::adamw`]
+/// AdamW's hyperparameters for one update, in the order [`adamw::adamw`]
 /// takes them.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
