@@ -39,7 +39,10 @@ fn linear_matches_matmul_in_value_and_gradients() {
     let g2 = (want * g).sum().backward();
     let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
     let dw = max_diff(w.grad(&g1).unwrap(), w.grad(&g2).unwrap());
-    assert!(dx < 1e-4 && dw < 1e-4, "gradients differ by {dx} (x) and {dw} (w)");
+    assert!(
+        dx < 1e-4 && dw < 1e-4,
+        "gradients differ by {dx} (x) and {dw} (w)"
+    );
 }
 
 #[test]
@@ -70,7 +73,10 @@ fn linear_cross_entropy_matches_matmul_and_log_softmax_in_value_and_gradients() 
         .reshape([n])
         .neg();
     let want = (nll * mask).sum();
-    let (a, b) = (ours.clone().into_scalar::<f32>(), want.clone().into_scalar::<f32>());
+    let (a, b) = (
+        ours.clone().into_scalar::<f32>(),
+        want.clone().into_scalar::<f32>(),
+    );
     assert!((a - b).abs() < 1e-5 * b.abs(), "loss {a} vs {b}");
 
     // A loss gradient other than 1 reaches both inputs.
@@ -80,7 +86,10 @@ fn linear_cross_entropy_matches_matmul_and_log_softmax_in_value_and_gradients() 
         let (a, b) = (t.grad(&g1).unwrap(), t.grad(&g2).unwrap());
         let scale = b.clone().abs().max().into_scalar::<f32>();
         let dg = max_diff(a, b) / scale;
-        assert!(dg < 1e-5, "gradient of {name} differs by {dg} of its largest entry {scale}");
+        assert!(
+            dg < 1e-5,
+            "gradient of {name} differs by {dg} of its largest entry {scale}"
+        );
     }
 }
 
@@ -199,7 +208,11 @@ fn grouped_case(counts: &[usize]) {
         // The idle experts' blocks are zero.
         for idle in (0..e).filter(|&i| counts[i] == 0) {
             let g = a.clone().slice([idle..idle + 1]).abs().max();
-            assert_eq!(g.into_scalar::<f32>(), 0.0, "idle expert {idle} got a {name} gradient");
+            assert_eq!(
+                g.into_scalar::<f32>(),
+                0.0,
+                "idle expert {idle} got a {name} gradient"
+            );
         }
     }
 }

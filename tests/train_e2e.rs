@@ -582,16 +582,23 @@ fn fused_head_loss_matches_logits_then_cross_entropy() {
             .collect();
         let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), &device);
         let (inputs, targets) = (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]));
-        let mask: Vec<f32> = (0..b * s).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+        let mask: Vec<f32> = (0..b * s)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
+            .collect();
         let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, s]), &device);
 
         // Evaluation routing: no router noise or expert dropout, so both
         // passes route alike.
         let (fused, _) =
             model.forward_loss(inputs.clone(), targets.clone(), mask.clone(), Phase::Eval);
-        let logits = model.forward(inputs, Some(mask.clone()), Phase::Eval).logits;
+        let logits = model
+            .forward(inputs, Some(mask.clone()), Phase::Eval)
+            .logits;
         let want = cross_entropy(logits, targets, mask);
-        let (a, w) = (fused.clone().into_scalar::<f32>(), want.clone().into_scalar::<f32>());
+        let (a, w) = (
+            fused.clone().into_scalar::<f32>(),
+            want.clone().into_scalar::<f32>(),
+        );
         assert!((a - w).abs() < 1e-5 * w, "tied {tied}: loss {a} vs {w}");
 
         let (g1, g2) = (fused.backward(), want.backward());
@@ -606,7 +613,10 @@ fn fused_head_loss_matches_logits_then_cross_entropy() {
             let (a, b) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
             let scale = b.clone().abs().max().into_scalar::<f32>();
             let d = (a - b).abs().max().into_scalar::<f32>() / scale;
-            assert!(d < 1e-4, "tied {tied}: gradient of {name} differs by {d} of {scale}");
+            assert!(
+                d < 1e-4,
+                "tied {tied}: gradient of {name} differs by {d} of {scale}"
+            );
         }
     }
 }

@@ -35,7 +35,9 @@ pub struct Dims {
 
 /// The query blocks `(first, end)` of a sequence of length `s`.
 fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..s).step_by(BLOCK).map(move |i0| (i0, (i0 + BLOCK).min(s)))
+    (0..s)
+        .step_by(BLOCK)
+        .map(move |i0| (i0, (i0 + BLOCK).min(s)))
 }
 
 /// `c (+)= alpha · a · b` into a `[m, n]` block of `c` with row stride `ldc`.

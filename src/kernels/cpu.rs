@@ -227,7 +227,10 @@ pub fn matmul_strided(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldc >= n, "matmul: output row stride {ldc} below its width {n}");
+    assert!(
+        ldc >= n,
+        "matmul: output row stride {ldc} below its width {n}"
+    );
     assert!((m - 1) * ldc + n <= c.len(), "matmul: output out of bounds");
     if k == 0 {
         if !accumulate {

@@ -164,14 +164,28 @@ fn head_dims(
     weights: &FlexTensor,
 ) -> (head::Dims, Vec<i64>) {
     let [n, d] = shape_of(x)[..] else {
-        panic!("linear_cross_entropy: x must be [n, d], got {:?}", shape_of(x))
+        panic!(
+            "linear_cross_entropy: x must be [n, d], got {:?}",
+            shape_of(x)
+        )
     };
     let [wd, v] = shape_of(w)[..] else {
-        panic!("linear_cross_entropy: w must be [d, v], got {:?}", shape_of(w))
+        panic!(
+            "linear_cross_entropy: w must be [d, v], got {:?}",
+            shape_of(w)
+        )
     };
-    assert_eq!(wd, d, "linear_cross_entropy: x is {d} wide, w has {wd} rows");
+    assert_eq!(
+        wd, d,
+        "linear_cross_entropy: x is {d} wide, w has {wd} rows"
+    );
     let t = indices(targets);
-    assert_eq!(t.len(), n, "linear_cross_entropy: {n} rows but {} targets", t.len());
+    assert_eq!(
+        t.len(),
+        n,
+        "linear_cross_entropy: {n} rows but {} targets",
+        t.len()
+    );
     assert_eq!(
         shape_of(weights),
         vec![n],

@@ -146,7 +146,11 @@ pub fn forward(
         let (r0, r1) = (offsets[e], offsets[e + 1]);
         let rows = r1 - r0;
         let xe = plain(&x[r0 * d..r1 * d], d);
-        let (wg, wu, wd) = (block(gate, e, d * f), block(up, e, d * f), block(down, e, f * d));
+        let (wg, wu, wd) = (
+            block(gate, e, d * f),
+            block(up, e, d * f),
+            block(down, e, f * d),
+        );
         matmul(rows, d, f, xe, plain(wg, f), g, false, par);
         matmul(rows, d, f, xe, plain(wu, f), u, false, par);
         cpu::swiglu_forward(g, u, h);
@@ -187,7 +191,11 @@ pub fn backward(
         if rows == 0 {
             return; // no rows: zero weight gradients, as allocated
         }
-        let (wg, wu, wd) = (block(gate, e, d * f), block(up, e, d * f), block(down, e, f * d));
+        let (wg, wu, wd) = (
+            block(gate, e, d * f),
+            block(up, e, d * f),
+            block(down, e, f * d),
+        );
         let dye = plain(&dy[r0 * d..r1 * d], d);
         // dh = dy · downᵀ; ddown = hᵀ · dy
         let mut dh = cpu::zeros(rows * f);
@@ -199,7 +207,16 @@ pub fn backward(
         cpu::swiglu_backward(ge, ue, &dh, &mut dg, &mut du);
         drop(dh);
         // dx = dg · gateᵀ + du · upᵀ
-        matmul(rows, f, d, plain(&dg, f), transposed(wg, f), dxe, false, par);
+        matmul(
+            rows,
+            f,
+            d,
+            plain(&dg, f),
+            transposed(wg, f),
+            dxe,
+            false,
+            par,
+        );
         matmul(rows, f, d, plain(&du, f), transposed(wu, f), dxe, true, par);
         // dgate = xᵀ · dg; dup = xᵀ · du
         let xe = transposed(&x[r0 * d..r1 * d], d);

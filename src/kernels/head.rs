@@ -52,7 +52,9 @@ fn logits(x: &[f32], w: &[f32], (r0, r1): (usize, usize), dims: Dims, buf: &mut 
 
 fn chunks(dims: Dims) -> impl Iterator<Item = (usize, usize)> {
     let Dims { n, chunk, .. } = dims;
-    (0..n).step_by(chunk.max(1)).map(move |r0| (r0, (r0 + chunk).min(n)))
+    (0..n)
+        .step_by(chunk.max(1))
+        .map(move |r0| (r0, (r0 + chunk).min(n)))
 }
 
 /// The weighted loss `Σ r_i nll_i` alone.
@@ -220,7 +222,11 @@ mod tests {
         let (mut want, mut dx, mut dw) = (0.0f64, vec![0.0f64; n * d], vec![0.0f64; d * v]);
         for i in 0..n {
             let row: Vec<f64> = (0..v)
-                .map(|j| (0..d).map(|k| x[i * d + k] as f64 * w[k * v + j] as f64).sum())
+                .map(|j| {
+                    (0..d)
+                        .map(|k| x[i * d + k] as f64 * w[k * v + j] as f64)
+                        .sum()
+                })
                 .collect();
             let z: f64 = row.iter().map(|l| l.exp()).sum();
             want += r[i] as f64 * (z.ln() - row[targets[i] as usize]);

@@ -226,7 +226,12 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Option<Tensor<D>> {
     }
     let mut dims = x.dims();
     let [d_in, d_out] = w.dims();
-    assert_eq!(dims[D - 1], d_in, "linear: x is {} wide, w has {d_in} rows", dims[D - 1]);
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "linear: x is {} wide, w has {d_in} rows",
+        dims[D - 1]
+    );
     let rows = dims[..D - 1].iter().product::<usize>();
     let y = <Dispatch as FusedOps>::fused_linear(
         x.reshape([rows, d_in]).into_dispatch(),
