@@ -277,6 +277,32 @@ pub fn matmul_strided(
     }
 }
 
+/// `y = x · w` for row-major `x: [n, d_in]`, `w: [d_in, d_out]`, over the
+/// whole pool.
+pub fn linear(x: &[f32], w: &[f32], (n, d_in, d_out): (usize, usize, usize), y: &mut [f32]) {
+    let (x, w) = (Operand::plain(x, d_in), Operand::plain(w, d_out));
+    matmul((n, d_in, d_out), x, w, y, false, 1.0, true);
+}
+
+/// Gradients of [`linear`] from `dy: [n, d_out]`: `dx = dy · wᵀ` into
+/// `dx`, and `dw = xᵀ · dy` into `dw`, or added to it when `accumulate_dw`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (n, d_in, d_out): (usize, usize, usize),
+    dx: &mut [f32],
+    dw: &mut [f32],
+    accumulate_dw: bool,
+) {
+    let dy = Operand::plain(dy, d_out);
+    let wt = Operand::transposed(w, d_out);
+    matmul((n, d_out, d_in), dy, wt, dx, false, 1.0, true);
+    let xt = Operand::transposed(x, d_in);
+    matmul((d_in, n, d_out), xt, dy, dw, accumulate_dw, 1.0, true);
+}
+
 /// Softmax in place over the first `len` values of `row`; the values after
 /// them become probability 0 (the causal mask of one attention row).
 pub fn softmax_prefix(row: &mut [f32], len: usize) {

@@ -1,8 +1,8 @@
 //! The CPU backend's implementation of [`FusedOps`] and [`FusedKernels`]:
-//! unwrap the flex tensors into slices, run the kernels in [`super::cpu`],
-//! [`super::grouped`] and [`super::attention`], and wrap the results.
+//! unwrap the flex tensors into slices, run the kernels in the sibling
+//! modules ([`super::cpu`], [`super::grouped`], [`super::attention`],
+//! [`super::head`], [`super::norm`], [`super::adamw`]), and wrap the results.
 
-use super::cpu::Operand;
 use super::{adamw, attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -41,15 +41,7 @@ impl FusedOps for Flex {
     fn fused_linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         let (n, d_in, d_out) = linear_dims(&x, &w);
         let mut y = cpu::zeros(n * d_out);
-        cpu::matmul(
-            (n, d_in, d_out),
-            Operand::plain(&values(&x), d_in),
-            Operand::plain(&values(&w), d_out),
-            &mut y,
-            false,
-            1.0,
-            true,
-        );
+        cpu::linear(&values(&x), &values(&w), (n, d_in, d_out), &mut y);
         tensor(y, vec![n, d_out])
     }
 
@@ -369,28 +361,9 @@ impl FusedKernels for Flex {
 
     fn fused_linear_backward(x: FlexTensor, w: FlexTensor, grad: FlexTensor) -> [FlexTensor; 2] {
         let (n, d_in, d_out) = linear_dims(&x, &w);
+        let (mut dx, mut dw) = (cpu::zeros(n * d_in), cpu::zeros(d_in * d_out));
         let (xv, wv, g) = (values(&x), values(&w), values(&grad));
-        // dx = grad · wᵀ; dw = xᵀ · grad
-        let mut dx = cpu::zeros(n * d_in);
-        cpu::matmul(
-            (n, d_out, d_in),
-            Operand::plain(&g, d_out),
-            Operand::transposed(&wv, d_out),
-            &mut dx,
-            false,
-            1.0,
-            true,
-        );
-        let mut dw = cpu::zeros(d_in * d_out);
-        cpu::matmul(
-            (d_in, n, d_out),
-            Operand::transposed(&xv, d_in),
-            Operand::plain(&g, d_out),
-            &mut dw,
-            false,
-            1.0,
-            true,
-        );
+        cpu::linear_backward(&xv, &wv, &g, (n, d_in, d_out), &mut dx, &mut dw, false);
         [tensor(dx, vec![n, d_in]), tensor(dw, vec![d_in, d_out])]
     }
 

@@ -11,7 +11,7 @@
 //! them. That is three matmuls over the logits in all, as for an unfused
 //! head, and no second pass over them.
 
-use super::cpu::{self, exp, lane_max, lane_sum, rows_per_task, Operand};
+use super::cpu::{self, exp, lane_max, lane_sum, rows_per_task};
 use rayon::prelude::*;
 
 /// Logit values per chunk: 4 MiB of f32, which leaves room in a shared
@@ -39,15 +39,7 @@ pub struct Dims {
 /// `logits = x[r0..r1] · w` into `buf`.
 fn logits(x: &[f32], w: &[f32], (r0, r1): (usize, usize), dims: Dims, buf: &mut [f32]) {
     let Dims { d, v, .. } = dims;
-    cpu::matmul(
-        (r1 - r0, d, v),
-        Operand::plain(&x[r0 * d..r1 * d], d),
-        Operand::plain(w, v),
-        buf,
-        false,
-        1.0,
-        true,
-    );
+    cpu::linear(&x[r0 * d..r1 * d], w, (r1 - r0, d, v), buf);
 }
 
 fn chunks(dims: Dims) -> impl Iterator<Item = (usize, usize)> {
@@ -109,24 +101,8 @@ pub fn loss_and_grads(
         // dlogits = r_i (softmax - onehot), row by row
         cross_entropy_backward(buf, t, lse, &r[r0..r1], v, dl);
         // dx = dlogits · wᵀ; dw += xᵀ · dlogits
-        cpu::matmul(
-            (m, v, d),
-            Operand::plain(dl, v),
-            Operand::transposed(w, v),
-            &mut dx[r0 * d..r1 * d],
-            false,
-            1.0,
-            true,
-        );
-        cpu::matmul(
-            (d, m, v),
-            Operand::transposed(&x[r0 * d..r1 * d], d),
-            Operand::plain(dl, v),
-            &mut dw,
-            i > 0,
-            1.0,
-            true,
-        );
+        let (xc, dxc) = (&x[r0 * d..r1 * d], &mut dx[r0 * d..r1 * d]);
+        cpu::linear_backward(xc, w, dl, (m, d, v), dxc, &mut dw, i > 0);
     }
     (weighted_sum(&nll, r), dx, dw)
 }

@@ -167,7 +167,7 @@ impl LanguageModel {
             )
         });
         match fused {
-            Some(sum) => sum / mask_flat.sum().clamp_min(1.0),
+            Some(sum) => per_masked_position(sum, mask_flat),
             None => cross_entropy(self.project(h), targets, mask),
         }
     }
@@ -230,5 +230,10 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>
 
 /// The mean of `values` where `mask` is 1 (0 when the mask is empty).
 fn masked_mean(values: Tensor<1>, mask: Tensor<1>) -> Tensor<1> {
-    (values * mask.clone()).sum() / mask.sum().clamp_min(1.0)
+    per_masked_position((values * mask.clone()).sum(), mask)
+}
+
+/// A masked sum divided by the number of masked-in positions (at least 1).
+fn per_masked_position(sum: Tensor<1>, mask: Tensor<1>) -> Tensor<1> {
+    sum / mask.sum().clamp_min(1.0)
 }
