@@ -61,6 +61,25 @@ pub fn collect<M: Module>(module: &M) -> BTreeMap<String, TensorData> {
     v.out
 }
 
+/// Draw every lazily initialised parameter of `module` now, in module order.
+///
+/// Burn's initialisers defer the draw to a parameter's first use, which would
+/// make a model's initial weights depend on whatever else draws from the
+/// device's random stream before that use: routing noise, expert dropout, a
+/// step's reseed. Materialising at construction ties the weights to the seed
+/// in force when the model is built, and nothing else.
+pub fn materialize<M: Module>(module: &M) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_initialized() {
+                let _ = param.val();
+            }
+        }
+    }
+    module.visit(&mut Touch);
+}
+
 /// Every float parameter's path and shape, without reading values.
 pub fn shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
     struct Shapes(PathStack, BTreeMap<String, Vec<usize>>);

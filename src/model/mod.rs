@@ -49,13 +49,14 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    /// A freshly initialised model. Call `validate` on both configs first.
+    /// A freshly initialised model, every weight drawn now from the device's
+    /// random stream. Call `validate` on both configs first.
     pub fn new(cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
         let init = Initializer::Normal {
             mean: 0.0,
             std: cfg.init_std,
         };
-        Self {
+        let model = Self {
             embed_tokens: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model)
                 .with_initializer(init)
                 .init(device),
@@ -69,7 +70,9 @@ impl LanguageModel {
             cfg: cfg.clone(),
             moe_cfg: moe.clone(),
             compute: DType::F32,
-        }
+        };
+        crate::params::materialize(&model);
+        model
     }
 
     /// Compute in `precision` (see [`Precision`]); parameters stay f32.
