@@ -94,6 +94,7 @@ pub struct BenchReport {
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let cfg = RunConfig::load(&opts.config, &opts.overrides)?;
     let base = crate::train::parse_device(&opts.device)?;
+    crate::train::check_precision(&base, &opts.device, cfg.train.precision)?;
     let device = base.clone().autodiff();
     base.seed(cfg.train.seed);
     let (b, s, v) = (

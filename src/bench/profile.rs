@@ -4,7 +4,6 @@
 use super::{synthetic_batch, time_median, BenchOptions, PhaseTime};
 use crate::config::RunConfig;
 use crate::data::stream::SplitMix64;
-use crate::kernels::fused_on;
 use crate::model::block::Ffn;
 use crate::model::LanguageModel;
 use crate::moe::{dispatch, losses, Phase};
@@ -12,7 +11,7 @@ use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use crate::train::step;
 use anyhow::Result;
 use burn::prelude::*;
-use burn::tensor::{DType, Distribution};
+use burn::tensor::Distribution;
 
 /// Time each phase of the step alone, forward and backward, on block 0's
 /// modules, and scale by the number of layers that have it.
@@ -67,46 +66,22 @@ pub(super) fn profile_phases(
             .router
             .forward(hidden().reshape([t, d]).detach(), Phase::Train);
         let capacity = mcfg.capacity(t, mcfg.capacity_factor);
+        let plan = || dispatch::plan(&decision, valid.clone(), capacity);
         let weights = decision.topk_weights.clone().detach();
-        // The layer's own choice: grouped rows on the CPU backend, padded
-        // capacity buffers elsewhere.
-        let grouped = fused_on(device, DType::F32);
+        // In the layer's own layout (grouped rows or capacity buffers).
         let dc = time(&mut || {
             let x = hidden().reshape([t, d]);
-            let plan = dispatch::plan(&decision, valid.clone(), capacity);
-            let y = if grouped {
-                let g = dispatch::group(&plan, e, t);
-                let rows = x.select(0, g.token_for_row);
-                dispatch::combine_rows(rows, g.row_for_assignment, weights.clone())
-            } else {
-                let buf = dispatch::dispatch(x, &plan, e);
-                dispatch::combine(buf, &plan, weights.clone())
-            };
+            let y = dispatch::Dispatched::new(x, plan(), e).combine(weights.clone());
             let _ = y.sum().backward();
         })?;
         out.push(("dispatch/combine", dc * n_moe as f64));
 
-        let plan = dispatch::plan(&decision, valid.clone(), capacity);
-        let experts = if grouped {
-            let g = dispatch::group(&plan, e, t);
-            let n = g.token_for_row.dims()[0];
-            let x0 = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), device);
-            time(&mut || {
-                let x = x0.clone().require_grad();
-                let _ = moe
-                    .experts
-                    .forward_grouped(x, g.offsets.clone())
-                    .sum()
-                    .backward();
-            })?
-        } else {
-            let c = plan.capacity;
-            let x0 = Tensor::<3>::random([e, c, d], Distribution::Normal(0.0, 1.0), device);
-            time(&mut || {
-                let x = x0.clone().require_grad();
-                let _ = moe.experts.forward(x).sum().backward();
-            })?
-        };
+        let x0 = Tensor::<2>::random([t, d], Distribution::Normal(0.0, 1.0), device);
+        let inputs = dispatch::Dispatched::new(x0, plan(), e);
+        let experts = time(&mut || {
+            let x = inputs.clone().require_grad();
+            let _ = x.through(&moe.experts).sum().backward();
+        })?;
         out.push(("expert matmuls", experts * n_moe as f64));
         if let Some(shared) = &moe.shared_expert {
             let sh = time(&mut || {

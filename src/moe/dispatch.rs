@@ -21,8 +21,9 @@
 //!   buffers are cut to the busiest expert first, since reading it back is
 //!   free there.
 
+use super::experts::Experts;
 use super::router::RoutingDecision;
-use crate::kernels::on_cpu;
+use crate::kernels::{fused_on, on_cpu};
 use crate::model::mlp::in_dtype;
 use burn::prelude::*;
 
@@ -122,6 +123,62 @@ pub fn granule(device: &Device) -> usize {
         CPU_GRANULE
     } else {
         GPU_GRANULE
+    }
+}
+
+/// The kept assignments on their way through the experts, in the layout
+/// the backend runs best: grouped rows on the CPU backend in f32 (see
+/// [`group`]), padded capacity buffers elsewhere.
+#[derive(Debug, Clone)]
+pub enum Dispatched {
+    /// Each expert's kept tokens as consecutive rows. `[N, d]`
+    Rows(Tensor<2>, Grouping),
+    /// Per-expert capacity buffers, empty slots zero. `[E, C, d]`
+    Buffers(Tensor<3>, DispatchPlan),
+}
+
+impl Dispatched {
+    /// Send the tokens `x: [T, d]` where `plan` puts them.
+    pub fn new(x: Tensor<2>, plan: DispatchPlan, num_experts: usize) -> Self {
+        if fused_on(&x.device(), x.dtype()) {
+            let groups = group(&plan, num_experts, x.dims()[0]);
+            Self::Rows(x.select(0, groups.token_for_row.clone()), groups)
+        } else {
+            Self::Buffers(dispatch(x, &plan, num_experts), plan)
+        }
+    }
+
+    /// Each expert applied to its own tokens, in the same layout.
+    pub fn through(self, experts: &Experts) -> Self {
+        match self {
+            Self::Rows(x, g) => Self::Rows(experts.forward_grouped(x, g.offsets.clone()), g),
+            Self::Buffers(x, plan) => Self::Buffers(experts.forward(x), plan),
+        }
+    }
+
+    /// Back to one row per token: the weighted sum of its experts' outputs,
+    /// with `weights: [T, k]`; dropped assignments add zero. Returns `[T, d]`.
+    pub fn combine(self, weights: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::Rows(x, g) => combine_rows(x, g.row_for_assignment, weights),
+            Self::Buffers(x, plan) => combine(x, &plan, weights),
+        }
+    }
+
+    /// The same layout, its values made a gradient leaf.
+    pub fn require_grad(self) -> Self {
+        match self {
+            Self::Rows(x, g) => Self::Rows(x.require_grad(), g),
+            Self::Buffers(x, plan) => Self::Buffers(x.require_grad(), plan),
+        }
+    }
+
+    /// The sum of all values. `[1]`
+    pub fn sum(self) -> Tensor<1> {
+        match self {
+            Self::Rows(x, _) => x.sum(),
+            Self::Buffers(x, _) => x.sum(),
+        }
     }
 }
 

@@ -15,7 +15,6 @@ pub mod router;
 pub mod stats;
 
 use crate::config::MoeConfig;
-use crate::kernels::fused_on;
 use crate::model::mlp::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -102,17 +101,9 @@ impl MoeLayer {
         };
         let plan = dispatch::plan(&decision, valid_flat.clone(), self.cfg.capacity(t, cf));
         let weights = decision.topk_weights.clone().cast(flat.dtype());
-        let mut y = if fused_on(&flat.device(), flat.dtype()) {
-            // CPU: one matmul per expert over exactly its kept tokens.
-            let groups = dispatch::group(&plan, e, t);
-            let rows = flat.clone().select(0, groups.token_for_row); // [N, d]
-            let out = self.experts.forward_grouped(rows, groups.offsets); // [N, d]
-            dispatch::combine_rows(out, groups.row_for_assignment, weights)
-        } else {
-            let buffers = dispatch::dispatch(flat.clone(), &plan, e); // [E, C, d]
-            let expert_out = self.experts.forward(buffers); // [E, C, d]
-            dispatch::combine(expert_out, &plan, weights)
-        }; // [T, d]
+        let mut y = dispatch::Dispatched::new(flat.clone(), plan.clone(), e)
+            .through(&self.experts)
+            .combine(weights); // [T, d]
 
         if let Some(shared) = &self.shared_expert {
             let mut out = shared.forward(flat.clone()); // [T, d]

@@ -11,7 +11,7 @@ pub mod optim;
 mod setup;
 pub mod step;
 
-pub use setup::parse_device;
+pub use setup::{check_precision, parse_device};
 use setup::{hparams, init_from, pick_run_dir, step_seed};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
@@ -71,6 +71,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
     let run_dir = pick_run_dir(opts)?;
     let base_device = parse_device(&opts.device)?;
+    check_precision(&base_device, &opts.device, cfg.train.precision)?;
     let device = base_device.clone().autodiff();
 
     // Resume state, if any.

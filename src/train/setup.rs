@@ -3,11 +3,12 @@
 
 use super::RunOptions;
 use crate::checkpoint;
-use crate::config::RunConfig;
+use crate::config::{Precision, RunConfig};
 use crate::metrics::tensorboard::{ProtoKind, ProtoValue};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use burn::tensor::DType;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,19 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             bail!("unknown device `{other}` (allowed: flex, wgpu, cuda, cuda:N)")
         }
     }
+}
+
+/// Refuse a compute precision the device cannot hold, before anything is
+/// built: `train.precision = "bf16"` needs bf16 tensors, which the CPU
+/// backend and CUDA have and wgpu (WGSL has no bf16 type) has not.
+pub fn check_precision(device: &Device, spec: &str, precision: Precision) -> Result<()> {
+    if precision == Precision::Bf16 && !device.supports_dtype(DType::BF16) {
+        bail!(
+            "train.precision = \"bf16\": device `{spec}` has no bf16 tensors; \
+             use train.precision = \"f32\" there, or bf16 on `cuda` or `flex`"
+        );
+    }
+    Ok(())
 }
 
 /// Derive the per-step RNG seed, so a resumed run draws the same noise.
