@@ -560,6 +560,15 @@ fn bad_runs_are_refused_with_the_reason() {
     assert!(e.contains("3 consecutive"), "{e}");
 }
 
+/// Deterministic `[b, s]` input tokens and their next-token targets.
+fn token_batch(b: usize, s: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let ids: Vec<i64> = (0..b * (s + 1))
+        .map(|i| ((i * 7919 + 5) % 4000) as i64)
+        .collect();
+    let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), device);
+    (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]))
+}
+
 /// The training loss (LM head and cross-entropy fused on the CPU, never
 /// holding the logits) equals the logits of `forward` put through
 /// `cross_entropy`, in value and in the gradients of the head, the
@@ -577,11 +586,7 @@ fn fused_head_loss_matches_logits_then_cross_entropy() {
         let model = LanguageModel::new(&cfg.model, &cfg.moe, &device);
         assert_eq!(model.lm_head.is_none(), tied);
         let (b, s) = (2, cfg.model.seq_len);
-        let ids: Vec<i64> = (0..b * (s + 1))
-            .map(|i| ((i * 7919 + 5) % 4000) as i64)
-            .collect();
-        let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), &device);
-        let (inputs, targets) = (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]));
+        let (inputs, targets) = token_batch(b, s, &device);
         let mask: Vec<f32> = (0..b * s)
             .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
             .collect();
@@ -697,11 +702,7 @@ fn seed_fixes_weights_and_training_noise() {
     let cfg = RunConfig::from_toml_str(TINY, &[]).unwrap();
     assert!(cfg.moe.logit_noise_std > 0.0 && cfg.moe.expert_dropout > 0.0);
     let (b, s) = (2, cfg.model.seq_len);
-    let ids: Vec<i64> = (0..b * (s + 1))
-        .map(|i| ((i * 7919 + 5) % 4000) as i64)
-        .collect();
-    let all = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s + 1]), &device);
-    let (inputs, targets) = (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]));
+    let (inputs, targets) = token_batch(b, s, &device);
     let mask = Tensor::<2>::ones([b, s], &device);
     let train_loss = |model: &LanguageModel| {
         device.seed(5);
