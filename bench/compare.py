@@ -27,9 +27,38 @@ def switchyard(args, extra):
         return json.load(open(f.name))
 
 
-def pytorch(args, model):
-    cmd = [args.python, os.path.join(ROOT, "bench/pytorch_reference.py"), "--model", model,
+def shape_args(report):
+    """pytorch_reference.py flags for the shape a switchyard bench report ran.
+
+    The reference is transformers' Mixtral (or Mistral without experts), so a
+    shape it cannot express is refused rather than silently benchmarked as
+    something else."""
+    m, moe = report["model"], report["moe"]
+    plain = {"every_n_layers": 1, "first_k_dense": 0, "layers": None, "score": "softmax",
+             "topk_order": "softmax_then_topk", "normalize_topk": True, "num_shared_experts": 0}
+    bad = [f"moe.{k} = {moe[k]!r}" for k, v in plain.items() if moe["num_experts"] and moe[k] != v]
+    bad += [f"model.{k} = {m[k]!r}" for k in ("tie_embeddings", "qkv_bias") if m[k]]
+    if m["head_dim"] not in (None, m["d_model"] // m["n_heads"]):
+        bad.append(f"model.head_dim = {m['head_dim']}")
+    if bad:
+        sys.exit("the PyTorch reference (Mixtral/Mistral) has no equivalent of " + ", ".join(bad))
+    args = ["--vocab", m["vocab_size"], "--d-model", m["d_model"], "--layers", m["n_layers"],
+            "--heads", m["n_heads"], "--kv-heads", m["n_kv_heads"], "--seq", m["seq_len"],
+            "--batch", report["batch_size"]]
+    if moe["num_experts"]:
+        args += ["--model", "moe", "--experts", moe["num_experts"], "--top-k", moe["top_k"],
+                 "--d-expert", moe["d_expert"], "--aux-coef", moe["aux_loss_coef"],
+                 "--z-coef", moe["z_loss_coef"]]
+    else:
+        args += ["--model", "dense", "--d-ff", m["d_ff"]]
+    return [str(a) for a in args]
+
+
+def pytorch(args, report, extra=()):
+    """The PyTorch reference at the shape of a switchyard bench report."""
+    cmd = [args.python, os.path.join(ROOT, "bench/pytorch_reference.py"),
            "--threads", str(args.threads), "--steps", str(args.steps)]
+    cmd += shape_args(report) + list(extra)
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -49,8 +78,9 @@ def main():
         "switchyard MoE (dropless)": lambda: switchyard(
             args, ["--config", "configs/bench-moe.toml", "--set", "moe.drop_policy=dropless", "--no-sgemm"]),
         "switchyard dense twin": lambda: switchyard(args, ["--config", "configs/bench-dense.toml", "--no-sgemm"]),
-        "PyTorch Mixtral (dropless)": lambda: pytorch(args, "moe"),
-        "PyTorch Mistral dense twin": lambda: pytorch(args, "dense"),
+        # The references take their shapes from switchyard's reports of this round.
+        "PyTorch Mixtral (dropless)": lambda: pytorch(args, this["switchyard MoE (cf 1.25)"]),
+        "PyTorch Mistral dense twin": lambda: pytorch(args, this["switchyard dense twin"]),
     }
     best = {}
     rounds = []

@@ -7,11 +7,12 @@ Not part of the test suite; needs `pip install torch transformers`.
 
     python bench/pytorch_reference.py --model moe --threads 2
     python bench/pytorch_reference.py --model dense --threads 2
-    python bench/pytorch_reference.py --model moe --device cuda --dtype bf16 \
-        --d-model 768 --layers 12 --seq 1024 --batch 8 --d-expert 2048 --d-ff 4096
+
+The defaults are the CPU bench shape. bench/compare.py and
+bench/compare_gpu.py pass the shape of the switchyard config they run.
 
 Prints one JSON line: tokens/s, median step seconds, peak RSS (and peak GPU
-memory on CUDA), and the model FLOPs per step.
+memory on CUDA, allocated and reserved), and the model FLOPs per step.
 """
 
 import argparse
@@ -157,6 +158,7 @@ def main():
     }
     if dev.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
     print(json.dumps(result))
 
 

@@ -246,7 +246,7 @@ pub fn load_weights(dir: &Path, model: LanguageModel) -> Result<LanguageModel> {
 /// Build the model a checkpoint describes and load its weights.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(RunConfig, LanguageModel)> {
     let cfg = read_config(dir)?;
-    let model = load_weights(dir, LanguageModel::new(&cfg.model, &cfg.moe, device))?;
+    let model = load_weights(dir, LanguageModel::unloaded(&cfg.model, &cfg.moe, device))?;
     Ok((cfg, model))
 }
 

@@ -460,7 +460,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<(HfArch, LanguageModel)> {
     let tensors = read_safetensors_dir(dir)?;
     let params = to_params(&key_table(arch, &model_cfg, &moe_cfg), &tensors)
         .with_context(|| format!("in {}", dir.display()))?;
-    let model = LanguageModel::new(&model_cfg, &moe_cfg, device);
+    let model = LanguageModel::unloaded(&model_cfg, &moe_cfg, device);
     let model = crate::params::load(model, &params)?;
     Ok((arch, model))
 }

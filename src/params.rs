@@ -6,6 +6,7 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::DType;
 use std::collections::BTreeMap;
 
 /// Tracks the dotted path while a visitor or mapper walks the module tree.
@@ -128,16 +129,13 @@ impl ModuleMapper for Load<'_> {
             return param;
         }
         self.used += 1;
-        let data = data.clone();
-        param.map(|old| {
-            let device = old.device();
-            let new = Tensor::<D>::from_data(data.convert_dtype(old.dtype()), &device);
-            if old.is_require_grad() {
-                new.require_grad()
-            } else {
-                new
-            }
-        })
+        // Parameters are f32 (master weights, whatever the compute dtype).
+        // Placed on the parameter's device with its gradient setting, without
+        // drawing the initial value of one not yet initialised.
+        let value =
+            Tensor::<D>::from_data(data.clone().convert_dtype(DType::F32), &param.lazy_device());
+        let id = param.id;
+        param.transform_for_load(value, id)
     }
 }
 

@@ -171,8 +171,9 @@ fn compare(overrides: &[&str], drops: bool) {
 
 #[test]
 fn gpu_path_matches_cpu_path_with_token_drops() {
-    // Capacity 1.0 drops tokens from the busier experts.
-    compare(&["moe.eval_capacity_factor=1.0"], true);
+    // Capacity 0.5 holds half the assignments, so tokens are dropped however
+    // the router splits them.
+    compare(&["moe.eval_capacity_factor=0.5"], true);
 }
 
 #[test]
@@ -198,4 +199,37 @@ fn bf16_on_wgpu_is_refused_with_the_setting_to_change() {
     );
     check_precision(&gpu, "wgpu", Precision::F32).unwrap();
     check_precision(&Device::flex(), "flex", Precision::Bf16).unwrap();
+}
+
+/// On a GPU backend the bench reads the device allocator: what it reserves
+/// must hold at least the f32 weights and AdamW's two moments, all resident
+/// on the device after a step. The CPU backend has no pools and reports none.
+#[test]
+fn bench_reports_device_memory_that_holds_weights_and_moments() {
+    use switchyard::bench::{run, BenchOptions};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let opts = |device: &str| BenchOptions {
+        config: root.join("configs/tiny.toml"),
+        overrides: vec![
+            "train.batch_size=2".into(),
+            "model.seq_len=32".into(),
+            "model.n_layers=2".into(),
+        ],
+        device: device.into(),
+        warmup: 1,
+        steps: 2,
+        profile: false,
+        sgemm: false,
+    };
+    let report = run(&opts("wgpu")).unwrap();
+    let resident_mb = 3.0 * 4.0 * report.params as f64 / (1024.0 * 1024.0);
+    let reserved = report
+        .device_reserved_mb
+        .expect("wgpu reports its memory pools");
+    assert!(
+        reserved >= resident_mb,
+        "{reserved:.2} MiB reserved, but weights + moments are {resident_mb:.2} MiB"
+    );
+    assert!(report.render().contains("device mem"));
+    assert!(run(&opts("flex")).unwrap().device_reserved_mb.is_none());
 }

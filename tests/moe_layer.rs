@@ -352,11 +352,11 @@ fn aux_free_bias_moves_toward_balance() {
         ..cfg(e, 1)
     };
     let mut moe = MoeLayer::new(d, &moe_cfg, 0.3, &device);
-    // Skew: expert 0 gets a head start of +1 on every logit.
+    // Skew: expert 0 gets a head start of +2 on every logit.
     let ones = Tensor::<3>::ones([1, 64, 1], &device);
     let x = Tensor::cat(vec![ones, randn3([1, 64, d - 1], &device)], 2);
     let mut w = vec2(moe.router.weight.val());
-    w[0] += 1.0;
+    w[0] += 2.0;
     moe.router.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d, e]), &device));
     let valid = Tensor::<2>::ones([1, 64], &device);
 

@@ -736,3 +736,65 @@ fn seed_fixes_weights_and_training_noise() {
     assert_ne!(w1["embed_tokens.weight"], other["embed_tokens.weight"]);
     assert_eq!(train_loss(&second), losses[0]);
 }
+
+/// A model built for loading takes its weights from the load alone: it holds
+/// exactly the loaded values, trains (every parameter gets a gradient) the
+/// same as the model the values came from, and draws nothing from the random
+/// stream, which a model built with `new` would.
+#[test]
+fn a_model_built_for_loading_draws_nothing_and_loads_exactly() {
+    let _g = lock();
+    let device = Device::flex().autodiff();
+    let cfg = RunConfig::from_toml_str(TINY, &[]).unwrap();
+    let draw = || {
+        Tensor::<1>::random([16], burn::tensor::Distribution::Default, &device)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    device.seed(11);
+    let source = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+    let values = switchyard::params::collect(&source);
+
+    device.seed(12);
+    let fresh_draw = draw();
+    device.seed(12);
+    let loaded = switchyard::params::load(
+        LanguageModel::unloaded(&cfg.model, &cfg.moe, &device),
+        &values,
+    )
+    .unwrap();
+    assert_eq!(
+        draw(),
+        fresh_draw,
+        "building and loading drew random numbers"
+    );
+    device.seed(12);
+    let _ = LanguageModel::new(&cfg.model, &cfg.moe, &device);
+    assert_ne!(draw(), fresh_draw, "`new` should have drawn the weights");
+
+    let got = switchyard::params::collect(&loaded);
+    assert_eq!(got.len(), values.len());
+    for (name, w) in &values {
+        assert_eq!(w, &got[name], "{name} not loaded exactly");
+    }
+    let (b, s) = (2, cfg.model.seq_len);
+    let (inputs, targets) = token_batch(b, s, &device);
+    let mask = Tensor::<2>::ones([b, s], &device);
+    let loss_and_grads = |model: &LanguageModel| {
+        device.seed(5);
+        let (loss, _) =
+            model.forward_loss(inputs.clone(), targets.clone(), mask.clone(), Phase::Train);
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
+        (value, grads.len())
+    };
+    let (want, n_grads) = loss_and_grads(&source);
+    assert_eq!(loss_and_grads(&loaded), (want, n_grads));
+    // Everything trains but the aux-loss-free selection biases.
+    let trained = values
+        .keys()
+        .filter(|k| !k.ends_with("expert_bias"))
+        .count();
+    assert_eq!(n_grads, trained, "a loaded parameter does not train");
+}

@@ -16,7 +16,7 @@
 
 mod profile;
 
-use crate::config::RunConfig;
+use crate::config::{ModelConfig, MoeConfig, Precision, RunConfig};
 use crate::data::stream::{Batch, SplitMix64};
 use crate::model::LanguageModel;
 use crate::train::optim::{grad_sq_norm, AdamW};
@@ -64,6 +64,15 @@ pub struct BenchReport {
     pub config: String,
     /// The device spec.
     pub device: String,
+    /// The model as the config resolved it, defaults filled in (so that a
+    /// reference implementation can be built at the same shape).
+    pub model: ModelConfig,
+    /// The routed-expert settings, resolved likewise.
+    pub moe: MoeConfig,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Training precision.
+    pub precision: Precision,
     /// Rayon threads of the CPU backend.
     pub threads: usize,
     /// All parameters.
@@ -86,6 +95,10 @@ pub struct BenchReport {
     pub sgemm_gflops: Option<f64>,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mb: f64,
+    /// Memory the device's allocator had reserved, MiB: the most seen at the
+    /// end of a step, warm-up included. `None` where the backend keeps no
+    /// device pool (flex, whose memory is the process's, in `peak_rss_mb`).
+    pub device_reserved_mb: Option<f64>,
     /// Per-phase breakdown (with `--profile`).
     pub phases: Vec<PhaseTime>,
 }
@@ -109,6 +122,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 
     let sync = |d: &Device| d.sync().context("device sync failed");
     let mut times = Vec::new();
+    let mut device_reserved_mb: Option<f64> = None;
     for i in 0..opts.warmup + opts.steps {
         let batch = synthetic_batch(&mut rng, b, s, v, &device);
         sync(&base)?;
@@ -116,6 +130,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         model = train_step(model, &mut adam, &cfg, &batch, &base)?;
         sync(&base)?;
         let secs = t0.elapsed().as_secs_f64();
+        if let Some(mb) = device_reserved(&base) {
+            device_reserved_mb = Some(device_reserved_mb.map_or(mb, |m| m.max(mb)));
+        }
         let what = if i < opts.warmup { "warm-up" } else { "timed" };
         eprintln!(
             "step {}/{} ({what}): {secs:.4} s",
@@ -149,6 +166,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport {
         config,
         device: opts.device.clone(),
+        model: cfg.model.clone(),
+        moe: cfg.moe.clone(),
+        batch_size: b,
+        precision: cfg.train.precision,
         threads: rayon::current_num_threads(),
         params: model.num_params(),
         active_params: active,
@@ -160,6 +181,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         achieved_gflops: flops / median_step_s / 1e9,
         sgemm_gflops,
         peak_rss_mb: peak_rss_mb(),
+        device_reserved_mb,
         phases,
     })
 }
@@ -268,6 +290,15 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Bytes the device's memory pools reserve, MiB; `None` on a backend
+/// without pools. The pools keep freed pages for reuse and give back only
+/// pages idle for a while, so read after a step this is close to what the
+/// step held at its peak (PyTorch's `max_memory_reserved` is the like figure).
+pub fn device_reserved(device: &Device) -> Option<f64> {
+    let usage = device.memory_pool_usage()?;
+    Some(usage.bytes_reserved as f64 / (1024.0 * 1024.0))
+}
+
 /// Median seconds of `run` over `reps` repetitions after 2 untimed ones.
 /// `setup` prepares each repetition's input outside the timed window; the
 /// device is synced at both ends of it.
@@ -336,6 +367,11 @@ impl BenchReport {
             ));
         }
         o.push_str(&format!("peak RSS    {:.0} MiB\n", self.peak_rss_mb));
+        if let Some(mb) = self.device_reserved_mb {
+            o.push_str(&format!(
+                "device mem  {mb:.0} MiB reserved by the allocator (most after a step)\n"
+            ));
+        }
         if !self.phases.is_empty() {
             o.push_str("phases (each alone, forward + backward, all layers):\n");
             for p in &self.phases {

@@ -52,11 +52,21 @@ impl LanguageModel {
     /// A freshly initialised model, every weight drawn now from the device's
     /// random stream. Call `validate` on both configs first.
     pub fn new(cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
+        let model = Self::unloaded(cfg, moe, device);
+        crate::params::materialize(&model);
+        model
+    }
+
+    /// A model whose every parameter a load is about to replace
+    /// ([`crate::params::load`]): shapes, device and gradient settings as
+    /// [`Self::new`] gives them, but no weights drawn, so a load allocates
+    /// each tensor once and takes nothing from the random stream.
+    pub fn unloaded(cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
         let init = Initializer::Normal {
             mean: 0.0,
             std: cfg.init_std,
         };
-        let model = Self {
+        Self {
             embed_tokens: EmbeddingConfig::new(cfg.vocab_size, cfg.d_model)
                 .with_initializer(init)
                 .init(device),
@@ -70,9 +80,7 @@ impl LanguageModel {
             cfg: cfg.clone(),
             moe_cfg: moe.clone(),
             compute: DType::F32,
-        };
-        crate::params::materialize(&model);
-        model
+        }
     }
 
     /// Compute in `precision` (see [`Precision`]); parameters stay f32.

@@ -6,9 +6,9 @@
 use crate::kernels::grouped_swiglu;
 use crate::model::mlp::in_dtype;
 use burn::module::Param;
+use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::Distribution;
 
 /// E stacked SwiGLU experts: expert e computes
 /// `down_e(silu(gate_e(x)) * up_e(x))` (Mixtral's `w2(silu(w1 x) * w3 x)`).
@@ -31,13 +31,8 @@ impl Experts {
         std: f64,
         device: &Device,
     ) -> Self {
-        let init = |shape: [usize; 3]| {
-            Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, std),
-                device,
-            ))
-        };
+        // Drawn on first use, like Burn's layers (see `LanguageModel::new`).
+        let init = |shape: [usize; 3]| Initializer::Normal { mean: 0.0, std }.init(shape, device);
         Self {
             gate_proj: init([num_experts, d_model, d_expert]),
             up_proj: init([num_experts, d_model, d_expert]),

@@ -10,6 +10,7 @@
 
 use crate::config::{MoeConfig, RouterScore, TopkOrder};
 use burn::module::Param;
+use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType, Distribution, IndexingUpdateOp};
@@ -59,12 +60,13 @@ impl Router {
     /// A router for `cfg.num_experts` experts, weights from N(0, std).
     pub fn new(d_model: usize, cfg: &MoeConfig, std: f64, device: &Device) -> Self {
         let e = cfg.num_experts;
-        let weight = Tensor::random([d_model, e], Distribution::Normal(0.0, std), device);
+        // Drawn on first use, like Burn's layers (see `LanguageModel::new`).
+        let weight = Initializer::Normal { mean: 0.0, std }.init([d_model, e], device);
         let expert_bias = cfg
             .aux_free_bias
             .then(|| Param::from_tensor(Tensor::zeros([e], device)).set_require_grad(false));
         Self {
-            weight: Param::from_tensor(weight),
+            weight,
             expert_bias,
             cfg: cfg.clone(),
         }

@@ -108,7 +108,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
     let mut model = match (&resume, cfg.train.init_from.clone()) {
         // Architecture from the checkpoint, routing knobs from this invocation.
         (Some(dir), _) => {
-            checkpoint::load_weights(dir, LanguageModel::new(&cfg.model, &cfg.moe, &device))?
+            checkpoint::load_weights(dir, LanguageModel::unloaded(&cfg.model, &cfg.moe, &device))?
         }
         (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
         (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, &device),

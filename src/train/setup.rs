@@ -153,6 +153,6 @@ pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Res
     }
     cfg.validate()?;
     // Rebuild with this config (routing knobs from the run, weights from the source).
-    let fresh = LanguageModel::new(&cfg.model, &cfg.moe, device);
+    let fresh = LanguageModel::unloaded(&cfg.model, &cfg.moe, device);
     crate::params::load(fresh, &crate::params::collect(&model))
 }
