@@ -9,6 +9,7 @@
 //!   document hash, and an exact resume cursor.
 
 pub mod files;
+mod parquet;
 pub mod sources;
 pub mod stream;
 pub mod tokenizer;

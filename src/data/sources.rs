@@ -6,12 +6,10 @@
 //! record is reported with its file and line, row group or byte offset.
 
 pub use super::files::{expand_path, hf_cache_root, resolve_files, resolve_hf_dataset};
+use super::parquet::ParquetRows;
 use super::OnBadRecord;
 use anyhow::{bail, Context, Result};
-use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::record::RowAccessor;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -78,14 +76,7 @@ enum Open {
         /// A line read and given back: (bytes, offset, line).
         pending: Option<(Vec<u8>, u64, u64)>,
     },
-    Parquet {
-        reader: SerializedFileReader<File>,
-        column: usize,
-        row_group: usize,
-        /// Next row index within the file, and the rows of the current group.
-        rows: VecDeque<(u64, Option<String>)>,
-        next_row: u64,
-    },
+    Parquet(ParquetRows),
 }
 
 /// Reads documents from a list of files in order, starting at a position,
@@ -153,51 +144,11 @@ impl DocReader {
     fn open_file(&mut self) -> Result<Open> {
         let (path, fmt) = &self.files[self.pos.file];
         match fmt {
-            Format::Parquet { column } => {
-                let file =
-                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
-                let reader = SerializedFileReader::new(file).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: not a readable parquet file (truncated or corrupt?): {e}",
-                        path.display()
-                    )
-                })?;
-                let fields = reader.metadata().file_metadata().schema().get_fields();
-                let Some(col) = fields.iter().position(|f| f.name() == column) else {
-                    let names: Vec<_> = fields.iter().map(|f| f.name().to_string()).collect();
-                    bail!(
-                        "{}: no column `{column}` (columns: {})",
-                        path.display(),
-                        names.join(", ")
-                    );
-                };
-                // Skip whole row groups before the start row.
-                let (mut row_group, mut first) = (0, 0u64);
-                let md = reader.metadata();
-                while row_group < md.num_row_groups()
-                    && first + md.row_group(row_group).num_rows() as u64 <= self.pos.offset
-                {
-                    first += md.row_group(row_group).num_rows() as u64;
-                    row_group += 1;
-                }
-                let mut open = Open::Parquet {
-                    reader,
-                    column: col,
-                    row_group,
-                    rows: VecDeque::new(),
-                    next_row: first,
-                };
-                // Rows of the first group before the start row are read and dropped.
-                while let Open::Parquet { next_row, .. } = &open {
-                    if *next_row >= self.pos.offset {
-                        break;
-                    }
-                    if self.next_parquet_row(&mut open)?.is_none() {
-                        break;
-                    }
-                }
-                Ok(open)
-            }
+            Format::Parquet { column } => Ok(Open::Parquet(ParquetRows::open(
+                path,
+                column,
+                self.pos.offset,
+            )?)),
             _ => {
                 let mut file =
                     File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -210,49 +161,6 @@ impl DocReader {
                 })
             }
         }
-    }
-
-    /// Next row of a parquet file: `(row index, text or None for null)`.
-    fn next_parquet_row(&self, open: &mut Open) -> Result<Option<(u64, Option<String>)>> {
-        let Open::Parquet {
-            reader,
-            column,
-            row_group,
-            rows,
-            next_row,
-        } = open
-        else {
-            unreachable!()
-        };
-        let path = self.path();
-        while rows.is_empty() {
-            if *row_group >= reader.metadata().num_row_groups() {
-                return Ok(None);
-            }
-            let rg = *row_group;
-            let ctx = |e: parquet::errors::ParquetError| {
-                anyhow::anyhow!("{}: row group {rg}: {e}", path.display())
-            };
-            let group = reader.get_row_group(rg).map_err(ctx)?;
-            let field = reader.metadata().file_metadata().schema().get_fields()[*column].clone();
-            let projection = parquet::schema::types::Type::group_type_builder("schema")
-                .with_fields(vec![field])
-                .build()
-                .map_err(ctx)?;
-            let first = *next_row;
-            for (i, row) in group
-                .get_row_iter(Some(projection))
-                .map_err(ctx)?
-                .enumerate()
-            {
-                let row = row.map_err(ctx)?;
-                rows.push_back((first + i as u64, row.get_string(0).ok().cloned()));
-            }
-            *row_group += 1;
-        }
-        let row = rows.pop_front().unwrap();
-        *next_row = row.0 + 1;
-        Ok(Some(row))
     }
 
     /// Read the next document, or `None` at the end (never, when repeating).
@@ -311,7 +219,12 @@ impl DocReader {
     }
 
     fn parquet_doc(&mut self, open: &mut Open, column: &str) -> Result<Option<Document>> {
-        while let Some((row, text)) = self.next_parquet_row(open)? {
+        let Open::Parquet(rows) = open else {
+            unreachable!("a parquet file is opened as parquet")
+        };
+        let files = Arc::clone(&self.files);
+        let path = &files[self.pos.file].0;
+        while let Some((row, text)) = rows.next_row(path)? {
             let pos = DocPos {
                 offset: row,
                 line: 0,
