@@ -7,10 +7,12 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::RowAccessor;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// An open parquet file and the position in its text column.
 pub(super) struct ParquetRows {
+    /// The file, named in errors.
+    path: PathBuf,
     reader: SerializedFileReader<File>,
     /// Index of the text column among the file's top-level fields.
     column: usize,
@@ -53,6 +55,7 @@ impl ParquetRows {
             row_group += 1;
         }
         let mut open = Self {
+            path: path.to_path_buf(),
             reader,
             column: col,
             row_group,
@@ -60,7 +63,7 @@ impl ParquetRows {
             next_row: first,
         };
         while open.next_row < start {
-            if open.next_row(path)?.is_none() {
+            if open.next_row()?.is_none() {
                 break;
             }
         }
@@ -68,13 +71,14 @@ impl ParquetRows {
     }
 
     /// The next row: `(row index, text or None for null)`, or `None` at the
-    /// end of the file. `path` names the file in errors.
-    pub(super) fn next_row(&mut self, path: &Path) -> Result<Option<(u64, Option<String>)>> {
+    /// end of the file.
+    pub(super) fn next_row(&mut self) -> Result<Option<(u64, Option<String>)>> {
         while self.rows.is_empty() {
             if self.row_group >= self.reader.metadata().num_row_groups() {
                 return Ok(None);
             }
             let rg = self.row_group;
+            let path = &self.path;
             let ctx = |e: ParquetError| anyhow::anyhow!("{}: row group {rg}: {e}", path.display());
             let group = self.reader.get_row_group(rg).map_err(ctx)?;
             let field =

@@ -222,9 +222,7 @@ impl DocReader {
         let Open::Parquet(rows) = open else {
             unreachable!("a parquet file is opened as parquet")
         };
-        let files = Arc::clone(&self.files);
-        let path = &files[self.pos.file].0;
-        while let Some((row, text)) = rows.next_row(path)? {
+        while let Some((row, text)) = rows.next_row()? {
             let pos = DocPos {
                 offset: row,
                 line: 0,
