@@ -569,6 +569,17 @@ fn token_batch(b: usize, s: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2
     (all.clone().slice([0..b, 0..s]), all.slice([0..b, 1..s + 1]))
 }
 
+/// The training-phase loss of `model` on two deterministic rows, the device
+/// reseeded first so that router noise, jitter and expert dropout draw the
+/// same numbers each call.
+fn seeded_train_loss(model: &LanguageModel, device: &Device) -> Tensor<1> {
+    let (b, s) = (2, model.config().seq_len);
+    let (inputs, targets) = token_batch(b, s, device);
+    let mask = Tensor::<2>::ones([b, s], device);
+    device.seed(5);
+    model.forward_loss(inputs, targets, mask, Phase::Train).0
+}
+
 /// The training loss (LM head and cross-entropy fused on the CPU, never
 /// holding the logits) equals the logits of `forward` put through
 /// `cross_entropy`, in value and in the gradients of the head, the
@@ -701,15 +712,7 @@ fn seed_fixes_weights_and_training_noise() {
     let device = Device::flex().autodiff();
     let cfg = RunConfig::from_toml_str(TINY, &[]).unwrap();
     assert!(cfg.moe.logit_noise_std > 0.0 && cfg.moe.expert_dropout > 0.0);
-    let (b, s) = (2, cfg.model.seq_len);
-    let (inputs, targets) = token_batch(b, s, &device);
-    let mask = Tensor::<2>::ones([b, s], &device);
-    let train_loss = |model: &LanguageModel| {
-        device.seed(5);
-        let (loss, _) =
-            model.forward_loss(inputs.clone(), targets.clone(), mask.clone(), Phase::Train);
-        loss.into_scalar::<f32>()
-    };
+    let train_loss = |model: &LanguageModel| seeded_train_loss(model, &device).into_scalar::<f32>();
 
     device.seed(3);
     let first = LanguageModel::new(&cfg.model, &cfg.moe, &device);
@@ -778,13 +781,8 @@ fn a_model_built_for_loading_draws_nothing_and_loads_exactly() {
     for (name, w) in &values {
         assert_eq!(w, &got[name], "{name} not loaded exactly");
     }
-    let (b, s) = (2, cfg.model.seq_len);
-    let (inputs, targets) = token_batch(b, s, &device);
-    let mask = Tensor::<2>::ones([b, s], &device);
     let loss_and_grads = |model: &LanguageModel| {
-        device.seed(5);
-        let (loss, _) =
-            model.forward_loss(inputs.clone(), targets.clone(), mask.clone(), Phase::Train);
+        let loss = seeded_train_loss(model, &device);
         let value = loss.clone().into_scalar::<f32>();
         let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
         (value, grads.len())

@@ -294,7 +294,7 @@ pub fn peak_rss_mb() -> f64 {
 /// without pools. The pools keep freed pages for reuse and give back only
 /// pages idle for a while, so read after a step this is close to what the
 /// step held at its peak (PyTorch's `max_memory_reserved` is the like figure).
-pub fn device_reserved(device: &Device) -> Option<f64> {
+fn device_reserved(device: &Device) -> Option<f64> {
     let usage = device.memory_pool_usage()?;
     Some(usage.bytes_reserved as f64 / (1024.0 * 1024.0))
 }
