@@ -5,6 +5,7 @@
 //! This is the one mechanism behind checkpoint save/load and HF import/export.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 use std::collections::BTreeMap;
@@ -56,6 +57,36 @@ impl ModuleVisitor for Collect {
 pub fn collect<M: Module>(module: &M) -> BTreeMap<String, TensorData> {
     let mut v = Collect {
         path: PathStack::default(),
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// The gradient of every float parameter of `module` that has one in
+/// `grads`, read back to the host, by path.
+pub fn grads<M: Module>(module: &M, grads: &GradientsParams) -> BTreeMap<String, TensorData> {
+    struct Grads<'a> {
+        path: PathStack,
+        grads: &'a GradientsParams,
+        out: BTreeMap<String, TensorData>,
+    }
+    impl ModuleVisitor for Grads<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.out.insert(self.path.path(), g.into_data());
+            }
+        }
+    }
+    let mut v = Grads {
+        path: PathStack::default(),
+        grads,
         out: BTreeMap::new(),
     };
     module.visit(&mut v);

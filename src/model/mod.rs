@@ -92,6 +92,14 @@ impl LanguageModel {
         self
     }
 
+    /// Compute in `dtype`, whatever it is (f64 runs the composed tensor-op
+    /// path on the CPU backend, where f32 takes the fused kernels: the
+    /// gradient parity tests hold both to PyTorch). Parameters stay f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
     /// The dtype activations and matmuls run in.
     pub fn compute_dtype(&self) -> DType {
         self.compute
@@ -184,8 +192,9 @@ impl LanguageModel {
     }
 
     /// The blocks: embeddings in, final hidden states `[B, S, d]` (before
-    /// the final norm) and each MoE layer's auxiliary outputs out.
-    fn hidden(
+    /// the final norm) and each MoE layer's auxiliary outputs out. `valid`
+    /// marks the tokens the routers count (all when `None`).
+    pub fn hidden(
         &self,
         tokens: Tensor<2, Int>,
         valid: Option<Tensor<2>>,

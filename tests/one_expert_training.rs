@@ -1,0 +1,195 @@
+//! A model whose MoE layers have one expert, top-1, dropless, with no aux or
+//! z-loss, computes exactly the dense model's function (the combine weight
+//! is 1). Started from the same weights, the two must give the same loss,
+//! gradients and updates step after step through the real training step.
+
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use std::collections::BTreeMap;
+use switchyard::config::RunConfig;
+use switchyard::data::stream::Batch;
+use switchyard::model::LanguageModel;
+use switchyard::params::{self, PathStack};
+use switchyard::train::optim::{grad_sq_norm, learning_rate, AdamW};
+use switchyard::train::step::{self, BatchTensors};
+
+const DENSE: &str = r#"
+[model]
+vocab_size = 4096
+d_model = 128
+n_layers = 4
+n_heads = 4
+n_kv_heads = 2
+d_ff = 256
+seq_len = 128
+[moe]
+num_experts = 0
+[optim]
+lr = 1e-2
+warmup_steps = 2
+[train]
+steps = 6
+batch_size = 16
+"#;
+
+const ONE_EXPERT: [&str; 6] = [
+    "moe.num_experts=1",
+    "moe.top_k=1",
+    "moe.d_expert=256",
+    "moe.drop_policy=dropless",
+    "moe.aux_loss_coef=0",
+    "moe.z_loss_coef=0",
+];
+
+/// Every parameter's gradient, by path.
+fn grads_by_path(model: &LanguageModel, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
+    struct V<'a> {
+        path: PathStack,
+        grads: &'a GradientsParams,
+        out: BTreeMap<String, Vec<f32>>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let v = g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+                self.out.insert(self.path.path(), v);
+            }
+        }
+    }
+    let mut v = V {
+        path: PathStack::default(),
+        grads,
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// The dense model's name for a parameter of the one-expert model.
+fn dense_name(moe_path: &str) -> Option<String> {
+    if moe_path.contains(".mlp.router.") {
+        return None;
+    }
+    Some(if moe_path.contains(".mlp.experts.") {
+        format!("{}.weight", moe_path.replace(".experts.", "."))
+    } else {
+        moe_path.to_string()
+    })
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let norm = b.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / norm
+}
+
+fn batch(step: usize) -> Batch {
+    let (rows, seq) = (16, 128);
+    let mut s = 0x2545_f491_4f6c_dd1du64 ^ step as u64;
+    let tokens = (0..rows * (seq + 1))
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 4096) as u32
+        })
+        .collect();
+    Batch {
+        tokens,
+        mask: vec![1.0; rows * seq],
+        rows,
+        seq_len: seq,
+    }
+}
+
+#[test]
+fn one_expert_moe_trains_exactly_like_the_dense_mlp() {
+    let device = Device::flex().autodiff();
+    let base = device.clone().inner();
+    let dense_cfg = RunConfig::from_toml_str(DENSE, &[]).unwrap();
+    let set: Vec<String> = ONE_EXPERT.iter().map(|s| s.to_string()).collect();
+    let moe_cfg = RunConfig::from_toml_str(DENSE, &set).unwrap();
+
+    device.seed(7);
+    let mut dense = LanguageModel::new(&dense_cfg.model, &dense_cfg.moe, &device);
+    let dense_values = params::collect(&dense);
+    let moe_shapes = params::shapes(&LanguageModel::unloaded(
+        &moe_cfg.model,
+        &moe_cfg.moe,
+        &device,
+    ));
+    let mut values = BTreeMap::new();
+    for (path, shape) in &moe_shapes {
+        let v = match dense_name(path) {
+            Some(name) => {
+                let d = dense_values[&name].clone();
+                TensorData::new(d.try_to_vec::<f32>().unwrap(), shape.clone())
+            }
+            None => TensorData::zeros::<f32, _>(shape.clone()),
+        };
+        values.insert(path.clone(), v);
+    }
+    let mut moe = params::load(
+        LanguageModel::unloaded(&moe_cfg.model, &moe_cfg.moe, &device),
+        &values,
+    )
+    .unwrap();
+    assert_eq!(moe.moe_layers().count(), 4);
+
+    let (mut adam_d, mut adam_m) = (AdamW::default(), AdamW::default());
+    for s in 0..6 {
+        let bt = BatchTensors::new(&batch(s), &device);
+        let (gd, ld, _) = step::backward(&dense, &bt, &dense_cfg);
+        let (gm, lm, stats) = step::backward(&moe, &bt, &moe_cfg);
+        let (ld, lm) = (ld.total.into_scalar::<f32>(), lm.total.into_scalar::<f32>());
+        assert!(
+            ((ld - lm) / ld).abs() < 1e-5,
+            "step {s}: loss dense {ld}, one expert {lm}"
+        );
+        let (by_d, by_m) = (grads_by_path(&dense, &gd), grads_by_path(&moe, &gm));
+        for (path, g) in &by_m {
+            let Some(name) = dense_name(path) else {
+                continue;
+            };
+            let rel = max_rel(g, &by_d[&name]);
+            assert!(rel < 1e-5, "step {s}: gradient of {path} differs ({rel})");
+        }
+        assert_eq!(by_m.len(), by_d.len() + 4, "step {s}: gradient count");
+
+        let lr = learning_rate(&dense_cfg.optim, s as u64, 6);
+        let sq_d = grad_sq_norm(&dense, &gd, &base);
+        let sq_m = grad_sq_norm(&moe, &gm, &base);
+        let tpe = stats
+            .iter()
+            .map(|s| s.tokens_per_expert.clone().inner())
+            .collect();
+        dense = step::apply_update(dense, &mut adam_d, &dense_cfg, lr, gd, sq_d, Vec::new());
+        moe = step::apply_update(moe, &mut adam_m, &moe_cfg, lr, gm, sq_m, tpe);
+
+        let (pd, pm) = (params::collect(&dense), params::collect(&moe));
+        for (path, v) in &pm {
+            let Some(name) = dense_name(path) else {
+                continue;
+            };
+            let rel = max_rel(
+                &v.try_to_vec::<f32>().unwrap(),
+                &pd[&name].try_to_vec::<f32>().unwrap(),
+            );
+            assert!(
+                rel < 1e-5,
+                "step {s}: {path} after the update differs ({rel})"
+            );
+        }
+    }
+}
