@@ -94,8 +94,13 @@ fn zeros(shape: &[usize]) -> TensorData {
     TensorData::new(vec![0f32; shape.iter().product()], shape.to_vec())
 }
 
-fn f32s(d: &TensorData) -> Vec<f32> {
-    d.try_to_vec::<f32>().unwrap_or_default()
+/// The values of parameter `name` as f32 (parameters are f32 master
+/// weights; anything else is an error, never an empty tensor).
+fn f32s(name: &str, d: &TensorData) -> Result<Vec<f32>> {
+    d.clone()
+        .convert_dtype(burn::tensor::DType::F32)
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("parameter `{name}`: cannot read it as f32: {e:?}"))
 }
 
 /// Rewrite parameters and configs into a form the family expresses exactly.
@@ -103,7 +108,7 @@ fn adapt(
     arch: HfArch,
     model: &LanguageModel,
     mut params: BTreeMap<String, TensorData>,
-) -> (ModelConfig, MoeConfig, BTreeMap<String, TensorData>) {
+) -> Result<(ModelConfig, MoeConfig, BTreeMap<String, TensorData>)> {
     let mut m = model.config().clone();
     let mut moe = model.moe_config().clone();
     let d = m.d_model;
@@ -152,8 +157,10 @@ fn adapt(
                 params.insert(format!("{pre}.shared_expert_gate.weight"), zeros(&[d, 1]));
                 if had_shared {
                     let key = format!("{pre}.shared_expert.down_proj.weight");
-                    let w = &params[&key];
-                    let doubled: Vec<f32> = f32s(w).iter().map(|v| v * 2.0).collect();
+                    let w = params
+                        .get(&key)
+                        .with_context(|| format!("model has no parameter `{key}`"))?;
+                    let doubled: Vec<f32> = f32s(&key, w)?.iter().map(|v| v * 2.0).collect();
                     let shape = w.shape().to_vec();
                     params.insert(key, TensorData::new(doubled, shape));
                 }
@@ -165,7 +172,7 @@ fn adapt(
         }
         moe.shared_expert_gate = true;
     }
-    (m, moe, params)
+    Ok((m, moe, params))
 }
 
 fn config_json(
@@ -197,7 +204,9 @@ fn config_json(
         "output_router_logits": false,
         "router_aux_loss_coef": moe.aux_loss_coef,
     });
-    let obj = c.as_object_mut().unwrap();
+    let Some(obj) = c.as_object_mut() else {
+        unreachable!("json!({{..}}) is an object")
+    };
     match arch {
         HfArch::Mixtral => {
             obj.insert("architectures".into(), json!(["MixtralForCausalLM"]));
@@ -239,7 +248,7 @@ pub fn export(
     dtype: ExportDtype,
 ) -> Result<HfArch> {
     let arch = choose_format(model, format)?;
-    let (m, moe, ours) = adapt(arch, model, crate::params::collect(model));
+    let (m, moe, ours) = adapt(arch, model, crate::params::collect(model))?;
     // Every HF tensor, from the one key table.
     let mut hf: BTreeMap<String, (Vec<f32>, Vec<usize>)> = BTreeMap::new();
     for map in key_table(arch, &m, &moe) {
@@ -247,7 +256,7 @@ pub fn export(
             .get(&map.ours)
             .with_context(|| format!("model has no parameter `{}`", map.ours))?;
         let shape = t.shape().to_vec();
-        let v = f32s(t);
+        let v = f32s(&map.ours, t)?;
         if map.stacked {
             let (e, r, c) = (shape[0], shape[1], shape[2]);
             for (i, key) in map.hf.iter().enumerate().take(e) {

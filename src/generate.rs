@@ -22,14 +22,30 @@ pub struct SampleOptions {
     pub stop: Option<u32>,
 }
 
-/// Continue `prompt`; returns only the new tokens.
+/// Continue `prompt`; returns only the new tokens. A prompt longer than
+/// the model's context (`model.seq_len`) is cut to its last `seq_len`
+/// tokens, as every later step's context is. An empty prompt or an id
+/// outside the vocabulary is refused.
 pub fn generate(
     model: &LanguageModel,
     prompt: &[u32],
     opts: &SampleOptions,
     device: &Device,
-) -> Vec<u32> {
+) -> anyhow::Result<Vec<u32>> {
     let max_ctx = model.config().seq_len;
+    model.check_tokens(
+        &prompt[prompt.len().saturating_sub(max_ctx)..],
+        "the prompt",
+    )?;
+    if let Some(&id) = prompt
+        .iter()
+        .find(|&&id| id as usize >= model.config().vocab_size)
+    {
+        anyhow::bail!(
+            "the prompt: token id {id} is outside the model's vocabulary of {}",
+            model.config().vocab_size
+        );
+    }
     let mut rng = SplitMix64(opts.seed);
     let mut ids: Vec<u32> = prompt.to_vec();
     let mut out = Vec::new();
@@ -44,7 +60,7 @@ pub fn generate(
             .slice([0..1, t - 1..t, 0..v])
             .into_data()
             .try_to_vec()
-            .unwrap_or_default();
+            .map_err(|e| anyhow::anyhow!("reading the logits: {e:?}"))?;
         let next = sample(&last, opts, &mut rng);
         ids.push(next);
         out.push(next);
@@ -52,7 +68,7 @@ pub fn generate(
             break;
         }
     }
-    out
+    Ok(out)
 }
 
 /// Draw one token from `logits`.

@@ -171,6 +171,12 @@ fn f64_field(cfg: &Value, key: &str) -> Result<f64> {
         .with_context(|| format!("config.json: field `{key}` must be a number"))
 }
 
+fn bool_field(cfg: &Value, key: &str) -> Result<bool> {
+    field(cfg, key)?
+        .as_bool()
+        .with_context(|| format!("config.json: field `{key}` must be true or false"))
+}
+
 fn opt<T>(cfg: &Value, key: &str, f: impl Fn(&Value, &str) -> Result<T>) -> Result<Option<T>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -200,7 +206,9 @@ fn rope_theta(cfg: &Value) -> Result<f64> {
 /// Parse a Hugging Face `config.json` into switchyard configs. Anything the
 /// model cannot express exactly is refused with the field's name.
 pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
-    let model_type = field(cfg, "model_type")?.as_str().unwrap_or_default();
+    let model_type = field(cfg, "model_type")?
+        .as_str()
+        .context("config.json: field `model_type` must be a string")?;
     let arch = match model_type {
         "mixtral" => HfArch::Mixtral,
         "qwen2_moe" => HfArch::Qwen2Moe,
@@ -208,10 +216,10 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\")"
         ),
     };
-    if let Some(act) = cfg.get("hidden_act").and_then(Value::as_str) {
-        if act != "silu" {
-            bail!("config.json: unsupported field `hidden_act` = {act:?} (only \"silu\")");
-        }
+    match cfg.get("hidden_act") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(act)) if act == "silu" => {}
+        Some(act) => bail!("config.json: unsupported field `hidden_act` = {act} (only \"silu\")"),
     }
     match arch {
         HfArch::Mixtral => {
@@ -220,7 +228,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             }
         }
         HfArch::Qwen2Moe => {
-            if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            if opt(cfg, "use_sliding_window", bool_field)? == Some(true) {
                 bail!("config.json: unsupported field `use_sliding_window` = true (sliding-window attention is not supported)");
             }
         }
@@ -240,12 +248,9 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         rms_norm_eps: opt(cfg, "rms_norm_eps", f64_field)?.unwrap_or(1e-6),
         qkv_bias: match arch {
             HfArch::Mixtral => false,
-            HfArch::Qwen2Moe => cfg.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true),
+            HfArch::Qwen2Moe => opt(cfg, "qkv_bias", bool_field)?.unwrap_or(true),
         },
-        tie_embeddings: cfg
-            .get("tie_word_embeddings")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),
         init_std: opt(cfg, "initializer_range", f64_field)?.unwrap_or(0.02),
     };
     let base = MoeConfig {
@@ -269,21 +274,24 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 .unwrap_or(1)
                 .max(1);
             let dense: Vec<usize> = match cfg.get("mlp_only_layers") {
+                None | Some(Value::Null) => Vec::new(),
                 Some(Value::Array(a)) => a
                     .iter()
-                    .filter_map(Value::as_u64)
-                    .map(|v| v as usize)
-                    .collect(),
-                _ => Vec::new(),
+                    .map(|v| {
+                        v.as_u64().map(|v| v as usize).with_context(|| {
+                            format!("config.json: field `mlp_only_layers` must list layer indices (non-negative integers), found {v}")
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                Some(other) => bail!(
+                    "config.json: field `mlp_only_layers` must be a list of layer indices, found {other}"
+                ),
             };
             let shared = opt(cfg, "shared_expert_intermediate_size", usize_field)?.unwrap_or(0);
             MoeConfig {
                 num_experts: usize_field(cfg, "num_experts")?,
                 d_expert: usize_field(cfg, "moe_intermediate_size")?,
-                normalize_topk: cfg
-                    .get("norm_topk_prob")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
+                normalize_topk: opt(cfg, "norm_topk_prob", bool_field)?.unwrap_or(false),
                 layers: Some(
                     (0..n_layers)
                         .filter(|i| !dense.contains(i) && (i + 1) % step == 0)

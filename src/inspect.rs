@@ -20,8 +20,10 @@ pub struct Trace {
     pub topk_weights: Vec<Vec<f32>>,
 }
 
-/// Run one sequence in eval mode and collect its routing.
+/// Run one sequence in eval mode and collect its routing. The sequence
+/// must fit the model ([`LanguageModel::check_tokens`]).
 pub fn trace(model: &LanguageModel, ids: &[u32], device: &Device) -> Result<Trace> {
+    model.check_tokens(ids, "the input")?;
     let t = ids.len();
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(data, [1, t]), device);

@@ -117,17 +117,21 @@ fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// The tokenizer to use: an explicit one, else the checkpoint's.
+/// The tokenizer to use: an explicit one, else the checkpoint's; it must
+/// fit the model's vocabulary.
 fn pick_tokenizer(
     explicit: Option<PathBuf>,
     found: Option<PathBuf>,
+    vocab_size: usize,
 ) -> Result<tokenizers::Tokenizer> {
     let path = explicit.or(found).ok_or_else(|| {
         anyhow::anyhow!(
             "the checkpoint has no tokenizer.json: pass --tokenizer PATH (or use --token-ids)"
         )
     })?;
-    tokenizer::load(&path)
+    let tok = tokenizer::load(&path)?;
+    tokenizer::check_fits(&tok, &path, vocab_size)?;
+    Ok(tok)
 }
 
 fn inspect(args: InspectArgs) -> Result<()> {
@@ -139,7 +143,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
             (ids, pieces)
         }
         (None, Some(text)) => {
-            let tok = pick_tokenizer(args.tokenizer, tok_path)?;
+            let tok = pick_tokenizer(args.tokenizer, tok_path, model.config().vocab_size)?;
             let ids = tokenizer::encode(&tok, &text)?;
             let pieces: Vec<String> = ids
                 .iter()
@@ -149,9 +153,6 @@ fn inspect(args: InspectArgs) -> Result<()> {
         }
         (None, None) => unreachable!("clap requires one of --text, --token-ids"),
     };
-    if ids.is_empty() {
-        anyhow::bail!("nothing to inspect: the input has no tokens");
-    }
     let trace = switchyard::inspect::trace(&model, &ids, &device)?;
     print!("{}", trace.describe(&pieces));
     if let Some(out) = args.out {
@@ -164,16 +165,26 @@ fn inspect(args: InspectArgs) -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let device = burn::prelude::Device::flex();
     let (model, tok_path) = checkpoint::load_any(&args.checkpoint, &device)?;
-    let tok = pick_tokenizer(args.tokenizer, tok_path)?;
-    let prompt = tokenizer::encode(&tok, &args.prompt)?;
+    let tok = pick_tokenizer(args.tokenizer, tok_path, model.config().vocab_size)?;
+    let eos = tok.token_to_id("<|endoftext|>");
+    let mut prompt = tokenizer::encode(&tok, &args.prompt)?;
+    if prompt.is_empty() {
+        // An empty prompt starts a new document: sample after end-of-text.
+        prompt.push(eos.ok_or_else(|| {
+            anyhow::anyhow!(
+                "--prompt is empty and the tokenizer has no <|endoftext|> token to start from: \
+                 give a prompt"
+            )
+        })?);
+    }
     let opts = switchyard::generate::SampleOptions {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         seed: args.seed,
-        stop: tok.token_to_id("<|endoftext|>"),
+        stop: eos,
     };
-    let out = switchyard::generate::generate(&model, &prompt, &opts, &device);
+    let out = switchyard::generate::generate(&model, &prompt, &opts, &device)?;
     let text = tok
         .decode(&out, true)
         .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
@@ -205,7 +216,10 @@ fn eval(args: EvalArgs) -> Result<()> {
         // Every document of the given files is evaluated.
         cfg.data.val_fraction = 1.0 - f64::EPSILON;
     }
-    let tok = std::sync::Arc::new(tokenizer::load(Path::new(&cfg.data.tokenizer))?);
+    let tok_path = PathBuf::from(&cfg.data.tokenizer);
+    let tok = tokenizer::load(&tok_path)?;
+    tokenizer::check_fits(&tok, &tok_path, cfg.model.vocab_size)?;
+    let tok = std::sync::Arc::new(tok);
     let loss = switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?;
     println!(
         "{}: loss {loss:.4} | perplexity {:.2}",

@@ -69,6 +69,21 @@ const MOE_ARCHITECTURE_KEYS: &[&str] = &[
     "aux_free_bias",
 ];
 
+/// A deserialisation path in the form `--set` takes: list elements by
+/// index after a dot (`data.sources.0.weight`, not `data.sources[0].weight`).
+fn override_key(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(index.to_string()),
+            Segment::Map { key } => Some(key.clone()),
+            Segment::Enum { variant } => Some(variant.clone()),
+            Segment::Unknown => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 impl RunConfig {
     /// Parse TOML text, apply `key=value` overrides, deserialize and validate.
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -79,9 +94,9 @@ impl RunConfig {
         }
         let cfg: RunConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = e.path().to_string();
+                let key = override_key(e.path());
                 err(
-                    if key == "." { "<root>" } else { &key },
+                    if key.is_empty() { "<root>" } else { &key },
                     e.into_inner().to_string(),
                 )
             })?;
@@ -261,6 +276,20 @@ mod tests {
         assert!(e.message.contains("nope"), "{e}");
         let e = RunConfig::from_toml_str("", &["steps".into()]).unwrap_err();
         assert!(e.message.contains("section.key=value"), "{e}");
+    }
+
+    /// The key an error names is the key `--set` takes to fix it.
+    #[test]
+    fn error_keys_are_override_keys() {
+        let text = "[[data.sources]]\npaths = [\"a\"]\nweight = \"heavy\"\n";
+        let e = RunConfig::from_toml_str(text, &[]).unwrap_err();
+        assert_eq!(e.key, "data.sources.0.weight", "{e}");
+        let fixed = format!("{}=2.0", e.key);
+        let cfg = RunConfig::from_toml_str(text, &[fixed]).unwrap();
+        assert_eq!(cfg.data.sources[0].weight, 2.0);
+        let text = "[[data.sources]]\npaths = [\"a\"]\nweight = -1.0\n";
+        let e = RunConfig::from_toml_str(text, &[]).unwrap_err();
+        assert_eq!(e.key, "data.sources.0.weight", "{e}");
     }
 
     #[test]

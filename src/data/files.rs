@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Resolve a source's configuration to a list of files with their formats.
 pub fn resolve_files(src: &SourceConfig, index: usize) -> Result<Vec<(PathBuf, Format)>> {
-    let key = format!("data.sources[{index}]");
+    let key = format!("data.sources.{index}");
     let files = match src.kind {
         SourceKind::HfCache => {
             let repo = src.repo.as_deref().unwrap_or_default();

@@ -147,7 +147,7 @@ impl DataConfig {
             return err("data.workers".into(), "must be at least 1".into());
         }
         for (i, s) in self.sources.iter().enumerate() {
-            let key = |k: &str| format!("data.sources[{i}].{k}");
+            let key = |k: &str| format!("data.sources.{i}.{k}");
             if !(s.weight > 0.0) || !s.weight.is_finite() {
                 return err(
                     key("weight"),
@@ -216,13 +216,13 @@ mod tests {
         assert!(e.to_string().contains("paths"), "{e}");
         let mut cfg = DataConfig::default();
         cfg.sources[0].weight = 0.0;
-        assert_eq!(cfg.validate().unwrap_err().key, "data.sources[0].weight");
+        assert_eq!(cfg.validate().unwrap_err().key, "data.sources.0.weight");
         let mut cfg = DataConfig::default();
         cfg.sources.push(SourceConfig {
             kind: SourceKind::HfCache,
             repo: Some("noslash".into()),
             ..SourceConfig::default()
         });
-        assert_eq!(cfg.validate().unwrap_err().key, "data.sources[1].repo");
+        assert_eq!(cfg.validate().unwrap_err().key, "data.sources.1.repo");
     }
 }

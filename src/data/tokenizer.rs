@@ -17,6 +17,20 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))
 }
 
+/// Refuse a tokenizer whose ids a model with `vocab_size` embeddings could
+/// not look up (`path` names it in the error).
+pub fn check_fits(tok: &Tokenizer, path: &Path, vocab_size: usize) -> Result<()> {
+    let n = tok.get_vocab_size(true);
+    if n > vocab_size {
+        anyhow::bail!(
+            "the tokenizer {} has {n} tokens but the model's vocabulary (model.vocab_size) \
+             has {vocab_size}: use the tokenizer the model was trained with",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// The id of the end-of-document token, which must exist in the vocabulary.
 pub fn eos_id(tok: &Tokenizer, eos: &str) -> Result<u32> {
     tok.token_to_id(eos).with_context(|| {

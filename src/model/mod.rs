@@ -105,6 +105,31 @@ impl LanguageModel {
         self.compute
     }
 
+    /// Refuse a token sequence the model cannot run: empty, longer than
+    /// `seq_len` (the positions RoPE is tabulated for), or holding an id
+    /// outside the vocabulary. `what` names the input in the error.
+    pub fn check_tokens(&self, ids: &[u32], what: &str) -> anyhow::Result<()> {
+        let (v, s) = (self.cfg.vocab_size, self.cfg.seq_len);
+        if ids.is_empty() {
+            anyhow::bail!("{what}: no tokens to run");
+        }
+        if ids.len() > s {
+            anyhow::bail!(
+                "{what}: {} tokens, more than the model's context of {s} (model.seq_len); \
+                 give at most {s}",
+                ids.len()
+            );
+        }
+        if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            anyhow::bail!(
+                "{what}: token id {id} (position {pos}) is outside the model's vocabulary \
+                 of {v} (ids 0..={})",
+                v - 1
+            );
+        }
+        Ok(())
+    }
+
     /// The model configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

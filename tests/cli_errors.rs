@@ -1,0 +1,387 @@
+//! The `switchyard` binary on bad input, as a user would meet it: every case
+//! exits non-zero with a message that names the culprit, and none panics.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Run the binary from the project root; returns (success, stdout + stderr).
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .current_dir(root())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The command fails cleanly, and its message holds every needle.
+fn refused(args: &[&str], needles: &[&str]) -> String {
+    let (ok, text) = run(args);
+    assert!(!ok, "`{}` succeeded:\n{text}", args.join(" "));
+    assert!(
+        !text.contains("panicked at"),
+        "`{}` panicked:\n{text}",
+        args.join(" ")
+    );
+    for n in needles {
+        assert!(
+            text.contains(n),
+            "`{}`: the message does not name `{n}`:\n{text}",
+            args.join(" ")
+        );
+    }
+    text
+}
+
+const TINY: &str = r#"
+[model]
+vocab_size = 4096
+d_model = 16
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+d_ff = 32
+seq_len = 16
+[moe]
+num_experts = 2
+top_k = 1
+d_expert = 16
+[data]
+tokenizer = "data/tokenizer.json"
+shuffle_buffer = 4
+[[data.sources]]
+paths = ["data/shakespeare/shakespeare_complete_works.txt"]
+blank_lines = 2
+[train]
+steps = 2
+batch_size = 2
+eval_every = 0
+checkpoint_every = 1
+keep_checkpoints = 5
+[log]
+progress = "lines"
+"#;
+
+/// A run trained by the binary for two steps (checkpoints at steps 1 and 2).
+fn trained_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = scratch("run");
+        let cfg = dir.join("tiny.toml");
+        std::fs::write(&cfg, TINY).unwrap();
+        let runs = dir.join("runs");
+        let (ok, text) = run(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--name",
+            "tiny",
+            "--runs-dir",
+            runs.to_str().unwrap(),
+        ]);
+        assert!(ok, "training the fixture run failed:\n{text}");
+        runs.join("tiny")
+    })
+}
+
+/// A copy of a directory tree.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn mixtral() -> String {
+    root()
+        .join("tests/fixtures/hf-mixtral-tiny")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_or_past_the_context_are_refused() {
+    let m = mixtral();
+    refused(
+        &["inspect", "--checkpoint", &m, "--token-ids", "1,2,999999"],
+        &["999999", "vocabulary of 256"],
+    );
+    let long: Vec<String> = (0..200).map(|i| (i % 256).to_string()).collect();
+    refused(
+        &[
+            "inspect",
+            "--checkpoint",
+            &m,
+            "--token-ids",
+            &long.join(","),
+        ],
+        &["200 tokens", "128", "model.seq_len"],
+    );
+    refused(
+        &["inspect", "--checkpoint", &m, "--token-ids", "1,x"],
+        &["--token-ids", "x"],
+    );
+    // Within both limits it runs.
+    let (ok, text) = run(&["inspect", "--checkpoint", &m, "--token-ids", "1,2,3"]);
+    assert!(ok, "{text}");
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_model_vocabulary_is_refused() {
+    let m = mixtral();
+    for cmd in ["inspect", "generate"] {
+        let flag = if cmd == "inspect" {
+            "--text"
+        } else {
+            "--prompt"
+        };
+        refused(
+            &[
+                cmd,
+                "--checkpoint",
+                &m,
+                flag,
+                "To be",
+                "--tokenizer",
+                "data/tokenizer.json",
+            ],
+            &["data/tokenizer.json", "4096 tokens", "256"],
+        );
+    }
+}
+
+#[test]
+fn generate_handles_empty_and_long_prompts() {
+    let run_dir = trained_run().to_string_lossy().into_owned();
+    // An empty prompt starts a new document.
+    let (ok, text) = run(&[
+        "generate",
+        "--checkpoint",
+        &run_dir,
+        "--prompt",
+        "",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(ok && !text.contains("panicked"), "{text}");
+    // A prompt longer than the context keeps its last seq_len tokens.
+    let long = "To be, or not to be, that is the question. ".repeat(20);
+    let (ok, text) = run(&[
+        "generate",
+        "--checkpoint",
+        &run_dir,
+        "--prompt",
+        &long,
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(ok && !text.contains("panicked"), "{text}");
+}
+
+#[test]
+fn missing_and_wrong_paths_are_named() {
+    refused(
+        &[
+            "inspect",
+            "--checkpoint",
+            "/no/such/dir",
+            "--token-ids",
+            "1",
+        ],
+        &["/no/such/dir"],
+    );
+    refused(
+        &["train", "--config", "/no/such/config.toml"],
+        &["/no/such/config.toml"],
+    );
+    refused(
+        &["export", "--checkpoint", "/no/such/run", "--out", "/tmp/x"],
+        &["/no/such/run"],
+    );
+    refused(&["eval", "--checkpoint", "/no/such/run"], &["/no/such/run"]);
+    refused(&["info", "--hf", "/no/such/hf"], &["/no/such/hf"]);
+    let run_dir = trained_run().to_string_lossy().into_owned();
+    refused(
+        &[
+            "eval",
+            "--checkpoint",
+            &run_dir,
+            "--data",
+            "/no/such/corpus.txt",
+        ],
+        &["/no/such/corpus.txt"],
+    );
+}
+
+#[test]
+fn bad_config_values_name_the_key() {
+    let dir = scratch("cfg");
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let c = cfg.to_str().unwrap();
+    let runs = dir.join("runs");
+    let r = runs.to_str().unwrap();
+    for (set, needle) in [
+        ("model.d_model=abc", "model.d_model"),
+        ("moe.top_k=5", "moe.top_k"),
+        ("moe.nope=1", "nope"),
+        ("data.sources.0.weight=-1", "data.sources.0.weight"),
+        ("data.sources.3.weight=1", "data.sources"),
+        ("optim.lr=0", "optim.lr"),
+        ("train.steps", "key=value"),
+    ] {
+        refused(
+            &["train", "--config", c, "--runs-dir", r, "--set", set],
+            &[needle],
+        );
+    }
+    refused(
+        &["train", "--config", c, "--runs-dir", r, "--device", "tpu"],
+        &["tpu"],
+    );
+    std::fs::write(&cfg, "[model\nd_model = 3").unwrap();
+    refused(&["train", "--config", c, "--runs-dir", r], &["TOML"]);
+}
+
+#[test]
+fn damaged_checkpoints_are_named() {
+    let dir = scratch("damaged");
+    copy_dir(trained_run(), &dir.join("run"));
+    let ckpt = dir.join("run/checkpoints/step-0000002");
+    let model = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let c = ckpt.to_string_lossy().into_owned();
+    for args in [
+        vec!["inspect", "--checkpoint", &c, "--token-ids", "1,2"],
+        vec!["export", "--checkpoint", &c, "--out", "/tmp/sy-never"],
+        vec!["eval", "--checkpoint", &c, "--max-batches", "1"],
+    ] {
+        refused(&args, &["model.safetensors"]);
+    }
+    // A config that is not TOML, and one from another architecture.
+    std::fs::write(&model, &bytes).unwrap();
+    let config = ckpt.join("config.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("d_model = 16", "d_model = 24")).unwrap();
+    refused(
+        &["inspect", "--checkpoint", &c, "--token-ids", "1"],
+        &["shape"],
+    );
+    std::fs::write(&config, "not toml [").unwrap();
+    refused(
+        &["inspect", "--checkpoint", &c, "--token-ids", "1"],
+        &["config.toml"],
+    );
+}
+
+#[test]
+fn damaged_hugging_face_directories_are_named() {
+    let dir = scratch("hf");
+    let hf = dir.join("mixtral");
+    copy_dir(Path::new(&mixtral()), &hf);
+    let h = hf.to_string_lossy().into_owned();
+    let config = hf.join("config.json");
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let with = |changes: &[(&str, serde_json::Value)]| {
+        let mut c = good.clone();
+        for (key, v) in changes {
+            c[*key] = v.clone();
+        }
+        std::fs::write(&config, serde_json::to_string(&c).unwrap()).unwrap();
+    };
+    use serde_json::json;
+    with(&[("model_type", json!(7))]);
+    refused(&["info", "--hf", &h], &["model_type"]);
+    let qwen: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/hf-qwen2moe-tiny/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut bad_qwen = qwen.clone();
+    bad_qwen["mlp_only_layers"] = json!([0, "one"]);
+    std::fs::write(&config, serde_json::to_string(&bad_qwen).unwrap()).unwrap();
+    refused(&["info", "--hf", &h], &["mlp_only_layers"]);
+    bad_qwen["mlp_only_layers"] = json!(2);
+    std::fs::write(&config, serde_json::to_string(&bad_qwen).unwrap()).unwrap();
+    refused(&["info", "--hf", &h], &["mlp_only_layers"]);
+    with(&[("num_local_experts", json!(-4))]);
+    refused(&["info", "--hf", &h], &["num_local_experts"]);
+    with(&[("tie_word_embeddings", json!("no"))]);
+    refused(&["info", "--hf", &h], &["tie_word_embeddings"]);
+    with(&[("hidden_act", json!(["silu"]))]);
+    refused(&["info", "--hf", &h], &["hidden_act"]);
+    std::fs::write(&config, "{ not json").unwrap();
+    refused(&["info", "--hf", &h], &["config.json"]);
+
+    std::fs::write(&config, serde_json::to_string(&good).unwrap()).unwrap();
+    let model = hf.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
+    refused(&["info", "--hf", &h], &["model.safetensors"]);
+    std::fs::remove_file(&model).unwrap();
+    refused(&["info", "--hf", &h], &["model.safetensors"]);
+}
+
+#[test]
+fn bad_sweep_files_are_named() {
+    let dir = scratch("sweep");
+    let runs = dir.join("runs");
+    let r = runs.to_str().unwrap();
+    let cases: [(&str, &[&str]); 6] = [
+        ("base = \"configs/tiny.toml\"\nname = [", &["sweep"]),
+        (
+            "base = \"configs/tiny.toml\"\nname = \"s\"\ncolour = 1\n",
+            &["colour"],
+        ),
+        (
+            "base = \"configs/tiny.toml\"\nname = \"s\"\n[grid]\n\"moe.top_k\" = []\n",
+            &["moe.top_k", "empty"],
+        ),
+        (
+            "base = \"/no/such/base.toml\"\nname = \"s\"\n[grid]\n\"moe.top_k\" = [1]\n",
+            &["/no/such/base.toml"],
+        ),
+        (
+            "base = \"configs/tiny.toml\"\nname = \"s\"\n[grid]\n\"moe.topk\" = [1, 2]\n",
+            &["moe.topk"],
+        ),
+        (
+            "base = \"configs/tiny.toml\"\nname = \"s\"\n[grid]\n\"moe.aux_loss_coef\" = { log = [0, 1], count = 3 }\n",
+            &["moe.aux_loss_coef", "positive"],
+        ),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let f = dir.join(format!("sweep{i}.toml"));
+        std::fs::write(&f, text).unwrap();
+        refused(
+            &["sweep", "--config", f.to_str().unwrap(), "--runs-dir", r],
+            needles,
+        );
+    }
+}
