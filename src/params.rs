@@ -93,23 +93,60 @@ pub fn grads<M: Module>(module: &M, grads: &GradientsParams) -> BTreeMap<String,
     v.out
 }
 
-/// Draw every lazily initialised parameter of `module` now, in module order.
+/// Draw every lazily initialised parameter of `module` now, each from its
+/// own random stream: the device is reseeded with a hash of `seed` and
+/// `key(path)` before each draw.
 ///
 /// Burn's initialisers defer the draw to a parameter's first use, which would
 /// make a model's initial weights depend on whatever else draws from the
 /// device's random stream before that use: routing noise, expert dropout, a
-/// step's reseed. Materialising at construction ties the weights to the seed
-/// in force when the model is built, and nothing else.
-pub fn materialize<M: Module>(module: &M) {
-    struct Touch;
-    impl ModuleVisitor for Touch {
+/// step's reseed. Drawing at construction ties the weights to `seed` and
+/// nothing else; drawing each from its own stream makes a parameter's
+/// initial value independent of which other parameters exist. A model with
+/// and without a router, a shared expert or an extra layer then starts from
+/// the same weights wherever their parameters are the same, so a comparison
+/// between such models measures the architecture, not a reshuffled draw.
+pub fn materialize<M: Module>(module: &M, seed: u64, key: impl Fn(&str) -> String) {
+    struct Touch<K> {
+        path: PathStack,
+        seed: u64,
+        key: K,
+    }
+    impl<K: Fn(&str) -> String> ModuleVisitor for Touch<K> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if !param.is_initialized() {
+                let key = (self.key)(&self.path.path());
+                param.lazy_device().seed(stream_seed(self.seed, &key));
                 let _ = param.val();
             }
         }
     }
-    module.visit(&mut Touch);
+    module.visit(&mut Touch {
+        path: PathStack::default(),
+        seed,
+        key,
+    });
+}
+
+/// The seed of the stream that parameter `key` is drawn from under `seed`:
+/// FNV-1a of the key, mixed with the seed by SplitMix64's finaliser.
+pub fn stream_seed(seed: u64, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = seed ^ h.rotate_left(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Every float parameter's path and shape, without reading values.

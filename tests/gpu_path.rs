@@ -75,7 +75,7 @@ fn compare(overrides: &[&str], drops: bool) {
     let cpu = Device::flex().autodiff();
     let gpu = Device::wgpu(Default::default()).autodiff();
     cpu.seed(3);
-    let model = LanguageModel::new(&cfg.model, &cfg.moe, &cpu);
+    let model = LanguageModel::new(&cfg.model, &cfg.moe, 3, &cpu);
     let on_gpu = model.clone().fork(&gpu);
     let (b, s) = (3, cfg.model.seq_len);
 

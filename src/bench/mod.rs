@@ -115,8 +115,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         cfg.model.seq_len,
         cfg.model.vocab_size,
     );
-    let mut model =
-        LanguageModel::new(&cfg.model, &cfg.moe, &device).with_precision(cfg.train.precision);
+    let mut model = LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device)
+        .with_precision(cfg.train.precision);
     let mut adam = AdamW::default();
     let mut rng = SplitMix64(cfg.train.seed);
 

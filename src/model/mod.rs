@@ -49,11 +49,19 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    /// A freshly initialised model, every weight drawn now from the device's
-    /// random stream. Call `validate` on both configs first.
-    pub fn new(cfg: &ModelConfig, moe: &MoeConfig, device: &Device) -> Self {
+    /// A freshly initialised model, every weight drawn now from its own
+    /// random stream under `seed` ([`crate::params::materialize`]). Call
+    /// `validate` on both configs first.
+    ///
+    /// A parameter's stream is named by its path, except that expert weights
+    /// are named as the dense MLP of the same block: expert 0 of an MoE
+    /// layer starts from the weights the dense twin's MLP would have (all of
+    /// them when `d_expert = d_ff`), and every parameter the two models
+    /// share starts equal. A one-expert model thus trains exactly as its
+    /// dense twin, and an MoE-versus-dense comparison is paired.
+    pub fn new(cfg: &ModelConfig, moe: &MoeConfig, seed: u64, device: &Device) -> Self {
         let model = Self::unloaded(cfg, moe, device);
-        crate::params::materialize(&model);
+        crate::params::materialize(&model, seed, init_stream);
         model
     }
 
@@ -259,6 +267,16 @@ impl LanguageModel {
         };
         // The loss and everything read from the logits work in f32.
         in_dtype(logits, DType::F32)
+    }
+}
+
+/// The name of the random stream parameter `path` is drawn from: its path,
+/// with stacked expert weights (`layers.{i}.mlp.experts.{proj}`) named as
+/// the dense MLP's (`layers.{i}.mlp.{proj}.weight`).
+fn init_stream(path: &str) -> String {
+    match path.split_once(".mlp.experts.") {
+        Some((block, proj)) => format!("{block}.mlp.{proj}.weight"),
+        None => path.to_string(),
     }
 }
 

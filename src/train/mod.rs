@@ -111,7 +111,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
             checkpoint::load_weights(dir, LanguageModel::unloaded(&cfg.model, &cfg.moe, &device))?
         }
         (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
-        (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, &device),
+        (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
     }
     .with_precision(cfg.train.precision);
     std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
