@@ -13,6 +13,7 @@ use crate::config::RunConfig;
 use crate::data::stream::Cursor;
 use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
+use crate::tensorfile::TensorFile;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -41,6 +42,20 @@ pub struct TrainState {
     pub consecutive_bad: u64,
     /// Training tokens consumed.
     pub tokens_seen: u64,
+    /// Size and CRC-32C of every other file of the checkpoint, written at
+    /// save and checked before a resume ([`verify`]). Empty in checkpoints
+    /// written before checksums were kept.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileCheck>,
+}
+
+/// What a checkpoint file must still be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheck {
+    /// Length in bytes.
+    pub bytes: u64,
+    /// CRC-32C (Castagnoli) of the contents.
+    pub crc32c: u32,
 }
 
 /// What a checkpoint holds, in memory.
@@ -129,8 +144,20 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, opts: &SaveOptions) -> Result<Pat
             std::fs::read(tok).with_context(|| format!("reading {}", tok.display()))?,
         ));
     }
-    // state.json last: its presence marks a complete directory.
-    files.push(("state.json", serde_json::to_vec(&ckpt.state)?));
+    // state.json last: its presence marks a complete directory, and it
+    // carries the checksum of every file before it.
+    let mut state = ckpt.state.clone();
+    state.files = files
+        .iter()
+        .map(|(name, bytes)| {
+            let check = FileCheck {
+                bytes: bytes.len() as u64,
+                crc32c: crc32c::crc32c(bytes),
+            };
+            (name.to_string(), check)
+        })
+        .collect();
+    files.push(("state.json", serde_json::to_vec(&state)?));
     for (i, (file, bytes)) in files.iter().enumerate() {
         if opts.fail_after_files == Some(i) {
             bail!("checkpoint write interrupted after {i} file(s) (simulated)");
@@ -236,11 +263,89 @@ pub fn read_config(dir: &Path) -> Result<RunConfig> {
     RunConfig::load(&dir.join("config.toml"), &[])
 }
 
-/// Load a checkpoint's weights into `model`, which must have its architecture.
+/// Load a checkpoint's weights into `model`, which must have its
+/// architecture. The file is read through a memory map one tensor at a
+/// time, so the host holds little more than the weights themselves.
 pub fn load_weights(dir: &Path, model: LanguageModel) -> Result<LanguageModel> {
-    let tensors = crate::hf::read_safetensors(&dir.join("model.safetensors"))?;
-    let params: BTreeMap<_, _> = tensors.into_iter().collect();
-    crate::params::load(model, &params).with_context(|| format!("loading {}", dir.display()))
+    let file = TensorFile::open(&dir.join("model.safetensors"))?;
+    crate::params::load_from(model, file.names().to_vec(), |name| file.read(name))
+        .with_context(|| format!("loading {}", dir.display()))
+}
+
+/// Check every file of checkpoint `dir` against the sizes and checksums in
+/// its `state.json`; the error names the first damaged file. A checkpoint
+/// written before checksums were kept passes if its state parses.
+pub fn verify(dir: &Path) -> Result<()> {
+    let state_path = dir.join("state.json");
+    let state: TrainState = serde_json::from_slice(
+        &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: damaged (not a valid state file)", state_path.display()))?;
+    for (name, want) in &state.files {
+        let path = dir.join(name);
+        let got = file_check(&path)?;
+        if got.bytes != want.bytes {
+            bail!(
+                "{}: damaged ({} bytes, {} when written)",
+                path.display(),
+                got.bytes,
+                want.bytes
+            );
+        }
+        if got.crc32c != want.crc32c {
+            bail!(
+                "{}: damaged (checksum {:08x}, {:08x} when written)",
+                path.display(),
+                got.crc32c,
+                want.crc32c
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Size and CRC-32C of a file, read in 8 MiB pieces.
+fn file_check(path: &Path) -> Result<FileCheck> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let (mut crc, mut bytes) = (0u32, 0u64);
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileCheck { bytes, crc32c: crc })
+}
+
+/// The newest checkpoint of a run that passes [`verify`], with a warning
+/// for each newer one that does not. `None` when the run has no
+/// checkpoint; an error naming every damage when none is intact.
+pub fn newest_intact(run_dir: &Path) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let all = list(run_dir)?;
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    for (_, dir) in all.iter().rev() {
+        match verify(dir) {
+            Ok(()) => return Ok(Some((dir.clone(), warnings))),
+            Err(e) => warnings.push(format!(
+                "checkpoint {} is damaged and was skipped: {e:#}",
+                dir.display()
+            )),
+        }
+    }
+    bail!(
+        "{}: every checkpoint is damaged:\n  {}",
+        run_dir.display(),
+        warnings.join("\n  ")
+    )
 }
 
 /// Build the model a checkpoint describes and load its weights.
@@ -271,6 +376,6 @@ pub fn load_any(arg: &Path, device: &Device) -> Result<(LanguageModel, Option<Pa
 pub fn read_state(dir: &Path) -> Result<(TrainState, BTreeMap<String, TensorData>)> {
     let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
         .with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let opt = crate::hf::read_safetensors(&dir.join("optimizer.safetensors"))?;
+    let opt = crate::tensorfile::read(&dir.join("optimizer.safetensors"))?;
     Ok((state, opt.into_iter().collect()))
 }

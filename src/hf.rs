@@ -11,7 +11,6 @@ use crate::config::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -339,48 +338,10 @@ pub fn read_safetensors_dir(dir: &Path) -> Result<HashMap<String, TensorData>> {
     Ok(out)
 }
 
-/// Read one safetensors file, floats as f32 and integers as i64.
+/// Read one safetensors file, floats as f32 and integers as i64 (see
+/// [`crate::tensorfile`]).
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, TensorData>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        let shape = view.shape().to_vec();
-        let raw = view.data();
-        let data = match view.dtype() {
-            Dtype::F32 => TensorData::new(
-                raw.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect::<Vec<f32>>(),
-                shape,
-            ),
-            Dtype::BF16 => TensorData::new(
-                raw.chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect::<Vec<f32>>(),
-                shape,
-            ),
-            Dtype::F16 => TensorData::new(
-                raw.chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect::<Vec<f32>>(),
-                shape,
-            ),
-            Dtype::I64 => TensorData::new(
-                raw.chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                    .collect::<Vec<i64>>(),
-                shape,
-            ),
-            other => bail!(
-                "{}: tensor `{name}` has unsupported dtype {other:?}",
-                path.display()
-            ),
-        };
-        out.insert(name, data);
-    }
-    Ok(out)
+    crate::tensorfile::read(path)
 }
 
 /// Transpose a row-major `[r, c]` matrix into `[c, r]`.

@@ -22,6 +22,7 @@ pub mod model;
 pub mod moe;
 pub mod params;
 pub mod sweep;
+pub mod tensorfile;
 pub mod train;
 
 /// Keep freed memory in the process heap instead of returning it to the OS.

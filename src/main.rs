@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Parser;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use switchyard::checkpoint::{self, Location};
 use switchyard::cli::*;
 use switchyard::data::{sources, tokenizer, SourceConfig, SourceKind};

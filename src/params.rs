@@ -168,14 +168,15 @@ pub fn shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
     v.1
 }
 
-struct Load<'a> {
+struct Load<F> {
     path: PathStack,
-    values: &'a BTreeMap<String, TensorData>,
+    /// Paths the source holds and not yet used.
+    unused: std::collections::BTreeSet<String>,
+    get: F,
     errors: Vec<String>,
-    used: usize,
 }
 
-impl ModuleMapper for Load<'_> {
+impl<F: FnMut(&str) -> anyhow::Result<TensorData>> ModuleMapper for Load<F> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -184,9 +185,16 @@ impl ModuleMapper for Load<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.path();
-        let Some(data) = self.values.get(&path) else {
+        if !self.unused.remove(&path) {
             self.errors.push(format!("missing parameter `{path}`"));
             return param;
+        }
+        let data = match (self.get)(&path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.errors.push(format!("parameter `{path}`: {e:#}"));
+                return param;
+            }
         };
         let want = param.lazy_shape().to_vec();
         if data.shape().to_vec() != want {
@@ -196,12 +204,10 @@ impl ModuleMapper for Load<'_> {
             ));
             return param;
         }
-        self.used += 1;
         // Parameters are f32 (master weights, whatever the compute dtype).
         // Placed on the parameter's device with its gradient setting, without
         // drawing the initial value of one not yet initialised.
-        let value =
-            Tensor::<D>::from_data(data.clone().convert_dtype(DType::F32), &param.lazy_device());
+        let value = Tensor::<D>::from_data(data.convert_dtype(DType::F32), &param.lazy_device());
         let id = param.id;
         param.transform_for_load(value, id)
     }
@@ -211,20 +217,31 @@ impl ModuleMapper for Load<'_> {
 /// Fails, naming each problem, if a path is missing, a shape differs, or a
 /// value is left unused.
 pub fn load<M: Module>(module: M, values: &BTreeMap<String, TensorData>) -> anyhow::Result<M> {
+    load_from(module, values.keys().cloned(), |path| {
+        Ok(values[path].clone())
+    })
+}
+
+/// [`load`] from a source that hands out one tensor at a time: `names` are
+/// the paths it holds and `get(path)` reads one. Each tensor is placed
+/// before the next is read, so the host holds one at a time.
+pub fn load_from<M: Module>(
+    module: M,
+    names: impl IntoIterator<Item = String>,
+    get: impl FnMut(&str) -> anyhow::Result<TensorData>,
+) -> anyhow::Result<M> {
     let mut m = Load {
         path: PathStack::default(),
-        values,
+        unused: names.into_iter().collect(),
+        get,
         errors: Vec::new(),
-        used: 0,
     };
     let module = module.map(&mut m);
     let mut errors = m.errors;
-    if errors.is_empty() && m.used != values.len() {
-        let known = shapes(&module);
+    if errors.is_empty() {
         errors.extend(
-            values
-                .keys()
-                .filter(|k| !known.contains_key(*k))
+            m.unused
+                .iter()
                 .map(|k| format!("unexpected parameter `{k}`")),
         );
     }

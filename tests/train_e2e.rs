@@ -312,6 +312,75 @@ fn resume_is_bit_identical() {
     assert!(err.contains("model.d_model: 32 -> 48"), "{err}");
 }
 
+/// A checkpoint damaged on disk after it was written (a flipped byte, a
+/// truncated file) is caught by its checksum; `--resume` falls back to the
+/// newest intact checkpoint and continues exactly as an undamaged run.
+#[test]
+fn resume_skips_a_damaged_checkpoint_for_the_newest_intact_one() {
+    let _g = lock();
+    let dir = scratch("damaged");
+    let cfg = write_config(&dir, TINY);
+    let set = [
+        "train.steps=8",
+        "train.eval_every=0",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=5",
+    ];
+    let straight = train(&options(&dir, &cfg, "straight", &set));
+    let mut first = options(&dir, &cfg, "r", &set);
+    first.stop_after = Some(6);
+    let a = train(&first);
+    let ckpts = checkpoint::list(&a.run_dir).unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), [2, 4, 6]);
+    for (_, c) in &ckpts {
+        checkpoint::verify(c).unwrap();
+    }
+
+    // Step 6: one byte of the weights flipped; step 4: the optimizer state cut short.
+    let model6 = ckpts[2].1.join("model.safetensors");
+    let mut bytes = std::fs::read(&model6).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x40;
+    std::fs::write(&model6, &bytes).unwrap();
+    let opt4 = ckpts[1].1.join("optimizer.safetensors");
+    let bytes = std::fs::read(&opt4).unwrap();
+    std::fs::write(&opt4, &bytes[..bytes.len() - 100]).unwrap();
+    let e = checkpoint::verify(&ckpts[2].1).unwrap_err().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("checksum"),
+        "{e}"
+    );
+    let e = checkpoint::verify(&ckpts[1].1).unwrap_err().to_string();
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains("bytes"),
+        "{e}"
+    );
+
+    // The resume starts from step 2 and ends where the straight run ended.
+    let (found, warnings) = checkpoint::newest_intact(&a.run_dir).unwrap().unwrap();
+    assert_eq!(found, ckpts[0].1);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("step-0000006"), "{warnings:?}");
+    let mut again = options(&dir, &cfg, "r", &set);
+    again.resume = true;
+    let b = train(&again);
+    assert_eq!((b.losses.len(), b.final_step), (6, 8));
+    assert_eq!(b.losses[..], straight.losses[2..], "resumed run diverged");
+
+    // With every checkpoint damaged, the resume is refused, naming each.
+    let model2 = ckpts[0].1.join("model.safetensors");
+    for (_, c) in checkpoint::list(&a.run_dir).unwrap() {
+        let f = c.join("model.safetensors");
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let mut doomed = options(&dir, &cfg, "r", &["train.steps=10", "train.eval_every=0"]);
+    doomed.resume = true;
+    let e = format!("{:#}", run(&doomed).unwrap_err());
+    assert!(e.contains("every checkpoint is damaged"), "{e}");
+    assert!(model2.exists());
+}
+
 #[test]
 fn interrupted_checkpoint_write_leaves_the_previous_one() {
     let _g = lock();

@@ -76,12 +76,16 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
 
     // Resume state, if any.
     let resume = if opts.resume {
-        let Some((_, dir)) = checkpoint::list(&run_dir)?.pop() else {
+        // The newest checkpoint whose files still match their checksums.
+        let Some((dir, damaged)) = checkpoint::newest_intact(&run_dir)? else {
             bail!(
                 "--resume: {} has no complete checkpoint to resume from",
                 run_dir.display()
             );
         };
+        for warning in damaged {
+            eprintln!("warning: {warning}");
+        }
         let removed = checkpoint::clean_interrupted(&run_dir)?;
         if removed > 0 {
             println!("removed {removed} unfinished checkpoint write(s)");
@@ -170,6 +174,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
                 bad_steps: 0,
                 consecutive_bad: 0,
                 tokens_seen: 0,
+                files: BTreeMap::new(),
             },
             AdamW::default(),
         ),
