@@ -58,7 +58,7 @@ fn check_fixture(name: &str, expect_arch: hf::HfArch, moe_layers: usize) {
 
         let tpe: Vec<i64> = aux
             .stats
-            .tokens_per_expert
+            .routed_per_expert
             .clone()
             .into_data()
             .try_to_vec::<f32>()

@@ -106,7 +106,7 @@ fn capacity_keeps_the_highest_probability_assignments() {
 
     // capacity = ceil(1.0 * 8 * 1 / 4) = 2
     assert_eq!(
-        vec1(aux.stats.tokens_per_expert.clone()),
+        vec1(aux.stats.routed_per_expert.clone()),
         vec![8.0, 0.0, 0.0, 0.0]
     );
     assert_eq!(
@@ -164,7 +164,7 @@ fn padding_is_excluded_from_stats_and_losses() {
     }
     let valid = Tensor::<2>::from_data(TensorData::new(mask, [2, 6]), &device);
     let (_, aux) = moe.forward(x.clone(), valid, Phase::Eval);
-    let routed: f32 = vec1(aux.stats.tokens_per_expert.clone()).iter().sum();
+    let routed: f32 = vec1(aux.stats.routed_per_expert.clone()).iter().sum();
     assert_eq!(
         routed,
         7.0 * 2.0,
@@ -186,8 +186,8 @@ fn padding_is_excluded_from_stats_and_losses() {
         assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
     }
     assert_eq!(
-        vec1(aux.stats.tokens_per_expert),
-        vec1(aux2.stats.tokens_per_expert)
+        vec1(aux.stats.routed_per_expert),
+        vec1(aux2.stats.routed_per_expert)
     );
 }
 
@@ -218,7 +218,7 @@ fn gradients_reach_router_selected_and_shared_experts_only() {
     let loss = y.square().mean() + aux.losses.load_balancing.clone() * 0.01;
     let grads = loss.backward();
 
-    let tpe = vec1(aux.stats.tokens_per_expert.clone().inner());
+    let tpe = vec1(aux.stats.routed_per_expert.clone().inner());
     assert_eq!(tpe[3], 0.0, "expert 3 must receive no tokens: {tpe:?}");
     let router_g = vec2(moe.router.weight.grad(&grads).unwrap());
     assert!(
@@ -322,7 +322,7 @@ fn expert_dropout_keeps_at_least_k_experts() {
     let valid = Tensor::<2>::ones([2, 16], &device);
     // Without dropout, this batch spreads over more than two experts.
     let (_, eval) = moe.forward(x.clone(), valid.clone(), Phase::Eval);
-    let used_eval = vec1(eval.stats.tokens_per_expert)
+    let used_eval = vec1(eval.stats.routed_per_expert)
         .iter()
         .filter(|&&c| c > 0.0)
         .count();
@@ -332,7 +332,7 @@ fn expert_dropout_keeps_at_least_k_experts() {
     );
     for _ in 0..5 {
         let (_, aux) = moe.forward(x.clone(), valid.clone(), Phase::Train);
-        let tpe = vec1(aux.stats.tokens_per_expert);
+        let tpe = vec1(aux.stats.routed_per_expert);
         let used = tpe.iter().filter(|&&c| c > 0.0).count();
         // With p ≈ 1 exactly the k protected experts remain, and every token uses both.
         assert_eq!(used, 2, "{tpe:?}");
@@ -362,7 +362,7 @@ fn aux_free_bias_moves_toward_balance() {
 
     let imbalance = |tpe: &[f32]| tpe.iter().cloned().fold(0.0, f32::max) / (64.0 / e as f32);
     let (_, first) = moe.forward(x.clone(), valid.clone(), Phase::Train);
-    let start = vec1(first.stats.tokens_per_expert.clone());
+    let start = vec1(first.stats.routed_per_expert.clone());
     assert!(
         start[0] > 32.0,
         "the batch should be skewed to expert 0: {start:?}"
@@ -370,8 +370,8 @@ fn aux_free_bias_moves_toward_balance() {
     let mut tpe = start.clone();
     for _ in 0..200 {
         let (_, aux) = moe.forward(x.clone(), valid.clone(), Phase::Train);
-        tpe = vec1(aux.stats.tokens_per_expert.clone());
-        moe.router.update_expert_bias(aux.stats.tokens_per_expert);
+        tpe = vec1(aux.stats.routed_per_expert.clone());
+        moe.router.update_expert_bias(aux.stats.routed_per_expert);
     }
     let bias = vec1(moe.router.expert_bias.as_ref().unwrap().val());
     assert!(
@@ -492,7 +492,7 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
     // The buffers hold the busiest expert, rounded up to 64, and are far
     // smaller than T.
     let decision = dropless.router.forward(x.reshape([t, d]), Phase::Eval);
-    let busiest = vec1(aux.stats.tokens_per_expert.clone())
+    let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;
     let plan = dispatch::plan(&decision, valid.reshape([t]), None);
@@ -541,7 +541,7 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_matc
     let flat = x.reshape([t, d]);
     let decision = moe.router.forward(flat.clone(), Phase::Train);
     let plan = dispatch::plan(&decision, valid.reshape([t]), Some(c));
-    let busiest = vec1(aux.stats.tokens_per_expert.clone())
+    let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;
     assert!(

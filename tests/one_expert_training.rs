@@ -177,7 +177,7 @@ fn one_expert_moe_trains_exactly_like_the_dense_mlp() {
         let sq_m = grad_sq_norm(&moe, &gm, &base);
         let tpe = stats
             .iter()
-            .map(|s| s.tokens_per_expert.clone().inner())
+            .map(|s| s.routed_per_expert.clone().inner())
             .collect();
         dense = step::apply_update(dense, &mut adam_d, &dense_cfg, lr, gd, sq_d, Vec::new());
         moe = step::apply_update(moe, &mut adam_m, &moe_cfg, lr, gm, sq_m, tpe);

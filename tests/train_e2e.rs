@@ -180,7 +180,8 @@ fn trains_and_logs_every_step() {
             "max_over_mean_load",
             "router_entropy",
             "dead_experts",
-            "tokens_per_expert",
+            "routed_per_expert",
+            "kept_per_expert",
         ] {
             required.push(format!("moe/layer{i}/{t}"));
         }
@@ -207,31 +208,36 @@ fn trains_and_logs_every_step() {
                 assert_eq!(j as f32, *v, "step {step}: `{tag}`");
             }
         }
-        // Histogram buckets: tokens processed per expert, which add up to
-        // tokens × k minus the dropped assignments.
+        // Each sink holds the routed and the kept counts under their own
+        // names, the same numbers in both: routed add up to tokens × k,
+        // kept to that minus the dropped assignments.
         for i in 0..2 {
-            let Some(ValueKind::Histo(h)) = tags.get(&format!("moe/layer{i}/tokens_per_expert"))
-            else {
-                panic!("step {step}: layer {i} histogram")
+            let counts = |what: &str| {
+                let tag = format!("moe/layer{i}/{what}_per_expert");
+                let Some(ValueKind::Histo(h)) = tags.get(&tag) else {
+                    panic!("step {step}: no histogram `{tag}`")
+                };
+                let listed: Vec<f64> = json[&tag]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("step {step}: `{tag}` missing in metrics.jsonl"))
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert_eq!(
+                    h.bucket, listed,
+                    "step {step}: `{tag}` differs between sinks"
+                );
+                assert_eq!(listed.len(), 4);
+                listed.iter().sum::<f64>()
             };
-            assert_eq!(h.bucket.len(), 4);
-            let routed: f64 = json[format!("moe/layer{i}/tokens_per_expert")]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .sum();
+            let (routed, kept) = (counts("routed"), counts("kept"));
             assert_eq!(
                 routed, tokens_k,
                 "step {step}: every token routes to k experts"
             );
             let drop_rate = json[format!("moe/layer{i}/drop_rate")].as_f64().unwrap();
             let dropped = (drop_rate * tokens_k).round();
-            assert_eq!(
-                h.bucket.iter().sum::<f64>(),
-                tokens_k - dropped,
-                "step {step} layer {i}"
-            );
+            assert_eq!(kept, tokens_k - dropped, "step {step} layer {i}");
         }
     }
 }

@@ -210,7 +210,7 @@ fn train_step(
         cfg.optim.lr,
         grads,
         sq_norm,
-        reading.tokens_per_expert,
+        reading.routed_per_expert,
     ))
 }
 

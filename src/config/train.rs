@@ -179,7 +179,9 @@ pub struct LogConfig {
     pub dead_expert_steps: u64,
     /// Alert when a layer's max/mean expert load exceeds this. Default 3.0.
     pub max_over_mean_alert: f64,
-    /// Progress display: "auto" (bar on a terminal, lines otherwise), "bar" or "lines". Default "auto".
+    /// Progress display: "auto" (bar on a terminal, lines otherwise), "bar",
+    /// "lines", or "json" (one JSON object per step on stdout, for programs
+    /// that follow a run, such as `switchyard sweep`). Default "auto".
     pub progress: ProgressMode,
     /// Print a plain progress line every this many steps when not drawing a bar. Default 10.
     pub print_every: u64,
@@ -195,6 +197,10 @@ pub enum ProgressMode {
     Bar,
     /// Always plain lines.
     Lines,
+    /// One JSON object per step on stdout: `{"step", "steps", "loss",
+    /// "lm", "aux", "z", "drop_rate", "lr", "tokens_per_s"}`; other
+    /// messages stay plain text lines.
+    Json,
 }
 
 impl Default for LogConfig {

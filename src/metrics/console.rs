@@ -1,4 +1,5 @@
-//! Console progress: an `indicatif` bar on a terminal, plain lines otherwise.
+//! Console progress: an `indicatif` bar on a terminal, plain lines
+//! otherwise, or one JSON object per step for a program to follow.
 
 use super::StepReport;
 use crate::config::ProgressMode;
@@ -9,6 +10,7 @@ use std::time::Instant;
 /// Step progress for one run.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    json: bool,
     total: u64,
     print_every: u64,
     start: Instant,
@@ -20,7 +22,7 @@ impl Progress {
     pub fn new(mode: ProgressMode, total: u64, first_step: u64, print_every: u64) -> Self {
         let use_bar = match mode {
             ProgressMode::Bar => true,
-            ProgressMode::Lines => false,
+            ProgressMode::Lines | ProgressMode::Json => false,
             ProgressMode::Auto => std::io::stdout().is_terminal(),
         };
         let bar = use_bar.then(|| {
@@ -36,6 +38,7 @@ impl Progress {
         });
         Self {
             bar,
+            json: mode == ProgressMode::Json,
             total,
             print_every,
             start: Instant::now(),
@@ -45,6 +48,10 @@ impl Progress {
 
     /// Show one step.
     pub fn step(&mut self, r: &StepReport) {
+        if self.json {
+            println!("{}", progress_json(r, self.total));
+            return;
+        }
         let msg = format!(
             "loss {:.4} | aux {:.3} | drop {:.1}% | {:.0} tok/s",
             r.loss_total,
@@ -93,6 +100,21 @@ impl Progress {
             bar.finish();
         }
     }
+}
+
+/// The machine-readable progress line of one step.
+pub fn progress_json(r: &StepReport, total: u64) -> serde_json::Value {
+    serde_json::json!({
+        "step": r.step,
+        "steps": total,
+        "loss": r.loss_total,
+        "lm": r.loss_lm,
+        "aux": r.loss_aux,
+        "z": r.loss_z,
+        "drop_rate": r.drop_rate(),
+        "lr": r.lr,
+        "tokens_per_s": r.tokens_per_s,
+    })
 }
 
 /// "1h02m", "3m05s", "42s".

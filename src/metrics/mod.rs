@@ -19,7 +19,7 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
     /// Assignments routed to each expert (before capacity).
-    pub tokens_per_expert: Vec<f64>,
+    pub routed_per_expert: Vec<f64>,
     /// Assignments each expert computed (after capacity).
     pub kept_per_expert: Vec<f64>,
     /// Mean router entropy, nats.
@@ -30,12 +30,12 @@ pub struct LayerReport {
 
 impl LayerReport {
     fn total(&self) -> f64 {
-        self.tokens_per_expert.iter().sum()
+        self.routed_per_expert.iter().sum()
     }
     /// Share of assignments per expert (sums to 1).
     pub fn token_share(&self) -> Vec<f64> {
         let total = self.total().max(1.0);
-        self.tokens_per_expert.iter().map(|c| c / total).collect()
+        self.routed_per_expert.iter().map(|c| c / total).collect()
     }
     /// Fraction of assignments dropped for capacity.
     pub fn drop_rate(&self) -> f64 {
@@ -44,13 +44,13 @@ impl LayerReport {
     }
     /// Busiest expert's load over the mean load (1.0 when balanced).
     pub fn max_over_mean(&self) -> f64 {
-        let e = self.tokens_per_expert.len() as f64;
-        let max = self.tokens_per_expert.iter().cloned().fold(0.0, f64::max);
+        let e = self.routed_per_expert.len() as f64;
+        let max = self.routed_per_expert.iter().cloned().fold(0.0, f64::max);
         max / (self.total() / e).max(1e-12)
     }
     /// Experts whose share is below `threshold` × the uniform share 1/E.
     pub fn dead_experts(&self, threshold: f64) -> Vec<usize> {
-        let e = self.tokens_per_expert.len() as f64;
+        let e = self.routed_per_expert.len() as f64;
         self.token_share()
             .iter()
             .enumerate()
@@ -137,11 +137,12 @@ impl StepReport {
         v
     }
 
-    /// The TensorBoard summary values: every scalar plus one
-    /// `moe/layer{i}/tokens_per_expert` histogram per layer, whose bucket e
-    /// counts the tokens expert e processed (after capacity drops). Token
-    /// shares and load ratios use the routed counts instead, since capacity
-    /// caps the processed counts and would hide an imbalance.
+    /// The TensorBoard summary values: every scalar plus two histograms per
+    /// layer, whose bucket e counts expert e's assignments:
+    /// `moe/layer{i}/routed_per_expert` as the router chose them, and
+    /// `moe/layer{i}/kept_per_expert` as the expert processed them (after
+    /// capacity drops). Token shares and load ratios use the routed counts,
+    /// since capacity caps the kept counts and would hide an imbalance.
     pub fn summary_values(&self, log: &LogConfig) -> Vec<tensorboard::SummaryValue> {
         let mut out: Vec<_> = self
             .scalars(log)
@@ -150,7 +151,11 @@ impl StepReport {
             .collect();
         for (i, layer) in self.layers.iter().enumerate() {
             out.push(tensorboard::index_histogram(
-                format!("moe/layer{i}/tokens_per_expert"),
+                format!("moe/layer{i}/routed_per_expert"),
+                &layer.routed_per_expert,
+            ));
+            out.push(tensorboard::index_histogram(
+                format!("moe/layer{i}/kept_per_expert"),
                 &layer.kept_per_expert,
             ));
         }
@@ -168,8 +173,8 @@ impl StepReport {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             m.insert(
-                format!("moe/layer{i}/tokens_per_expert"),
-                json!(layer.tokens_per_expert),
+                format!("moe/layer{i}/routed_per_expert"),
+                json!(layer.routed_per_expert),
             );
             m.insert(
                 format!("moe/layer{i}/kept_per_expert"),
@@ -218,7 +223,7 @@ impl CollapseMonitor {
         self.imbalanced.resize(report.layers.len(), false);
         for (i, layer) in report.layers.iter().enumerate() {
             let runs = &mut self.dead_steps[i];
-            runs.resize(layer.tokens_per_expert.len(), 0);
+            runs.resize(layer.routed_per_expert.len(), 0);
             let dead = layer.dead_experts(log.dead_expert_share);
             for (e, run) in runs.iter_mut().enumerate() {
                 if dead.contains(&e) {
@@ -293,7 +298,7 @@ mod tests {
 
     fn layer(counts: &[f64]) -> LayerReport {
         LayerReport {
-            tokens_per_expert: counts.to_vec(),
+            routed_per_expert: counts.to_vec(),
             kept_per_expert: counts.iter().map(|c| c.min(4.0)).collect(),
             router_entropy: 1.0,
             expert_bias: None,

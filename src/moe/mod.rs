@@ -151,7 +151,7 @@ fn routing_stats(
     let valid_col = valid.clone().reshape([t, 1]);
     let n = valid.clone().sum();
     RoutingStats {
-        tokens_per_expert: (decision.routing_map.clone().detach() * valid_col.clone())
+        routed_per_expert: (decision.routing_map.clone().detach() * valid_col.clone())
             .sum_dim(0)
             .reshape([e]),
         kept_per_expert: plan.kept_per_expert.clone(),

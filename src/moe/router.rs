@@ -161,11 +161,11 @@ impl Router {
     /// `b_e ← b_e + γ · sign(mean_load − load_e)`.
     ///
     /// # Shapes
-    /// - `tokens_per_expert`: `[E]`
-    pub fn update_expert_bias(&mut self, tokens_per_expert: Tensor<1>) {
+    /// - `routed_per_expert`: `[E]`
+    pub fn update_expert_bias(&mut self, routed_per_expert: Tensor<1>) {
         let gamma = self.cfg.bias_update_rate;
         if let Some(bias) = self.expert_bias.take() {
-            let load = tokens_per_expert.detach(); // [E]
+            let load = routed_per_expert.detach(); // [E]
             let e = load.dims()[0];
             let mean = load.clone().mean().expand([e]);
             let (id, value, _) = bias.consume();

@@ -8,7 +8,7 @@ use burn::prelude::*;
 #[derive(Debug, Clone)]
 pub struct RoutingStats {
     /// Assignments routed to each expert before capacity (top-k choices). `[E]`
-    pub tokens_per_expert: Tensor<1>,
+    pub routed_per_expert: Tensor<1>,
     /// Assignments each expert actually computed (after capacity). `[E]`
     pub kept_per_expert: Tensor<1>,
     /// Mean router probability of each expert. `[E]`
@@ -22,6 +22,6 @@ pub struct RoutingStats {
 impl RoutingStats {
     /// Assignments dropped for lack of capacity. `[1]`
     pub fn dropped(&self) -> Tensor<1> {
-        (self.tokens_per_expert.clone() - self.kept_per_expert.clone()).sum()
+        (self.routed_per_expert.clone() - self.kept_per_expert.clone()).sum()
     }
 }

@@ -125,8 +125,8 @@ impl Runner<'_> {
         }
         cmd.arg("--set")
             .arg(format!("data.workers={}", self.threads));
-        cmd.arg("--set").arg("log.progress=\"lines\"");
-        cmd.arg("--set").arg("log.print_every=1");
+        // One JSON object per step on stdout drives the point's bar.
+        cmd.arg("--set").arg("log.progress=\"json\"");
         if done > 0 {
             cmd.arg("--resume");
         }
@@ -168,16 +168,15 @@ impl Runner<'_> {
             .map_while(Result::ok)
         {
             let _ = writeln!(log, "{line}");
-            // "step 12/300 | loss ..." lines drive the point's bar.
-            if let Some(rest) = line.strip_prefix("step ") {
-                if let Some((n, _)) = rest.split_once('/') {
-                    if let Ok(n) = n.parse::<u64>() {
-                        bar.set_position(n);
-                        if let Some(msg) = rest.split(" | ").nth(1) {
-                            bar.set_message(msg.to_string());
-                        }
-                    }
-                }
+            // {"step": 12, "loss": ...} lines drive the point's bar.
+            let Ok(serde_json::Value::Object(p)) = serde_json::from_str(&line) else {
+                continue;
+            };
+            if let Some(n) = p.get("step").and_then(|v| v.as_u64()) {
+                bar.set_position(n);
+            }
+            if let Some(loss) = p.get("loss").and_then(|v| v.as_f64()) {
+                bar.set_message(format!("loss {loss:.4}"));
             }
         }
         let status = child.wait().map_err(|e| e.to_string())?;

@@ -262,7 +262,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
         let reading = step::read_step(&model, &terms, &stats, sq_norm.clone());
         let (total, grad_norm) = (reading.total, reading.grad_norm);
         let layers = reading.layers;
-        let layer_tpe = reading.tokens_per_expert;
+        let layer_tpe = reading.routed_per_expert;
 
         // Non-finite values are never silent.
         let finite = total.is_finite() && grad_norm.is_finite();

@@ -120,7 +120,43 @@ pub struct StepReading {
     pub layers: Vec<LayerReport>,
     /// Per MoE layer, routed assignments per expert, still on the device
     /// (for the aux-free bias update). `[E]` each
-    pub tokens_per_expert: Vec<Tensor<1>>,
+    pub routed_per_expert: Vec<Tensor<1>>,
+}
+
+/// Tensors queued for one batched device-to-host read; each registration
+/// returns the handle its values are read back by.
+#[derive(Default)]
+struct HostRead {
+    tx: Transaction,
+    queued: usize,
+}
+
+/// Where one queued tensor's values come back.
+#[derive(Clone, Copy)]
+struct Handle(usize);
+
+impl HostRead {
+    fn queue(&mut self, t: Tensor<1>) -> Handle {
+        self.tx = std::mem::take(&mut self.tx).register(t);
+        self.queued += 1;
+        Handle(self.queued - 1)
+    }
+
+    /// Run the read: the values of every queued tensor, by handle.
+    fn execute(self) -> ReadBack {
+        ReadBack(self.tx.execute())
+    }
+}
+
+struct ReadBack(Vec<TensorData>);
+
+impl ReadBack {
+    fn scalar(&self, h: Handle) -> f64 {
+        self.0[h.0].iter::<f32>().next().unwrap_or(f32::NAN) as f64
+    }
+    fn vec(&self, h: Handle) -> Vec<f64> {
+        self.0[h.0].iter::<f32>().map(|v| v as f64).collect()
+    }
 }
 
 /// Read the step's losses, gradient norm and routing statistics back to the
@@ -139,16 +175,29 @@ pub fn read_step(
             .unwrap()
             .div_scalar(terms.len() as f64)
     };
-    let mut tx = Transaction::default()
-        .register(mean(|t| t.total.clone()))
-        .register(mean(|t| t.lm.clone()))
-        .register(mean(|t| t.aux.clone()))
-        .register(mean(|t| t.seq_aux.clone()))
-        .register(mean(|t| t.z.clone()))
-        .register(sq_norm);
+    let mut read = HostRead::default();
+    let total = read.queue(mean(|t| t.total.clone()));
+    let lm = read.queue(mean(|t| t.lm.clone()));
+    let aux = read.queue(mean(|t| t.aux.clone()));
+    let seq_aux = read.queue(mean(|t| t.seq_aux.clone()));
+    let z = read.queue(mean(|t| t.z.clone()));
+    let sq_norm = read.queue(sq_norm);
+
+    /// One MoE layer's handles.
+    struct LayerReads {
+        routed: Handle,
+        kept: Handle,
+        entropy: Handle,
+        bias: Option<Handle>,
+    }
     let n_layers = stats.first().map_or(0, |s| s.len());
-    let mut tokens_per_expert = Vec::new();
-    for l in 0..n_layers {
+    let biases: Vec<Option<Tensor<1>>> = model
+        .moe_layers()
+        .map(|m| m.router.expert_bias.as_ref().map(|b| b.val().inner()))
+        .collect();
+    let mut routed_per_expert = Vec::new();
+    let mut layer_reads = Vec::new();
+    for (l, bias) in biases.into_iter().enumerate().take(n_layers) {
         let sum = |f: fn(&RoutingStats) -> Tensor<1>| {
             stats
                 .iter()
@@ -156,55 +205,39 @@ pub fn read_step(
                 .reduce(|a, b| a + b)
                 .unwrap()
         };
-        let tpe = sum(|s| s.tokens_per_expert.clone());
-        tokens_per_expert.push(tpe.clone());
-        tx = tx
-            .register(tpe)
-            .register(sum(|s| s.kept_per_expert.clone()))
-            .register(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64));
-    }
-    let biases: Vec<Option<Tensor<1>>> = model
-        .moe_layers()
-        .map(|m| m.router.expert_bias.as_ref().map(|b| b.val().inner()))
-        .collect();
-    for b in biases.iter().flatten() {
-        tx = tx.register(b.clone());
-    }
-    let data = tx.execute();
-    let scalar = |i: usize| data[i].iter::<f32>().next().unwrap_or(f32::NAN) as f64;
-    let vec = |i: usize| data[i].iter::<f32>().map(|v| v as f64).collect::<Vec<_>>();
-    let mut next = 6;
-    let mut layers = Vec::new();
-    for _ in 0..n_layers {
-        layers.push(LayerReport {
-            tokens_per_expert: vec(next),
-            kept_per_expert: vec(next + 1),
-            router_entropy: scalar(next + 2),
-            expert_bias: None,
+        let routed = sum(|s| s.routed_per_expert.clone());
+        routed_per_expert.push(routed.clone());
+        layer_reads.push(LayerReads {
+            routed: read.queue(routed),
+            kept: read.queue(sum(|s| s.kept_per_expert.clone())),
+            entropy: read.queue(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64)),
+            bias: bias.map(|b| read.queue(b)),
         });
-        next += 3;
     }
-    for (l, b) in biases.iter().enumerate() {
-        if b.is_some() {
-            layers[l].expert_bias = Some(vec(next));
-            next += 1;
-        }
-    }
+    let data = read.execute();
     StepReading {
-        total: scalar(0),
-        lm: scalar(1),
-        aux: scalar(2),
-        seq_aux: scalar(3),
-        z: scalar(4),
-        grad_norm: scalar(5).sqrt(),
-        layers,
-        tokens_per_expert,
+        total: data.scalar(total),
+        lm: data.scalar(lm),
+        aux: data.scalar(aux),
+        seq_aux: data.scalar(seq_aux),
+        z: data.scalar(z),
+        grad_norm: data.scalar(sq_norm).sqrt(),
+        layers: layer_reads
+            .iter()
+            .map(|r| LayerReport {
+                routed_per_expert: data.vec(r.routed),
+                kept_per_expert: data.vec(r.kept),
+                router_entropy: data.scalar(r.entropy),
+                expert_bias: r.bias.map(|b| data.vec(b)),
+            })
+            .collect(),
+        routed_per_expert,
     }
 }
 
 /// Apply one optimizer step: AdamW with the global-norm clipping factor from
 /// `sq_norm`, then the aux-free bias update of each MoE layer from its
-/// routed counts (`StepReading::tokens_per_expert`).
+/// routed counts (`StepReading::routed_per_expert`).
 pub fn apply_update(
     model: LanguageModel,
     adam: &mut AdamW,
@@ -212,11 +245,11 @@ pub fn apply_update(
     lr: f64,
     grads: GradientsParams,
     sq_norm: Tensor<1>,
-    tokens_per_expert: Vec<Tensor<1>>,
+    routed_per_expert: Vec<Tensor<1>>,
 ) -> LanguageModel {
     let clip = clip_scale(sq_norm, cfg.optim.grad_clip);
     let mut model = adam.step(&cfg.optim, lr, model, grads, clip);
-    for (layer, tpe) in model.moe_layers_mut().zip(tokens_per_expert) {
+    for (layer, tpe) in model.moe_layers_mut().zip(routed_per_expert) {
         layer.router.update_expert_bias(tpe);
     }
     model
