@@ -14,6 +14,7 @@ use crate::data::stream::Cursor;
 use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use crate::tensorfile::TensorFile;
+use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -370,6 +371,46 @@ pub fn load_any(arg: &Path, device: &Device) -> Result<(LanguageModel, Option<Pa
             Ok((model, tok.exists().then_some(tok)))
         }
     }
+}
+
+/// The optimizer's tensors as a checkpoint stores them: `m.<path>` and
+/// `v.<path>`, flat.
+pub fn encode_optimizer(adam: &AdamW) -> BTreeMap<String, TensorData> {
+    let moments = [("m", &adam.m), ("v", &adam.v)];
+    moments
+        .into_iter()
+        .flat_map(|(prefix, map)| {
+            map.iter()
+                .map(move |(k, t)| (format!("{prefix}.{k}"), t.clone().into_data()))
+        })
+        .collect()
+}
+
+/// The optimizer a checkpoint stored (its update count `t` comes from the
+/// state), placed on `device`.
+pub fn decode_optimizer(
+    t: u64,
+    tensors: BTreeMap<String, TensorData>,
+    device: &Device,
+) -> Result<AdamW> {
+    let mut adam = AdamW {
+        t,
+        ..AdamW::default()
+    };
+    for (name, data) in tensors {
+        let n = data.num_elements();
+        let values = data
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("optimizer tensor `{name}`: {e:?}"))?;
+        let tensor = Tensor::<1>::from_data(TensorData::new(values, [n]), device);
+        match name.split_once('.') {
+            Some(("m", p)) => adam.m.insert(p.to_string(), tensor),
+            Some(("v", p)) => adam.v.insert(p.to_string(), tensor),
+            _ => bail!("optimizer tensor `{name}`: expected m.<path> or v.<path>"),
+        };
+    }
+    Ok(adam)
 }
 
 /// Read the loop state and optimizer tensors of a checkpoint.

@@ -19,7 +19,7 @@ mod profile;
 use crate::config::{ModelConfig, MoeConfig, Precision, RunConfig};
 use crate::data::stream::{Batch, SplitMix64};
 use crate::model::LanguageModel;
-use crate::train::optim::{grad_sq_norm, AdamW};
+use crate::train::optim::AdamW;
 use crate::train::step::{self, BatchTensors};
 use anyhow::{Context, Result};
 use burn::module::Module;
@@ -127,7 +127,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         let batch = synthetic_batch(&mut rng, b, s, v, &device);
         sync(&base)?;
         let t0 = Instant::now();
-        model = train_step(model, &mut adam, &cfg, &batch, &base)?;
+        model = train_step(model, &mut adam, &cfg, i as u64, batch)?;
         sync(&base)?;
         let secs = t0.elapsed().as_secs_f64();
         if let Some(mb) = device_reserved(&base) {
@@ -186,32 +186,22 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     })
 }
 
-/// One optimizer step exactly as the training loop runs it with a single
-/// micro-batch.
+/// One optimizer step with a single micro-batch, through the training
+/// loop's own [`step::train_step`].
 fn train_step(
     model: LanguageModel,
     adam: &mut AdamW,
     cfg: &RunConfig,
-    batch: &BatchTensors,
-    base: &Device,
+    step: u64,
+    batch: BatchTensors,
 ) -> Result<LanguageModel> {
-    let (grads, terms, stats) = step::backward(&model, batch, cfg);
-    let sq_norm = grad_sq_norm(&model, &grads, base);
-    let reading = step::read_step(&model, &[terms], &[stats], sq_norm.clone());
+    let (model, outcome) = step::train_step(model, adam, cfg, step, cfg.optim.lr, &[batch]);
     anyhow::ensure!(
-        reading.total.is_finite(),
+        outcome.applied,
         "non-finite loss {} in a benchmark step",
-        reading.total
+        outcome.reading.total
     );
-    Ok(step::apply_update(
-        model,
-        adam,
-        cfg,
-        cfg.optim.lr,
-        grads,
-        sq_norm,
-        reading.routed_per_expert,
-    ))
+    Ok(model)
 }
 
 /// Uniform random token ids, no padding.

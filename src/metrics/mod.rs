@@ -279,6 +279,26 @@ impl JsonlWriter {
             out: std::io::BufWriter::new(f),
         })
     }
+    /// Open `path` to continue a run resumed at `step`: lines of later
+    /// steps (written after the checkpoint the run resumes from) are
+    /// dropped first, so the file holds each step once.
+    pub fn resume_at(path: &Path, step: u64) -> anyhow::Result<Self> {
+        if path.exists() {
+            let kept: String = std::fs::read_to_string(path)?
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(path, kept)?;
+        }
+        Self::open(path)
+    }
+
     /// Write one object.
     pub fn write(&mut self, v: &Value) -> anyhow::Result<()> {
         serde_json::to_writer(&mut self.out, v)?;

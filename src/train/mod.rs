@@ -1,10 +1,10 @@
-//! The training loop, top to bottom:
-//!
-//! config → run directory → tokenizer, model, optimizer (fresh, from
-//! `init_from`, or from the last checkpoint) → for each step: micro-batches
-//! (forward, loss, backward, accumulate) → global grad norm → one batched
-//! host read → non-finite check → AdamW update → aux-free bias update →
-//! evaluation → TensorBoard / JSONL / console / alerts → checkpoint.
+//! The training loop. [`Trainer::start`] sets a run up: config → run
+//! directory → model and optimizer (fresh, from `init_from`, or from the
+//! newest intact checkpoint) → tokenizer → data stream → sinks.
+//! [`Trainer::run`] then repeats, top to bottom: one optimizer step
+//! ([`step::train_step`]: micro-batches, backward, norm, one host read,
+//! update) → the non-finite policy → evaluation → TensorBoard / JSONL /
+//! console / alerts → checkpoint.
 
 pub mod eval;
 pub mod optim;
@@ -12,11 +12,11 @@ mod setup;
 pub mod step;
 
 pub use setup::{check_precision, parse_device};
-use setup::{hparams, init_from, pick_run_dir, step_seed};
+use setup::{hparams, init_from, pick_run_dir};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
-use crate::data::stream::{DataStream, Split, StreamOptions};
+use crate::data::stream::{Cursor, DataStream, Split, SplitMix64, StreamOptions};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
 use crate::metrics::tensorboard::EventWriter;
@@ -24,14 +24,14 @@ use crate::metrics::{CollapseMonitor, JsonlWriter, StepReport};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
-use burn::optim::GradientsAccumulator;
 use burn::prelude::*;
-use optim::{grad_sq_norm, learning_rate, AdamW};
+use optim::{learning_rate, AdamW};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use step::BatchTensors;
+use tokenizers::Tokenizer;
 
 /// How `switchyard train` was invoked.
 #[derive(Debug, Clone)]
@@ -68,339 +68,399 @@ pub struct RunOutcome {
 
 /// Run (or resume) training.
 pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
-    let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
-    let run_dir = pick_run_dir(opts)?;
-    let base_device = parse_device(&opts.device)?;
-    check_precision(&base_device, &opts.device, cfg.train.precision)?;
-    let device = base_device.clone().autodiff();
+    Trainer::start(opts)?.run()
+}
 
-    // Resume state, if any.
-    let resume = if opts.resume {
-        // The newest checkpoint whose files still match their checksums.
-        let Some((dir, damaged)) = checkpoint::newest_intact(&run_dir)? else {
-            bail!(
-                "--resume: {} has no complete checkpoint to resume from",
-                run_dir.display()
-            );
+/// A run in progress: the model, its optimizer and loop state, the data,
+/// and the sinks the loop writes to.
+pub struct Trainer {
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    runs_dir: PathBuf,
+    /// The autodiff device the model lives on.
+    device: Device,
+    /// The same device without autodiff (evaluation).
+    base_device: Device,
+    /// Taken out for the length of each update, which consumes it.
+    model: Option<LanguageModel>,
+    adam: AdamW,
+    state: TrainState,
+    tok: Arc<Tokenizer>,
+    tok_path: PathBuf,
+    train_stream: DataStream,
+    jsonl: JsonlWriter,
+    tb: EventWriter,
+    progress: Progress,
+    /// Last step of this invocation (`--stop-after`), at most train.steps.
+    stop_at: u64,
+    first_step: u64,
+    losses: Vec<f64>,
+    eval_loss: Option<f64>,
+    started: Instant,
+}
+
+impl Trainer {
+    /// Set a run up from its options, fresh or resumed.
+    pub fn start(opts: &RunOptions) -> Result<Self> {
+        let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
+        let run_dir = pick_run_dir(opts)?;
+        let base_device = parse_device(&opts.device)?;
+        check_precision(&base_device, &opts.device, cfg.train.precision)?;
+        let device = base_device.clone().autodiff();
+
+        let resume = if opts.resume {
+            Some(resume_point(&run_dir, &mut cfg)?)
+        } else {
+            None
         };
-        for warning in damaged {
-            eprintln!("warning: {warning}");
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        device.seed(cfg.train.seed);
+        let model = match (&resume, cfg.train.init_from.clone()) {
+            // Architecture from the checkpoint, routing knobs from this invocation.
+            (Some(dir), _) => checkpoint::load_weights(
+                dir,
+                LanguageModel::unloaded(&cfg.model, &cfg.moe, &device),
+            )?,
+            (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
+            (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
         }
-        let removed = checkpoint::clean_interrupted(&run_dir)?;
-        if removed > 0 {
-            println!("removed {removed} unfinished checkpoint write(s)");
-        }
-        let saved = checkpoint::read_config(&dir)?;
-        let diff = saved.architecture_diff(&cfg);
-        if !diff.is_empty() && cfg.train.init_from.is_none() {
+        .with_precision(cfg.train.precision);
+        std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
+
+        let tok_path = PathBuf::from(&cfg.data.tokenizer);
+        let tok = Arc::new(tokenizer::load(&tok_path)?);
+        let vocab = tok.get_vocab_size(true);
+        if vocab > cfg.model.vocab_size {
             bail!(
-                "cannot resume {}: architecture keys differ from the checkpoint:\n  {}",
-                run_dir.display(),
-                diff.join("\n  ")
+                "the tokenizer {} has {vocab} tokens but model.vocab_size is {}: raise model.vocab_size",
+                tok_path.display(),
+                cfg.model.vocab_size
             );
         }
-        // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
-        cfg.model = saved.model.clone();
-        cfg.data.tokenizer = saved.data.tokenizer.clone();
-        Some(dir)
-    } else {
-        None
-    };
 
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    device.seed(cfg.train.seed);
-    let mut model = match (&resume, cfg.train.init_from.clone()) {
-        // Architecture from the checkpoint, routing knobs from this invocation.
-        (Some(dir), _) => {
-            checkpoint::load_weights(dir, LanguageModel::unloaded(&cfg.model, &cfg.moe, &device))?
-        }
-        (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
-        (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
+        let (state, adam) = match &resume {
+            Some(dir) => {
+                let (state, tensors) = checkpoint::read_state(dir)?;
+                let adam = checkpoint::decode_optimizer(state.adam_t, tensors, &base_device)?;
+                (state, adam)
+            }
+            None => (fresh_state(&cfg), AdamW::default()),
+        };
+        let train_stream = DataStream::open(
+            &cfg.data,
+            tok.clone(),
+            stream_options(&cfg, Split::Train),
+            resume.as_ref().map(|_| state.cursor.clone()),
+        )?;
+
+        // On resume, metrics of steps after the checkpoint are dropped, so
+        // the JSONL holds each step once.
+        let jsonl_path = run_dir.join("metrics.jsonl");
+        let jsonl = match resume {
+            Some(_) => JsonlWriter::resume_at(&jsonl_path, state.step)?,
+            None => JsonlWriter::open(&jsonl_path)?,
+        };
+        let mut tb = EventWriter::create(&run_dir)?;
+        tb.write_hparams(hparams(&cfg), "")?;
+
+        let (total, first_step) = (cfg.train.steps, state.step);
+        println!(
+            "run {} | {} parameters | {} MoE layers | steps {}..{} | device {}",
+            run_dir.display(),
+            model.num_params(),
+            model.moe_layers().count(),
+            first_step + 1,
+            total,
+            opts.device
+        );
+        let progress = Progress::new(cfg.log.progress, total, first_step, cfg.log.print_every);
+        let stop_at = opts
+            .stop_after
+            .map_or(total, |n| (first_step + n).min(total));
+        Ok(Self {
+            cfg,
+            run_dir,
+            runs_dir: opts.runs_dir.clone(),
+            device,
+            base_device,
+            model: Some(model),
+            adam,
+            state,
+            tok,
+            tok_path,
+            train_stream,
+            jsonl,
+            tb,
+            progress,
+            stop_at,
+            first_step,
+            losses: Vec::new(),
+            eval_loss: None,
+            started: Instant::now(),
+        })
     }
-    .with_precision(cfg.train.precision);
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
 
-    let tok_path = PathBuf::from(&cfg.data.tokenizer);
-    let tok = Arc::new(tokenizer::load(&tok_path)?);
-    let vocab = tok.get_vocab_size(true);
-    if vocab > cfg.model.vocab_size {
+    /// Train to the last step of this invocation.
+    pub fn run(mut self) -> Result<RunOutcome> {
+        while self.state.step < self.stop_at {
+            let mut report = self.train_one_step()?;
+            if self.eval_due() {
+                report.eval_loss = Some(self.evaluate()?);
+            }
+            self.log(&report)?;
+            if self.checkpoint_due() {
+                self.save_checkpoint()?;
+            }
+        }
+        self.finish()
+    }
+
+    fn model(&self) -> &LanguageModel {
+        self.model
+            .as_ref()
+            .expect("the model is back after each update")
+    }
+
+    /// One optimizer step on the next `grad_accum` batches, and what the
+    /// non-finite policy says about it.
+    fn train_one_step(&mut self) -> Result<StepReport> {
+        let clock = Instant::now();
+        let step = self.state.step; // 0-based index of this step
+        let lr = learning_rate(&self.cfg.optim, step, self.cfg.train.steps);
+        let mut batches = Vec::with_capacity(self.cfg.train.grad_accum);
+        let mut tokens = 0usize;
+        for _ in 0..self.cfg.train.grad_accum {
+            let batch = self
+                .train_stream
+                .next_batch()?
+                .context("the training stream ended")?;
+            tokens += batch.num_tokens();
+            batches.push(BatchTensors::new(&batch, &self.device));
+        }
+        let model = self
+            .model
+            .take()
+            .expect("the model is back after each update");
+        let (model, outcome) =
+            step::train_step(model, &mut self.adam, &self.cfg, step, lr, &batches);
+        self.model = Some(model);
+        let r = outcome.reading;
+        if outcome.applied {
+            self.state.consecutive_bad = 0;
+        } else {
+            self.state.bad_steps += 1;
+            self.state.consecutive_bad += 1;
+            let what = format!(
+                "non-finite loss or gradient norm at step {} (loss {}, grad norm {})",
+                step + 1,
+                r.total,
+                r.grad_norm
+            );
+            match self.cfg.train.on_nonfinite {
+                NonFinitePolicy::Stop => bail!("{what}; stopping (train.on_nonfinite = \"stop\")"),
+                NonFinitePolicy::Skip
+                    if self.state.consecutive_bad >= self.cfg.train.max_bad_steps =>
+                {
+                    bail!(
+                        "{what}: {} consecutive bad steps (train.max_bad_steps); stopping",
+                        self.state.consecutive_bad
+                    )
+                }
+                NonFinitePolicy::Skip => self
+                    .progress
+                    .println(&format!("warning: {what}; update skipped")),
+            }
+        }
+        self.state.step += 1;
+        self.state.adam_t = self.adam.t;
+        self.state.tokens_seen += tokens as u64;
+        self.losses.push(r.total);
+        Ok(StepReport {
+            step: self.state.step,
+            loss_total: r.total,
+            loss_lm: r.lm,
+            loss_aux: r.aux,
+            loss_seq_aux: r.seq_aux,
+            loss_z: r.z,
+            lr,
+            grad_norm: r.grad_norm,
+            tokens_per_s: tokens as f64 / clock.elapsed().as_secs_f64(),
+            skipped: !outcome.applied,
+            layers: r.layers,
+            eval_loss: None,
+        })
+    }
+
+    /// Every `eval_every` steps, at the last step, and at a `--stop-after`
+    /// boundary (so a search can rank partial runs).
+    fn eval_due(&self) -> bool {
+        let step = self.state.step;
+        self.cfg.train.eval_every > 0
+            && (step % self.cfg.train.eval_every == 0
+                || step == self.cfg.train.steps
+                || step == self.stop_at)
+    }
+
+    /// The validation loss of the current weights.
+    fn evaluate(&mut self) -> Result<f64> {
+        let loss = eval::evaluate(
+            &self.model().valid(),
+            &self.cfg,
+            self.tok.clone(),
+            &self.base_device,
+            self.cfg.train.eval_batches,
+        )?;
+        self.eval_loss = Some(loss);
+        Ok(loss)
+    }
+
+    /// One step to every sink: TensorBoard, JSONL, collapse alerts, console.
+    fn log(&mut self, report: &StepReport) -> Result<()> {
+        let log = &self.cfg.log;
+        self.tb
+            .write_summary(report.step as i64, report.summary_values(log))?;
+        self.jsonl.write(&report.json(log))?;
+        for alert in self.state.monitor.update(report, log) {
+            self.progress
+                .println(&format!("alert (step {}): {}", alert.step, alert.message));
+            self.jsonl.write(&alert.json())?;
+        }
+        if let Some(l) = report.eval_loss {
+            self.progress.println(&format!(
+                "step {} | eval loss {l:.4} | ppl {:.2}",
+                report.step,
+                l.exp()
+            ));
+        }
+        self.progress.step(report);
+        Ok(())
+    }
+
+    /// Every `checkpoint_every` steps, at the last step and at a
+    /// `--stop-after` boundary.
+    fn checkpoint_due(&self) -> bool {
+        let (step, every) = (self.state.step, self.cfg.train.checkpoint_every);
+        step == self.cfg.train.steps || step == self.stop_at || (every > 0 && step % every == 0)
+    }
+
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.jsonl.flush()?;
+        self.tb.flush()?;
+        self.state.cursor = self.train_stream.cursor();
+        let ckpt = Checkpoint {
+            model: crate::params::collect(self.model()),
+            optimizer: checkpoint::encode_optimizer(&self.adam),
+            state: self.state.clone(),
+            config: self.cfg.clone(),
+            tokenizer: Some(self.tok_path.clone()),
+        };
+        let opts = SaveOptions {
+            keep: self.cfg.train.keep_checkpoints,
+            fail_after_files: None,
+        };
+        checkpoint::save(&self.run_dir, &ckpt, &opts)?;
+        Ok(())
+    }
+
+    /// Close the sinks and report.
+    fn finish(mut self) -> Result<RunOutcome> {
+        self.progress.finish();
+        self.jsonl.flush()?;
+        if self.state.step == self.cfg.train.steps {
+            self.tb.write_hparams_end(true)?;
+        }
+        let skipped = self.train_stream.bad_records_skipped();
+        println!(
+            "done: {} steps in {} | final loss {:.4}{}{}{}",
+            self.state.step - self.first_step,
+            format_secs(self.started.elapsed().as_secs_f64()),
+            self.losses.last().copied().unwrap_or(f64::NAN),
+            self.eval_loss
+                .map(|l| format!(" | eval loss {l:.4} (ppl {:.2})", l.exp()))
+                .unwrap_or_default(),
+            if self.state.bad_steps > 0 {
+                format!(" | {} non-finite steps skipped", self.state.bad_steps)
+            } else {
+                String::new()
+            },
+            if skipped > 0 {
+                format!(" | {skipped} bad corpus records skipped")
+            } else {
+                String::new()
+            },
+        );
+        println!("logs: tensorboard --logdir {}", self.runs_dir.display());
+        Ok(RunOutcome {
+            run_dir: self.run_dir,
+            final_step: self.state.step,
+            losses: self.losses,
+            eval_loss: self.eval_loss,
+        })
+    }
+}
+
+/// The checkpoint `--resume` continues from: the newest intact one, its
+/// architecture adopted into `cfg` (which must not change it).
+fn resume_point(run_dir: &Path, cfg: &mut RunConfig) -> Result<PathBuf> {
+    // The newest checkpoint whose files still match their checksums.
+    let Some((dir, damaged)) = checkpoint::newest_intact(run_dir)? else {
         bail!(
-            "the tokenizer {} has {vocab} tokens but model.vocab_size is {}: raise model.vocab_size",
-            tok_path.display(),
-            cfg.model.vocab_size
+            "--resume: {} has no complete checkpoint to resume from",
+            run_dir.display()
+        );
+    };
+    for warning in damaged {
+        eprintln!("warning: {warning}");
+    }
+    let removed = checkpoint::clean_interrupted(run_dir)?;
+    if removed > 0 {
+        println!("removed {removed} unfinished checkpoint write(s)");
+    }
+    let saved = checkpoint::read_config(&dir)?;
+    let diff = saved.architecture_diff(cfg);
+    if !diff.is_empty() && cfg.train.init_from.is_none() {
+        bail!(
+            "cannot resume {}: architecture keys differ from the checkpoint:\n  {}",
+            run_dir.display(),
+            diff.join("\n  ")
         );
     }
+    // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
+    cfg.model = saved.model.clone();
+    cfg.data.tokenizer = saved.data.tokenizer.clone();
+    Ok(dir)
+}
 
-    let (mut state, mut adam) = match &resume {
-        Some(dir) => {
-            let (state, tensors) = checkpoint::read_state(dir)?;
-            let mut adam = AdamW {
-                t: state.adam_t,
-                ..AdamW::default()
-            };
-            for (name, data) in tensors {
-                let n = data.num_elements();
-                let t = Tensor::<1>::from_data(
-                    TensorData::new(
-                        data.try_to_vec::<f32>()
-                            .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?,
-                        [n],
-                    ),
-                    &base_device,
-                );
-                if let Some(p) = name.strip_prefix("m.") {
-                    adam.m.insert(p.to_string(), t);
-                } else if let Some(p) = name.strip_prefix("v.") {
-                    adam.v.insert(p.to_string(), t);
-                }
-            }
-            (state, adam)
-        }
-        None => (
-            TrainState {
-                step: 0,
-                adam_t: 0,
-                cursor: crate::data::stream::Cursor {
-                    seq_len: cfg.model.seq_len,
-                    split: Split::Train,
-                    sources: Vec::new(),
-                    active: None,
-                    window: Vec::new(),
-                    shuffle: Vec::new(),
-                    rng: crate::data::stream::SplitMix64(cfg.train.seed),
-                    batches: 0,
-                },
-                monitor: CollapseMonitor::default(),
-                bad_steps: 0,
-                consecutive_bad: 0,
-                tokens_seen: 0,
-                files: BTreeMap::new(),
-            },
-            AdamW::default(),
-        ),
-    };
-    let stream_opts = |split| StreamOptions {
+/// The loop state of a run that starts now.
+fn fresh_state(cfg: &RunConfig) -> TrainState {
+    TrainState {
+        step: 0,
+        adam_t: 0,
+        cursor: Cursor {
+            seq_len: cfg.model.seq_len,
+            split: Split::Train,
+            sources: Vec::new(),
+            active: None,
+            window: Vec::new(),
+            shuffle: Vec::new(),
+            rng: SplitMix64(cfg.train.seed),
+            batches: 0,
+        },
+        monitor: CollapseMonitor::default(),
+        bad_steps: 0,
+        consecutive_bad: 0,
+        tokens_seen: 0,
+        files: BTreeMap::new(),
+    }
+}
+
+/// The stream of `split` for this config.
+fn stream_options(cfg: &RunConfig, split: Split) -> StreamOptions {
+    StreamOptions {
         seq_len: cfg.model.seq_len,
         batch_size: cfg.train.batch_size,
         split,
         seed: cfg.train.seed,
-    };
-    let mut train_stream = DataStream::open(
-        &cfg.data,
-        tok.clone(),
-        stream_opts(Split::Train),
-        resume.as_ref().map(|_| state.cursor.clone()),
-    )?;
-
-    // Sinks. On resume, metrics after the checkpoint are dropped from the JSONL
-    // so the file holds each step once.
-    let jsonl_path = run_dir.join("metrics.jsonl");
-    if resume.is_some() && jsonl_path.exists() {
-        let kept: Vec<String> = std::fs::read_to_string(&jsonl_path)?
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s <= state.step)
-            })
-            .map(String::from)
-            .collect();
-        std::fs::write(
-            &jsonl_path,
-            kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
-        )?;
     }
-    let mut jsonl = JsonlWriter::open(&jsonl_path)?;
-    let mut tb = EventWriter::create(&run_dir)?;
-    tb.write_hparams(hparams(&cfg), "")?;
-
-    let total_steps = cfg.train.steps;
-    let first = state.step;
-    println!(
-        "run {} | {} parameters | {} MoE layers | steps {}..{} | device {}",
-        run_dir.display(),
-        model.num_params(),
-        model.moe_layers().count(),
-        first + 1,
-        total_steps,
-        opts.device
-    );
-    let mut progress = Progress::new(cfg.log.progress, total_steps, first, cfg.log.print_every);
-    let mut losses = Vec::new();
-    let mut eval_loss = None;
-    let started = Instant::now();
-
-    let stop_at = opts
-        .stop_after
-        .map_or(total_steps, |n| (first + n).min(total_steps));
-    while state.step < stop_at {
-        let step_start = Instant::now();
-        let step = state.step; // 0-based index of this step
-        let lr = learning_rate(&cfg.optim, step, total_steps);
-
-        // Micro-batches: forward, loss, backward, accumulate.
-        let mut acc = GradientsAccumulator::new();
-        let mut terms = Vec::new();
-        let mut stats = Vec::new();
-        let mut tokens = 0usize;
-        for micro in 0..cfg.train.grad_accum {
-            let batch = train_stream
-                .next_batch()?
-                .context("the training stream ended")?;
-            tokens += batch.num_tokens();
-            let bt = BatchTensors::new(&batch, &device);
-            device.seed(step_seed(cfg.train.seed, step, micro));
-            let (grads, loss, micro_stats) = step::backward(&model, &bt, &cfg);
-            acc.accumulate(&model, grads);
-            stats.push(micro_stats);
-            terms.push(loss);
-        }
-        let grads = acc.grads();
-        let sq_norm = grad_sq_norm(&model, &grads, &base_device);
-        // The one host read of this step.
-        let reading = step::read_step(&model, &terms, &stats, sq_norm.clone());
-        let (total, grad_norm) = (reading.total, reading.grad_norm);
-        let layers = reading.layers;
-        let layer_tpe = reading.routed_per_expert;
-
-        // Non-finite values are never silent.
-        let finite = total.is_finite() && grad_norm.is_finite();
-        if finite {
-            state.consecutive_bad = 0;
-            model = step::apply_update(model, &mut adam, &cfg, lr, grads, sq_norm, layer_tpe);
-        } else {
-            state.bad_steps += 1;
-            state.consecutive_bad += 1;
-            let what = format!(
-                "non-finite loss or gradient norm at step {} (loss {total}, grad norm {grad_norm})",
-                step + 1
-            );
-            match cfg.train.on_nonfinite {
-                NonFinitePolicy::Stop => bail!("{what}; stopping (train.on_nonfinite = \"stop\")"),
-                NonFinitePolicy::Skip if state.consecutive_bad >= cfg.train.max_bad_steps => {
-                    bail!(
-                        "{what}: {} consecutive bad steps (train.max_bad_steps); stopping",
-                        state.consecutive_bad
-                    )
-                }
-                NonFinitePolicy::Skip => {
-                    progress.println(&format!("warning: {what}; update skipped"))
-                }
-            }
-        }
-        state.step += 1;
-        state.adam_t = adam.t;
-        state.tokens_seen += tokens as u64;
-
-        let is_last = state.step == total_steps;
-        // Also at a --stop-after boundary, so a search can rank partial runs.
-        let eval_now = cfg.train.eval_every > 0
-            && (state.step % cfg.train.eval_every == 0 || is_last || state.step == stop_at);
-        let this_eval = if eval_now {
-            let loss = eval::evaluate(
-                &model.valid(),
-                &cfg,
-                tok.clone(),
-                &base_device,
-                cfg.train.eval_batches,
-            )?;
-            eval_loss = Some(loss);
-            Some(loss)
-        } else {
-            None
-        };
-
-        let report = StepReport {
-            step: state.step,
-            loss_total: total,
-            loss_lm: reading.lm,
-            loss_aux: reading.aux,
-            loss_seq_aux: reading.seq_aux,
-            loss_z: reading.z,
-            lr,
-            grad_norm,
-            tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64(),
-            skipped: !finite,
-            layers,
-            eval_loss: this_eval,
-        };
-        losses.push(total);
-        tb.write_summary(state.step as i64, report.summary_values(&cfg.log))?;
-        jsonl.write(&report.json(&cfg.log))?;
-        for alert in state.monitor.update(&report, &cfg.log) {
-            progress.println(&format!("alert (step {}): {}", alert.step, alert.message));
-            jsonl.write(&alert.json())?;
-        }
-        if let Some(l) = this_eval {
-            progress.println(&format!(
-                "step {} | eval loss {l:.4} | ppl {:.2}",
-                state.step,
-                l.exp()
-            ));
-        }
-        progress.step(&report);
-
-        let ckpt_now = is_last
-            || state.step == stop_at
-            || (cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0);
-        if ckpt_now {
-            jsonl.flush()?;
-            tb.flush()?;
-            state.cursor = train_stream.cursor();
-            let mut optimizer = BTreeMap::new();
-            for (k, v) in adam.m.iter() {
-                optimizer.insert(format!("m.{k}"), v.clone().into_data());
-            }
-            for (k, v) in adam.v.iter() {
-                optimizer.insert(format!("v.{k}"), v.clone().into_data());
-            }
-            checkpoint::save(
-                &run_dir,
-                &Checkpoint {
-                    model: crate::params::collect(&model),
-                    optimizer,
-                    state: state.clone(),
-                    config: cfg.clone(),
-                    tokenizer: Some(tok_path.clone()),
-                },
-                &SaveOptions {
-                    keep: cfg.train.keep_checkpoints,
-                    fail_after_files: None,
-                },
-            )?;
-        }
-    }
-    progress.finish();
-    jsonl.flush()?;
-    if state.step == total_steps {
-        tb.write_hparams_end(true)?;
-    }
-    let skipped = train_stream.bad_records_skipped();
-    println!(
-        "done: {} steps in {} | final loss {:.4}{}{}{}",
-        state.step - first,
-        format_secs(started.elapsed().as_secs_f64()),
-        losses.last().copied().unwrap_or(f64::NAN),
-        eval_loss
-            .map(|l| format!(" | eval loss {l:.4} (ppl {:.2})", l.exp()))
-            .unwrap_or_default(),
-        if state.bad_steps > 0 {
-            format!(" | {} non-finite steps skipped", state.bad_steps)
-        } else {
-            String::new()
-        },
-        if skipped > 0 {
-            format!(" | {skipped} bad corpus records skipped")
-        } else {
-            String::new()
-        },
-    );
-    println!("logs: tensorboard --logdir {}", opts.runs_dir.display());
-    Ok(RunOutcome {
-        run_dir,
-        final_step: state.step,
-        losses,
-        eval_loss,
-    })
 }

@@ -54,14 +54,6 @@ pub fn check_precision(device: &Device, spec: &str, precision: Precision) -> Res
     Ok(())
 }
 
-/// Derive the per-step RNG seed, so a resumed run draws the same noise.
-pub(crate) fn step_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    let mut x = crate::data::stream::SplitMix64(
-        seed ^ step.wrapping_mul(0x9e37_79b9) ^ (micro as u64) << 48,
-    );
-    x.next_u64()
-}
-
 pub(crate) fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
     let stem = opts
         .config

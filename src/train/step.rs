@@ -6,8 +6,8 @@ use crate::data::stream::Batch;
 use crate::metrics::LayerReport;
 use crate::model::LanguageModel;
 use crate::moe::{MoeAux, Phase, RoutingStats};
-use crate::train::optim::{clip_scale, AdamW};
-use burn::optim::GradientsParams;
+use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Transaction;
 
@@ -233,6 +233,67 @@ pub fn read_step(
             .collect(),
         routed_per_expert,
     }
+}
+
+/// What one optimizer step did.
+pub struct StepOutcome {
+    /// The step's losses, gradient norm and routing statistics.
+    pub reading: StepReading,
+    /// Whether the update was applied: false when the loss or the gradient
+    /// norm was not finite, in which case the model is unchanged.
+    pub applied: bool,
+}
+
+/// One optimizer step, the whole of it: for each micro-batch, reseed the
+/// device for this step's noise, forward, backward (loss / grad_accum) and
+/// accumulate; the global gradient norm; one batched host read; then, if
+/// every value is finite, the AdamW update with global-norm clipping and the
+/// aux-free bias update. The training loop and the benchmark both call it.
+///
+/// `step` is the 0-based optimizer step (it seeds each micro-batch's
+/// routing noise), `lr` its learning rate.
+pub fn train_step(
+    model: LanguageModel,
+    adam: &mut AdamW,
+    cfg: &RunConfig,
+    step: u64,
+    lr: f64,
+    micro_batches: &[BatchTensors],
+) -> (LanguageModel, StepOutcome) {
+    let Some(first) = micro_batches.first() else {
+        unreachable!("a step has at least one micro-batch (train.grad_accum >= 1)")
+    };
+    let device = first.mask.device();
+    let mut acc = GradientsAccumulator::new();
+    let (mut terms, mut stats) = (Vec::new(), Vec::new());
+    for (micro, batch) in micro_batches.iter().enumerate() {
+        device.seed(step_seed(cfg.train.seed, step, micro));
+        let (grads, loss, micro_stats) = backward(&model, batch, cfg);
+        acc.accumulate(&model, grads);
+        terms.push(loss);
+        stats.push(micro_stats);
+    }
+    let grads = acc.grads();
+    let sq_norm = grad_sq_norm(&model, &grads, &device.clone().inner());
+    // The one host read of this step.
+    let reading = read_step(&model, &terms, &stats, sq_norm.clone());
+    let applied = reading.total.is_finite() && reading.grad_norm.is_finite();
+    let model = if applied {
+        let routed = reading.routed_per_expert.clone();
+        apply_update(model, adam, cfg, lr, grads, sq_norm, routed)
+    } else {
+        model
+    };
+    (model, StepOutcome { reading, applied })
+}
+
+/// The RNG seed of micro-batch `micro` of optimizer step `step`, so that a
+/// resumed run draws the same routing noise as an uninterrupted one.
+pub fn step_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    let mut x = crate::data::stream::SplitMix64(
+        seed ^ step.wrapping_mul(0x9e37_79b9) ^ (micro as u64) << 48,
+    );
+    x.next_u64()
 }
 
 /// Apply one optimizer step: AdamW with the global-norm clipping factor from
