@@ -4,6 +4,7 @@
 //! - [`data`]: corpus sources, tokenizers and the packed token stream.
 //! - [`model`]: the decoder-only transformer (attention, RoPE, MLP, blocks).
 //! - [`moe`]: the routed-expert layer with every balancing mechanism.
+//! - [`nn`]: layers both the model and the MoE layer use (linear, SwiGLU MLP).
 //! - [`hf`]: Hugging Face Mixtral / Qwen2-MoE checkpoint import.
 //! - [`params`]: named access to a model's parameters.
 
@@ -20,6 +21,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod moe;
+pub mod nn;
 pub mod params;
 pub mod sweep;
 pub mod tensorfile;

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use switchyard::checkpoint::{self, Location};
 use switchyard::cli::*;
-use switchyard::data::{sources, tokenizer, SourceConfig, SourceKind};
+use switchyard::data::{files, tokenizer, SourceConfig, SourceKind};
 use switchyard::export::{ExportDtype, ExportFormat};
 
 fn main() -> Result<()> {
@@ -65,7 +65,7 @@ fn train_tokenizer(args: TrainTokenizer) -> Result<()> {
         blank_lines: args.blank_lines,
         ..SourceConfig::default()
     };
-    let files = sources::resolve_files(&src, 0)?;
+    let files = files::resolve_files(&src, 0)?;
     let opts = tokenizer::TrainOptions {
         vocab_size: args.vocab_size,
         min_frequency: args.min_frequency,

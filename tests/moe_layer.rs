@@ -5,8 +5,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use std::sync::{Mutex, MutexGuard};
 use switchyard::config::{DropPolicy, MoeConfig, RouterScore, TopkOrder};
-use switchyard::model::mlp::Mlp;
 use switchyard::moe::{MoeLayer, Phase};
+use switchyard::nn::Mlp;
 
 /// The flex backend's RNG is process-wide: tests that seed it and then draw
 /// from it hold this lock so that parallel tests cannot interleave draws.

@@ -3,13 +3,14 @@
 //! overrides. Raw input is parsed and validated once into a [`RunConfig`];
 //! every error names the key's full path and what is allowed.
 
+mod data;
 mod model;
 mod train;
 
-pub use model::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
+pub use model::{DropPolicy, ModelConfig, MoeArchitecture, MoeConfig, RouterScore, TopkOrder};
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 
-use crate::data::DataConfig;
+pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
@@ -55,19 +56,6 @@ pub struct RunConfig {
     /// Monitoring and alerts.
     pub log: LogConfig,
 }
-
-/// Keys whose change alters the parameters, so a resume must refuse it.
-const MOE_ARCHITECTURE_KEYS: &[&str] = &[
-    "num_experts",
-    "d_expert",
-    "every_n_layers",
-    "first_k_dense",
-    "layers",
-    "num_shared_experts",
-    "d_shared_expert",
-    "shared_expert_gate",
-    "aux_free_bias",
-];
 
 /// A deserialisation path in the form `--set` takes: list elements by
 /// index after a dot (`data.sources.0.weight`, not `data.sources[0].weight`).
@@ -128,28 +116,56 @@ impl RunConfig {
         toml::to_string(self).expect("config serialises")
     }
 
+    /// The keys that shape this run's parameters.
+    pub fn architecture(&self) -> Architecture {
+        Architecture {
+            model: self.model.clone(),
+            moe: self.moe.architecture(),
+        }
+    }
+
+    /// Adopt `arch` as a unit (resume, `init_from`), keeping every other
+    /// key of this config.
+    pub fn set_architecture(&mut self, arch: Architecture) {
+        self.model = arch.model;
+        self.moe.set_architecture(arch.moe);
+    }
+
     /// Architecture keys that differ between `self` and `other`, as
     /// `key: old -> new` lines.
     pub fn architecture_diff(&self, other: &RunConfig) -> Vec<String> {
+        self.architecture().diff(&other.architecture())
+    }
+}
+
+/// The keys that shape a model's parameters, as one unit: the whole
+/// `[model]` section and the `[moe]` keys that decide which layers are MoE
+/// and what they hold ([`MoeArchitecture`]). A resume refuses to change
+/// any of them; `init_from` and Hugging Face import adopt them all.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Architecture {
+    /// `[model]`.
+    pub model: ModelConfig,
+    /// The architecture keys of `[moe]`.
+    pub moe: MoeArchitecture,
+}
+
+impl Architecture {
+    /// `section.key: old -> new` for every key that differs from `other`.
+    pub fn diff(&self, other: &Architecture) -> Vec<String> {
         let mut out = Vec::new();
-        let (a, b) = (table(&self.model), table(&other.model));
-        for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
-            if a.get(key) != b.get(key) {
-                out.push(format!(
-                    "model.{key}: {} -> {}",
-                    show(a.get(key)),
-                    show(b.get(key))
-                ));
-            }
-        }
-        let (a, b) = (table(&self.moe), table(&other.moe));
-        for key in MOE_ARCHITECTURE_KEYS {
-            if a.get(*key) != b.get(*key) {
-                out.push(format!(
-                    "moe.{key}: {} -> {}",
-                    show(a.get(*key)),
-                    show(b.get(*key))
-                ));
+        for (section, a, b) in [
+            ("model", table(&self.model), table(&other.model)),
+            ("moe", table(&self.moe), table(&other.moe)),
+        ] {
+            for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+                if a.get(key) != b.get(key) {
+                    out.push(format!(
+                        "{section}.{key}: {} -> {}",
+                        show(a.get(key)),
+                        show(b.get(key))
+                    ));
+                }
             }
         }
         out

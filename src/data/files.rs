@@ -1,10 +1,31 @@
 //! Where a source's files are: paths, directories and globs, or a dataset
 //! in the local Hugging Face hub cache (resolved offline, never fetched).
 
-use super::sources::Format;
 use super::{SourceConfig, SourceKind};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+
+/// How to cut one file into documents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    /// Plain UTF-8 text.
+    Text {
+        /// A run of at least this many blank lines ends a document (0: never).
+        blank_lines: usize,
+        /// A line with this prefix starts a new document.
+        doc_start_prefix: Option<String>,
+    },
+    /// One JSON object per line; the document is the string in `field`.
+    Jsonl {
+        /// The text field.
+        field: String,
+    },
+    /// Parquet; each row's string in `column` is a document.
+    Parquet {
+        /// The text column.
+        column: String,
+    },
+}
 
 /// Resolve a source's configuration to a list of files with their formats.
 pub fn resolve_files(src: &SourceConfig, index: usize) -> Result<Vec<(PathBuf, Format)>> {

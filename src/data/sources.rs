@@ -5,7 +5,7 @@
 //! after it, so a stream can restart exactly at a document, and every bad
 //! record is reported with its file and line, row group or byte offset.
 
-pub use super::files::{expand_path, hf_cache_root, resolve_files, resolve_hf_dataset};
+use super::files::Format;
 use super::parquet::ParquetRows;
 use super::OnBadRecord;
 use anyhow::{bail, Context, Result};
@@ -15,28 +15,6 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
-
-/// How to cut one file into documents.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Format {
-    /// Plain UTF-8 text.
-    Text {
-        /// A run of at least this many blank lines ends a document (0: never).
-        blank_lines: usize,
-        /// A line with this prefix starts a new document.
-        doc_start_prefix: Option<String>,
-    },
-    /// One JSON object per line; the document is the string in `field`.
-    Jsonl {
-        /// The text field.
-        field: String,
-    },
-    /// Parquet; each row's string in `column` is a document.
-    Parquet {
-        /// The text column.
-        column: String,
-    },
-}
 
 /// A position in a source's file list.
 ///

@@ -18,7 +18,9 @@
 //! used), the partial window, the shuffle buffer and the RNG, so a stream
 //! reopened from it yields exactly the batches an uninterrupted one would.
 
-use super::sources::{resolve_files, DocPos};
+use super::files::resolve_files;
+use super::sources::DocPos;
+pub use super::split::{is_validation, Split};
 use super::workers::{reader_thread, Msg, TokDoc};
 use super::{tokenizer, DataConfig};
 use anyhow::{bail, Context, Result};
@@ -29,26 +31,6 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
-
-/// Which part of the corpus a stream reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Split {
-    /// Documents not held out; cycles forever, shuffled.
-    Train,
-    /// The held-out fraction; one pass, in order, then the stream ends.
-    Validation,
-}
-
-/// Whether a document (by its text) belongs to the validation split.
-pub fn is_validation(text: &str, val_fraction: f64) -> bool {
-    // FNV-1a, 64-bit: stable across runs, platforms and versions.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    ((h >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
-}
 
 /// SplitMix64 (Steele et al. 2014): tiny, fast, and its whole state is one
 /// u64 that a checkpoint can store.

@@ -1,7 +1,8 @@
 //! Tokenizers: load any Hugging Face `tokenizer.json`, and train a byte-level
 //! BPE (GPT-2 style: Radford et al. 2019) on a corpus, streaming it.
 
-use super::sources::{DocPos, DocReader, Format};
+use super::files::Format;
+use super::sources::{DocPos, DocReader};
 use super::OnBadRecord;
 use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};

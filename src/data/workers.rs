@@ -2,8 +2,9 @@
 //! documents in order, keeps those of the requested split, tokenizes them on
 //! a shared pool of worker threads, and sends them over a bounded channel.
 
-use super::sources::{DocPos, DocReader, Format};
-use super::stream::{is_validation, Split};
+use super::files::Format;
+use super::sources::{DocPos, DocReader};
+use super::split::{is_validation, Split};
 use super::OnBadRecord;
 use anyhow::anyhow;
 use std::path::PathBuf;

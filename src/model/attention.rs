@@ -2,10 +2,10 @@
 //! 2023) and RoPE, laid out as in Hugging Face Mixtral/Qwen2: separate
 //! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`.
 
-use super::mlp::{apply, linear};
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::kernels::{self, fused_on};
+use crate::nn::{apply, linear};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::module::attention;

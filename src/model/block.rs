@@ -2,11 +2,11 @@
 //! where the FFN is a dense SwiGLU MLP or a routed-expert layer.
 
 use super::attention::Attention;
-use super::mlp::Mlp;
 use super::rope::Rope;
 use crate::config::{ModelConfig, MoeConfig};
 use crate::kernels;
 use crate::moe::{MoeAux, MoeLayer, Phase};
+use crate::nn::Mlp;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::DType;

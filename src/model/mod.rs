@@ -5,16 +5,15 @@
 
 pub mod attention;
 pub mod block;
-pub mod mlp;
 pub mod rope;
 
 use crate::config::{ModelConfig, MoeConfig, Precision};
 use crate::moe::{MoeAux, MoeLayer, Phase};
+use crate::nn::{apply, in_dtype};
 use block::{norm, rms_norm, Block, Ffn};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::DType;
-use mlp::{apply, in_dtype};
 use rope::Rope;
 
 /// What one forward pass returns.
@@ -82,8 +81,9 @@ impl LanguageModel {
                 .map(|l| Block::new(l, cfg, moe, device))
                 .collect(),
             norm: rms_norm(cfg, device),
-            lm_head: (!cfg.tie_embeddings)
-                .then(|| mlp::linear(cfg.d_model, cfg.vocab_size, false, cfg.init_std, device)),
+            lm_head: (!cfg.tie_embeddings).then(|| {
+                crate::nn::linear(cfg.d_model, cfg.vocab_size, false, cfg.init_std, device)
+            }),
             rope: Rope::new(cfg.head_dim(), cfg.seq_len, cfg.rope_theta, device),
             cfg: cfg.clone(),
             moe_cfg: moe.clone(),

@@ -3,7 +3,7 @@
 //! i is paired with i + head_dim/2, not with its interleaved neighbour as in
 //! burn-nn's `RotaryEncoding`.
 
-use super::mlp::in_dtype;
+use crate::nn::in_dtype;
 use burn::prelude::*;
 
 /// Precomputed cos/sin tables for positions `0..max_len`.

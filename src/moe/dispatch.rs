@@ -24,7 +24,7 @@
 use super::experts::Experts;
 use super::router::RoutingDecision;
 use crate::kernels::{fused_on, on_cpu};
-use crate::model::mlp::in_dtype;
+use crate::nn::in_dtype;
 use burn::prelude::*;
 
 /// Where every assignment goes. Built once per layer call; carries no gradient.

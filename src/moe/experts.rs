@@ -4,7 +4,7 @@
 //! expert over exactly its tokens.
 
 use crate::kernels::grouped_swiglu;
-use crate::model::mlp::in_dtype;
+use crate::nn::in_dtype;
 use burn::module::Param;
 use burn::nn::Initializer;
 use burn::prelude::*;

@@ -15,7 +15,7 @@ pub mod router;
 pub mod stats;
 
 use crate::config::MoeConfig;
-use crate::model::mlp::{apply, linear, Mlp};
+use crate::nn::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;

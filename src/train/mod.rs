@@ -427,7 +427,7 @@ fn resume_point(run_dir: &Path, cfg: &mut RunConfig) -> Result<PathBuf> {
         );
     }
     // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
-    cfg.model = saved.model.clone();
+    cfg.set_architecture(saved.architecture());
     cfg.data.tokenizer = saved.data.tokenizer.clone();
     Ok(dir)
 }

@@ -3,7 +3,7 @@
 
 use super::RunOptions;
 use crate::checkpoint;
-use crate::config::{Precision, RunConfig};
+use crate::config::{Architecture, Precision, RunConfig};
 use crate::metrics::tensorboard::{ProtoKind, ProtoValue};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
@@ -121,17 +121,10 @@ pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Res
     let (model, tok) = checkpoint::load_any(src, device)
         .with_context(|| format!("train.init_from = {}", src.display()))?;
     let before = cfg.clone();
-    cfg.model = model.config().clone();
-    let m = model.moe_config();
-    cfg.moe.num_experts = m.num_experts;
-    cfg.moe.d_expert = m.d_expert;
-    cfg.moe.every_n_layers = m.every_n_layers;
-    cfg.moe.first_k_dense = m.first_k_dense;
-    cfg.moe.layers = m.layers.clone();
-    cfg.moe.num_shared_experts = m.num_shared_experts;
-    cfg.moe.d_shared_expert = m.d_shared_expert;
-    cfg.moe.shared_expert_gate = m.shared_expert_gate;
-    cfg.moe.aux_free_bias = m.aux_free_bias;
+    cfg.set_architecture(Architecture {
+        model: model.config().clone(),
+        moe: model.moe_config().architecture(),
+    });
     let diff = before.architecture_diff(cfg);
     if !diff.is_empty() {
         println!(

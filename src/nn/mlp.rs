@@ -2,11 +2,12 @@
 //! Transformer"): `down(silu(gate(x)) * up(x))`, used by dense blocks and by
 //! shared experts. Field names follow the Hugging Face Qwen2/Llama keys.
 
+use super::linear::{apply, linear};
 use crate::kernels::{fused_on, grouped_swiglu};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::TensorData;
 
 /// A bias-free SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -17,41 +18,6 @@ pub struct Mlp {
     pub up_proj: Linear,
     /// `[d_ff, d_model]`
     pub down_proj: Linear,
-}
-
-/// A bias-free linear layer initialised from N(0, std).
-pub fn linear(d_in: usize, d_out: usize, bias: bool, std: f64, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std })
-        .init(device)
-}
-
-/// `layer(x)` computed in x's dtype: under mixed precision the f32 weight
-/// (and bias) are cast to the activations' dtype, and the gradient flows
-/// back to the f32 master copy through the cast.
-pub fn apply<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    if let Some(y) = crate::kernels::linear(x.clone(), layer.weight.val()) {
-        return match &layer.bias {
-            Some(b) => y + b.val().unsqueeze(),
-            None => y,
-        };
-    }
-    let dt = x.dtype();
-    burn::tensor::module::linear(
-        x,
-        in_dtype(layer.weight.val(), dt),
-        layer.bias.as_ref().map(|b| in_dtype(b.val(), dt)),
-    )
-}
-
-/// `t` in dtype `dt`; no operation when it already is.
-pub fn in_dtype<const D: usize>(t: Tensor<D>, dt: DType) -> Tensor<D> {
-    if t.dtype() == dt {
-        t
-    } else {
-        t.cast(dt)
-    }
 }
 
 impl Mlp {
