@@ -14,7 +14,6 @@ use crate::data::stream::Cursor;
 use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use crate::tensorfile::TensorFile;
-use crate::train::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -373,11 +372,13 @@ pub fn load_any(arg: &Path, device: &Device) -> Result<(LanguageModel, Option<Pa
     }
 }
 
-/// The optimizer's tensors as a checkpoint stores them: `m.<path>` and
+/// An optimizer's per-parameter moments, keyed by parameter path.
+pub type Moments = BTreeMap<String, Tensor<1>>;
+
+/// The AdamW moments as a checkpoint stores them: `m.<path>` and
 /// `v.<path>`, flat.
-pub fn encode_optimizer(adam: &AdamW) -> BTreeMap<String, TensorData> {
-    let moments = [("m", &adam.m), ("v", &adam.v)];
-    moments
+pub fn encode_optimizer(m: &Moments, v: &Moments) -> BTreeMap<String, TensorData> {
+    [("m", m), ("v", v)]
         .into_iter()
         .flat_map(|(prefix, map)| {
             map.iter()
@@ -386,17 +387,12 @@ pub fn encode_optimizer(adam: &AdamW) -> BTreeMap<String, TensorData> {
         .collect()
 }
 
-/// The optimizer a checkpoint stored (its update count `t` comes from the
-/// state), placed on `device`.
+/// The AdamW moments `(m, v)` a checkpoint stored, placed on `device`.
 pub fn decode_optimizer(
-    t: u64,
     tensors: BTreeMap<String, TensorData>,
     device: &Device,
-) -> Result<AdamW> {
-    let mut adam = AdamW {
-        t,
-        ..AdamW::default()
-    };
+) -> Result<(Moments, Moments)> {
+    let (mut m, mut v) = (Moments::new(), Moments::new());
     for (name, data) in tensors {
         let n = data.num_elements();
         let values = data
@@ -405,12 +401,12 @@ pub fn decode_optimizer(
             .map_err(|e| anyhow::anyhow!("optimizer tensor `{name}`: {e:?}"))?;
         let tensor = Tensor::<1>::from_data(TensorData::new(values, [n]), device);
         match name.split_once('.') {
-            Some(("m", p)) => adam.m.insert(p.to_string(), tensor),
-            Some(("v", p)) => adam.v.insert(p.to_string(), tensor),
+            Some(("m", p)) => m.insert(p.to_string(), tensor),
+            Some(("v", p)) => v.insert(p.to_string(), tensor),
             _ => bail!("optimizer tensor `{name}`: expected m.<path> or v.<path>"),
         };
     }
-    Ok(adam)
+    Ok((m, v))
 }
 
 /// Read the loop state and optimizer tensors of a checkpoint.

@@ -1,6 +1,6 @@
-//! Layers that both the dense model ([`crate::model`]) and the routed-expert
-//! layer ([`crate::moe`]) build on, so that neither imports the other for
-//! them: linear layers and their dtype handling, and the SwiGLU MLP.
+//! Layers that both the dense model and the routed-expert layer build on,
+//! so that neither imports the other for them: linear layers and their
+//! dtype handling, and the SwiGLU MLP.
 
 pub mod linear;
 pub mod mlp;

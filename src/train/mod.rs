@@ -142,7 +142,12 @@ impl Trainer {
         let (state, adam) = match &resume {
             Some(dir) => {
                 let (state, tensors) = checkpoint::read_state(dir)?;
-                let adam = checkpoint::decode_optimizer(state.adam_t, tensors, &base_device)?;
+                let (m, v) = checkpoint::decode_optimizer(tensors, &base_device)?;
+                let adam = AdamW {
+                    t: state.adam_t,
+                    m,
+                    v,
+                };
                 (state, adam)
             }
             None => (fresh_state(&cfg), AdamW::default()),
@@ -350,7 +355,7 @@ impl Trainer {
         self.state.cursor = self.train_stream.cursor();
         let ckpt = Checkpoint {
             model: crate::params::collect(self.model()),
-            optimizer: checkpoint::encode_optimizer(&self.adam),
+            optimizer: checkpoint::encode_optimizer(&self.adam.m, &self.adam.v),
             state: self.state.clone(),
             config: self.cfg.clone(),
             tokenizer: Some(self.tok_path.clone()),
