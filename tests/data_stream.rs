@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use switchyard::data::sources::{resolve_files, resolve_hf_dataset, DocPos, DocReader};
+use switchyard::data::files::{resolve_files, resolve_hf_dataset};
+use switchyard::data::sources::{DocPos, DocReader};
 use switchyard::data::stream::{Batch, Cursor, DataStream, Split, StreamOptions};
 use switchyard::data::{tokenizer, DataConfig, OnBadRecord, SourceConfig, SourceKind};
 use tokenizers::Tokenizer;
