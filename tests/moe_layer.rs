@@ -371,7 +371,9 @@ fn aux_free_bias_moves_toward_balance() {
     for _ in 0..200 {
         let (_, aux) = moe.forward(x.clone(), valid.clone(), Phase::Train);
         tpe = vec1(aux.stats.routed_per_expert.clone());
-        moe.router.update_expert_bias(aux.stats.routed_per_expert);
+        let rate = moe.config().bias_update_rate;
+        moe.router
+            .update_expert_bias(aux.stats.routed_per_expert, rate);
     }
     let bias = vec1(moe.router.expert_bias.as_ref().unwrap().val());
     assert!(
@@ -491,7 +493,9 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
 
     // The buffers hold the busiest expert, rounded up to 64, and are far
     // smaller than T.
-    let decision = dropless.router.forward(x.reshape([t, d]), Phase::Eval);
+    let decision = dropless
+        .router
+        .forward(x.reshape([t, d]), dropless.config(), Phase::Eval);
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;
@@ -539,7 +543,7 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_matc
     assert_eq!(vec1(aux.stats.dropped()), vec![0.0]);
 
     let flat = x.reshape([t, d]);
-    let decision = moe.router.forward(flat.clone(), Phase::Train);
+    let decision = moe.router.forward(flat.clone(), moe.config(), Phase::Train);
     let plan = dispatch::plan(&decision, valid.reshape([t]), Some(c));
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()

@@ -49,7 +49,7 @@ pub(super) fn profile_phases(
         let valid = Tensor::<1>::ones([t], device);
         let router = time(&mut || {
             let x = hidden().reshape([t, d]);
-            let dec = moe.router.forward(x, Phase::Train);
+            let dec = moe.router.forward(x, moe.config(), Phase::Train);
             let loss = losses::switch_load_balancing_loss(
                 dec.probs.clone(),
                 dec.routing_map.clone(),
@@ -62,9 +62,11 @@ pub(super) fn profile_phases(
         out.push(("router", router * n_moe as f64));
 
         // Dispatch and combine around identity experts, for one fixed decision.
-        let decision = moe
-            .router
-            .forward(hidden().reshape([t, d]).detach(), Phase::Train);
+        let decision = moe.router.forward(
+            hidden().reshape([t, d]).detach(),
+            moe.config(),
+            Phase::Train,
+        );
         let capacity = mcfg.capacity(t, mcfg.capacity_factor);
         let plan = || dispatch::plan(&decision, valid.clone(), capacity);
         let weights = decision.topk_weights.clone().detach();

@@ -94,7 +94,7 @@ impl MoeLayer {
         let flat = x.reshape([t, d]); // [T, d]
         let valid_flat = valid.clone().reshape([t]); // [T]
 
-        let decision = self.router.forward(flat.clone(), phase);
+        let decision = self.router.forward(flat.clone(), &self.cfg, phase);
         let cf = match phase {
             Phase::Train => self.cfg.capacity_factor,
             Phase::Eval => self.cfg.eval_capacity_factor,

@@ -49,8 +49,6 @@ pub struct Router {
     pub weight: Param<Tensor<2>>,
     /// Aux-loss-free selection bias; not trained by the optimizer. `[E]`
     pub expert_bias: Option<Param<Tensor<1>>>,
-    #[module(skip)]
-    cfg: MoeConfig,
 }
 
 /// Large negative score that removes an expert from top-k and from the softmax.
@@ -68,21 +66,14 @@ impl Router {
         Self {
             weight,
             expert_bias,
-            cfg: cfg.clone(),
         }
     }
 
-    /// The configuration this router was built with.
-    pub fn config(&self) -> &MoeConfig {
-        &self.cfg
-    }
-
-    /// Route `x`.
+    /// Route `x` under the layer's configuration `cfg`.
     ///
     /// # Shapes
     /// - `x`: `[T, d_model]`
-    pub fn forward(&self, x: Tensor<2>, phase: Phase) -> RoutingDecision {
-        let cfg = &self.cfg;
+    pub fn forward(&self, x: Tensor<2>, cfg: &MoeConfig, phase: Phase) -> RoutingDecision {
         let [t, _] = x.dims();
         let (e, k) = (cfg.num_experts, cfg.top_k);
         let device = x.device();
@@ -157,13 +148,12 @@ impl Router {
         }
     }
 
-    /// DeepSeek-V3 bias update, outside autodiff:
-    /// `b_e ← b_e + γ · sign(mean_load − load_e)`.
+    /// DeepSeek-V3 bias update, outside autodiff, at rate `gamma`
+    /// (`moe.bias_update_rate`): `b_e ← b_e + γ · sign(mean_load − load_e)`.
     ///
     /// # Shapes
     /// - `routed_per_expert`: `[E]`
-    pub fn update_expert_bias(&mut self, routed_per_expert: Tensor<1>) {
-        let gamma = self.cfg.bias_update_rate;
+    pub fn update_expert_bias(&mut self, routed_per_expert: Tensor<1>, gamma: f64) {
         if let Some(bias) = self.expert_bias.take() {
             let load = routed_per_expert.detach(); // [E]
             let e = load.dims()[0];

@@ -311,7 +311,8 @@ pub fn apply_update(
     let clip = clip_scale(sq_norm, cfg.optim.grad_clip);
     let mut model = adam.step(&cfg.optim, lr, model, grads, clip);
     for (layer, tpe) in model.moe_layers_mut().zip(routed_per_expert) {
-        layer.router.update_expert_bias(tpe);
+        let rate = layer.config().bias_update_rate;
+        layer.router.update_expert_bias(tpe, rate);
     }
     model
 }
