@@ -137,6 +137,7 @@ fn grid_sweep_runs_summarises_plots_and_resumes() {
         "eval_loss_vs_moe_capacity_factor.png",
         "imbalance_vs_moe_aux_loss_coef.png",
         "eval_loss_heatmap.png",
+        "eval_loss_curves.png",
         "token_share_best.png",
         "token_share_worst_balanced.png",
     ] {

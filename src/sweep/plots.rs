@@ -333,6 +333,40 @@ pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Ve
             }
         }
     }
+    // Validation loss against steps, one line per point: how the gaps
+    // between points open or close with training.
+    let mut steps: Vec<u64> = rows
+        .iter()
+        .flat_map(|r| r.eval_history.iter().map(|e| e.0))
+        .collect();
+    steps.sort_unstable();
+    steps.dedup();
+    if !steps.is_empty() {
+        let series: Vec<(String, Vec<Option<f64>>)> = rows
+            .iter()
+            .filter(|r| !r.eval_history.is_empty())
+            .map(|r| {
+                let ys = steps
+                    .iter()
+                    .map(|s| r.eval_history.iter().find(|e| e.0 == *s).map(|e| e.1))
+                    .collect();
+                (r.id.clone(), ys)
+            })
+            .collect();
+        let labels: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+        let path = dir.join("eval_loss_curves.png");
+        line_chart(
+            &path,
+            "eval loss over training, per point",
+            "step",
+            &labels,
+            "eval loss",
+            &series,
+        )?;
+        if path.exists() {
+            out.push(path);
+        }
+    }
     if axes.len() == 2 {
         let path = dir.join("eval_loss_heatmap.png");
         heatmap(&path, axes, rows)?;

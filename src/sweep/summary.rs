@@ -49,6 +49,8 @@ pub struct PointResult {
     pub collapse: bool,
     /// Per step: token share of each expert, averaged over MoE layers.
     pub share_history: Vec<(u64, Vec<f64>)>,
+    /// Validation loss at each step it was measured.
+    pub eval_history: Vec<(u64, f64)>,
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -82,6 +84,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         mean_router_entropy: None,
         collapse: false,
         share_history: Vec::new(),
+        eval_history: Vec::new(),
     };
     let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {
         return Ok(r);
@@ -105,6 +108,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         r.steps = r.steps.max(step);
         if let Some(e) = rec.get("eval/loss").and_then(Value::as_f64) {
             evals.push(e);
+            r.eval_history.push((step, e));
         }
         if let Some(t) = rec.get("throughput/tokens_per_s").and_then(Value::as_f64) {
             speeds.push(t);
