@@ -3,7 +3,6 @@
 //! is 1). Started from the same weights, the two must give the same loss,
 //! gradients and updates step after step through the real training step.
 
-use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use std::collections::BTreeMap;
@@ -11,7 +10,7 @@ use std::sync::Mutex;
 use switchyard::config::RunConfig;
 use switchyard::data::stream::Batch;
 use switchyard::model::LanguageModel;
-use switchyard::params::{self, PathStack};
+use switchyard::params;
 use switchyard::train::optim::{grad_sq_norm, learning_rate, AdamW};
 use switchyard::train::step::{self, BatchTensors};
 use switchyard::train::{run, RunOptions};
@@ -49,32 +48,10 @@ const ONE_EXPERT: [&str; 6] = [
 
 /// Every parameter's gradient, by path.
 fn grads_by_path(model: &LanguageModel, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
-    struct V<'a> {
-        path: PathStack,
-        grads: &'a GradientsParams,
-        out: BTreeMap<String, Vec<f32>>,
-    }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                let v = g.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-                self.out.insert(self.path.path(), v);
-            }
-        }
-    }
-    let mut v = V {
-        path: PathStack::default(),
-        grads,
-        out: BTreeMap::new(),
-    };
-    model.visit(&mut v);
-    v.out
+    params::grads(model, grads)
+        .into_iter()
+        .map(|(path, g)| (path, g.convert::<f32>().try_into_vec::<f32>().unwrap()))
+        .collect()
 }
 
 /// The dense model's name for a parameter of the one-expert model.
