@@ -271,16 +271,16 @@ fn label_at(list: &[String], v: f64) -> String {
 pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Vec<PathBuf>> {
     init_font();
     let mut out = Vec::new();
-    for (ai, axis) in axes.iter().enumerate() {
+    for axis in axes {
         // x: this axis's values in order of appearance; one line per combination of the others.
         let mut xs: Vec<String> = Vec::new();
         let mut groups: Vec<String> = Vec::new();
         for r in rows {
-            let x = show_value(&r.values[ai].1);
+            let x = axis_value(r, axis);
             if !xs.contains(&x) {
                 xs.push(x);
             }
-            let g = group_name(r, ai);
+            let g = group_name(r, axis);
             if !groups.contains(&g) {
                 groups.push(g);
             }
@@ -304,9 +304,7 @@ pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Ve
                         .iter()
                         .map(|x| {
                             rows.iter()
-                                .find(|r| {
-                                    group_name(r, ai) == *g && show_value(&r.values[ai].1) == *x
-                                })
+                                .find(|r| group_name(r, axis) == *g && axis_value(r, axis) == *x)
                                 .and_then(|r| {
                                     if metric == "eval" {
                                         r.final_eval_loss
@@ -408,12 +406,22 @@ pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Ve
     Ok(out)
 }
 
-fn group_name(r: &PointResult, skip: usize) -> String {
+/// The point's value on `axis`, shown; "-" where an explicit point does
+/// not set that axis (points of a `[[points]]` sweep may set different keys).
+fn axis_value(r: &PointResult, axis: &str) -> String {
     r.values
         .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != skip)
-        .map(|(_, (k, v))| format!("{}={}", k.rsplit('.').next().unwrap_or(k), show_value(v)))
+        .find(|(k, _)| k == axis)
+        .map(|(_, v)| show_value(v))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A name for the point's values on every axis but the one plotted.
+fn group_name(r: &PointResult, skip: &str) -> String {
+    r.values
+        .iter()
+        .filter(|(k, _)| k != skip)
+        .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), show_value(v)))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -430,4 +438,80 @@ fn finite_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
             None => Some((v, v)),
             Some((lo, hi)) => Some((f64::min(lo, v), f64::max(hi, v))),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::summary::Status;
+
+    fn point(id: &str, values: &[(&str, i64)], evals: &[(u64, f64)]) -> PointResult {
+        PointResult {
+            id: id.into(),
+            values: values
+                .iter()
+                .map(|(k, v)| (k.to_string(), toml::Value::Integer(*v)))
+                .collect(),
+            status: Status::Finished,
+            steps: 300,
+            final_eval_loss: evals.last().map(|e| e.1),
+            best_eval_loss: None,
+            tokens_per_s: None,
+            mean_drop_rate: None,
+            mean_max_over_mean: Some(1.2),
+            worst_max_over_mean: None,
+            dead_experts: None,
+            mean_router_entropy: None,
+            collapse: false,
+            share_history: Vec::new(),
+            eval_history: evals.to_vec(),
+        }
+    }
+
+    /// Explicit points may set different keys (a dense point sets no
+    /// expert width): every plot is still drawn, with "-" for an unset axis.
+    #[test]
+    fn points_that_set_different_keys_are_plotted() {
+        let dir = std::env::temp_dir().join(format!("sy-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let axes: Vec<String> = [
+            "moe.num_experts",
+            "model.d_ff",
+            "moe.d_expert",
+            "train.seed",
+        ]
+        .map(String::from)
+        .to_vec();
+        let rows = [
+            point(
+                "dense",
+                &[
+                    ("moe.num_experts", 0),
+                    ("model.d_ff", 256),
+                    ("train.seed", 1),
+                ],
+                &[(100, 5.6), (200, 5.2), (300, 5.1)],
+            ),
+            point(
+                "moe",
+                &[
+                    ("moe.num_experts", 8),
+                    ("moe.d_expert", 128),
+                    ("train.seed", 1),
+                ],
+                &[(100, 5.5), (200, 5.2), (300, 5.0)],
+            ),
+        ];
+        let written = write_all(&dir, &axes, &rows).unwrap();
+        for name in ["eval_loss_vs_moe_d_expert.png", "eval_loss_curves.png"] {
+            let path = dir.join(name);
+            assert!(written.contains(&path), "{name} not written: {written:?}");
+            assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+        }
+        assert_eq!(axis_value(&rows[0], "moe.d_expert"), "-");
+        assert_eq!(
+            group_name(&rows[1], "train.seed"),
+            "num_experts=8,d_expert=128"
+        );
+    }
 }
