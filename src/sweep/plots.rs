@@ -101,20 +101,29 @@ fn line_chart(
         })
         .draw()
         .map_err(err)?;
-    for (si, (name, vals)) in series.iter().enumerate() {
-        let color = PALETTE[si % PALETTE.len()];
+    // Series of the same name (one variant under several seeds) share a
+    // colour and one legend entry.
+    let mut names: Vec<&str> = Vec::new();
+    for (name, vals) in series {
+        let first = !names.contains(&name.as_str());
+        if first {
+            names.push(name);
+        }
+        let ci = names.iter().position(|n| *n == name).unwrap_or(0);
+        let color = PALETTE[ci % PALETTE.len()];
         let pts: Vec<(f64, f64)> = vals
             .iter()
             .enumerate()
             .filter_map(|(i, v)| v.filter(|v| v.is_finite()).map(|v| (i as f64, v)))
             .collect();
-        chart
+        let drawn = chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(name.clone())
-            .legend(move |(x, y)| {
+            .map_err(err)?;
+        if first {
+            drawn.label(name.clone()).legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
+        }
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(err)?;
@@ -331,8 +340,8 @@ pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Ve
             }
         }
     }
-    // Validation loss against steps, one line per point: how the gaps
-    // between points open or close with training.
+    // Validation loss against steps, one line per point (the seeds of one
+    // variant in one colour): how the gaps open or close with training.
     let mut steps: Vec<u64> = rows
         .iter()
         .flat_map(|r| r.eval_history.iter().map(|e| e.0))
@@ -348,14 +357,14 @@ pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Ve
                     .iter()
                     .map(|s| r.eval_history.iter().find(|e| e.0 == *s).map(|e| e.1))
                     .collect();
-                (r.id.clone(), ys)
+                (group_name(r, "train.seed"), ys)
             })
             .collect();
         let labels: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
         let path = dir.join("eval_loss_curves.png");
         line_chart(
             &path,
-            "eval loss over training, per point",
+            "eval loss over training (one colour per variant, one line per seed)",
             "step",
             &labels,
             "eval loss",

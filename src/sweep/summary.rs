@@ -117,7 +117,8 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         let step_ratios = per_layer(&rec, "/max_over_mean_load");
         ratios.extend(step_ratios.iter().copied());
         entropies.extend(per_layer(&rec, "/router_entropy"));
-        last_dead = Some(per_layer(&rec, "/dead_experts").iter().sum::<f64>());
+        // + 0.0: an empty float sum is -0.0, which would print as "-0".
+        last_dead = Some(per_layer(&rec, "/dead_experts").iter().sum::<f64>() + 0.0);
         // Token shares averaged over layers: moe/layer{i}/expert{e}/token_share.
         let mut shares: Vec<(usize, f64, usize)> = Vec::new();
         for (k, v) in &rec {
