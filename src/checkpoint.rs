@@ -13,12 +13,9 @@ use crate::config::RunConfig;
 use crate::data::stream::Cursor;
 use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
-use crate::tensorfile::TensorFile;
+use crate::tensorfile::{self, TensorFile};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::DType;
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -87,27 +84,6 @@ pub fn step_dir_name(step: u64) -> String {
     format!("step-{step:07}")
 }
 
-/// Serialise tensors (f32, bf16 or i64) to safetensors bytes, with optional
-/// header metadata.
-pub fn safetensors_bytes(
-    tensors: &BTreeMap<String, TensorData>,
-    metadata: Option<std::collections::HashMap<String, String>>,
-) -> Result<Vec<u8>> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, data) in tensors {
-        let dtype = match data.dtype() {
-            DType::F32 => Dtype::F32,
-            DType::BF16 => Dtype::BF16,
-            DType::I64 => Dtype::I64,
-            other => bail!("tensor `{name}`: cannot write dtype {other:?} to safetensors"),
-        };
-        let view = TensorView::new(dtype, data.shape().to_vec(), data.as_bytes())
-            .with_context(|| format!("tensor `{name}`"))?;
-        views.push((name.clone(), view));
-    }
-    Ok(safetensors::serialize(views, metadata)?)
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)?;
@@ -131,10 +107,13 @@ pub fn save(run_dir: &Path, ckpt: &Checkpoint, opts: &SaveOptions) -> Result<Pat
     }
     std::fs::create_dir(&tmp)?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![
-        ("model.safetensors", safetensors_bytes(&ckpt.model, None)?),
+        (
+            "model.safetensors",
+            tensorfile::to_bytes(&ckpt.model, None)?,
+        ),
         (
             "optimizer.safetensors",
-            safetensors_bytes(&ckpt.optimizer, None)?,
+            tensorfile::to_bytes(&ckpt.optimizer, None)?,
         ),
         ("config.toml", ckpt.config.to_toml().into_bytes()),
     ];
@@ -268,7 +247,8 @@ pub fn read_config(dir: &Path) -> Result<RunConfig> {
 /// time, so the host holds little more than the weights themselves.
 pub fn load_weights(dir: &Path, model: LanguageModel) -> Result<LanguageModel> {
     let file = TensorFile::open(&dir.join("model.safetensors"))?;
-    crate::params::load_from(model, file.names().to_vec(), |name| file.read(name))
+    let read = file.reader()?;
+    crate::params::load_from(model, file.names().to_vec(), read)
         .with_context(|| format!("loading {}", dir.display()))
 }
 
@@ -413,6 +393,6 @@ pub fn decode_optimizer(
 pub fn read_state(dir: &Path) -> Result<(TrainState, BTreeMap<String, TensorData>)> {
     let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
         .with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let opt = crate::tensorfile::read(&dir.join("optimizer.safetensors"))?;
+    let opt = tensorfile::read(&dir.join("optimizer.safetensors"))?;
     Ok((state, opt.into_iter().collect()))
 }

@@ -291,7 +291,7 @@ pub fn export(
         .collect();
     std::fs::write(
         out.join("model.safetensors"),
-        crate::checkpoint::safetensors_bytes(&tensors, Some(meta))?,
+        crate::tensorfile::to_bytes(&tensors, Some(meta))?,
     )?;
 
     let eos = match tokenizer {

@@ -112,7 +112,7 @@ impl Trace {
                 TensorData::new(ex.clone(), *shape),
             );
         }
-        std::fs::write(path, crate::checkpoint::safetensors_bytes(&tensors, None)?)?;
+        std::fs::write(path, crate::tensorfile::to_bytes(&tensors, None)?)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! safetensors files read through a memory map, one tensor at a time.
+//! safetensors files: written from host tensors, and read through a memory
+//! map one tensor at a time.
 //!
 //! A loader that reads the whole file and then converts every tensor holds
 //! the file's bytes, the converted host tensors and the device tensors at
@@ -8,10 +9,12 @@
 //! for the next stays near the size of the weights.
 
 use anyhow::{bail, Context, Result};
+use burn::tensor::DType;
 use burn::tensor::TensorData;
 use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -54,8 +57,32 @@ impl TensorFile {
     /// Tensor `name`, floats as f32 and integers as i64. Its pages of the
     /// file are released once it is converted.
     pub fn read(&self, name: &str) -> Result<TensorData> {
-        let st = SafeTensors::deserialize(&self.map)
-            .with_context(|| format!("{}: not a valid safetensors file", self.path.display()))?;
+        self.read_from(&self.header()?, name)
+    }
+
+    /// [`Self::read`] for many tensors, the header parsed once.
+    pub fn reader(&self) -> Result<impl Fn(&str) -> Result<TensorData> + '_> {
+        let st = self.header()?;
+        Ok(move |name: &str| self.read_from(&st, name))
+    }
+
+    /// Every tensor, by name.
+    pub fn read_all(&self) -> Result<HashMap<String, TensorData>> {
+        let read = self.reader()?;
+        self.names
+            .iter()
+            .map(|n| Ok((n.clone(), read(n)?)))
+            .collect()
+    }
+
+    /// The parsed file (header checked at `open`).
+    fn header(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .with_context(|| format!("{}: not a valid safetensors file", self.path.display()))
+    }
+
+    /// Tensor `name` of the parsed file `st`, its pages released after.
+    fn read_from(&self, st: &SafeTensors<'_>, name: &str) -> Result<TensorData> {
         let view = st
             .tensor(name)
             .with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
@@ -71,22 +98,10 @@ impl TensorFile {
         };
         Ok(data)
     }
-
-    /// Every tensor, by name.
-    pub fn read_all(&self) -> Result<HashMap<String, TensorData>> {
-        self.names
-            .iter()
-            .map(|n| Ok((n.clone(), self.read(n)?)))
-            .collect()
-    }
 }
 
 /// One tensor's bytes as host data.
-fn convert(
-    view: &safetensors::tensor::TensorView<'_>,
-    name: &str,
-    path: &Path,
-) -> Result<TensorData> {
+fn convert(view: &TensorView<'_>, name: &str, path: &Path) -> Result<TensorData> {
     let shape = view.shape().to_vec();
     let raw = view.data();
     let words = |n: usize| raw.chunks_exact(n);
@@ -122,6 +137,27 @@ fn convert(
     })
 }
 
+/// Serialise tensors (f32, bf16 or i64) to safetensors bytes, with optional
+/// header metadata.
+pub fn to_bytes(
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let dtype = match data.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::BF16 => Dtype::BF16,
+            DType::I64 => Dtype::I64,
+            other => bail!("tensor `{name}`: cannot write dtype {other:?} to safetensors"),
+        };
+        let view = TensorView::new(dtype, data.shape().to_vec(), data.as_bytes())
+            .with_context(|| format!("tensor `{name}`"))?;
+        views.push((name.clone(), view));
+    }
+    Ok(safetensors::serialize(views, metadata)?)
+}
+
 /// Read one safetensors file whole, floats as f32 and integers as i64.
 pub fn read(path: &Path) -> Result<HashMap<String, TensorData>> {
     TensorFile::open(path)?.read_all()
@@ -130,7 +166,6 @@ pub fn read(path: &Path) -> Result<HashMap<String, TensorData>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn tensors_round_trip_and_damage_is_named() {
@@ -143,11 +178,7 @@ mod tests {
             TensorData::new(vec![1.5f32, -2.0, 3.25], [3]),
         );
         tensors.insert("b".to_string(), TensorData::new(vec![7i64, -9], [2, 1]));
-        std::fs::write(
-            &path,
-            crate::checkpoint::safetensors_bytes(&tensors, None).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(&path, to_bytes(&tensors, None).unwrap()).unwrap();
         let f = TensorFile::open(&path).unwrap();
         assert_eq!(f.names().len(), 2);
         assert_eq!(f.read("a").unwrap(), tensors["a"]);
