@@ -256,11 +256,7 @@ pub fn load_weights(dir: &Path, model: LanguageModel) -> Result<LanguageModel> {
 /// its `state.json`; the error names the first damaged file. A checkpoint
 /// written before checksums were kept passes if its state parses.
 pub fn verify(dir: &Path) -> Result<()> {
-    let state_path = dir.join("state.json");
-    let state: TrainState = serde_json::from_slice(
-        &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: damaged (not a valid state file)", state_path.display()))?;
+    let state = read_state_file(dir)?;
     for (name, want) in &state.files {
         let path = dir.join(name);
         let got = file_check(&path)?;
@@ -282,6 +278,14 @@ pub fn verify(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A checkpoint's `state.json`.
+fn read_state_file(dir: &Path) -> Result<TrainState> {
+    let path = dir.join("state.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: damaged (not a valid state file)", path.display()))
 }
 
 /// Size and CRC-32C of a file, read in 8 MiB pieces.
@@ -391,8 +395,7 @@ pub fn decode_optimizer(
 
 /// Read the loop state and optimizer tensors of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<(TrainState, BTreeMap<String, TensorData>)> {
-    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
-        .with_context(|| format!("{}: bad state.json", dir.display()))?;
+    let state = read_state_file(dir)?;
     let opt = tensorfile::read(&dir.join("optimizer.safetensors"))?;
     Ok((state, opt.into_iter().collect()))
 }

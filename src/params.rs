@@ -135,18 +135,10 @@ pub fn materialize<M: Module>(module: &M, seed: u64, key: impl Fn(&str) -> Strin
 }
 
 /// The seed of the stream that parameter `key` is drawn from under `seed`:
-/// FNV-1a of the key, mixed with the seed by SplitMix64's finaliser.
+/// FNV-1a of the key, mixed with the seed by one SplitMix64 step.
 pub fn stream_seed(seed: u64, key: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let mut z = seed ^ h.rotate_left(17);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    let h = crate::data::split::fnv1a(key.as_bytes());
+    crate::data::stream::SplitMix64(seed ^ h.rotate_left(17)).next_u64()
 }
 
 /// Every float parameter's path and shape, without reading values.
