@@ -3,11 +3,13 @@
 //! overrides. Raw input is parsed and validated once into a [`RunConfig`];
 //! every error names the key's full path and what is allowed.
 
+mod architecture;
 mod data;
 mod model;
 mod train;
 
-pub use model::{DropPolicy, ModelConfig, MoeArchitecture, MoeConfig, RouterScore, TopkOrder};
+pub use architecture::{Architecture, MoeArchitecture};
+pub use model::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 
 pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};
@@ -135,40 +137,6 @@ impl RunConfig {
     /// `key: old -> new` lines.
     pub fn architecture_diff(&self, other: &RunConfig) -> Vec<String> {
         self.architecture().diff(&other.architecture())
-    }
-}
-
-/// The keys that shape a model's parameters, as one unit: the whole
-/// `[model]` section and the `[moe]` keys that decide which layers are MoE
-/// and what they hold ([`MoeArchitecture`]). A resume refuses to change
-/// any of them; `init_from` and Hugging Face import adopt them all.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Architecture {
-    /// `[model]`.
-    pub model: ModelConfig,
-    /// The architecture keys of `[moe]`.
-    pub moe: MoeArchitecture,
-}
-
-impl Architecture {
-    /// `section.key: old -> new` for every key that differs from `other`.
-    pub fn diff(&self, other: &Architecture) -> Vec<String> {
-        let mut out = Vec::new();
-        for (section, a, b) in [
-            ("model", table(&self.model), table(&other.model)),
-            ("moe", table(&self.moe), table(&other.moe)),
-        ] {
-            for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
-                if a.get(key) != b.get(key) {
-                    out.push(format!(
-                        "{section}.{key}: {} -> {}",
-                        show(a.get(key)),
-                        show(b.get(key))
-                    ));
-                }
-            }
-        }
-        out
     }
 }
 

@@ -238,71 +238,7 @@ impl Default for MoeConfig {
     }
 }
 
-/// The `[moe]` keys that shape the parameters: which blocks are MoE and
-/// what each holds. Every other `[moe]` key is a routing knob that a resume
-/// or a fine-tune may change.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MoeArchitecture {
-    /// `moe.num_experts`.
-    pub num_experts: usize,
-    /// `moe.d_expert`.
-    pub d_expert: usize,
-    /// `moe.every_n_layers`.
-    pub every_n_layers: usize,
-    /// `moe.first_k_dense`.
-    pub first_k_dense: usize,
-    /// `moe.layers`.
-    pub layers: Option<Vec<usize>>,
-    /// `moe.num_shared_experts`.
-    pub num_shared_experts: usize,
-    /// `moe.d_shared_expert`.
-    pub d_shared_expert: Option<usize>,
-    /// `moe.shared_expert_gate`.
-    pub shared_expert_gate: bool,
-    /// `moe.aux_free_bias` (the selection bias is a stored parameter).
-    pub aux_free_bias: bool,
-}
-
 impl MoeConfig {
-    /// The keys of this section that shape the parameters.
-    pub fn architecture(&self) -> MoeArchitecture {
-        MoeArchitecture {
-            num_experts: self.num_experts,
-            d_expert: self.d_expert,
-            every_n_layers: self.every_n_layers,
-            first_k_dense: self.first_k_dense,
-            layers: self.layers.clone(),
-            num_shared_experts: self.num_shared_experts,
-            d_shared_expert: self.d_shared_expert,
-            shared_expert_gate: self.shared_expert_gate,
-            aux_free_bias: self.aux_free_bias,
-        }
-    }
-
-    /// Take every key of `arch`, keeping the routing knobs.
-    pub fn set_architecture(&mut self, arch: MoeArchitecture) {
-        let MoeArchitecture {
-            num_experts,
-            d_expert,
-            every_n_layers,
-            first_k_dense,
-            layers,
-            num_shared_experts,
-            d_shared_expert,
-            shared_expert_gate,
-            aux_free_bias,
-        } = arch;
-        self.num_experts = num_experts;
-        self.d_expert = d_expert;
-        self.every_n_layers = every_n_layers;
-        self.first_k_dense = first_k_dense;
-        self.layers = layers;
-        self.num_shared_experts = num_shared_experts;
-        self.d_shared_expert = d_shared_expert;
-        self.shared_expert_gate = shared_expert_gate;
-        self.aux_free_bias = aux_free_bias;
-    }
-
     /// Whether block `layer` of an `n_layers` stack uses the MoE FFN.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         if self.num_experts == 0 {

@@ -12,21 +12,20 @@ mod setup;
 pub mod step;
 
 pub use setup::{check_precision, parse_device};
-use setup::{hparams, init_from, pick_run_dir};
+use setup::{fresh_state, hparams, init_from, pick_run_dir, resume_point, stream_options};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
-use crate::data::stream::{Cursor, DataStream, Split, SplitMix64, StreamOptions};
+use crate::data::stream::{DataStream, Split};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
 use crate::metrics::tensorboard::EventWriter;
-use crate::metrics::{CollapseMonitor, JsonlWriter, StepReport};
+use crate::metrics::{JsonlWriter, StepReport};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
 use optim::{learning_rate, AdamW};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -402,70 +401,5 @@ impl Trainer {
             losses: self.losses,
             eval_loss: self.eval_loss,
         })
-    }
-}
-
-/// The checkpoint `--resume` continues from: the newest intact one, its
-/// architecture adopted into `cfg` (which must not change it).
-fn resume_point(run_dir: &Path, cfg: &mut RunConfig) -> Result<PathBuf> {
-    // The newest checkpoint whose files still match their checksums.
-    let Some((dir, damaged)) = checkpoint::newest_intact(run_dir)? else {
-        bail!(
-            "--resume: {} has no complete checkpoint to resume from",
-            run_dir.display()
-        );
-    };
-    for warning in damaged {
-        eprintln!("warning: {warning}");
-    }
-    let removed = checkpoint::clean_interrupted(run_dir)?;
-    if removed > 0 {
-        println!("removed {removed} unfinished checkpoint write(s)");
-    }
-    let saved = checkpoint::read_config(&dir)?;
-    let diff = saved.architecture_diff(cfg);
-    if !diff.is_empty() && cfg.train.init_from.is_none() {
-        bail!(
-            "cannot resume {}: architecture keys differ from the checkpoint:\n  {}",
-            run_dir.display(),
-            diff.join("\n  ")
-        );
-    }
-    // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
-    cfg.set_architecture(saved.architecture());
-    cfg.data.tokenizer = saved.data.tokenizer.clone();
-    Ok(dir)
-}
-
-/// The loop state of a run that starts now.
-fn fresh_state(cfg: &RunConfig) -> TrainState {
-    TrainState {
-        step: 0,
-        adam_t: 0,
-        cursor: Cursor {
-            seq_len: cfg.model.seq_len,
-            split: Split::Train,
-            sources: Vec::new(),
-            active: None,
-            window: Vec::new(),
-            shuffle: Vec::new(),
-            rng: SplitMix64(cfg.train.seed),
-            batches: 0,
-        },
-        monitor: CollapseMonitor::default(),
-        bad_steps: 0,
-        consecutive_bad: 0,
-        tokens_seen: 0,
-        files: BTreeMap::new(),
-    }
-}
-
-/// The stream of `split` for this config.
-fn stream_options(cfg: &RunConfig, split: Split) -> StreamOptions {
-    StreamOptions {
-        seq_len: cfg.model.seq_len,
-        batch_size: cfg.train.batch_size,
-        split,
-        seed: cfg.train.seed,
     }
 }

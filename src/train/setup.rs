@@ -1,10 +1,13 @@
-//! Run setup: the device, the run directory, the per-step seed, HParams,
-//! and starting weights from `train.init_from`.
+//! Run setup: the device, the run directory, HParams, starting weights
+//! from `train.init_from`, the checkpoint a resume continues from, and the
+//! loop state and data stream of a fresh run.
 
 use super::RunOptions;
-use crate::checkpoint;
+use crate::checkpoint::{self, TrainState};
 use crate::config::{Architecture, Precision, RunConfig};
+use crate::data::stream::{Cursor, Split, SplitMix64, StreamOptions};
 use crate::metrics::tensorboard::{ProtoKind, ProtoValue};
+use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -140,4 +143,69 @@ pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Res
     // Rebuild with this config (routing knobs from the run, weights from the source).
     let fresh = LanguageModel::unloaded(&cfg.model, &cfg.moe, device);
     crate::params::load(fresh, &crate::params::collect(&model))
+}
+
+/// The checkpoint `--resume` continues from: the newest intact one, its
+/// architecture adopted into `cfg` (which must not change it).
+pub(crate) fn resume_point(run_dir: &Path, cfg: &mut RunConfig) -> Result<PathBuf> {
+    // The newest checkpoint whose files still match their checksums.
+    let Some((dir, damaged)) = checkpoint::newest_intact(run_dir)? else {
+        bail!(
+            "--resume: {} has no complete checkpoint to resume from",
+            run_dir.display()
+        );
+    };
+    for warning in damaged {
+        eprintln!("warning: {warning}");
+    }
+    let removed = checkpoint::clean_interrupted(run_dir)?;
+    if removed > 0 {
+        println!("removed {removed} unfinished checkpoint write(s)");
+    }
+    let saved = checkpoint::read_config(&dir)?;
+    let diff = saved.architecture_diff(cfg);
+    if !diff.is_empty() && cfg.train.init_from.is_none() {
+        bail!(
+            "cannot resume {}: architecture keys differ from the checkpoint:\n  {}",
+            run_dir.display(),
+            diff.join("\n  ")
+        );
+    }
+    // Keep the checkpoint's resolved architecture (e.g. one adopted from init_from).
+    cfg.set_architecture(saved.architecture());
+    cfg.data.tokenizer = saved.data.tokenizer.clone();
+    Ok(dir)
+}
+
+/// The loop state of a run that starts now.
+pub(crate) fn fresh_state(cfg: &RunConfig) -> TrainState {
+    TrainState {
+        step: 0,
+        adam_t: 0,
+        cursor: Cursor {
+            seq_len: cfg.model.seq_len,
+            split: Split::Train,
+            sources: Vec::new(),
+            active: None,
+            window: Vec::new(),
+            shuffle: Vec::new(),
+            rng: SplitMix64(cfg.train.seed),
+            batches: 0,
+        },
+        monitor: CollapseMonitor::default(),
+        bad_steps: 0,
+        consecutive_bad: 0,
+        tokens_seen: 0,
+        files: BTreeMap::new(),
+    }
+}
+
+/// The stream of `split` for this config.
+pub(crate) fn stream_options(cfg: &RunConfig, split: Split) -> StreamOptions {
+    StreamOptions {
+        seq_len: cfg.model.seq_len,
+        batch_size: cfg.train.batch_size,
+        split,
+        seed: cfg.train.seed,
+    }
 }
