@@ -216,34 +216,30 @@ fn check(name: &str, dtype: DType, which: Loss) -> f64 {
     worst
 }
 
+/// [`check`] for both losses, printing the worst error of each.
+fn check_both_losses(name: &str, dtype: DType) {
+    for which in [Loss::Lm, Loss::Total] {
+        let worst = check(name, dtype, which);
+        println!("{name} {dtype:?} {which:?}: worst {worst:.2e}");
+    }
+}
+
 #[test]
 fn mixtral_gradients_match_pytorch_on_the_fused_cpu_path() {
-    for which in [Loss::Lm, Loss::Total] {
-        let worst = check("hf-mixtral-tiny", DType::F32, which);
-        println!("mixtral f32 {which:?}: worst {worst:.2e}");
-    }
+    check_both_losses("hf-mixtral-tiny", DType::F32);
 }
 
 #[test]
 fn mixtral_gradients_match_pytorch_on_the_composed_path() {
-    for which in [Loss::Lm, Loss::Total] {
-        let worst = check("hf-mixtral-tiny", DType::F64, which);
-        println!("mixtral f64 {which:?}: worst {worst:.2e}");
-    }
+    check_both_losses("hf-mixtral-tiny", DType::F64);
 }
 
 #[test]
 fn qwen2_moe_gradients_match_pytorch_on_the_fused_cpu_path() {
-    for which in [Loss::Lm, Loss::Total] {
-        let worst = check("hf-qwen2moe-tiny", DType::F32, which);
-        println!("qwen2-moe f32 {which:?}: worst {worst:.2e}");
-    }
+    check_both_losses("hf-qwen2moe-tiny", DType::F32);
 }
 
 #[test]
 fn qwen2_moe_gradients_match_pytorch_on_the_composed_path() {
-    for which in [Loss::Lm, Loss::Total] {
-        let worst = check("hf-qwen2moe-tiny", DType::F64, which);
-        println!("qwen2-moe f64 {which:?}: worst {worst:.2e}");
-    }
+    check_both_losses("hf-qwen2moe-tiny", DType::F64);
 }
