@@ -6,7 +6,9 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::TensorData;
-use switchyard::kernels::{cross_entropy_rows, grouped_swiglu, head, linear, linear_cross_entropy};
+use switchyard::kernels::{
+    combine_rows, cross_entropy_rows, grouped_swiglu, head, linear, linear_cross_entropy,
+};
 
 /// Deterministic values spread over about [-scale, scale].
 fn values<const D: usize>(shape: [usize; D], seed: f32, scale: f32, device: &Device) -> Tensor<D> {
@@ -274,4 +276,56 @@ fn rope_matches_the_rotate_half_formula_in_value_and_gradient() {
     let g2 = (want * w).sum().backward();
     let dx = max_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
     assert!(dx < 1e-5, "gradient of x differs by {dx}");
+}
+
+/// The combine composed from Burn's operations: a zero row appended for the
+/// dropped assignments, one gather, the weights, a sum over k.
+fn composed_combine(rows: Tensor<2>, index: Tensor<1, Int>, weights: Tensor<2>) -> Tensor<2> {
+    let [_, d] = rows.dims();
+    let [t, k] = weights.dims();
+    let zero = Tensor::<2>::zeros([1, d], &rows.device());
+    (Tensor::cat(vec![rows, zero], 0).select(0, index) * weights.reshape([t * k, 1]))
+        .reshape([t, k, d])
+        .sum_dim(1)
+        .reshape([t, d])
+}
+
+#[test]
+fn combine_rows_matches_the_composed_gather_in_value_and_gradients() {
+    let device = autodiff();
+    // 700 tokens of 64-wide rows: three parallel tasks, the last one short.
+    let (t, k, d) = (700, 2, 64);
+    // Every fifth assignment dropped (index R); the others read their own
+    // row, in a shuffled order, as the grouped layout does.
+    let kept: Vec<usize> = (0..t * k).filter(|a| a % 5 != 3).collect();
+    let r = kept.len();
+    let mut index = vec![r as i64; t * k];
+    for (i, &a) in kept.iter().enumerate() {
+        index[a] = ((i * 389) % r) as i64;
+    }
+    // The same, with two assignments reading one row (the one-thread path).
+    let mut shared = index.clone();
+    shared[1] = shared[0];
+    for (name, index) in [("one reader per row", index), ("a shared row", shared)] {
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [t * k]), &device);
+        let rows = values([r, d], 0.4, 1.0, &device).require_grad();
+        let weights = values([t, k], 0.9, 1.0, &device).require_grad();
+        let g = values([t, d], 1.7, 1.0, &device);
+        let ours = combine_rows(rows.clone(), index.clone(), weights.clone());
+        let want = composed_combine(rows.clone(), index, weights.clone());
+        let dv = max_diff(ours.clone(), want.clone());
+        assert!(dv < 1e-5, "{name}: values differ by {dv}");
+        let g1 = (ours * g.clone()).sum().backward();
+        let g2 = (want * g).sum().backward();
+        let dr = max_diff(rows.grad(&g1).unwrap(), rows.grad(&g2).unwrap());
+        let dw = max_diff(weights.grad(&g1).unwrap(), weights.grad(&g2).unwrap());
+        assert!(
+            dr < 1e-5 && dw < 1e-4,
+            "{name}: gradients differ by {dr} (rows) and {dw} (weights)"
+        );
+        // A dropped assignment's weight gets no gradient.
+        let dweights = weights.grad(&g1).unwrap().reshape([t * k]);
+        let dropped = dweights.slice([3..4]).into_scalar::<f32>();
+        assert_eq!(dropped, 0.0, "{name}: a dropped weight got a gradient");
+    }
 }

@@ -607,3 +607,66 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_matc
         "padded path differs from the grouped one by {worst}"
     );
 }
+
+#[test]
+fn the_host_plan_and_the_device_plan_agree_slot_for_slot() {
+    use switchyard::moe::dispatch;
+    let device = Device::flex();
+    let _rng = seeded(&device, 41);
+    let (d, e, k, b, s) = (8, 8, 2, 3, 50);
+    let t = b * s;
+    let moe = MoeLayer::new(d, &cfg(e, k), 0.5, &device);
+    let x = randn3([b, s, d], &device).reshape([t, d]);
+    // Padding: the last 7 positions of the second sequence.
+    let valid: Vec<f32> = (0..t)
+        .map(|i| {
+            if (s + s - 7..2 * s).contains(&i) {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let valid = Tensor::<1>::from_data(TensorData::new(valid, [t]), &device);
+    let decision = moe.router.forward(x, moe.config(), Phase::Train);
+    let ints = |t: Tensor<1, Int>| t.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+    // Capacity well below the busiest expert's load, at it, and dropless.
+    let busiest = vec1(
+        (decision.routing_map.clone() * valid.clone().reshape([t, 1]))
+            .sum_dim(0)
+            .reshape([e]),
+    )
+    .into_iter()
+    .fold(0.0, f32::max) as usize;
+    let mut dropped_some = false;
+    for capacity in [Some(t * k / e / 2), Some(busiest), None] {
+        let host = dispatch::plan_on_host(&decision, valid.clone(), capacity);
+        let dev = dispatch::plan_on_device(&decision, valid.clone(), capacity);
+        assert_eq!(host.capacity, dev.capacity, "capacity {capacity:?}");
+        assert_eq!(
+            ints(host.token_for_slot.clone()),
+            ints(dev.token_for_slot.clone()),
+            "token_for_slot at capacity {capacity:?}"
+        );
+        assert_eq!(
+            ints(host.slot_for_assignment.clone()),
+            ints(dev.slot_for_assignment.clone()),
+            "slot_for_assignment at capacity {capacity:?}"
+        );
+        let kept = vec1(host.kept_per_expert.clone());
+        assert_eq!(kept, vec1(dev.kept_per_expert.clone()));
+        dropped_some |= kept.iter().sum::<f32>() < ((t - 7) * k) as f32;
+        let grouped = host
+            .grouping
+            .clone()
+            .expect("the host plan groups its rows");
+        let want = dispatch::group(&dev, e, t);
+        assert_eq!(ints(grouped.token_for_row), ints(want.token_for_row));
+        assert_eq!(ints(grouped.offsets), ints(want.offsets));
+        assert_eq!(
+            ints(grouped.row_for_assignment),
+            ints(want.row_for_assignment)
+        );
+    }
+    assert!(dropped_some, "no capacity above was tight enough to drop");
+}

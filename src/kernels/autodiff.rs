@@ -90,6 +90,21 @@ impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
 }
 
 #[derive(Debug)]
+struct CombineRowsBackward;
+
+impl<B: Backend + FusedKernels> Backward<B, 2> for CombineRowsBackward {
+    /// The rows, the indices and the weights.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (rows, index, weights) = ops.state;
+        let all = B::combine_rows_backward(rows, index, weights, grad);
+        register_all::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), all);
+    }
+}
+
+#[derive(Debug)]
 struct CausalAttentionBackward;
 
 impl<B: Backend + FusedKernels> Backward<B, 3> for CausalAttentionBackward {
@@ -218,6 +233,26 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
                 let [g, u, d] = weights;
                 prep.finish(B::grouped_swiglu(xi, g, u, d, offsets))
             }
+        }
+    }
+
+    /// The indices are constants.
+    fn combine_rows(
+        rows: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (ri, wi) = (rows.primitive().clone(), weights.primitive().clone());
+        match CombineRowsBackward
+            .prepare::<C>([rows.node(), weights.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::combine_rows(ri.clone(), index.clone(), wi.clone());
+                prep.finish((ri, index, wi), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::combine_rows(ri, index, wi)),
         }
     }
 

@@ -100,6 +100,41 @@ impl FusedOps for Flex {
     fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
         rope_apply(x, cos, sin, false)
     }
+
+    fn combine_rows(rows: FlexTensor, index: FlexTensor, weights: FlexTensor) -> FlexTensor {
+        let (t, k, d, idx) = combine_dims(&rows, &index, &weights);
+        let mut out = cpu::zeros(t * d);
+        grouped::combine_forward(&values(&rows), &idx, &values(&weights), k, d, &mut out);
+        tensor(out, vec![t, d])
+    }
+}
+
+/// `(T, k, d)` of a combine call and its indices, checked.
+fn combine_dims(
+    rows: &FlexTensor,
+    index: &FlexTensor,
+    weights: &FlexTensor,
+) -> (usize, usize, usize, Vec<i64>) {
+    let [_, d] = shape_of(rows)[..] else {
+        panic!(
+            "combine_rows: rows must be [R, d], got {:?}",
+            shape_of(rows)
+        )
+    };
+    let [t, k] = shape_of(weights)[..] else {
+        panic!(
+            "combine_rows: weights must be [T, k], got {:?}",
+            shape_of(weights)
+        )
+    };
+    let idx = indices(index);
+    assert_eq!(
+        idx.len(),
+        t * k,
+        "combine_rows: {} indices for {t} × {k} weights",
+        idx.len()
+    );
+    (t, k, d, idx)
 }
 
 /// RoPE or its transpose on the CPU backend.
@@ -395,6 +430,28 @@ impl FusedKernels for Flex {
             adamw::scale(&mut v, g);
             tensor(v, shape)
         })
+    }
+
+    fn combine_rows_backward(
+        rows: FlexTensor,
+        index: FlexTensor,
+        weights: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 2] {
+        let (t, k, d, idx) = combine_dims(&rows, &index, &weights);
+        let rv = values(&rows);
+        let (mut d_rows, mut d_w) = (cpu::zeros(rv.len()), cpu::zeros(t * k));
+        grouped::combine_backward(
+            &rv,
+            &idx,
+            &values(&weights),
+            k,
+            d,
+            &values(&grad),
+            &mut d_rows,
+            &mut d_w,
+        );
+        [tensor(d_rows, shape_of(&rows)), tensor(d_w, vec![t, k])]
     }
 
     fn cross_entropy_rows_backward(

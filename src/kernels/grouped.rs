@@ -10,6 +10,7 @@
 //! stacked `gate, up: [E, d, F]` and `down: [E, F, d]`.
 
 use super::cpu::{self, Operand};
+use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// `c (+)= a · b`, over the whole rayon pool when `parallel`.
@@ -224,4 +225,108 @@ pub fn backward(
         matmul(d, rows, f, xe, plain(&du, f), dup, false, par);
     });
     (dx, dgate, dup, ddown)
+}
+
+/// The combine after the experts: `out[t] = Σ_j w[t·k + j] · rows[index[t·k + j]]`
+/// over `d`-wide rows, skipping indices outside the rows. `out` (`[T, d]`)
+/// starts zeroed.
+pub fn combine_forward(
+    rows: &[f32],
+    index: &[i64],
+    w: &[f32],
+    k: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let n_rows = rows.len() / d;
+    let per = cpu::rows_per_task(d);
+    out.par_chunks_mut(per * d)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            for (i, o) in out.chunks_mut(d).enumerate() {
+                let a0 = (chunk * per + i) * k;
+                for a in a0..a0 + k {
+                    let Some(row) = row_of(index[a], n_rows) else {
+                        continue;
+                    };
+                    let wa = w[a];
+                    for (o, &x) in o.iter_mut().zip(&rows[row * d..(row + 1) * d]) {
+                        *o += wa * x;
+                    }
+                }
+            }
+        });
+}
+
+/// Gradients of [`combine_forward`] for the output gradient `g` (`[T, d]`):
+/// `d_rows[index[a]] += w[a] · g[t]` and `d_w[a] = rows[index[a]] · g[t]` for
+/// each assignment `a = t·k + j`. `d_rows` and `d_w` start zeroed. Rows read
+/// by one assignment each (what the dispatch plans make) are written in
+/// parallel; otherwise the rows' gradients accumulate on one thread.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_backward(
+    rows: &[f32],
+    index: &[i64],
+    w: &[f32],
+    k: usize,
+    d: usize,
+    g: &[f32],
+    d_rows: &mut [f32],
+    d_w: &mut [f32],
+) {
+    let n_rows = rows.len() / d;
+    let per = cpu::rows_per_task(d);
+    d_w.par_chunks_mut(per * k)
+        .enumerate()
+        .for_each(|(chunk, d_w)| {
+            let a0 = chunk * per * k;
+            for (i, dw) in d_w.iter_mut().enumerate() {
+                let a = a0 + i;
+                if let Some(row) = row_of(index[a], n_rows) {
+                    let t = a / k;
+                    *dw = cpu::dot(&rows[row * d..(row + 1) * d], &g[t * d..(t + 1) * d]);
+                }
+            }
+        });
+
+    // The assignment reading each row, if exactly one does.
+    let mut reader = vec![usize::MAX; n_rows];
+    let mut shared = false;
+    for (a, &r) in index.iter().enumerate() {
+        if let Some(row) = row_of(r, n_rows) {
+            shared |= reader[row] != usize::MAX;
+            reader[row] = a;
+        }
+    }
+    if shared {
+        for (a, &r) in index.iter().enumerate() {
+            if let Some(row) = row_of(r, n_rows) {
+                let t = a / k;
+                let dst = &mut d_rows[row * d..(row + 1) * d];
+                for (o, &x) in dst.iter_mut().zip(&g[t * d..(t + 1) * d]) {
+                    *o += w[a] * x;
+                }
+            }
+        }
+        return;
+    }
+    d_rows
+        .par_chunks_mut(per * d)
+        .zip(reader.par_chunks(per))
+        .for_each(|(dst, reader)| {
+            for (dst, &a) in dst.chunks_mut(d).zip(reader) {
+                if a == usize::MAX {
+                    continue;
+                }
+                let t = a / k;
+                for (o, &x) in dst.iter_mut().zip(&g[t * d..(t + 1) * d]) {
+                    *o = w[a] * x;
+                }
+            }
+        });
+}
+
+/// The row an assignment's index names, if it is one of the `n_rows`.
+fn row_of(index: i64, n_rows: usize) -> Option<usize> {
+    usize::try_from(index).ok().filter(|&r| r < n_rows)
 }

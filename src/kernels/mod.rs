@@ -13,6 +13,8 @@
 //! - [`linear_cross_entropy`]: the LM head and the per-token cross-entropy
 //!   in cache-sized chunks of rows, never writing the full logits
 //!   ([`head`]); [`cross_entropy_rows`] for logits made elsewhere;
+//! - [`combine_rows`]: the weighted sum of each token's expert outputs
+//!   ([`grouped`]);
 //! - [`linear`]: a bias-free linear layer's matmul;
 //! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
 //!   gradient norm, one pass each (no autodiff involved).
@@ -95,6 +97,14 @@ pub trait FusedOps: Backend {
         down: FloatTensor<Self>,
         offsets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]` for `rows: [R, d]`,
+    /// `index: [T·k]` and `weights: [T, k]`; an index outside the rows adds
+    /// nothing.
+    fn combine_rows(
+        rows: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// The raw kernels a backend provides for [`FusedOps`] under autodiff:
@@ -171,6 +181,13 @@ pub trait FusedKernels: Backend {
     fn linear_cross_entropy_backward(
         dx: FloatTensor<Self>,
         dw: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2];
+    /// Gradients of rows and weights of [`FusedOps::combine_rows`].
+    fn combine_rows_backward(
+        rows: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        weights: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2];
     /// Gradient of the logits given each row's loss gradient.
@@ -384,6 +401,28 @@ pub fn grouped_swiglu(
         up.into_dispatch(),
         down.into_dispatch(),
         offsets.into_dispatch(),
+    );
+    Tensor::from_dispatch(out)
+}
+
+/// The weighted sum of each token's k expert-output rows,
+/// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]`, where an index of R
+/// (the row count) adds nothing (CPU backend, f32 only: check [`fused_on`]
+/// first). Forward and backward are one pass each; the backward assumes
+/// what the dispatch plans guarantee, that no row is read twice, and falls
+/// back to one thread otherwise.
+///
+/// # Shapes
+/// - `rows`: `[R, d]`; `index`: `[T * k]`; `weights`: `[T, k]`; returns `[T, d]`
+pub fn combine_rows(rows: Tensor<2>, index: Tensor<1, Int>, weights: Tensor<2>) -> Tensor<2> {
+    assert!(
+        fused_on(&rows.device(), rows.dtype()),
+        "the fused combine_rows runs on the CPU backend in f32"
+    );
+    let out = <Dispatch as FusedOps>::combine_rows(
+        rows.into_dispatch(),
+        index.into_dispatch(),
+        weights.into_dispatch(),
     );
     Tensor::from_dispatch(out)
 }

@@ -15,15 +15,17 @@
 //!   buffers for one batched matmul per projection; combine is one gather
 //!   back plus a weighted sum over k. Under dropless, C is the busiest
 //!   expert's count rounded up to 64 (one host read per layer).
-//! - The CPU backend: [`group`] lays the kept tokens out by expert with no
-//!   empty slots, for the grouped expert kernel (one matmul per expert over
-//!   exactly its rows), and combine gathers from those rows. The plan's
-//!   buffers are cut to the busiest expert first, since reading it back is
-//!   free there.
+//! - The CPU backend: the plan is built on the host ([`plan_on_host`]) from
+//!   the router's choices, since reading them back is free there and a few
+//!   thousand assignments sort faster in one pass than the device plan's
+//!   column sorts of `[T, E]`. It lays the kept tokens out by expert with no
+//!   empty slots ([`Grouping`]), for the grouped expert kernel (one matmul
+//!   per expert over exactly its rows), and combine gathers from those rows
+//!   in one fused operation. The buffers are cut to the busiest expert.
 
 use super::experts::Experts;
 use super::router::RoutingDecision;
-use crate::kernels::{fused_on, on_cpu};
+use crate::kernels::{self, fused_on, on_cpu};
 use crate::nn::in_dtype;
 use burn::prelude::*;
 
@@ -40,13 +42,35 @@ pub struct DispatchPlan {
     pub slot_for_assignment: Tensor<1, Int>,
     /// Assignments of real tokens that got a slot, per expert. `[E]`
     pub kept_per_expert: Tensor<1>,
+    /// The kept slots as grouped rows, when the plan was built on the host.
+    pub grouping: Option<Grouping>,
 }
 
-/// Build the dispatch plan.
+/// Build the dispatch plan: on the host on the CPU backend
+/// ([`plan_on_host`]), with device operations elsewhere ([`plan_on_device`]).
+/// The two agree slot for slot wherever no two tokens competing for an
+/// expert have the same probability.
 ///
 /// # Shapes
 /// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
 pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize>) -> DispatchPlan {
+    if on_cpu(&decision.routing_map.device()) {
+        plan_on_host(decision, valid, capacity)
+    } else {
+        plan_on_device(decision, valid, capacity)
+    }
+}
+
+/// Build the dispatch plan with sorts and gathers on the device, with no
+/// host read unless the buffers can be cut to the busiest expert cheaply.
+///
+/// # Shapes
+/// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
+pub fn plan_on_device(
+    decision: &RoutingDecision,
+    valid: Tensor<1>,
+    capacity: Option<usize>,
+) -> DispatchPlan {
     let [t, e] = decision.routing_map.dims();
     let device = decision.routing_map.device();
     let routed = decision.routing_map.clone().detach() * valid.unsqueeze_dim::<2>(1); // [T, E]
@@ -97,7 +121,98 @@ pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize
         token_for_slot,
         slot_for_assignment,
         kept_per_expert,
+        grouping: None,
     }
+}
+
+/// Build the dispatch plan on the host from the router's probabilities and
+/// choices, with its [`Grouping`]: each expert's queue (the real tokens that
+/// chose it) sorted by probability, best first, ties by token index; the
+/// first C keep their slots.
+///
+/// # Shapes
+/// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
+pub fn plan_on_host(
+    decision: &RoutingDecision,
+    valid: Tensor<1>,
+    capacity: Option<usize>,
+) -> DispatchPlan {
+    let [t, e] = decision.probs.dims();
+    let [_, k] = decision.topk_experts.dims();
+    let device = decision.probs.device();
+    let probs = host_floats(decision.probs.clone().detach());
+    let valid = host_floats(valid);
+    let experts = host_ints(decision.topk_experts.clone());
+
+    // (probability, token, choice j) of every real assignment, per expert.
+    let mut queues: Vec<Vec<(f32, usize, usize)>> = vec![Vec::new(); e];
+    for tok in (0..t).filter(|&tok| valid[tok] != 0.0) {
+        for (j, &ex) in experts[tok * k..(tok + 1) * k].iter().enumerate() {
+            let ex = ex as usize;
+            queues[ex].push((probs[tok * e + ex], tok, j));
+        }
+    }
+    for queue in &mut queues {
+        queue.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    }
+    let busiest = queues.iter().map(Vec::len).max().unwrap_or(0);
+    let cut = busiest_capacity(busiest as f32, t, granule(&device));
+    let c = capacity.map_or(cut, |c| c.min(cut));
+
+    let mut token_for_slot = vec![t as i64; e * c];
+    let mut slot_for_assignment = vec![(e * c) as i64; t * k];
+    let mut row_for_assignment = vec![-1i64; t * k];
+    let mut kept_per_expert = vec![0f32; e];
+    let mut token_for_row = Vec::with_capacity(t * k);
+    let mut offsets = vec![0i64; e + 1];
+    for (ex, queue) in queues.iter().enumerate() {
+        let kept = &queue[..queue.len().min(c)];
+        for (i, &(_, tok, j)) in kept.iter().enumerate() {
+            token_for_slot[ex * c + i] = tok as i64;
+            slot_for_assignment[tok * k + j] = (ex * c + i) as i64;
+            row_for_assignment[tok * k + j] = offsets[ex] + i as i64;
+            token_for_row.push(tok as i64);
+        }
+        kept_per_expert[ex] = kept.len() as f32;
+        offsets[ex + 1] = offsets[ex] + kept.len() as i64;
+    }
+    let n = offsets[e];
+    row_for_assignment
+        .iter_mut()
+        .filter(|r| **r < 0)
+        .for_each(|r| *r = n);
+
+    let int = |v: Vec<i64>| {
+        let len = v.len();
+        Tensor::<1, Int>::from_data(TensorData::new(v, [len]), &device)
+    };
+    DispatchPlan {
+        capacity: c,
+        token_for_slot: int(token_for_slot),
+        slot_for_assignment: int(slot_for_assignment),
+        kept_per_expert: Tensor::from_data(TensorData::new(kept_per_expert, [e]), &device),
+        grouping: Some(Grouping {
+            token_for_row: int(token_for_row),
+            offsets: int(offsets),
+            row_for_assignment: int(row_for_assignment),
+        }),
+    }
+}
+
+/// A float tensor's values on the host.
+fn host_floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// An integer tensor's values on the host.
+fn host_ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    t.into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("converted to i64")
 }
 
 /// Buffer size that holds the busiest expert's `max_count` assignments,
@@ -141,7 +256,10 @@ impl Dispatched {
     /// Send the tokens `x: [T, d]` where `plan` puts them.
     pub fn new(x: Tensor<2>, plan: DispatchPlan, num_experts: usize) -> Self {
         if fused_on(&x.device(), x.dtype()) {
-            let groups = group(&plan, num_experts, x.dims()[0]);
+            let groups = plan
+                .grouping
+                .clone()
+                .unwrap_or_else(|| group(&plan, num_experts, x.dims()[0]));
             Self::Rows(x.select(0, groups.token_for_row.clone()), groups)
         } else {
             Self::Buffers(dispatch(x, &plan, num_experts), plan)
@@ -211,7 +329,8 @@ pub fn combine(expert_out: Tensor<3>, plan: &DispatchPlan, weights: Tensor<2>) -
 
 /// Weighted sum of each token's k output rows, where assignment t·k + j
 /// reads row `row_for_assignment[t·k + j]` of `rows` (`R` = the row count
-/// means none: a dropped assignment adds zero).
+/// means none: a dropped assignment adds zero). No row is read by two
+/// assignments. One fused operation on the CPU backend in f32.
 ///
 /// # Shapes
 /// - `rows`: `[R, d]`; `row_for_assignment`: `[T * k]`; `weights`: `[T, k]`
@@ -221,6 +340,9 @@ pub fn combine_rows(
     row_for_assignment: Tensor<1, Int>,
     weights: Tensor<2>,
 ) -> Tensor<2> {
+    if fused_on(&rows.device(), rows.dtype()) && weights.dtype() == rows.dtype() {
+        return kernels::combine_rows(rows, row_for_assignment, weights);
+    }
     let [_, d] = rows.dims();
     let [t, k] = weights.dims();
     let zero = in_dtype(Tensor::<2>::zeros([1, d], &rows.device()), rows.dtype());
@@ -250,13 +372,7 @@ pub struct Grouping {
 /// sync (the CPU).
 pub fn group(plan: &DispatchPlan, num_experts: usize, t: usize) -> Grouping {
     let device = plan.token_for_slot.device();
-    let ints = |t: &Tensor<1, Int>| {
-        t.clone()
-            .into_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .expect("dispatch plans hold integers")
-    };
+    let ints = |t: &Tensor<1, Int>| host_ints(t.clone());
     let (tokens, slots) = (ints(&plan.token_for_slot), ints(&plan.slot_for_assignment));
     let c = plan.capacity;
     let mut offsets = vec![0i64; num_experts + 1];

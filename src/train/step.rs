@@ -71,11 +71,19 @@ pub fn forward(
         seq_aux = seq_aux + layer.losses.seq_load_balancing.clone();
         z = z + layer.losses.z_loss.clone();
     }
+    // A term with a zero coefficient is logged but left out of the total,
+    // so the backward pass never runs through it.
     let m = &cfg.moe;
-    let total = lm.clone()
-        + aux.clone().mul_scalar(m.aux_loss_coef)
-        + seq_aux.clone().mul_scalar(m.seq_aux_loss_coef)
-        + z.clone().mul_scalar(m.z_loss_coef);
+    let mut total = lm.clone();
+    for (term, coef) in [
+        (&aux, m.aux_loss_coef),
+        (&seq_aux, m.seq_aux_loss_coef),
+        (&z, m.z_loss_coef),
+    ] {
+        if coef != 0.0 {
+            total = total + term.clone().mul_scalar(coef);
+        }
+    }
     (
         LossTerms {
             total,
