@@ -206,6 +206,9 @@ pub struct MoeConfig {
     pub seq_aux_loss_coef: f64,
     /// Coefficient of the router z-loss. Default 0.001.
     pub z_loss_coef: f64,
+    /// Standard deviation of the router's initial weights; none means
+    /// `model.init_std`. Default none.
+    pub router_init_std: Option<f64>,
 }
 
 impl Default for MoeConfig {
@@ -234,6 +237,7 @@ impl Default for MoeConfig {
             aux_loss_coef: 1e-2,
             seq_aux_loss_coef: 0.0,
             z_loss_coef: 1e-3,
+            router_init_std: None,
         }
     }
 }
@@ -304,6 +308,11 @@ impl MoeConfig {
         ] {
             if !(v > 0.0) || !v.is_finite() {
                 return Err(err(key, format!("must be a finite number > 0, got {v}")));
+            }
+        }
+        if let Some(std) = self.router_init_std {
+            if !(std > 0.0 && std.is_finite()) {
+                return Err(err("moe.router_init_std", "must be a finite number > 0"));
             }
         }
         if !(0.0..1.0).contains(&self.jitter_eps) {

@@ -24,6 +24,12 @@ pub struct OptimConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value; 0 disables. Default 1.0.
     pub grad_clip: f64,
+    /// Multiplies the learning rate (peak and floor) of the routers' weights.
+    /// Default 1.0.
+    pub router_lr_scale: f64,
+    /// Multiplies the learning rate (peak and floor) of the routed experts'
+    /// weights. Default 1.0.
+    pub expert_lr_scale: f64,
 }
 
 impl Default for OptimConfig {
@@ -37,6 +43,8 @@ impl Default for OptimConfig {
             eps: 1e-8,
             weight_decay: 0.1,
             grad_clip: 1.0,
+            router_lr_scale: 1.0,
+            expert_lr_scale: 1.0,
         }
     }
 }
@@ -63,6 +71,14 @@ impl OptimConfig {
         }
         if !(self.grad_clip >= 0.0) {
             return Err(err("optim.grad_clip", "must be >= 0 (0 disables clipping)"));
+        }
+        for (k, v) in [
+            ("optim.router_lr_scale", self.router_lr_scale),
+            ("optim.expert_lr_scale", self.expert_lr_scale),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(err(k, format!("must be a finite number > 0, got {v}")));
+            }
         }
         Ok(())
     }

@@ -69,7 +69,12 @@ impl MoeLayer {
     pub fn new(d_model: usize, cfg: &MoeConfig, init_std: f64, device: &Device) -> Self {
         let shared = cfg.shared_width();
         Self {
-            router: Router::new(d_model, cfg, init_std, device),
+            router: Router::new(
+                d_model,
+                cfg,
+                cfg.router_init_std.unwrap_or(init_std),
+                device,
+            ),
             experts: Experts::new(cfg.num_experts, d_model, cfg.d_expert, init_std, device),
             shared_expert: (shared > 0).then(|| Mlp::new(d_model, shared, init_std, device)),
             shared_expert_gate: cfg

@@ -86,7 +86,8 @@ impl ModuleMapper for Update<'_> {
         let t = self.state.t as i32;
         // Norms, biases and the router bias (all rank 1) are not decayed.
         let decay = if D >= 2 { self.cfg.weight_decay } else { 0.0 };
-        let (lr, eps, scale) = (self.lr, self.cfg.eps, self.scale.clone());
+        let lr = self.lr * lr_scale(self.cfg, &path);
+        let (eps, scale) = (self.cfg.eps, self.scale.clone());
         let (m_old, v_old) = (self.state.m.remove(&path), self.state.v.remove(&path));
         let mut new_m = None;
         let mut new_v = None;
@@ -121,6 +122,17 @@ impl ModuleMapper for Update<'_> {
         self.state.m.insert(path.clone(), new_m.unwrap());
         self.state.v.insert(path, new_v.unwrap());
         param
+    }
+}
+
+/// The learning-rate multiplier of the parameter at `path`: the routers'
+/// and the routed experts' weights have their own.
+fn lr_scale(cfg: &OptimConfig, path: &str) -> f64 {
+    let mut parts = path.split('.').rev().skip(1);
+    match parts.next() {
+        Some("router") => cfg.router_lr_scale,
+        Some("experts") => cfg.expert_lr_scale,
+        _ => 1.0,
     }
 }
 
@@ -218,5 +230,53 @@ mod tests {
         let m = opt.m["w"].clone().into_data().try_to_vec::<f32>().unwrap()[0];
         assert!((m - 0.1 * 0.6).abs() < 1e-6, "{m}");
         assert!(tiny.w.val().is_require_grad());
+    }
+
+    #[test]
+    fn router_and_expert_weights_take_their_own_learning_rate() {
+        // A router and an expert stack beside a plain weight, each with
+        // gradient 1: Adam's first step moves each by its learning rate.
+        #[derive(Module, Debug)]
+        struct Router {
+            weight: Param<Tensor<2>>,
+        }
+        #[derive(Module, Debug)]
+        struct Experts {
+            gate_proj: Param<Tensor<3>>,
+        }
+        #[derive(Module, Debug)]
+        struct Layer {
+            router: Router,
+            experts: Experts,
+            w: Param<Tensor<2>>,
+        }
+        let device = Device::flex().autodiff();
+        let one = |shape: [usize; 2]| Param::from_tensor(Tensor::<2>::ones(shape, &device));
+        let layer = Layer {
+            router: Router { weight: one([1, 1]) },
+            experts: Experts {
+                gate_proj: Param::from_tensor(Tensor::<3>::ones([1, 1, 1], &device)),
+            },
+            w: one([1, 1]),
+        };
+        let loss = layer.router.weight.val().sum()
+            + layer.experts.gate_proj.val().sum()
+            + layer.w.val().sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &layer);
+        let cfg = OptimConfig {
+            weight_decay: 0.0,
+            router_lr_scale: 0.5,
+            expert_lr_scale: 3.0,
+            ..OptimConfig::default()
+        };
+        let scale = Tensor::<1>::ones([1], &device.clone().inner());
+        let layer = AdamW::default().step(&cfg, 0.1, layer, grads, scale);
+        let first = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap()[0];
+        let router = first(layer.router.weight.val());
+        let expert = first(layer.experts.gate_proj.val().reshape([1, 1]));
+        let plain = first(layer.w.val());
+        assert!((router - 0.95).abs() < 1e-6, "router {router}");
+        assert!((expert - 0.7).abs() < 1e-6, "expert {expert}");
+        assert!((plain - 0.9).abs() < 1e-6, "plain {plain}");
     }
 }
