@@ -159,6 +159,11 @@ pub struct InspectArgs {
     /// Tokenizer, when the checkpoint has none.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Route with the checkpoint's capacity (`moe.eval_capacity_factor` and
+    /// `moe.drop_policy`), as the evaluations during training did, instead
+    /// of sending every token to all its k experts.
+    #[arg(long)]
+    pub capacity: bool,
 }
 
 /// Arguments of `switchyard generate`.
@@ -185,6 +190,11 @@ pub struct GenerateArgs {
     /// Tokenizer, when the checkpoint has none.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Route with the checkpoint's capacity (`moe.eval_capacity_factor` and
+    /// `moe.drop_policy`), as the evaluations during training did, instead
+    /// of sending every token to all its k experts.
+    #[arg(long)]
+    pub capacity: bool,
 }
 
 /// Arguments of `switchyard eval`.

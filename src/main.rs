@@ -134,9 +134,23 @@ fn pick_tokenizer(
     Ok(tok)
 }
 
+/// The model inference runs: without capacity unless `capacity` asks for
+/// the checkpoint's evaluation-time routing.
+fn for_inference(
+    model: switchyard::model::LanguageModel,
+    capacity: bool,
+) -> switchyard::model::LanguageModel {
+    if capacity {
+        model
+    } else {
+        model.without_capacity()
+    }
+}
+
 fn inspect(args: InspectArgs) -> Result<()> {
     let device = burn::prelude::Device::flex();
     let (model, tok_path) = checkpoint::load_any(&args.checkpoint, &device)?;
+    let model = for_inference(model, args.capacity);
     let (ids, pieces) = match (args.token_ids, args.text) {
         (Some(ids), _) => {
             let pieces: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
@@ -165,6 +179,7 @@ fn inspect(args: InspectArgs) -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let device = burn::prelude::Device::flex();
     let (model, tok_path) = checkpoint::load_any(&args.checkpoint, &device)?;
+    let model = for_inference(model, args.capacity);
     let tok = pick_tokenizer(args.tokenizer, tok_path, model.config().vocab_size)?;
     let eos = tok.token_to_id("<|endoftext|>");
     let mut prompt = tokenizer::encode(&tok, &args.prompt)?;

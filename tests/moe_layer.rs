@@ -499,7 +499,12 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;
-    let plan = dispatch::plan(&decision, valid.reshape([t]), None);
+    let plan = dispatch::plan(
+        &decision,
+        valid.reshape([t]),
+        None,
+        dispatch::Overflow::Drop,
+    );
     assert!(plan.capacity >= busiest, "{} < {busiest}", plan.capacity);
     assert_eq!(plan.capacity % dispatch::granule(&device), 0);
     assert!(
@@ -544,7 +549,12 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_matc
 
     let flat = x.reshape([t, d]);
     let decision = moe.router.forward(flat.clone(), moe.config(), Phase::Train);
-    let plan = dispatch::plan(&decision, valid.reshape([t]), Some(c));
+    let plan = dispatch::plan(
+        &decision,
+        valid.reshape([t]),
+        Some(c),
+        dispatch::Overflow::Drop,
+    );
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;

@@ -68,7 +68,14 @@ pub(super) fn profile_phases(
             Phase::Train,
         );
         let capacity = mcfg.capacity(t, mcfg.capacity_factor);
-        let plan = || dispatch::plan(&decision, valid.clone(), capacity);
+        let plan = || {
+            dispatch::plan(
+                &decision,
+                valid.clone(),
+                capacity,
+                crate::moe::overflow(mcfg),
+            )
+        };
         let weights = decision.topk_weights.clone().detach();
         // In the layer's own layout (grouped rows or capacity buffers).
         let dc = time(&mut || {

@@ -151,6 +151,10 @@ pub enum DropPolicy {
     Drop,
     /// No capacity limit: every assignment is computed.
     Dropless,
+    /// Capacity-limited, but an assignment whose expert is full goes to the
+    /// token's best remaining expert with a free slot (up to
+    /// `moe.reroute_depth` further choices) before it is dropped.
+    Reroute,
 }
 
 /// The routed-expert layer and where it sits in the stack.
@@ -177,8 +181,12 @@ pub struct MoeConfig {
     /// Renormalise the k chosen weights to sum to 1 (Mixtral always does;
     /// Qwen2-MoE when `norm_topk_prob`). Default true.
     pub normalize_topk: bool,
-    /// "drop" (capacity-limited) or "dropless". Default "drop".
+    /// "drop" (capacity-limited), "reroute" (capacity-limited, overflow to
+    /// the next-best expert with room) or "dropless". Default "drop".
     pub drop_policy: DropPolicy,
+    /// Under "reroute": how many choices past its own an overflowing
+    /// assignment may try; none means all. Default none.
+    pub reroute_depth: Option<usize>,
     /// Training capacity factor: capacity = ceil(cf * tokens * k / E). Default 1.25.
     pub capacity_factor: f64,
     /// Capacity factor at evaluation. Default 2.0.
@@ -224,6 +232,7 @@ impl Default for MoeConfig {
             topk_order: TopkOrder::SoftmaxThenTopk,
             normalize_topk: true,
             drop_policy: DropPolicy::Drop,
+            reroute_depth: None,
             capacity_factor: 1.25,
             eval_capacity_factor: 2.0,
             jitter_eps: 0.0,
@@ -264,7 +273,7 @@ impl MoeConfig {
     pub fn capacity(&self, tokens: usize, cf: f64) -> Option<usize> {
         match self.drop_policy {
             DropPolicy::Dropless => None,
-            DropPolicy::Drop => {
+            DropPolicy::Drop | DropPolicy::Reroute => {
                 let c = (cf * (tokens * self.top_k) as f64 / self.num_experts as f64).ceil();
                 Some((c as usize).max(1))
             }

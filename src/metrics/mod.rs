@@ -20,8 +20,11 @@ use std::path::Path;
 pub struct LayerReport {
     /// Assignments routed to each expert (before capacity).
     pub routed_per_expert: Vec<f64>,
-    /// Assignments each expert computed (after capacity).
+    /// Assignments each expert computed (after capacity and rerouting).
     pub kept_per_expert: Vec<f64>,
+    /// Assignments computed by an expert other than their own choice.
+    #[serde(default)]
+    pub rerouted: f64,
     /// Mean router entropy, nats.
     pub router_entropy: f64,
     /// Aux-loss-free selection bias after this step's update, when enabled.
@@ -41,6 +44,11 @@ impl LayerReport {
     pub fn drop_rate(&self) -> f64 {
         let kept: f64 = self.kept_per_expert.iter().sum();
         (self.total() - kept) / self.total().max(1.0)
+    }
+    /// Fraction of assignments sent to another expert than their own
+    /// choice (under `drop_policy = "reroute"`).
+    pub fn reroute_rate(&self) -> f64 {
+        self.rerouted / self.total().max(1.0)
     }
     /// Busiest expert's load over the mean load (1.0 when balanced).
     pub fn max_over_mean(&self) -> f64 {
@@ -119,6 +127,7 @@ impl StepReport {
                 v.push((format!("moe/layer{i}/expert{e}/token_share"), *s));
             }
             v.push((format!("moe/layer{i}/drop_rate"), layer.drop_rate()));
+            v.push((format!("moe/layer{i}/reroute_rate"), layer.reroute_rate()));
             v.push((
                 format!("moe/layer{i}/max_over_mean_load"),
                 layer.max_over_mean(),
@@ -318,6 +327,7 @@ mod tests {
 
     fn layer(counts: &[f64]) -> LayerReport {
         LayerReport {
+            rerouted: 0.0,
             routed_per_expert: counts.to_vec(),
             kept_per_expert: counts.iter().map(|c| c.min(4.0)).collect(),
             router_entropy: 1.0,

@@ -7,7 +7,7 @@ pub mod attention;
 pub mod block;
 pub mod rope;
 
-use crate::config::{ModelConfig, MoeConfig, Precision};
+use crate::config::{DropPolicy, ModelConfig, MoeConfig, Precision};
 use crate::moe::{MoeAux, MoeLayer, Phase};
 use crate::nn::{apply, in_dtype};
 use block::{norm, rms_norm, Block, Ffn};
@@ -146,6 +146,17 @@ impl LanguageModel {
     /// The MoE configuration.
     pub fn moe_config(&self) -> &MoeConfig {
         &self.moe_cfg
+    }
+
+    /// The same model routing every token to all its k experts, with no
+    /// capacity limit (what inference does by default: a trained model's
+    /// capacity is a training device, and transformers has none).
+    pub fn without_capacity(mut self) -> Self {
+        self.moe_cfg.drop_policy = DropPolicy::Dropless;
+        for layer in self.moe_layers_mut() {
+            layer.set_drop_policy(DropPolicy::Dropless);
+        }
+        self
     }
 
     /// The MoE layers, in block order.

@@ -44,6 +44,23 @@ pub struct DispatchPlan {
     pub kept_per_expert: Tensor<1>,
     /// The kept slots as grouped rows, when the plan was built on the host.
     pub grouping: Option<Grouping>,
+    /// Under rerouting: the expert each assignment uses (token-major,
+    /// `[T, k]`), and how many assignments went elsewhere than their own
+    /// choice (`[1]`). `None` when every assignment keeps its choice.
+    pub rerouted: Option<(Tensor<2, Int>, Tensor<1>)>,
+}
+
+/// What happens to an assignment whose expert is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// It is dropped.
+    Drop,
+    /// It tries the token's next `depth` choices, best first, and takes
+    /// the first with room ([`super::reroute`]).
+    Reroute {
+        /// Choices past the token's own k that may be tried.
+        depth: usize,
+    },
 }
 
 /// Build the dispatch plan: on the host on the CPU backend
@@ -53,11 +70,22 @@ pub struct DispatchPlan {
 ///
 /// # Shapes
 /// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
-pub fn plan(decision: &RoutingDecision, valid: Tensor<1>, capacity: Option<usize>) -> DispatchPlan {
-    if on_cpu(&decision.routing_map.device()) {
-        plan_on_host(decision, valid, capacity)
-    } else {
-        plan_on_device(decision, valid, capacity)
+pub fn plan(
+    decision: &RoutingDecision,
+    valid: Tensor<1>,
+    capacity: Option<usize>,
+    overflow: Overflow,
+) -> DispatchPlan {
+    let host = on_cpu(&decision.routing_map.device());
+    match (capacity, overflow) {
+        (Some(c), Overflow::Reroute { depth }) if host => {
+            super::reroute::plan_on_host(decision, valid, c, depth)
+        }
+        (Some(c), Overflow::Reroute { depth }) => {
+            super::reroute::plan_on_device(decision, valid, c, depth)
+        }
+        _ if host => plan_on_host(decision, valid, capacity),
+        _ => plan_on_device(decision, valid, capacity),
     }
 }
 
@@ -122,6 +150,7 @@ pub fn plan_on_device(
         slot_for_assignment,
         kept_per_expert,
         grouping: None,
+        rerouted: None,
     }
 }
 
@@ -196,11 +225,12 @@ pub fn plan_on_host(
             offsets: int(offsets),
             row_for_assignment: int(row_for_assignment),
         }),
+        rerouted: None,
     }
 }
 
 /// A float tensor's values on the host.
-fn host_floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+pub(crate) fn host_floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -208,7 +238,7 @@ fn host_floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// An integer tensor's values on the host.
-fn host_ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+pub(crate) fn host_ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
     t.into_data()
         .convert::<i64>()
         .try_into_vec::<i64>()

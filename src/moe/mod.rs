@@ -11,10 +11,11 @@
 pub mod dispatch;
 pub mod experts;
 pub mod losses;
+pub mod reroute;
 pub mod router;
 pub mod stats;
 
-use crate::config::MoeConfig;
+use crate::config::{DropPolicy, MoeConfig};
 use crate::nn::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -89,6 +90,11 @@ impl MoeLayer {
         &self.cfg
     }
 
+    /// Change what happens to assignments beyond capacity.
+    pub fn set_drop_policy(&mut self, policy: DropPolicy) {
+        self.cfg.drop_policy = policy;
+    }
+
     /// # Shapes
     /// - `x`: `[B, S, d_model]` → `[B, S, d_model]`
     /// - `valid`: `[B, S]`, 1.0 for real tokens and 0.0 for padding
@@ -104,8 +110,17 @@ impl MoeLayer {
             Phase::Train => self.cfg.capacity_factor,
             Phase::Eval => self.cfg.eval_capacity_factor,
         };
-        let plan = dispatch::plan(&decision, valid_flat.clone(), self.cfg.capacity(t, cf));
-        let weights = decision.topk_weights.clone().cast(flat.dtype());
+        let plan = dispatch::plan(
+            &decision,
+            valid_flat.clone(),
+            self.cfg.capacity(t, cf),
+            overflow(&self.cfg),
+        );
+        let weights = match &plan.rerouted {
+            Some((experts, _)) => decision.weights_for(experts.clone(), &self.cfg),
+            None => decision.topk_weights.clone(),
+        }
+        .cast(flat.dtype());
         let mut y = dispatch::Dispatched::new(flat.clone(), plan.clone(), e)
             .through(&self.experts)
             .combine(weights); // [T, d]
@@ -145,6 +160,16 @@ impl MoeLayer {
     }
 }
 
+/// What the layer's policy does with an assignment whose expert is full.
+pub fn overflow(cfg: &MoeConfig) -> dispatch::Overflow {
+    match cfg.drop_policy {
+        DropPolicy::Reroute => dispatch::Overflow::Reroute {
+            depth: cfg.reroute_depth.unwrap_or(usize::MAX),
+        },
+        DropPolicy::Drop | DropPolicy::Dropless => dispatch::Overflow::Drop,
+    }
+}
+
 /// Statistics of one routing step over real tokens.
 fn routing_stats(
     decision: &RoutingDecision,
@@ -160,6 +185,10 @@ fn routing_stats(
             .sum_dim(0)
             .reshape([e]),
         kept_per_expert: plan.kept_per_expert.clone(),
+        rerouted: match &plan.rerouted {
+            Some((_, n)) => n.clone(),
+            None => Tensor::zeros([1], &n.device()),
+        },
         mean_prob: ((probs.clone() * valid_col).sum_dim(0) / n.clone().clamp_min(1.0).unsqueeze())
             .reshape([e]),
         num_tokens: n,

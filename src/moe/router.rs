@@ -40,6 +40,41 @@ pub struct RoutingDecision {
     pub topk_weights: Tensor<2>,
     /// 1.0 where token t chose expert e, else 0.0; carries no gradient. `[T, E]`
     pub routing_map: Tensor<2>,
+    /// Scores the combine weights are taken from: softmax or sigmoid of the
+    /// logits. `[T, E]`
+    pub scores: Tensor<2>,
+    /// The selection key top-k ranked by (scores or logits, plus any
+    /// aux-free bias, disabled experts at [`MASKED`]); no gradient. `[T, E]`
+    pub select: Tensor<2>,
+}
+
+impl RoutingDecision {
+    /// The combine weights of experts chosen per token (`[T, k]`), by the
+    /// same formula as the router's own top-k weights: for an assignment
+    /// sent elsewhere than its top-k choice (rerouting).
+    pub fn weights_for(&self, experts: Tensor<2, Int>, cfg: &MoeConfig) -> Tensor<2> {
+        combine_weights(&self.logits, &self.scores, experts, cfg)
+    }
+}
+
+/// The combine weights of `experts` (`[T, k]`) from the logits or scores.
+fn combine_weights(
+    logits: &Tensor<2>,
+    scores: &Tensor<2>,
+    experts: Tensor<2, Int>,
+    cfg: &MoeConfig,
+) -> Tensor<2> {
+    match cfg.topk_order {
+        TopkOrder::TopkThenSoftmax => softmax(logits.clone().gather(1, experts), 1),
+        TopkOrder::SoftmaxThenTopk => {
+            let w = scores.clone().gather(1, experts);
+            if cfg.normalize_topk {
+                w.clone() / w.sum_dim(1).clamp_min(1e-20)
+            } else {
+                w
+            }
+        }
+    }
 }
 
 /// The learned router of one MoE layer.
@@ -52,7 +87,7 @@ pub struct Router {
 }
 
 /// Large negative score that removes an expert from top-k and from the softmax.
-const MASKED: f32 = -1.0e9;
+pub const MASKED: f32 = -1.0e9;
 
 impl Router {
     /// A router for `cfg.num_experts` experts, weights from N(0, std).
@@ -114,25 +149,12 @@ impl Router {
         .detach();
         if let Some(bias) = &self.expert_bias {
             select = select + bias.val().detach().unsqueeze::<2>();
-            if let Some(mask) = &disabled {
-                select = select.mask_fill(mask.clone(), MASKED);
-            }
         }
-        let (_, topk_experts) = select.topk_with_indices(k, 1); // [T, k]
-
-        let topk_weights = match cfg.topk_order {
-            TopkOrder::TopkThenSoftmax => {
-                softmax(logits.clone().gather(1, topk_experts.clone()), 1)
-            }
-            TopkOrder::SoftmaxThenTopk => {
-                let w = scores.gather(1, topk_experts.clone());
-                if cfg.normalize_topk {
-                    w.clone() / w.sum_dim(1).clamp_min(1e-20)
-                } else {
-                    w
-                }
-            }
-        };
+        if let Some(mask) = &disabled {
+            select = select.mask_fill(mask.clone(), MASKED);
+        }
+        let (_, topk_experts) = select.clone().topk_with_indices(k, 1); // [T, k]
+        let topk_weights = combine_weights(&logits, &scores, topk_experts.clone(), cfg);
         let routing_map = Tensor::<2>::zeros([t, e], &device).scatter(
             1,
             topk_experts.clone(),
@@ -145,6 +167,8 @@ impl Router {
             topk_experts,
             topk_weights,
             routing_map,
+            scores,
+            select,
         }
     }
 

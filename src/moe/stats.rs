@@ -9,8 +9,12 @@ use burn::prelude::*;
 pub struct RoutingStats {
     /// Assignments routed to each expert before capacity (top-k choices). `[E]`
     pub routed_per_expert: Tensor<1>,
-    /// Assignments each expert actually computed (after capacity). `[E]`
+    /// Assignments each expert actually computed (after capacity, and
+    /// after rerouting). `[E]`
     pub kept_per_expert: Tensor<1>,
+    /// Assignments computed by an expert other than their own choice
+    /// (rerouted). `[1]`
+    pub rerouted: Tensor<1>,
     /// Mean router probability of each expert. `[E]`
     pub mean_prob: Tensor<1>,
     /// Number of real tokens. `[1]`

@@ -467,6 +467,7 @@ mod tests {
             best_eval_loss: None,
             tokens_per_s: None,
             mean_drop_rate: None,
+            mean_reroute_rate: None,
             mean_max_over_mean: Some(1.2),
             worst_max_over_mean: None,
             dead_experts: None,

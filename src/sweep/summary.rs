@@ -37,6 +37,8 @@ pub struct PointResult {
     pub tokens_per_s: Option<f64>,
     /// Drop rate averaged over steps and MoE layers.
     pub mean_drop_rate: Option<f64>,
+    /// Mean over steps and layers of the share of assignments rerouted.
+    pub mean_reroute_rate: Option<f64>,
     /// Max/mean expert load averaged over steps and layers.
     pub mean_max_over_mean: Option<f64>,
     /// Worst max/mean load of any layer at any step.
@@ -78,6 +80,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         best_eval_loss: None,
         tokens_per_s: None,
         mean_drop_rate: None,
+        mean_reroute_rate: None,
         mean_max_over_mean: None,
         worst_max_over_mean: None,
         dead_experts: None,
@@ -91,6 +94,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
     };
     let (mut drops, mut ratios, mut entropies, mut speeds, mut evals) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut reroutes = vec![];
     let mut last_dead = None;
     for line in text.lines() {
         let Ok(Value::Object(rec)) = serde_json::from_str::<Value>(line) else {
@@ -114,6 +118,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
             speeds.push(t);
         }
         drops.extend(per_layer(&rec, "/drop_rate"));
+        reroutes.extend(per_layer(&rec, "/reroute_rate"));
         let step_ratios = per_layer(&rec, "/max_over_mean_load");
         ratios.extend(step_ratios.iter().copied());
         entropies.extend(per_layer(&rec, "/router_entropy"));
@@ -157,6 +162,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
     speeds.sort_by(f64::total_cmp);
     r.tokens_per_s = speeds.get(speeds.len() / 2).copied();
     r.mean_drop_rate = mean(&drops);
+    r.mean_reroute_rate = mean(&reroutes);
     r.mean_max_over_mean = mean(&ratios);
     r.worst_max_over_mean = ratios.iter().copied().reduce(f64::max);
     r.mean_router_entropy = mean(&entropies);
@@ -209,6 +215,7 @@ pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
             "best_eval_loss",
             "tokens_per_s",
             "mean_drop_rate",
+            "mean_reroute_rate",
             "mean_max_over_mean",
             "worst_max_over_mean",
             "dead_experts",
@@ -240,6 +247,7 @@ pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
                 .map(|t| format!("{t:.0}"))
                 .unwrap_or_default(),
             num(r.mean_drop_rate),
+            num(r.mean_reroute_rate),
             num(r.mean_max_over_mean),
             num(r.worst_max_over_mean),
             r.dead_experts

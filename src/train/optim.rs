@@ -253,7 +253,9 @@ mod tests {
         let device = Device::flex().autodiff();
         let one = |shape: [usize; 2]| Param::from_tensor(Tensor::<2>::ones(shape, &device));
         let layer = Layer {
-            router: Router { weight: one([1, 1]) },
+            router: Router {
+                weight: one([1, 1]),
+            },
             experts: Experts {
                 gate_proj: Param::from_tensor(Tensor::<3>::ones([1, 1, 1], &device)),
             },

@@ -195,6 +195,7 @@ pub fn read_step(
     struct LayerReads {
         routed: Handle,
         kept: Handle,
+        rerouted: Handle,
         entropy: Handle,
         bias: Option<Handle>,
     }
@@ -218,6 +219,7 @@ pub fn read_step(
         layer_reads.push(LayerReads {
             routed: read.queue(routed),
             kept: read.queue(sum(|s| s.kept_per_expert.clone())),
+            rerouted: read.queue(sum(|s| s.rerouted.clone())),
             entropy: read.queue(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64)),
             bias: bias.map(|b| read.queue(b)),
         });
@@ -235,6 +237,7 @@ pub fn read_step(
             .map(|r| LayerReport {
                 routed_per_expert: data.vec(r.routed),
                 kept_per_expert: data.vec(r.kept),
+                rerouted: data.scalar(r.rerouted),
                 router_entropy: data.scalar(r.entropy),
                 expert_bias: r.bias.map(|b| data.vec(b)),
             })
