@@ -27,8 +27,12 @@ pub struct OptimConfig {
     /// Multiplies the learning rate (peak and floor) of the routers' weights.
     /// Default 1.0.
     pub router_lr_scale: f64,
-    /// Multiplies the learning rate (peak and floor) of the routed experts'
-    /// weights. Default 1.0.
+    /// Multiplies the learning rate (peak and floor) of every FFN weight:
+    /// dense MLPs, shared experts and routed experts. Set the same value in
+    /// an MoE config and its dense twin to keep them comparable. Default 1.0.
+    pub ffn_lr_scale: f64,
+    /// Multiplies the learning rate of the routed experts' weights again, on
+    /// top of `ffn_lr_scale`. Default 1.0.
     pub expert_lr_scale: f64,
 }
 
@@ -44,6 +48,7 @@ impl Default for OptimConfig {
             weight_decay: 0.1,
             grad_clip: 1.0,
             router_lr_scale: 1.0,
+            ffn_lr_scale: 1.0,
             expert_lr_scale: 1.0,
         }
     }
@@ -74,6 +79,7 @@ impl OptimConfig {
         }
         for (k, v) in [
             ("optim.router_lr_scale", self.router_lr_scale),
+            ("optim.ffn_lr_scale", self.ffn_lr_scale),
             ("optim.expert_lr_scale", self.expert_lr_scale),
         ] {
             if !(v > 0.0 && v.is_finite()) {
