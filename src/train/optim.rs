@@ -126,12 +126,14 @@ impl ModuleMapper for Update<'_> {
 }
 
 /// The learning-rate multiplier of the parameter at `path`: the routers'
-/// and the routed experts' weights have their own.
+/// weights and the FFN weights (`layers.{i}.mlp.*`: dense MLPs, shared and
+/// routed experts) have their own.
 fn lr_scale(cfg: &OptimConfig, path: &str) -> f64 {
-    let mut parts = path.split('.').rev().skip(1);
+    let mut parts = path.split('.').skip_while(|&p| p != "mlp").skip(1);
     match parts.next() {
         Some("router") => cfg.router_lr_scale,
-        Some("experts") => cfg.expert_lr_scale,
+        Some("experts") => cfg.ffn_lr_scale * cfg.expert_lr_scale,
+        Some("gate_proj" | "up_proj" | "down_proj" | "shared_expert") => cfg.ffn_lr_scale,
         _ => 1.0,
     }
 }
@@ -233,9 +235,9 @@ mod tests {
     }
 
     #[test]
-    fn router_and_expert_weights_take_their_own_learning_rate() {
-        // A router and an expert stack beside a plain weight, each with
-        // gradient 1: Adam's first step moves each by its learning rate.
+    fn router_and_ffn_weights_take_their_own_learning_rate() {
+        // Each parameter has gradient 1, so Adam's first step moves it by
+        // exactly its learning rate.
         #[derive(Module, Debug)]
         struct Router {
             weight: Param<Tensor<2>>,
@@ -245,40 +247,79 @@ mod tests {
             gate_proj: Param<Tensor<3>>,
         }
         #[derive(Module, Debug)]
-        struct Layer {
+        struct Dense {
+            down_proj: Param<Tensor<2>>,
+        }
+        #[derive(Module, Debug)]
+        struct Mlp {
             router: Router,
             experts: Experts,
+            shared_expert: Dense,
+        }
+        #[derive(Module, Debug)]
+        struct Block {
+            mlp: Mlp,
             w: Param<Tensor<2>>,
         }
+        #[derive(Module, Debug)]
+        struct DenseBlock {
+            mlp: Dense,
+        }
+        #[derive(Module, Debug)]
+        struct Model {
+            a: Block,
+            b: DenseBlock,
+        }
         let device = Device::flex().autodiff();
-        let one = |shape: [usize; 2]| Param::from_tensor(Tensor::<2>::ones(shape, &device));
-        let layer = Layer {
-            router: Router {
-                weight: one([1, 1]),
+        let one = || Param::from_tensor(Tensor::<2>::ones([1, 1], &device));
+        let model = Model {
+            a: Block {
+                mlp: Mlp {
+                    router: Router { weight: one() },
+                    experts: Experts {
+                        gate_proj: Param::from_tensor(Tensor::<3>::ones([1, 1, 1], &device)),
+                    },
+                    shared_expert: Dense { down_proj: one() },
+                },
+                w: one(),
             },
-            experts: Experts {
-                gate_proj: Param::from_tensor(Tensor::<3>::ones([1, 1, 1], &device)),
+            b: DenseBlock {
+                mlp: Dense { down_proj: one() },
             },
-            w: one([1, 1]),
         };
-        let loss = layer.router.weight.val().sum()
-            + layer.experts.gate_proj.val().sum()
-            + layer.w.val().sum();
-        let grads = GradientsParams::from_grads(loss.backward(), &layer);
+        let loss = model.a.mlp.router.weight.val().sum()
+            + model.a.mlp.experts.gate_proj.val().sum()
+            + model.a.mlp.shared_expert.down_proj.val().sum()
+            + model.a.w.val().sum()
+            + model.b.mlp.down_proj.val().sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
         let cfg = OptimConfig {
             weight_decay: 0.0,
             router_lr_scale: 0.5,
-            expert_lr_scale: 3.0,
+            ffn_lr_scale: 2.0,
+            expert_lr_scale: 1.5,
             ..OptimConfig::default()
         };
         let scale = Tensor::<1>::ones([1], &device.clone().inner());
-        let layer = AdamW::default().step(&cfg, 0.1, layer, grads, scale);
+        let model = AdamW::default().step(&cfg, 0.1, model, grads, scale);
         let first = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().unwrap()[0];
-        let router = first(layer.router.weight.val());
-        let expert = first(layer.experts.gate_proj.val().reshape([1, 1]));
-        let plain = first(layer.w.val());
-        assert!((router - 0.95).abs() < 1e-6, "router {router}");
-        assert!((expert - 0.7).abs() < 1e-6, "expert {expert}");
-        assert!((plain - 0.9).abs() < 1e-6, "plain {plain}");
+        let moved = [
+            ("router", first(model.a.mlp.router.weight.val()), 0.05),
+            (
+                "routed expert",
+                first(model.a.mlp.experts.gate_proj.val().reshape([1, 1])),
+                0.3,
+            ),
+            (
+                "shared expert",
+                first(model.a.mlp.shared_expert.down_proj.val()),
+                0.2,
+            ),
+            ("dense MLP", first(model.b.mlp.down_proj.val()), 0.2),
+            ("other", first(model.a.w.val()), 0.1),
+        ];
+        for (name, value, step) in moved {
+            assert!((value - (1.0 - step)).abs() < 1e-6, "{name}: {value}");
+        }
     }
 }
