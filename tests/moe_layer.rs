@@ -499,11 +499,11 @@ fn dropless_buffers_fit_the_busiest_expert_and_match_full_capacity() {
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()
         .fold(0.0, f32::max) as usize;
-    let plan = dispatch::plan(
+    let plan = switchyard::moe::policy::plan(
         &decision,
         valid.reshape([t]),
         None,
-        dispatch::Overflow::Drop,
+        switchyard::moe::policy::Overflow::Drop,
     );
     assert!(plan.capacity >= busiest, "{} < {busiest}", plan.capacity);
     assert_eq!(plan.capacity % dispatch::granule(&device), 0);
@@ -549,11 +549,11 @@ fn cpu_capacity_buffers_are_cut_to_the_busiest_expert_and_both_expert_paths_matc
 
     let flat = x.reshape([t, d]);
     let decision = moe.router.forward(flat.clone(), moe.config(), Phase::Train);
-    let plan = dispatch::plan(
+    let plan = switchyard::moe::policy::plan(
         &decision,
         valid.reshape([t]),
         Some(c),
-        dispatch::Overflow::Drop,
+        switchyard::moe::policy::Overflow::Drop,
     );
     let busiest = vec1(aux.stats.routed_per_expert.clone())
         .into_iter()

@@ -10,7 +10,8 @@ use burn::tensor::Distribution;
 use std::sync::{Mutex, MutexGuard};
 use switchyard::config::{DropPolicy, ModelConfig, MoeConfig};
 use switchyard::model::LanguageModel;
-use switchyard::moe::dispatch::{self, Overflow};
+use switchyard::moe::dispatch;
+use switchyard::moe::policy::{self, Overflow};
 use switchyard::moe::{MoeLayer, Phase};
 
 /// The flex backend's RNG is process-wide: tests that seed it and then draw
@@ -237,7 +238,7 @@ fn reroute_drops_nothing_while_other_experts_have_room_and_each_token_uses_disti
     assert!(floats(aux.stats.rerouted.clone())[0] >= dropped);
 
     let decision = rer.router.forward(x, rer.config(), Phase::Train);
-    let plan = dispatch::plan(
+    let plan = policy::plan(
         &decision,
         Tensor::ones([t], &device),
         rer.config().capacity(t, 1.25),

@@ -6,7 +6,7 @@ use crate::config::RunConfig;
 use crate::data::stream::SplitMix64;
 use crate::model::block::Ffn;
 use crate::model::LanguageModel;
-use crate::moe::{dispatch, losses, Phase};
+use crate::moe::{dispatch, losses, policy, Phase};
 use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use crate::train::step;
 use anyhow::Result;
@@ -68,14 +68,7 @@ pub(super) fn profile_phases(
             Phase::Train,
         );
         let capacity = mcfg.capacity(t, mcfg.capacity_factor);
-        let plan = || {
-            dispatch::plan(
-                &decision,
-                valid.clone(),
-                capacity,
-                crate::moe::overflow(mcfg),
-            )
-        };
+        let plan = || policy::plan(&decision, valid.clone(), capacity, policy::overflow(mcfg));
         let weights = decision.topk_weights.clone().detach();
         // In the layer's own layout (grouped rows or capacity buffers).
         let dc = time(&mut || {

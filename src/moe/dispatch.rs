@@ -50,45 +50,6 @@ pub struct DispatchPlan {
     pub rerouted: Option<(Tensor<2, Int>, Tensor<1>)>,
 }
 
-/// What happens to an assignment whose expert is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    /// It is dropped.
-    Drop,
-    /// It tries the token's next `depth` choices, best first, and takes
-    /// the first with room ([`super::reroute`]).
-    Reroute {
-        /// Choices past the token's own k that may be tried.
-        depth: usize,
-    },
-}
-
-/// Build the dispatch plan: on the host on the CPU backend
-/// ([`plan_on_host`]), with device operations elsewhere ([`plan_on_device`]).
-/// The two agree slot for slot wherever no two tokens competing for an
-/// expert have the same probability.
-///
-/// # Shapes
-/// - `valid`: `[T]`, 1.0 for real tokens and 0.0 for padding
-pub fn plan(
-    decision: &RoutingDecision,
-    valid: Tensor<1>,
-    capacity: Option<usize>,
-    overflow: Overflow,
-) -> DispatchPlan {
-    let host = on_cpu(&decision.routing_map.device());
-    match (capacity, overflow) {
-        (Some(c), Overflow::Reroute { depth }) if host => {
-            super::reroute::plan_on_host(decision, valid, c, depth)
-        }
-        (Some(c), Overflow::Reroute { depth }) => {
-            super::reroute::plan_on_device(decision, valid, c, depth)
-        }
-        _ if host => plan_on_host(decision, valid, capacity),
-        _ => plan_on_device(decision, valid, capacity),
-    }
-}
-
 /// Build the dispatch plan with sorts and gathers on the device, with no
 /// host read unless the buffers can be cut to the busiest expert cheaply.
 ///
@@ -184,42 +145,62 @@ pub fn plan_on_host(
     for queue in &mut queues {
         queue.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     }
-    let busiest = queues.iter().map(Vec::len).max().unwrap_or(0);
-    let cut = busiest_capacity(busiest as f32, t, granule(&device));
+    let kept: Vec<Vec<(usize, usize)>> = queues
+        .iter()
+        .map(|q| {
+            let n = capacity.map_or(q.len(), |c| q.len().min(c));
+            q[..n].iter().map(|&(_, tok, j)| (tok, j)).collect()
+        })
+        .collect();
+    plan_from_queues(&kept, capacity, t, k, &device)
+}
+
+/// The plan in which expert e keeps `kept[e]`, its (token, choice j)
+/// assignments in slot order (at most `capacity` of them), with its
+/// [`Grouping`]; the buffers are cut to the busiest expert. Every
+/// assignment not in a queue is dropped.
+pub(crate) fn plan_from_queues(
+    kept: &[Vec<(usize, usize)>],
+    capacity: Option<usize>,
+    t: usize,
+    k: usize,
+    device: &Device,
+) -> DispatchPlan {
+    let e = kept.len();
+    let busiest = kept.iter().map(Vec::len).max().unwrap_or(0);
+    let cut = busiest_capacity(busiest as f32, t, granule(device));
     let c = capacity.map_or(cut, |c| c.min(cut));
 
     let mut token_for_slot = vec![t as i64; e * c];
     let mut slot_for_assignment = vec![(e * c) as i64; t * k];
     let mut row_for_assignment = vec![-1i64; t * k];
-    let mut kept_per_expert = vec![0f32; e];
     let mut token_for_row = Vec::with_capacity(t * k);
     let mut offsets = vec![0i64; e + 1];
-    for (ex, queue) in queues.iter().enumerate() {
-        let kept = &queue[..queue.len().min(c)];
-        for (i, &(_, tok, j)) in kept.iter().enumerate() {
+    for (ex, queue) in kept.iter().enumerate() {
+        for (i, &(tok, j)) in queue.iter().enumerate() {
             token_for_slot[ex * c + i] = tok as i64;
             slot_for_assignment[tok * k + j] = (ex * c + i) as i64;
             row_for_assignment[tok * k + j] = offsets[ex] + i as i64;
             token_for_row.push(tok as i64);
         }
-        kept_per_expert[ex] = kept.len() as f32;
-        offsets[ex + 1] = offsets[ex] + kept.len() as i64;
+        offsets[ex + 1] = offsets[ex] + queue.len() as i64;
     }
     let n = offsets[e];
     row_for_assignment
         .iter_mut()
         .filter(|r| **r < 0)
         .for_each(|r| *r = n);
+    let kept_per_expert: Vec<f32> = kept.iter().map(|q| q.len() as f32).collect();
 
     let int = |v: Vec<i64>| {
         let len = v.len();
-        Tensor::<1, Int>::from_data(TensorData::new(v, [len]), &device)
+        Tensor::<1, Int>::from_data(TensorData::new(v, [len]), device)
     };
     DispatchPlan {
         capacity: c,
         token_for_slot: int(token_for_slot),
         slot_for_assignment: int(slot_for_assignment),
-        kept_per_expert: Tensor::from_data(TensorData::new(kept_per_expert, [e]), &device),
+        kept_per_expert: Tensor::from_data(TensorData::new(kept_per_expert, [e]), device),
         grouping: Some(Grouping {
             token_for_row: int(token_for_row),
             offsets: int(offsets),

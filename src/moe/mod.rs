@@ -11,6 +11,7 @@
 pub mod dispatch;
 pub mod experts;
 pub mod losses;
+pub mod policy;
 pub mod reroute;
 pub mod router;
 pub mod stats;
@@ -110,11 +111,11 @@ impl MoeLayer {
             Phase::Train => self.cfg.capacity_factor,
             Phase::Eval => self.cfg.eval_capacity_factor,
         };
-        let plan = dispatch::plan(
+        let plan = policy::plan(
             &decision,
             valid_flat.clone(),
             self.cfg.capacity(t, cf),
-            overflow(&self.cfg),
+            policy::overflow(&self.cfg),
         );
         let weights = match &plan.rerouted {
             Some((experts, _)) => decision.weights_for(experts.clone(), &self.cfg),
@@ -157,16 +158,6 @@ impl MoeLayer {
             topk_weights: decision.topk_weights,
         };
         (y.reshape([b, s, d]), aux)
-    }
-}
-
-/// What the layer's policy does with an assignment whose expert is full.
-pub fn overflow(cfg: &MoeConfig) -> dispatch::Overflow {
-    match cfg.drop_policy {
-        DropPolicy::Reroute => dispatch::Overflow::Reroute {
-            depth: cfg.reroute_depth.unwrap_or(usize::MAX),
-        },
-        DropPolicy::Drop | DropPolicy::Dropless => dispatch::Overflow::Drop,
     }
 }
 

@@ -19,7 +19,9 @@
 //! over the same experts as under the drop policy when nothing can be
 //! rerouted.
 
-use super::dispatch::{busiest_capacity, granule, host_floats, host_ints, DispatchPlan, Grouping};
+use super::dispatch::{
+    busiest_capacity, granule, host_floats, host_ints, plan_from_queues, DispatchPlan,
+};
 use super::router::{RoutingDecision, MASKED};
 use crate::kernels::on_cpu;
 use burn::prelude::*;
@@ -115,47 +117,12 @@ pub fn plan_on_host(
         }
     }
 
-    let busiest = queues.iter().map(Vec::len).max().unwrap_or(0);
-    let cb = busiest_capacity(busiest as f32, t, granule(&device)).min(c);
-    let mut token_for_slot = vec![t as i64; e * cb];
-    let mut slot_for_assignment = vec![(e * cb) as i64; t * k];
-    let mut row_for_assignment = vec![-1i64; t * k];
-    let mut token_for_row = Vec::with_capacity(t * k);
-    let mut offsets = vec![0i64; e + 1];
-    for (ex, queue) in queues.iter().enumerate() {
-        for (i, &(tok, j)) in queue.iter().enumerate() {
-            token_for_slot[ex * cb + i] = tok as i64;
-            slot_for_assignment[tok * k + j] = (ex * cb + i) as i64;
-            row_for_assignment[tok * k + j] = offsets[ex] + i as i64;
-            token_for_row.push(tok as i64);
-        }
-        offsets[ex + 1] = offsets[ex] + queue.len() as i64;
-    }
-    let n = offsets[e];
-    row_for_assignment
-        .iter_mut()
-        .filter(|r| **r < 0)
-        .for_each(|r| *r = n);
-    let kept: Vec<f32> = queues.iter().map(|q| q.len() as f32).collect();
-
-    let int1 = |v: Vec<i64>| {
-        let len = v.len();
-        Tensor::<1, Int>::from_data(TensorData::new(v, [len]), &device)
-    };
     DispatchPlan {
-        capacity: cb,
-        token_for_slot: int1(token_for_slot),
-        slot_for_assignment: int1(slot_for_assignment),
-        kept_per_expert: Tensor::from_data(TensorData::new(kept, [e]), &device),
-        grouping: Some(Grouping {
-            token_for_row: int1(token_for_row),
-            offsets: int1(offsets),
-            row_for_assignment: int1(row_for_assignment),
-        }),
         rerouted: Some((
             Tensor::from_data(TensorData::new(experts, [t, k]), &device),
             Tensor::from_data(TensorData::new(vec![rerouted as f32], [1]), &device),
         )),
+        ..plan_from_queues(&queues, Some(c), t, k, &device)
     }
 }
 
