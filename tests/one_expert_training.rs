@@ -132,8 +132,8 @@ fn one_expert_moe_trains_exactly_like_the_dense_mlp() {
     let (mut adam_d, mut adam_m) = (AdamW::default(), AdamW::default());
     for s in 0..6 {
         let bt = BatchTensors::new(&batch(s), &device);
-        let (gd, ld, _) = step::backward(&dense, &bt, &dense_cfg);
-        let (gm, lm, stats) = step::backward(&moe, &bt, &moe_cfg);
+        let (gd, ld, _) = step::backward(&dense, &bt, &dense_cfg, &mut Default::default());
+        let (gm, lm, stats) = step::backward(&moe, &bt, &moe_cfg, &mut Default::default());
         let (ld, lm) = (ld.total.into_scalar::<f32>(), lm.total.into_scalar::<f32>());
         assert!(
             ((ld - lm) / ld).abs() < 1e-5,

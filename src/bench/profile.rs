@@ -121,7 +121,7 @@ pub(super) fn profile_phases(
     let optim = time_median(
         &base,
         reps,
-        || step::backward(model, &batch, cfg).0,
+        || step::backward(model, &batch, cfg, &mut Default::default()).0,
         |grads| {
             let sq = grad_sq_norm(model, &grads, &base);
             let clip = clip_scale(sq, cfg.optim.grad_clip);

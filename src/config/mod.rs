@@ -9,7 +9,7 @@ mod model;
 mod train;
 
 pub use architecture::{Architecture, MoeArchitecture};
-pub use model::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
+pub use model::{BalanceScope, DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 
 pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};

@@ -157,6 +157,19 @@ pub enum DropPolicy {
     Reroute,
 }
 
+/// Over which tokens the Switch balance loss counts assignments (`f_e`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceScope {
+    /// Each micro-batch on its own (Switch, Megatron-Core's default).
+    MicroBatch,
+    /// The assignments of every micro-batch of the optimizer step so far
+    /// (Qiu et al. 2025; Megatron-Core's `global_aux_loss`): balance is asked
+    /// of the whole batch, so a micro-batch drawn from one domain may lean
+    /// on a few experts.
+    GlobalBatch,
+}
+
 /// The routed-expert layer and where it sits in the stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -210,6 +223,9 @@ pub struct MoeConfig {
     pub bias_update_rate: f64,
     /// Coefficient of the Switch load-balancing loss. Default 0.01.
     pub aux_loss_coef: f64,
+    /// Which tokens the Switch loss balances over: "micro_batch" or
+    /// "global_batch" (all micro-batches of the optimizer step). Default "micro_batch".
+    pub balance_scope: BalanceScope,
     /// Coefficient of the sequence-level balance loss. Default 0.
     pub seq_aux_loss_coef: f64,
     /// Coefficient of the router z-loss. Default 0.001.
@@ -217,6 +233,15 @@ pub struct MoeConfig {
     /// Standard deviation of the router's initial weights; none means
     /// `model.init_std`. Default none.
     pub router_init_std: Option<f64>,
+    /// Group-limited routing (DeepSeek-V3, GLM-4.5): the experts split into
+    /// this many equal groups of consecutive experts; 1 turns it off. Default 1.
+    pub n_group: usize,
+    /// Under group-limited routing, how many groups a token may choose from:
+    /// those whose two best selection scores sum highest. Default 1.
+    pub topk_group: usize,
+    /// Multiplies the combine weights of the routed experts (not the shared
+    /// ones). Default 1.0.
+    pub routed_scaling_factor: f64,
 }
 
 impl Default for MoeConfig {
@@ -247,6 +272,10 @@ impl Default for MoeConfig {
             seq_aux_loss_coef: 0.0,
             z_loss_coef: 1e-3,
             router_init_std: None,
+            balance_scope: BalanceScope::MicroBatch,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
         }
     }
 }
@@ -346,6 +375,49 @@ impl MoeConfig {
             return Err(err(
                 "moe.topk_order",
                 "\"topk_then_softmax\" needs moe.score = \"softmax\"",
+            ));
+        }
+        if self.n_group == 0 || self.num_experts % self.n_group != 0 {
+            return Err(err(
+                "moe.n_group",
+                format!(
+                    "must divide moe.num_experts ({}), got {}",
+                    self.num_experts, self.n_group
+                ),
+            ));
+        }
+        if self.topk_group == 0 || self.topk_group > self.n_group {
+            return Err(err(
+                "moe.topk_group",
+                format!("must be in 1..={} (moe.n_group), got {}", self.n_group, self.topk_group),
+            ));
+        }
+        if self.n_group > 1 {
+            let per_group = self.num_experts / self.n_group;
+            if per_group < 2 {
+                return Err(err(
+                    "moe.n_group",
+                    format!(
+                        "a group's score is the sum of its two best experts, so each group needs \
+                         at least 2; {} experts in {} groups leave {per_group}",
+                        self.num_experts, self.n_group
+                    ),
+                ));
+            }
+            if self.top_k > self.topk_group * per_group {
+                return Err(err(
+                    "moe.topk_group",
+                    format!(
+                        "{} groups of {per_group} experts hold fewer than moe.top_k = {} experts",
+                        self.topk_group, self.top_k
+                    ),
+                ));
+            }
+        }
+        if !(self.routed_scaling_factor > 0.0) || !self.routed_scaling_factor.is_finite() {
+            return Err(err(
+                "moe.routed_scaling_factor",
+                format!("must be a finite number > 0, got {}", self.routed_scaling_factor),
             ));
         }
         for (key, v) in [

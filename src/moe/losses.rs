@@ -28,12 +28,47 @@ pub fn switch_load_balancing_loss(
     valid: Tensor<1>,
     top_k: usize,
 ) -> Tensor<1> {
-    let [_, e] = probs.dims();
+    let [t, e] = probs.dims();
+    let n = valid.clone().sum(); // [1]
+    let routed = (routing_map.detach() * valid.clone().reshape([t, 1]))
+        .sum_dim(0)
+        .reshape([e]); // [E]
+    balance_loss(routed, n, mean_probs(probs, valid), top_k)
+}
+
+/// `P_e`: the mean router probability of each expert over real tokens.
+///
+/// # Shapes
+/// - `probs`: `[T, E]`; `valid`: `[T]`; returns `[E]`
+pub fn mean_probs(probs: Tensor<2>, valid: Tensor<1>) -> Tensor<1> {
+    let [t, e] = probs.dims();
     let n = valid.clone().sum().clamp_min(1.0); // [1]
-    let valid = valid.unsqueeze_dim::<2>(1); // [T, 1]
-    let f = (routing_map.detach() * valid.clone()).sum_dim(0)
-        / n.clone().mul_scalar(top_k as f32).unsqueeze(); // [1, E]
-    let p = (probs * valid).sum_dim(0) / n.unsqueeze(); // [1, E]
+    ((probs * valid.reshape([t, 1])).sum_dim(0).reshape([e]) / n).reshape([e])
+}
+
+/// `E · Σ_e f_e · P_e` with `f_e = routed_e / (k · tokens)`, from counts:
+/// `routed` the assignments per expert and `tokens` the real tokens they
+/// came from, both without gradient; `p` the mean probabilities, with it.
+///
+/// The global-batch balance loss (`moe.balance_scope = "global_batch"`;
+/// Qiu et al. 2025, "Demons in the Detail"; Megatron-Core's
+/// `global_aux_loss`) is this function fed with the counts of every
+/// micro-batch of the optimizer step so far, while `p` stays the current
+/// micro-batch's: micro-batch m of a step contributes
+///
+/// ```text
+/// L_m = E · Σ_e f_e^(≤m) · P_e^(m)
+/// f_e^(≤m) = Σ_{j≤m} routed_{j,e} / (k · Σ_{j≤m} N_j)
+/// ```
+///
+/// so the last micro-batch sees the whole batch's `f_e`, and a micro-batch
+/// may route unevenly as long as the batch as a whole does not.
+///
+/// # Shapes
+/// - `routed`, `p`: `[E]`; `tokens`: `[1]`; returns `[1]`
+pub fn balance_loss(routed: Tensor<1>, tokens: Tensor<1>, p: Tensor<1>, top_k: usize) -> Tensor<1> {
+    let [e] = p.dims();
+    let f = routed.detach() / tokens.detach().clamp_min(1.0).mul_scalar(top_k as f32); // [E]
     (f * p).sum().mul_scalar(e as f32)
 }
 

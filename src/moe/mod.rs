@@ -34,6 +34,9 @@ pub struct MoeLosses {
     pub seq_load_balancing: Tensor<1>,
     /// Router z-loss.
     pub z_loss: Tensor<1>,
+    /// `P_e`, the mean router probability of each expert over real tokens,
+    /// with its gradient: the global-batch balance loss is built from it. `[E]`
+    pub mean_probs: Tensor<1>,
 }
 
 /// Everything a MoE layer returns besides its output.
@@ -134,11 +137,13 @@ impl MoeLayer {
             y = y + out;
         }
 
+        let stats = routing_stats(&decision, &plan, valid_flat.clone());
+        let mean_probs = losses::mean_probs(decision.probs.clone(), valid_flat.clone());
         let losses = MoeLosses {
-            load_balancing: losses::switch_load_balancing_loss(
-                decision.probs.clone(),
-                decision.routing_map.clone(),
-                valid_flat.clone(),
+            load_balancing: losses::balance_loss(
+                stats.routed_per_expert.clone(),
+                stats.num_tokens.clone(),
+                mean_probs.clone(),
                 k,
             ),
             seq_load_balancing: losses::sequence_load_balancing_loss(
@@ -147,9 +152,9 @@ impl MoeLayer {
                 valid,
                 k,
             ),
-            z_loss: losses::router_z_loss(decision.logits.clone(), valid_flat.clone()),
+            z_loss: losses::router_z_loss(decision.logits.clone(), valid_flat),
+            mean_probs,
         };
-        let stats = routing_stats(&decision, &plan, valid_flat);
         let aux = MoeAux {
             losses,
             stats,

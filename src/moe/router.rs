@@ -44,7 +44,8 @@ pub struct RoutingDecision {
     /// logits. `[T, E]`
     pub scores: Tensor<2>,
     /// The selection key top-k ranked by (scores or logits, plus any
-    /// aux-free bias, disabled experts at [`MASKED`]); no gradient. `[T, E]`
+    /// aux-free bias; disabled experts, and under group-limited routing the
+    /// experts outside the token's groups, at [`MASKED`]); no gradient. `[T, E]`
     pub select: Tensor<2>,
 }
 
@@ -64,7 +65,7 @@ fn combine_weights(
     experts: Tensor<2, Int>,
     cfg: &MoeConfig,
 ) -> Tensor<2> {
-    match cfg.topk_order {
+    let w = match cfg.topk_order {
         TopkOrder::TopkThenSoftmax => softmax(logits.clone().gather(1, experts), 1),
         TopkOrder::SoftmaxThenTopk => {
             let w = scores.clone().gather(1, experts);
@@ -74,7 +75,39 @@ fn combine_weights(
                 w
             }
         }
+    };
+    if cfg.routed_scaling_factor == 1.0 {
+        w
+    } else {
+        w.mul_scalar(cfg.routed_scaling_factor)
     }
+}
+
+/// Group-limited selection (DeepSeek-V3, GLM-4.5): the experts form
+/// `n_group` groups of consecutive experts; a group's score is the sum of
+/// its two best selection keys; every expert outside the `topk_group`
+/// best groups is set to [`MASKED`], so top-k only sees the chosen groups.
+///
+/// # Shapes
+/// - `select`: `[T, E]` → `[T, E]`
+fn limit_to_groups(select: Tensor<2>, n_group: usize, topk_group: usize) -> Tensor<2> {
+    let [t, e] = select.dims();
+    let per_group = e / n_group;
+    let device = select.device();
+    let grouped = select.clone().reshape([t, n_group, per_group]);
+    let group_score = grouped.topk(2, 2).sum_dim(2).reshape([t, n_group]); // [T, G]
+    let (_, best) = group_score.topk_with_indices(topk_group, 1); // [T, topk_group]
+    let open = Tensor::<2>::zeros([t, n_group], &device)
+        .scatter(
+            1,
+            best,
+            Tensor::ones([t, topk_group], &device),
+            IndexingUpdateOp::Add,
+        )
+        .reshape([t, n_group, 1])
+        .expand([t, n_group, per_group])
+        .reshape([t, e]); // [T, E], 1.0 inside a chosen group
+    select.mask_fill(open.lower_elem(0.5), MASKED)
 }
 
 /// The learned router of one MoE layer.
@@ -152,6 +185,9 @@ impl Router {
         }
         if let Some(mask) = &disabled {
             select = select.mask_fill(mask.clone(), MASKED);
+        }
+        if cfg.n_group > 1 {
+            select = limit_to_groups(select, cfg.n_group, cfg.topk_group);
         }
         let (_, topk_experts) = select.clone().topk_with_indices(k, 1); // [T, k]
         let topk_weights = combine_weights(&logits, &scores, topk_experts.clone(), cfg);

@@ -1,11 +1,11 @@
 //! One training or evaluation pass over a batch: tensors in, loss terms and
 //! routing statistics out, all still on the device.
 
-use crate::config::RunConfig;
+use crate::config::{BalanceScope, RunConfig};
 use crate::data::stream::Batch;
 use crate::metrics::LayerReport;
 use crate::model::LanguageModel;
-use crate::moe::{MoeAux, Phase, RoutingStats};
+use crate::moe::{losses, MoeAux, Phase, RoutingStats};
 use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
@@ -49,13 +49,66 @@ pub struct LossTerms {
     pub z: Tensor<1>,
 }
 
+/// The assignments per expert and the real tokens of the micro-batches of
+/// one optimizer step so far, per MoE layer, still on the device: under
+/// `moe.balance_scope = "global_batch"` the Switch loss of each micro-batch
+/// takes its `f_e` from them (see [`crate::moe::losses::balance_loss`]).
+#[derive(Default)]
+pub struct BalanceCounts {
+    /// Per MoE layer: (assignments per expert `[E]`, real tokens `[1]`).
+    layers: Vec<(Tensor<1>, Tensor<1>)>,
+}
+
+impl BalanceCounts {
+    /// Add layer `l`'s counts of this micro-batch and return its Switch
+    /// loss over every micro-batch counted so far.
+    fn add(&mut self, l: usize, aux: &MoeAux, top_k: usize) -> Tensor<1> {
+        let (mut routed, mut tokens) = (
+            aux.stats.routed_per_expert.clone().detach(),
+            aux.stats.num_tokens.clone().detach(),
+        );
+        if let Some((r, n)) = self.layers.get(l) {
+            routed = routed + r.clone();
+            tokens = tokens + n.clone();
+        } else {
+            debug_assert_eq!(l, self.layers.len(), "layers are counted in order");
+        }
+        let loss = losses::balance_loss(
+            routed.clone(),
+            tokens.clone(),
+            aux.losses.mean_probs.clone(),
+            top_k,
+        );
+        if l < self.layers.len() {
+            self.layers[l] = (routed, tokens);
+        } else {
+            self.layers.push((routed, tokens));
+        }
+        loss
+    }
+}
+
 /// Forward a batch and combine the losses with the configured coefficients;
-/// also returns each MoE layer's auxiliary outputs.
+/// also returns each MoE layer's auxiliary outputs. Each micro-batch is
+/// balanced on its own; [`forward_in_step`] counts across micro-batches.
 pub fn forward(
     model: &LanguageModel,
     batch: &BatchTensors,
     cfg: &RunConfig,
     phase: Phase,
+) -> (LossTerms, Vec<MoeAux>) {
+    forward_in_step(model, batch, cfg, phase, &mut BalanceCounts::default())
+}
+
+/// [`forward`] for one micro-batch of an optimizer step: under
+/// `moe.balance_scope = "global_batch"` the Switch loss counts the
+/// assignments of every micro-batch of the step so far, kept in `counts`.
+pub fn forward_in_step(
+    model: &LanguageModel,
+    batch: &BatchTensors,
+    cfg: &RunConfig,
+    phase: Phase,
+    counts: &mut BalanceCounts,
 ) -> (LossTerms, Vec<MoeAux>) {
     let device = batch.mask.device();
     let (lm, moe) = model.forward_loss(
@@ -66,8 +119,14 @@ pub fn forward(
     );
     let zero = || Tensor::<1>::zeros([1], &device);
     let (mut aux, mut seq_aux, mut z) = (zero(), zero(), zero());
-    for layer in &moe {
-        aux = aux + layer.losses.load_balancing.clone();
+    let global = phase == Phase::Train && cfg.moe.balance_scope == BalanceScope::GlobalBatch;
+    for (l, layer) in moe.iter().enumerate() {
+        aux = aux
+            + if global {
+                counts.add(l, layer, cfg.moe.top_k)
+            } else {
+                layer.losses.load_balancing.clone()
+            };
         seq_aux = seq_aux + layer.losses.seq_load_balancing.clone();
         z = z + layer.losses.z_loss.clone();
     }
@@ -99,12 +158,16 @@ pub fn forward(
 /// Forward and backward one training micro-batch, its loss scaled by
 /// 1 / grad_accum. Returns the gradients, the loss terms and each MoE
 /// layer's routing statistics (all on the device).
+///
+/// `counts` carries the balance counts from the step's earlier micro-batches
+/// (a fresh [`BalanceCounts`] for the first).
 pub fn backward(
     model: &LanguageModel,
     batch: &BatchTensors,
     cfg: &RunConfig,
+    counts: &mut BalanceCounts,
 ) -> (GradientsParams, LossTerms, Vec<RoutingStats>) {
-    let (loss, moe) = forward(model, batch, cfg, Phase::Train);
+    let (loss, moe) = forward_in_step(model, batch, cfg, Phase::Train, counts);
     let grads = loss
         .total
         .clone()
@@ -277,9 +340,10 @@ pub fn train_step(
     let device = first.mask.device();
     let mut acc = GradientsAccumulator::new();
     let (mut terms, mut stats) = (Vec::new(), Vec::new());
+    let mut counts = BalanceCounts::default();
     for (micro, batch) in micro_batches.iter().enumerate() {
         device.seed(step_seed(cfg.train.seed, step, micro));
-        let (grads, loss, micro_stats) = backward(&model, batch, cfg);
+        let (grads, loss, micro_stats) = backward(&model, batch, cfg, &mut counts);
         acc.accumulate(&model, grads);
         terms.push(loss);
         stats.push(micro_stats);
