@@ -235,7 +235,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let tok = tokenizer::load(&tok_path)?;
     tokenizer::check_fits(&tok, &tok_path, cfg.model.vocab_size)?;
     let tok = std::sync::Arc::new(tok);
-    let loss = switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?;
+    let loss =
+        switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?.loss;
     println!(
         "{}: loss {loss:.4} | perplexity {:.2}",
         dir.display(),

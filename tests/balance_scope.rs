@@ -148,9 +148,20 @@ fn global_batch_gradients_flow_through_the_micro_batch_probabilities() {
     let s = cfg.model.seq_len;
     let (_, full_aux) = forward(&model, &batch(0..8, s, &device), &cfg, Phase::Eval);
     let mut counts = BalanceCounts::default();
-    let _ = forward_in_step(&model, &batch(0..4, s, &device), &cfg, Phase::Train, &mut counts);
-    let (second, _) =
-        forward_in_step(&model, &batch(4..8, s, &device), &cfg, Phase::Train, &mut counts);
+    let _ = forward_in_step(
+        &model,
+        &batch(0..4, s, &device),
+        &cfg,
+        Phase::Train,
+        &mut counts,
+    );
+    let (second, _) = forward_in_step(
+        &model,
+        &batch(4..8, s, &device),
+        &cfg,
+        Phase::Train,
+        &mut counts,
+    );
     let router = |m: &LanguageModel| m.moe_layers().next().unwrap().router.weight.clone();
     let grads = second.aux.backward();
     let got = router(&model).grad(&grads).unwrap();

@@ -197,6 +197,45 @@ fn trains_and_logs_every_step() {
             "step {step}"
         );
         assert_eq!(tags.contains_key("eval/ppl"), step % 10 == 0, "step {step}");
+        // At evaluations, each expert's first-choice tokens and their mean
+        // loss; weighted by the counts they give back the eval loss.
+        for i in 0..2 {
+            let tag = |e: usize, what: &str| format!("moe/layer{i}/expert{e}/{what}");
+            assert_eq!(
+                tags.contains_key(&tag(0, "lm_loss_tokens")),
+                step % 10 == 0,
+                "step {step}"
+            );
+            if step % 10 != 0 {
+                continue;
+            }
+            let (mut n, mut sum) = (0.0, 0.0);
+            for e in 0..4 {
+                let Some(ValueKind::SimpleValue(c)) = tags.get(&tag(e, "lm_loss_tokens")) else {
+                    panic!("step {step}: no `{}`", tag(e, "lm_loss_tokens"))
+                };
+                n += *c as f64;
+                if *c > 0.0 {
+                    let Some(ValueKind::SimpleValue(l)) = tags.get(&tag(e, "lm_loss")) else {
+                        panic!("step {step}: no `{}`", tag(e, "lm_loss"))
+                    };
+                    sum += *c as f64 * *l as f64;
+                }
+            }
+            let Some(ValueKind::SimpleValue(eval)) = tags.get("eval/loss") else {
+                unreachable!()
+            };
+            assert_eq!(
+                n,
+                2.0 * 4.0 * 32.0,
+                "step {step}: every eval token counted once"
+            );
+            assert!(
+                (sum / n - *eval as f64).abs() < 1e-4 * *eval as f64,
+                "step {step}: {} vs {eval}",
+                sum / n
+            );
+        }
         let json = &lines[(*step - 1) as usize];
         assert_eq!(json["step"], serde_json::json!(step));
         // metrics.jsonl holds the same numbers as the event file.

@@ -389,7 +389,10 @@ impl MoeConfig {
         if self.topk_group == 0 || self.topk_group > self.n_group {
             return Err(err(
                 "moe.topk_group",
-                format!("must be in 1..={} (moe.n_group), got {}", self.n_group, self.topk_group),
+                format!(
+                    "must be in 1..={} (moe.n_group), got {}",
+                    self.n_group, self.topk_group
+                ),
             ));
         }
         if self.n_group > 1 {
@@ -417,7 +420,10 @@ impl MoeConfig {
         if !(self.routed_scaling_factor > 0.0) || !self.routed_scaling_factor.is_finite() {
             return Err(err(
                 "moe.routed_scaling_factor",
-                format!("must be a finite number > 0, got {}", self.routed_scaling_factor),
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.routed_scaling_factor
+                ),
             ));
         }
         for (key, v) in [

@@ -281,6 +281,18 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
         )
     }
 
+    fn linear_cross_entropy_rows(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::linear_cross_entropy_rows(
+            x.into_primitive(),
+            w.into_primitive(),
+            targets,
+        ))
+    }
+
     fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::sum_squares(x.into_primitive()))
     }

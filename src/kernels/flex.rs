@@ -56,6 +56,14 @@ impl FusedOps for Flex {
         tensor(vec![loss], vec![1])
     }
 
+    fn linear_cross_entropy_rows(x: FlexTensor, w: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        let n = shape_of(&x)[0];
+        let ones = tensor(vec![1.0; n], vec![n]);
+        let (dims, t) = head_dims(&x, &w, &targets, &ones);
+        let nll = head::row_losses(&values(&x), &values(&w), &t, dims);
+        tensor(nll, vec![n])
+    }
+
     fn adamw_update(
         param: FlexTensor,
         grad: FlexTensor,

@@ -54,6 +54,15 @@ fn chunks(dims: Dims) -> impl Iterator<Item = (usize, usize)> {
 /// # Panics
 /// If a target is outside `0..V`.
 pub fn loss(x: &[f32], w: &[f32], targets: &[i64], r: &[f32], dims: Dims) -> f32 {
+    weighted_sum(&row_losses(x, w, targets, dims), r)
+}
+
+/// Each row's loss `nll_i` (`[N]`), the logits made chunk by chunk as for
+/// [`loss`].
+///
+/// # Panics
+/// If a target is outside `0..V`.
+pub fn row_losses(x: &[f32], w: &[f32], targets: &[i64], dims: Dims) -> Vec<f32> {
     let Dims { n, v, chunk, .. } = dims;
     let (mut nll, mut lse) = (cpu::zeros(n), cpu::zeros(n));
     let mut buf = cpu::zeros(chunk.min(n) * v);
@@ -63,7 +72,7 @@ pub fn loss(x: &[f32], w: &[f32], targets: &[i64], r: &[f32], dims: Dims) -> f32
         let (nll, lse) = (&mut nll[r0..r1], &mut lse[r0..r1]);
         cross_entropy_forward(buf, &targets[r0..r1], v, nll, lse);
     }
-    weighted_sum(&nll, r)
+    nll
 }
 
 /// `Σ r_i nll_i`, in f64.

@@ -57,6 +57,13 @@ pub trait FusedOps: Backend {
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// Each row's `cross_entropy_rows(x · w, targets)` (`[n]`) without
+    /// materialising the logits; carries no gradient (evaluation only).
+    fn linear_cross_entropy_rows(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
     /// One AdamW update of a flat parameter: returns the new parameter and
     /// moments. `scale` (`[1]`) multiplies the gradient first.
     #[allow(clippy::too_many_arguments)]
@@ -280,6 +287,28 @@ pub fn linear_cross_entropy(
         w.into_dispatch(),
         targets.into_dispatch(),
         weights.into_dispatch(),
+    );
+    Some(Tensor::from_dispatch(out))
+}
+
+/// Each row's cross-entropy of the logits `x · w`, with no gradient, on
+/// the CPU backend in f32 without the `[n, v]` logits (`None` elsewhere:
+/// the caller makes the logits).
+///
+/// # Shapes
+/// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`: `[n]`; returns `[n]`
+pub fn linear_cross_entropy_rows(
+    x: Tensor<2>,
+    w: Tensor<2>,
+    targets: Tensor<1, Int>,
+) -> Option<Tensor<1>> {
+    if !fused_on(&x.device(), x.dtype()) || w.dtype() != x.dtype() {
+        return None;
+    }
+    let out = <Dispatch as FusedOps>::linear_cross_entropy_rows(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
     );
     Some(Tensor::from_dispatch(out))
 }

@@ -15,6 +15,26 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::Path;
 
+/// The validation loss by first-choice expert of one MoE layer, on the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertLosses {
+    /// Σ loss over the validation tokens whose first choice is each expert.
+    pub loss_sum: Vec<f64>,
+    /// How many validation tokens chose each expert first.
+    pub tokens: Vec<f64>,
+}
+
+impl ExpertLosses {
+    /// Each expert's mean loss; `None` for an expert no token chose first.
+    pub fn mean(&self) -> Vec<Option<f64>> {
+        self.loss_sum
+            .iter()
+            .zip(&self.tokens)
+            .map(|(&l, &n)| (n > 0.0).then(|| l / n))
+            .collect()
+    }
+}
+
 /// Routing numbers of one MoE layer for one step, on the host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
@@ -95,6 +115,10 @@ pub struct StepReport {
     pub layers: Vec<LayerReport>,
     /// Validation loss at evaluation steps.
     pub eval_loss: Option<f64>,
+    /// At evaluation steps, per MoE layer: the validation loss by
+    /// first-choice expert.
+    #[serde(default)]
+    pub eval_experts: Vec<ExpertLosses>,
 }
 
 impl StepReport {
@@ -121,6 +145,14 @@ impl StepReport {
         if let Some(l) = self.eval_loss {
             v.push(("eval/loss".into(), l));
             v.push(("eval/ppl".into(), l.exp()));
+        }
+        for (i, layer) in self.eval_experts.iter().enumerate() {
+            for (e, (mean, n)) in layer.mean().into_iter().zip(&layer.tokens).enumerate() {
+                if let Some(mean) = mean {
+                    v.push((format!("moe/layer{i}/expert{e}/lm_loss"), mean));
+                }
+                v.push((format!("moe/layer{i}/expert{e}/lm_loss_tokens"), *n));
+            }
         }
         for (i, layer) in self.layers.iter().enumerate() {
             for (e, s) in layer.token_share().iter().enumerate() {
@@ -369,6 +401,7 @@ mod tests {
                 skipped: false,
                 layers: vec![layer(&[6.0, 2.0, 0.0, 8.0])],
                 eval_loss: None,
+                eval_experts: Vec::new(),
             };
             fired.extend(
                 mon.update(&report, &log)

@@ -214,14 +214,8 @@ impl LanguageModel {
     pub fn head_loss(&self, x: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
         let h = norm(&self.norm, x);
         let [b, s, d] = h.dims();
-        // The head weight as `[d, V]`; a biased head takes the composed path.
-        let w = match &self.lm_head {
-            Some(head) if head.bias.is_none() => Some(head.weight.val()),
-            Some(_) => None,
-            None => Some(self.embed_tokens.weight.val().transpose()),
-        };
         let mask_flat = mask.clone().reshape([b * s]);
-        let fused = w.and_then(|w| {
+        let fused = self.head_weight().and_then(|w| {
             crate::kernels::linear_cross_entropy(
                 h.clone().reshape([b * s, d]),
                 w,
@@ -232,6 +226,40 @@ impl LanguageModel {
         match fused {
             Some(sum) => per_masked_position(sum, mask_flat),
             None => cross_entropy(self.project(h), targets, mask),
+        }
+    }
+
+    /// The LM head's weight as `[d, V]` (the tied embedding transposed);
+    /// `None` for a biased head, which takes the composed path.
+    fn head_weight(&self) -> Option<Tensor<2>> {
+        match &self.lm_head {
+            Some(head) if head.bias.is_none() => Some(head.weight.val()),
+            Some(_) => None,
+            None => Some(self.embed_tokens.weight.val().transpose()),
+        }
+    }
+
+    /// Each position's next-token cross-entropy (`[B·S]`, row-major), with
+    /// no gradient, from the blocks' output `x: [B, S, d]`: for evaluation
+    /// statistics that need the loss per token.
+    pub fn head_row_losses(&self, x: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+        let h = norm(&self.norm, x).detach();
+        let [b, s, d] = h.dims();
+        let targets = targets.reshape([b * s]);
+        let fused = self.head_weight().and_then(|w| {
+            crate::kernels::linear_cross_entropy_rows(
+                h.clone().reshape([b * s, d]),
+                w.detach(),
+                targets.clone(),
+            )
+        });
+        match fused {
+            Some(rows) => rows,
+            None => {
+                let logits = self.project(h); // [B, S, V]
+                let v = logits.dims()[2];
+                crate::kernels::cross_entropy_rows(logits.reshape([b * s, v]), targets).detach()
+            }
         }
     }
 

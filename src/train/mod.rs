@@ -210,7 +210,9 @@ impl Trainer {
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
             if self.eval_due() {
-                report.eval_loss = Some(self.evaluate()?);
+                let eval = self.evaluate()?;
+                report.eval_loss = Some(eval.loss);
+                report.eval_experts = eval.experts;
             }
             self.log(&report)?;
             if self.checkpoint_due() {
@@ -293,6 +295,7 @@ impl Trainer {
             skipped: !outcome.applied,
             layers: r.layers,
             eval_loss: None,
+            eval_experts: Vec::new(),
         })
     }
 
@@ -307,16 +310,16 @@ impl Trainer {
     }
 
     /// The validation loss of the current weights.
-    fn evaluate(&mut self) -> Result<f64> {
-        let loss = eval::evaluate(
+    fn evaluate(&mut self) -> Result<eval::EvalReport> {
+        let report = eval::evaluate(
             &self.model().valid(),
             &self.cfg,
             self.tok.clone(),
             &self.base_device,
             self.cfg.train.eval_batches,
         )?;
-        self.eval_loss = Some(loss);
-        Ok(loss)
+        self.eval_loss = Some(report.loss);
+        Ok(report)
     }
 
     /// One step to every sink: TensorBoard, JSONL, collapse alerts, console.
