@@ -39,6 +39,12 @@ pub struct TrainState {
     pub consecutive_bad: u64,
     /// Training tokens consumed.
     pub tokens_seen: u64,
+    /// Dead experts to revive before the next step (`moe.revive_dead_experts`).
+    #[serde(default)]
+    pub pending_revivals: Vec<crate::train::revive::Revival>,
+    /// Experts revived so far.
+    #[serde(default)]
+    pub revivals: u64,
     /// Size and CRC-32C of every other file of the checkpoint, written at
     /// save and checked before a resume ([`verify`]). Empty in checkpoints
     /// written before checksums were kept.

@@ -9,7 +9,9 @@ mod model;
 mod train;
 
 pub use architecture::{Architecture, MoeArchitecture};
-pub use model::{BalanceScope, DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
+pub use model::{
+    BalanceScope, DropPolicy, ModelConfig, MoeConfig, ReviveFrom, RouterScore, TopkOrder,
+};
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 
 pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};

@@ -170,6 +170,16 @@ pub enum BalanceScope {
     GlobalBatch,
 }
 
+/// Where a revived expert's weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviveFrom {
+    /// A copy of the layer's most loaded expert, with small noise.
+    Busiest,
+    /// Fresh draws from the initial distribution.
+    Init,
+}
+
 /// The routed-expert layer and where it sits in the stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -242,6 +252,16 @@ pub struct MoeConfig {
     /// Multiplies the combine weights of the routed experts (not the shared
     /// ones). Default 1.0.
     pub routed_scaling_factor: f64,
+    /// Re-initialise an expert once the collapse monitor has found it dead
+    /// for `log.dead_expert_steps` steps in a row. Default false.
+    pub revive_dead_experts: bool,
+    /// A revived expert's weights: "busiest" (copy the layer's most loaded
+    /// expert, plus noise) or "init" (fresh draws). Its router column is
+    /// always the busiest expert's plus noise. Default "busiest".
+    pub revive_from: ReviveFrom,
+    /// Standard deviation of the noise added to copied weights, relative to
+    /// the root mean square of what is copied. Default 0.01.
+    pub revive_noise: f64,
 }
 
 impl Default for MoeConfig {
@@ -276,6 +296,9 @@ impl Default for MoeConfig {
             n_group: 1,
             topk_group: 1,
             routed_scaling_factor: 1.0,
+            revive_dead_experts: false,
+            revive_from: ReviveFrom::Busiest,
+            revive_noise: 0.01,
         }
     }
 }
@@ -424,6 +447,12 @@ impl MoeConfig {
                     "must be a finite number > 0, got {}",
                     self.routed_scaling_factor
                 ),
+            ));
+        }
+        if !(self.revive_noise >= 0.0) || !self.revive_noise.is_finite() {
+            return Err(err(
+                "moe.revive_noise",
+                format!("must be a finite number >= 0, got {}", self.revive_noise),
             ));
         }
         for (key, v) in [

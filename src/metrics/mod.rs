@@ -49,6 +49,9 @@ pub struct LayerReport {
     pub router_entropy: f64,
     /// Aux-loss-free selection bias after this step's update, when enabled.
     pub expert_bias: Option<Vec<f64>>,
+    /// Mean router input over the step's tokens, under `moe.revive_dead_experts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_input: Option<Vec<f64>>,
 }
 
 impl LayerReport {
@@ -364,6 +367,7 @@ mod tests {
             kept_per_expert: counts.iter().map(|c| c.min(4.0)).collect(),
             router_entropy: 1.0,
             expert_bias: None,
+            mean_input: None,
         }
     }
 

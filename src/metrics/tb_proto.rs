@@ -49,7 +49,7 @@ pub struct SummaryValue {
     #[prost(message, optional, tag = "9")]
     pub metadata: Option<SummaryMetadata>,
     /// The value.
-    #[prost(oneof = "ValueKind", tags = "2, 5")]
+    #[prost(oneof = "ValueKind", tags = "2, 5, 8")]
     pub value: Option<ValueKind>,
 }
 
@@ -62,6 +62,39 @@ pub enum ValueKind {
     /// A histogram.
     #[prost(message, tag = "5")]
     Histo(HistogramProto),
+    /// A tensor (the text plugin's strings).
+    #[prost(message, tag = "8")]
+    Tensor(TensorProto),
+}
+
+/// `tensorflow.TensorProto`, as far as a tensor of strings needs it.
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorProto {
+    /// `tensorflow.DataType`; 7 is `DT_STRING`.
+    #[prost(int32, tag = "1")]
+    pub dtype: i32,
+    /// The shape; empty for a scalar.
+    #[prost(message, optional, tag = "2")]
+    pub tensor_shape: Option<TensorShapeProto>,
+    /// The strings, for `DT_STRING`.
+    #[prost(bytes = "vec", repeated, tag = "8")]
+    pub string_val: Vec<Vec<u8>>,
+}
+
+/// `tensorflow.TensorShapeProto`.
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorShapeProto {
+    /// The dimensions.
+    #[prost(message, repeated, tag = "2")]
+    pub dim: Vec<TensorShapeDim>,
+}
+
+/// `tensorflow.TensorShapeProto.Dim`.
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorShapeDim {
+    /// Its size.
+    #[prost(int64, tag = "1")]
+    pub size: i64,
 }
 
 /// `tensorflow.HistogramProto`.

@@ -144,6 +144,25 @@ pub fn scalar(tag: impl Into<String>, v: f64) -> SummaryValue {
     }
 }
 
+/// A text entry (TensorBoard's Text tab): a scalar string tensor owned by
+/// the text plugin.
+pub fn text(tag: impl Into<String>, s: &str) -> SummaryValue {
+    SummaryValue {
+        tag: tag.into(),
+        metadata: Some(SummaryMetadata {
+            plugin_data: Some(PluginData {
+                plugin_name: "text".into(),
+                content: Vec::new(),
+            }),
+        }),
+        value: Some(ValueKind::Tensor(TensorProto {
+            dtype: 7,
+            tensor_shape: Some(TensorShapeProto::default()),
+            string_val: vec![s.as_bytes().to_vec()],
+        })),
+    }
+}
+
 /// A histogram with one bucket per index: bucket i holds `counts[i]`
 /// observations of the value i (e.g. tokens routed to expert i).
 pub fn index_histogram(tag: impl Into<String>, counts: &[f64]) -> SummaryValue {

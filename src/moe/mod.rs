@@ -13,6 +13,7 @@ pub mod experts;
 pub mod losses;
 pub mod policy;
 pub mod reroute;
+pub mod revive;
 pub mod router;
 pub mod stats;
 
@@ -21,6 +22,7 @@ use crate::nn::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
+use burn::tensor::DType;
 pub use experts::Experts;
 pub use router::{Phase, Router, RoutingDecision};
 pub use stats::RoutingStats;
@@ -132,12 +134,19 @@ impl MoeLayer {
         if let Some(shared) = &self.shared_expert {
             let mut out = shared.forward(flat.clone()); // [T, d]
             if let Some(gate) = &self.shared_expert_gate {
-                out = out * sigmoid(apply(gate, flat)); // [T, 1] broadcast
+                out = out * sigmoid(apply(gate, flat.clone())); // [T, 1] broadcast
             }
             y = y + out;
         }
 
-        let stats = routing_stats(&decision, &plan, valid_flat.clone());
+        let mut stats = routing_stats(&decision, &plan, valid_flat.clone());
+        if self.cfg.revive_dead_experts {
+            let n = stats.num_tokens.clone().clamp_min(1.0);
+            let sum = (flat.clone().detach().cast(DType::F32) * valid_flat.clone().reshape([t, 1]))
+                .sum_dim(0)
+                .reshape([d]);
+            stats.mean_input = Some(sum / n);
+        }
         let mean_probs = losses::mean_probs(decision.probs.clone(), valid_flat.clone());
         let losses = MoeLosses {
             load_balancing: losses::balance_loss(
@@ -189,5 +198,6 @@ fn routing_stats(
             .reshape([e]),
         num_tokens: n,
         router_entropy: losses::router_entropy(probs, valid),
+        mean_input: None,
     }
 }

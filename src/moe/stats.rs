@@ -21,6 +21,9 @@ pub struct RoutingStats {
     pub num_tokens: Tensor<1>,
     /// Mean router entropy in nats. `[1]`
     pub router_entropy: Tensor<1>,
+    /// Mean router input over real tokens, kept only under
+    /// `moe.revive_dead_experts` (a revival splits tokens around it). `[d_model]`
+    pub mean_input: Option<Tensor<1>>,
 }
 
 impl RoutingStats {

@@ -471,6 +471,7 @@ mod tests {
             mean_max_over_mean: Some(1.2),
             worst_max_over_mean: None,
             dead_experts: None,
+            revivals: 0,
             mean_router_entropy: None,
             collapse: false,
             share_history: Vec::new(),

@@ -45,6 +45,8 @@ pub struct PointResult {
     pub worst_max_over_mean: Option<f64>,
     /// Dead experts (all layers) at the last step.
     pub dead_experts: Option<f64>,
+    /// Experts revived (`moe.revive_dead_experts`).
+    pub revivals: u64,
     /// Router entropy averaged over steps and layers.
     pub mean_router_entropy: Option<f64>,
     /// A dead-expert alert fired, or experts were dead at the end.
@@ -84,6 +86,7 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         mean_max_over_mean: None,
         worst_max_over_mean: None,
         dead_experts: None,
+        revivals: 0,
         mean_router_entropy: None,
         collapse: false,
         share_history: Vec::new(),
@@ -102,6 +105,9 @@ pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<Point
         };
         if rec.get("alert").and_then(Value::as_str) == Some("dead_expert") {
             r.collapse = true;
+        }
+        if rec.get("event").and_then(Value::as_str) == Some("revival") {
+            r.revivals += 1;
         }
         let Some(step) = rec.get("step").and_then(Value::as_u64) else {
             continue;
@@ -219,6 +225,7 @@ pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
             "mean_max_over_mean",
             "worst_max_over_mean",
             "dead_experts",
+            "revivals",
             "mean_router_entropy",
             "collapse",
         ]
@@ -253,6 +260,7 @@ pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
             r.dead_experts
                 .map(|d| format!("{d:.0}"))
                 .unwrap_or_default(),
+            r.revivals.to_string(),
             num(r.mean_router_entropy),
             r.collapse.to_string(),
         ]);

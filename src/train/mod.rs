@@ -8,6 +8,7 @@
 
 pub mod eval;
 pub mod optim;
+pub mod revive;
 mod setup;
 pub mod step;
 
@@ -244,10 +245,46 @@ impl Trainer {
             tokens += batch.num_tokens();
             batches.push(BatchTensors::new(&batch, &self.device));
         }
-        let model = self
+        let mut model = self
             .model
             .take()
             .expect("the model is back after each update");
+        for r in std::mem::take(&mut self.state.pending_revivals) {
+            model = revive::apply(model, &mut self.adam, &self.cfg, step, &r, &self.device);
+            if let Some(run) = self
+                .state
+                .monitor
+                .dead_steps
+                .get_mut(r.layer)
+                .and_then(|l| l.get_mut(r.expert))
+            {
+                *run = 0;
+            }
+            self.state.revivals += 1;
+            let what = format!(
+                "MoE layer {}: expert {} revived from expert {} ({})",
+                r.layer,
+                r.expert,
+                r.donor,
+                match self.cfg.moe.revive_from {
+                    crate::config::ReviveFrom::Busiest => "a noisy copy",
+                    crate::config::ReviveFrom::Init => "fresh weights",
+                }
+            );
+            self.progress
+                .println(&format!("revival (step {}): {what}", step + 1));
+            self.jsonl.write(&serde_json::json!({
+                "step": step + 1,
+                "event": "revival",
+                "layer": r.layer,
+                "expert": r.expert,
+                "donor": r.donor,
+            }))?;
+            self.tb.write_summary(
+                step as i64 + 1,
+                vec![crate::metrics::tensorboard::text("moe/revivals", &what)],
+            )?;
+        }
         let (model, outcome) =
             step::train_step(model, &mut self.adam, &self.cfg, step, lr, &batches);
         self.model = Some(model);
@@ -332,6 +369,9 @@ impl Trainer {
             self.progress
                 .println(&format!("alert (step {}): {}", alert.step, alert.message));
             self.jsonl.write(&alert.json())?;
+        }
+        if self.cfg.moe.revive_dead_experts {
+            self.state.pending_revivals = revive::decide(&self.state.monitor, report, log);
         }
         if let Some(l) = report.eval_loss {
             self.progress.println(&format!(

@@ -196,6 +196,8 @@ pub(crate) fn fresh_state(cfg: &RunConfig) -> TrainState {
         bad_steps: 0,
         consecutive_bad: 0,
         tokens_seen: 0,
+        pending_revivals: Vec::new(),
+        revivals: 0,
         files: BTreeMap::new(),
     }
 }

@@ -261,6 +261,7 @@ pub fn read_step(
         rerouted: Handle,
         entropy: Handle,
         bias: Option<Handle>,
+        mean_input: Option<Handle>,
     }
     let n_layers = stats.first().map_or(0, |s| s.len());
     let biases: Vec<Option<Tensor<1>>> = model
@@ -285,6 +286,11 @@ pub fn read_step(
             rerouted: read.queue(sum(|s| s.rerouted.clone())),
             entropy: read.queue(sum(|s| s.router_entropy.clone()).div_scalar(stats.len() as f64)),
             bias: bias.map(|b| read.queue(b)),
+            mean_input: stats[0][l].mean_input.is_some().then(|| {
+                let inputs = stats.iter().filter_map(|s| s[l].mean_input.clone());
+                let total = inputs.map(|t| t.inner()).reduce(|a, b| a + b).unwrap();
+                read.queue(total.div_scalar(stats.len() as f64))
+            }),
         });
     }
     let data = read.execute();
@@ -303,6 +309,7 @@ pub fn read_step(
                 rerouted: data.scalar(r.rerouted),
                 router_entropy: data.scalar(r.entropy),
                 expert_bias: r.bias.map(|b| data.vec(b)),
+                mean_input: r.mean_input.map(|h| data.vec(h)),
             })
             .collect(),
         routed_per_expert,
