@@ -545,3 +545,53 @@ fn empty_and_missing_corpora_are_errors() {
         .to_string();
     assert!(err.contains("/no/such/file.txt"), "{err}");
 }
+
+#[test]
+fn every_token_carries_the_source_it_came_from() {
+    let dir = scratch("sources");
+    let (a, b) = (dir.join("words.txt"), dir.join("digits.txt"));
+    let words: String = (0..60)
+        .map(|i| format!("the king and the queen {i}\n\n"))
+        .collect();
+    let digits: String = (0..60).map(|_| "4242 1717 9393\n\n".to_string()).collect();
+    std::fs::write(&a, words.replace(|c: char| c.is_ascii_digit(), "")).unwrap();
+    std::fs::write(&b, &digits).unwrap();
+    let tok = shipped_tokenizer();
+    let ids = |text: &str| -> HashSet<u32> {
+        tok.encode(text, false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .copied()
+            .collect()
+    };
+    let (all_a, all_b) = (ids(&std::fs::read_to_string(&a).unwrap()), ids(&digits));
+    // Tokens only one corpus has (blank lines and EOS are in both).
+    let wa: HashSet<u32> = all_a.difference(&all_b).copied().collect();
+    let wb: HashSet<u32> = all_b.difference(&all_a).copied().collect();
+    assert!(!wa.is_empty() && !wb.is_empty());
+    let cfg = data_cfg(vec![
+        source(SourceKind::Text, &[a.to_str().unwrap()]),
+        source(SourceKind::Text, &[b.to_str().unwrap()]),
+    ]);
+    let mut stream = DataStream::open(&cfg, tok.clone(), opts(Split::Train, 16, 4), None).unwrap();
+    let mut seen = [0usize; 2];
+    for batch in take(&mut stream, 10) {
+        let s = batch.seq_len;
+        assert_eq!(batch.sources.len(), batch.rows * s);
+        for r in 0..batch.rows {
+            for i in 0..s {
+                let token = batch.tokens[r * (s + 1) + i];
+                let src = batch.sources[r * s + i];
+                if wa.contains(&token) {
+                    assert_eq!(src, 0, "token {token} came from the words file");
+                    seen[0] += 1;
+                } else if wb.contains(&token) {
+                    assert_eq!(src, 1, "token {token} came from the digits file");
+                    seen[1] += 1;
+                }
+            }
+        }
+    }
+    assert!(seen[0] > 100 && seen[1] > 100, "{seen:?}");
+}

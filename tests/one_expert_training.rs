@@ -92,6 +92,7 @@ fn batch(step: usize) -> Batch {
         mask: vec![1.0; rows * seq],
         rows,
         seq_len: seq,
+        sources: Vec::new(),
     }
 }
 

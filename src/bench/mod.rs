@@ -219,6 +219,7 @@ pub(crate) fn synthetic_batch(
         mask: vec![1.0; b * s],
         rows: b,
         seq_len: s,
+        sources: Vec::new(),
     };
     BatchTensors::new(&batch, device)
 }

@@ -33,6 +33,9 @@ pub enum SourceKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
+    /// The domain this source is reported as (per-domain expert maps).
+    /// Default: the file stem of its first path, or its repo.
+    pub name: Option<String>,
     /// "text", "jsonl", "parquet" or "hf_cache". Default "text".
     pub kind: SourceKind,
     /// Files, directories (read recursively, sorted) or glob patterns, for
@@ -63,6 +66,7 @@ pub struct SourceConfig {
 impl Default for SourceConfig {
     fn default() -> Self {
         Self {
+            name: None,
             kind: SourceKind::Text,
             paths: Vec::new(),
             weight: 1.0,
@@ -163,14 +167,101 @@ impl DataConfig {
             if s.text_field.is_empty() {
                 return err(key("text_field"), "must not be empty".into());
             }
+            if let Some(name) = &s.name {
+                if name.trim().is_empty() {
+                    return err(key("name"), "must not be empty".into());
+                }
+                let earlier = self.sources[..i]
+                    .iter()
+                    .position(|o| o.name.as_ref() == Some(name));
+                if let Some(j) = earlier {
+                    return err(
+                        key("name"),
+                        format!("\"{name}\" is already the name of data.sources.{j}"),
+                    );
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Each source's domain name, in order: its `name`, else the file stem
+    /// of its first path (or the last part of its repo); a default that
+    /// repeats an earlier name gets `-{index}` appended.
+    pub fn source_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let name = s.name.clone().unwrap_or_else(|| {
+                let stem = s
+                    .paths
+                    .first()
+                    .map(|p| {
+                        let p = std::path::Path::new(p.trim_end_matches('/'));
+                        let stem = p.file_stem().and_then(|x| x.to_str()).unwrap_or_default();
+                        // "data/*.txt" names the directory, not the glob.
+                        if stem.contains('*') || stem.is_empty() {
+                            p.parent()
+                                .and_then(|d| d.file_name())
+                                .and_then(|x| x.to_str())
+                                .unwrap_or_default()
+                                .to_string()
+                        } else {
+                            stem.to_string()
+                        }
+                    })
+                    .or_else(|| {
+                        s.repo
+                            .as_deref()
+                            .map(|r| r.rsplit('/').next().unwrap_or(r).to_string())
+                    })
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| format!("source{i}"));
+                if out.contains(&stem)
+                    || self.sources.iter().any(|o| o.name.as_ref() == Some(&stem))
+                {
+                    format!("{stem}-{i}")
+                } else {
+                    stem
+                }
+            });
+            out.push(name);
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_names_default_to_file_stems_and_stay_distinct() {
+        let cfg: DataConfig = toml::from_str(
+            r#"
+            [[sources]]
+            paths = ["corpora/shakespeare.txt"]
+            [[sources]]
+            paths = ["code/*.rs"]
+            [[sources]]
+            kind = "hf_cache"
+            repo = "owner/wiki"
+            [[sources]]
+            paths = ["other/shakespeare.txt"]
+            [[sources]]
+            name = "legal"
+            paths = ["x.jsonl"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.source_names(),
+            ["shakespeare", "code", "wiki", "shakespeare-3", "legal"]
+        );
+        let dup: DataConfig =
+            toml::from_str("[[sources]]\nname = \"a\"\npaths = [\"x\"]\n[[sources]]\nname = \"a\"\npaths = [\"y\"]\n")
+                .unwrap();
+        assert_eq!(dup.validate().unwrap_err().key, "data.sources.1.name");
+    }
 
     #[test]
     fn defaults_validate_and_parse() {

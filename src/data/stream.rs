@@ -59,7 +59,33 @@ pub struct Window {
     pub tokens: Vec<u32>,
     /// Number of real target positions (seq_len except for the last window of a split).
     pub valid: usize,
+    /// Which source each token came from, as runs: `(source, tokens)` in
+    /// order (a window can straddle documents of several sources).
+    #[serde(default)]
+    pub sources: Vec<(u16, u32)>,
 }
+
+/// Append `n` tokens of `source` to the runs `spans`.
+fn push_span(spans: &mut Vec<(u16, u32)>, source: u16, n: u32) {
+    match spans.last_mut() {
+        Some((s, count)) if *s == source => *count += n,
+        _ => spans.push((source, n)),
+    }
+}
+
+/// The source of the token at each of the first `n` positions of a window
+/// with runs `spans`; [`UNKNOWN_SOURCE`] past them.
+fn expand_spans(spans: &[(u16, u32)], n: usize) -> impl Iterator<Item = u16> + '_ {
+    spans
+        .iter()
+        .flat_map(|&(s, c)| std::iter::repeat_n(s, c as usize))
+        .chain(std::iter::repeat(UNKNOWN_SOURCE))
+        .take(n)
+}
+
+/// The source index of a token whose source is not known (a window saved
+/// in a checkpoint from before sources were tracked).
+pub const UNKNOWN_SOURCE: u16 = u16::MAX;
 
 /// A batch of windows.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +99,10 @@ pub struct Batch {
     pub rows: usize,
     /// Tokens per input row.
     pub seq_len: usize,
+    /// The source (`data.sources` index) of each input token, `[rows,
+    /// seq_len]`; empty when unknown, [`UNKNOWN_SOURCE`] for a token whose
+    /// source is unknown.
+    pub sources: Vec<u16>,
 }
 
 impl Batch {
@@ -80,15 +110,18 @@ impl Batch {
         let rows = windows.len();
         let mut tokens = Vec::with_capacity(rows * (seq_len + 1));
         let mut mask = Vec::with_capacity(rows * seq_len);
+        let mut sources = Vec::with_capacity(rows * seq_len);
         for w in windows {
             tokens.extend_from_slice(&w.tokens);
             mask.extend((0..seq_len).map(|i| if i < w.valid { 1.0 } else { 0.0 }));
+            sources.extend(expand_spans(&w.sources, seq_len));
         }
         Self {
             tokens,
             mask,
             rows,
             seq_len,
+            sources,
         }
     }
 
@@ -124,6 +157,9 @@ pub struct Cursor {
     pub active: Option<usize>,
     /// The partially filled window.
     pub window: Vec<u32>,
+    /// Its tokens' sources, as runs (see [`Window::sources`]).
+    #[serde(default)]
+    pub window_sources: Vec<(u16, u32)>,
     /// The shuffle buffer's windows.
     pub shuffle: Vec<Window>,
     /// Shuffle RNG state.
@@ -171,6 +207,7 @@ pub struct DataStream {
     /// After a resume: the source whose part-consumed document comes first.
     force_next: Option<usize>,
     window: Vec<u32>,
+    window_sources: Vec<(u16, u32)>,
     shuffle: Vec<Window>,
     shuffle_cap: usize,
     drained: bool,
@@ -259,10 +296,30 @@ impl DataStream {
             Split::Train => cfg.shuffle_buffer,
             Split::Validation => 0,
         };
-        let (window, shuffle, rng, batches, force_next) = match cursor {
-            Some(c) => (c.window, c.shuffle, c.rng, c.batches, c.active),
-            None => (Vec::new(), Vec::new(), SplitMix64(opts.seed), 0, None),
+        let (window, mut window_sources, shuffle, rng, batches, force_next) = match cursor {
+            Some(c) => (
+                c.window,
+                c.window_sources,
+                c.shuffle,
+                c.rng,
+                c.batches,
+                c.active,
+            ),
+            None => (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                SplitMix64(opts.seed),
+                0,
+                None,
+            ),
         };
+        // A cursor saved before sources were tracked: its partial window's
+        // tokens are of unknown source.
+        let covered: usize = window_sources.iter().map(|s| s.1 as usize).sum();
+        if covered < window.len() {
+            window_sources.insert(0, (UNKNOWN_SOURCE, (window.len() - covered) as u32));
+        }
         Ok(Self {
             sources,
             stop,
@@ -271,6 +328,7 @@ impl DataStream {
             active: None,
             force_next,
             window,
+            window_sources,
             shuffle,
             shuffle_cap,
             drained: false,
@@ -309,6 +367,7 @@ impl DataStream {
             sources: self.sources.iter().map(|s| s.cursor.clone()).collect(),
             active: self.active.as_ref().map(|a| a.source).or(self.force_next),
             window: self.window.clone(),
+            window_sources: self.window_sources.clone(),
             shuffle: self.shuffle.clone(),
             rng: self.rng,
             batches: self.batches,
@@ -387,6 +446,7 @@ impl DataStream {
                 let take = (need - self.window.len()).min(a.doc.tokens.len() - a.consumed);
                 self.window
                     .extend_from_slice(&a.doc.tokens[a.consumed..a.consumed + take]);
+                push_span(&mut self.window_sources, a.source as u16, take as u32);
                 a.consumed += take;
                 let c = &mut self.sources[a.source].cursor;
                 c.emitted_tokens += take as u64;
@@ -402,9 +462,13 @@ impl DataStream {
                     // Stride seq_len: the last token starts the next window.
                     let last = self.window[need - 1];
                     let tokens = std::mem::replace(&mut self.window, vec![last]);
+                    let last_source = self.window_sources.last().map_or(UNKNOWN_SOURCE, |s| s.0);
+                    let sources =
+                        std::mem::replace(&mut self.window_sources, vec![(last_source, 1)]);
                     return Ok(Some(Window {
                         tokens,
                         valid: self.opts.seq_len,
+                        sources,
                     }));
                 }
                 continue;
@@ -415,9 +479,15 @@ impl DataStream {
                     let valid = self.window.len() - 1;
                     let mut tokens = std::mem::take(&mut self.window);
                     tokens.resize(need, self.eos);
-                    return Ok(Some(Window { tokens, valid }));
+                    let sources = std::mem::take(&mut self.window_sources);
+                    return Ok(Some(Window {
+                        tokens,
+                        valid,
+                        sources,
+                    }));
                 }
                 self.window.clear();
+                self.window_sources.clear();
                 return Ok(None);
             };
             match self.next_doc(s)? {

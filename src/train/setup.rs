@@ -188,6 +188,7 @@ pub(crate) fn fresh_state(cfg: &RunConfig) -> TrainState {
             sources: Vec::new(),
             active: None,
             window: Vec::new(),
+            window_sources: Vec::new(),
             shuffle: Vec::new(),
             rng: SplitMix64(cfg.train.seed),
             batches: 0,
