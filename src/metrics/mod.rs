@@ -6,6 +6,7 @@
 //! and, under the same names, to `metrics.jsonl`.
 
 pub mod console;
+pub mod domains;
 mod tb_proto;
 pub mod tensorboard;
 
@@ -122,6 +123,10 @@ pub struct StepReport {
     /// first-choice expert.
     #[serde(default)]
     pub eval_experts: Vec<ExpertLosses>,
+    /// At evaluation steps of a run with two or more data sources: loss
+    /// and routing per domain.
+    #[serde(default)]
+    pub eval_domains: Option<domains::DomainReport>,
 }
 
 impl StepReport {
@@ -156,6 +161,9 @@ impl StepReport {
                 }
                 v.push((format!("moe/layer{i}/expert{e}/lm_loss_tokens"), *n));
             }
+        }
+        if let Some(d) = &self.eval_domains {
+            v.extend(d.scalars());
         }
         for (i, layer) in self.layers.iter().enumerate() {
             for (e, s) in layer.token_share().iter().enumerate() {
@@ -406,6 +414,7 @@ mod tests {
                 layers: vec![layer(&[6.0, 2.0, 0.0, 8.0])],
                 eval_loss: None,
                 eval_experts: Vec::new(),
+                eval_domains: None,
             };
             fired.extend(
                 mon.update(&report, &log)

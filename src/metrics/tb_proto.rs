@@ -49,7 +49,7 @@ pub struct SummaryValue {
     #[prost(message, optional, tag = "9")]
     pub metadata: Option<SummaryMetadata>,
     /// The value.
-    #[prost(oneof = "ValueKind", tags = "2, 5, 8")]
+    #[prost(oneof = "ValueKind", tags = "2, 4, 5, 8")]
     pub value: Option<ValueKind>,
 }
 
@@ -59,12 +59,32 @@ pub enum ValueKind {
     /// A scalar.
     #[prost(float, tag = "2")]
     SimpleValue(f32),
+    /// An image.
+    #[prost(message, tag = "4")]
+    Image(ImageProto),
     /// A histogram.
     #[prost(message, tag = "5")]
     Histo(HistogramProto),
     /// A tensor (the text plugin's strings).
     #[prost(message, tag = "8")]
     Tensor(TensorProto),
+}
+
+/// `tensorflow.Summary.Image`: an encoded PNG.
+#[derive(Clone, PartialEq, Message)]
+pub struct ImageProto {
+    /// Pixels.
+    #[prost(int32, tag = "1")]
+    pub height: i32,
+    /// Pixels.
+    #[prost(int32, tag = "2")]
+    pub width: i32,
+    /// 3 for RGB.
+    #[prost(int32, tag = "3")]
+    pub colorspace: i32,
+    /// The PNG file's bytes.
+    #[prost(bytes = "vec", tag = "4")]
+    pub encoded_image_string: Vec<u8>,
 }
 
 /// `tensorflow.TensorProto`, as far as a tensor of strings needs it.

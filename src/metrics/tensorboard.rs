@@ -163,6 +163,26 @@ pub fn text(tag: impl Into<String>, s: &str) -> SummaryValue {
     }
 }
 
+/// An image (TensorBoard's Images tab) from a PNG file's bytes; `None`
+/// when they are not a PNG.
+pub fn png_image(tag: impl Into<String>, png: Vec<u8>) -> Option<SummaryValue> {
+    if png.len() < 24 || &png[1..4] != b"PNG" {
+        return None;
+    }
+    let be = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let (width, height) = (be(&png[16..20]), be(&png[20..24]));
+    Some(SummaryValue {
+        tag: tag.into(),
+        metadata: None,
+        value: Some(ValueKind::Image(ImageProto {
+            height,
+            width,
+            colorspace: 3,
+            encoded_image_string: png,
+        })),
+    })
+}
+
 /// A histogram with one bucket per index: bucket i holds `counts[i]`
 /// observations of the value i (e.g. tokens routed to expert i).
 pub fn index_histogram(tag: impl Into<String>, counts: &[f64]) -> SummaryValue {

@@ -54,6 +54,22 @@ pub struct MoeAux {
     pub topk_experts: Tensor<2, Int>,
     /// Their combine weights. `[B*S, k]`
     pub topk_weights: Tensor<2>,
+    /// Slot of each assignment (token-major); `empty_slot` when it was
+    /// dropped. `[B*S * k]`
+    pub slot_for_assignment: Tensor<1, Int>,
+    /// The slot index that marks a dropped assignment.
+    pub empty_slot: usize,
+}
+
+impl MoeAux {
+    /// 1.0 for each assignment (token-major, `t * k + j`) that an expert
+    /// computed, 0.0 for one dropped. `[B*S * k]`
+    pub fn kept_assignments(&self) -> Tensor<1> {
+        self.slot_for_assignment
+            .clone()
+            .lower_elem(self.empty_slot as i64)
+            .float()
+    }
 }
 
 /// A routed-expert FFN.
@@ -165,6 +181,8 @@ impl MoeLayer {
             mean_probs,
         };
         let aux = MoeAux {
+            slot_for_assignment: plan.slot_for_assignment.clone(),
+            empty_slot: e * plan.capacity,
             losses,
             stats,
             router_logits: decision.logits,

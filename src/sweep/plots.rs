@@ -15,7 +15,8 @@ use std::sync::Once;
 
 static FONT: Once = Once::new();
 
-fn init_font() {
+/// Register the embedded font (once per process).
+pub(crate) fn init_font() {
     FONT.call_once(|| {
         let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
         // The embedded font is valid; a failure would only lose the labels.

@@ -20,6 +20,8 @@ use crate::config::{NonFinitePolicy, RunConfig};
 use crate::data::stream::{DataStream, Split};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
+use crate::metrics::domains::{heatmap_png, DomainReport};
+use crate::metrics::tensorboard::png_image;
 use crate::metrics::tensorboard::EventWriter;
 use crate::metrics::{JsonlWriter, StepReport};
 use crate::model::LanguageModel;
@@ -214,6 +216,9 @@ impl Trainer {
                 let eval = self.evaluate()?;
                 report.eval_loss = Some(eval.loss);
                 report.eval_experts = eval.experts;
+                if eval.domains.names.len() >= 2 {
+                    report.eval_domains = Some(eval.domains);
+                }
             }
             self.log(&report)?;
             if self.checkpoint_due() {
@@ -333,6 +338,7 @@ impl Trainer {
             layers: r.layers,
             eval_loss: None,
             eval_experts: Vec::new(),
+            eval_domains: None,
         })
     }
 
@@ -359,8 +365,30 @@ impl Trainer {
         Ok(report)
     }
 
+    /// Each MoE layer's expert × domain heat map, as
+    /// `domains/layer{i}.png` in the run directory (the latest evaluation's)
+    /// and as a TensorBoard image.
+    fn write_domain_maps(&mut self, step: u64, domains: &DomainReport) -> Result<()> {
+        let dir = self.run_dir.join("domains");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut images = Vec::new();
+        for (i, map) in domains.layers.iter().enumerate() {
+            let path = dir.join(format!("layer{i}.png"));
+            let title = format!("MoE layer {i}, step {step}: each domain's share per expert");
+            heatmap_png(&path, &title, &domains.names, map)?;
+            let png =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            images.extend(png_image(format!("moe/layer{i}/expert_domain_map"), png));
+        }
+        self.tb.write_summary(step as i64, images)?;
+        Ok(())
+    }
+
     /// One step to every sink: TensorBoard, JSONL, collapse alerts, console.
     fn log(&mut self, report: &StepReport) -> Result<()> {
+        if let Some(domains) = &report.eval_domains {
+            self.write_domain_maps(report.step, domains)?;
+        }
         let log = &self.cfg.log;
         self.tb
             .write_summary(report.step as i64, report.summary_values(log))?;
