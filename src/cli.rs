@@ -35,6 +35,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Report loss and perplexity of a checkpoint on a corpus.
     Eval(EvalArgs),
+    /// Evaluate a checkpoint on named corpora and report, per domain, how
+    /// its routers treat them (report.md, heat maps).
+    RoutingReport(RoutingReportArgs),
     /// Train many configs that differ in a few keys, and compare them.
     Sweep(SweepArgs),
     /// Time whole training steps on synthetic tokens: tokens/s, phases, memory.
@@ -212,6 +215,34 @@ pub struct EvalArgs {
     /// At most this many batches.
     #[arg(long, default_value_t = 50)]
     pub max_batches: usize,
+}
+
+/// Arguments of `switchyard routing-report`.
+#[derive(Args)]
+pub struct RoutingReportArgs {
+    /// A run directory or a checkpoint directory.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// One domain per corpus, as NAME=PATH: a text file, a .jsonl or
+    /// .parquet file, a directory or a glob.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<String>,
+    /// Route with capacity at this factor (drop policy) instead of the
+    /// checkpoint's evaluation routing.
+    #[arg(long, allow_hyphen_values = true)]
+    pub capacity_factor: Option<f64>,
+    /// Text: a run of this many blank lines ends a document.
+    #[arg(long, default_value_t = 2)]
+    pub blank_lines: usize,
+    /// JSONL and parquet: the field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// At most this many batches per domain.
+    #[arg(long, default_value_t = 50)]
+    pub max_batches: usize,
+    /// Directory for report.md, report.json and the heat maps.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `switchyard tokenizer ...`

@@ -19,6 +19,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
+        Command::RoutingReport(args) => routing_report(args),
         Command::Sweep(args) => sweep(args),
         Command::Bench(args) => bench(args),
     }
@@ -242,6 +243,67 @@ fn eval(args: EvalArgs) -> Result<()> {
         dir.display(),
         loss.exp()
     );
+    Ok(())
+}
+
+fn routing_report(args: RoutingReportArgs) -> Result<()> {
+    use switchyard::metrics::routing_report as report;
+    let named = report::parse_named(&args.data)?;
+    let dir = match checkpoint::locate(&args.checkpoint)? {
+        Location::Switchyard(dir) => dir,
+        Location::HuggingFace(dir) => anyhow::bail!(
+            "{}: routing-report needs a switchyard checkpoint (it carries the tokenizer); \
+             use train.init_from to start from a Hugging Face model",
+            dir.display()
+        ),
+    };
+    let device = burn::prelude::Device::flex();
+    let (mut cfg, model) = checkpoint::load_model(&dir, &device)?;
+    let tok_file = dir.join("tokenizer.json");
+    if tok_file.exists() {
+        cfg.data.tokenizer = tok_file.to_string_lossy().into_owned();
+    }
+    let sources = report::domain_sources(&named, args.blank_lines, &args.text_field);
+    let routing = report::prepare(&mut cfg, sources, args.capacity_factor)?;
+    let mut model = model;
+    for layer in model.moe_layers_mut() {
+        layer.set_eval_routing(cfg.moe.drop_policy, cfg.moe.eval_capacity_factor);
+    }
+    let tok_path = PathBuf::from(&cfg.data.tokenizer);
+    let tok = tokenizer::load(&tok_path)?;
+    tokenizer::check_fits(&tok, &tok_path, cfg.model.vocab_size)?;
+    let tok = std::sync::Arc::new(tok);
+    // Each domain on its own stream, up to --max-batches each.
+    let mut parts = Vec::new();
+    for source in &cfg.data.sources {
+        let mut one = cfg.clone();
+        one.data.sources = vec![source.clone()];
+        let r = switchyard::train::eval::evaluate(
+            &model,
+            &one,
+            tok.clone(),
+            &device,
+            args.max_batches,
+        )?;
+        parts.push(r.domains);
+    }
+    let domains = report::merge(parts);
+    report::write(&args.out, &dir.display().to_string(), &routing, &domains)?;
+    for ((name, loss), n) in domains
+        .names
+        .iter()
+        .zip(domains.losses())
+        .zip(&domains.tokens)
+    {
+        match loss {
+            Some(l) => println!(
+                "{name}: {n:.0} tokens | loss {l:.4} | perplexity {:.2}",
+                l.exp()
+            ),
+            None => println!("{name}: no tokens"),
+        }
+    }
+    println!("report: {}", args.out.join("report.md").display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod domains;
+pub mod routing_report;
 mod tb_proto;
 pub mod tensorboard;
 

@@ -117,6 +117,13 @@ impl MoeLayer {
         self.cfg.drop_policy = policy;
     }
 
+    /// Change the evaluation routing: the drop policy and the capacity
+    /// factor used in [`Phase::Eval`].
+    pub fn set_eval_routing(&mut self, policy: DropPolicy, capacity_factor: f64) {
+        self.cfg.drop_policy = policy;
+        self.cfg.eval_capacity_factor = capacity_factor;
+    }
+
     /// # Shapes
     /// - `x`: `[B, S, d_model]` → `[B, S, d_model]`
     /// - `valid`: `[B, S]`, 1.0 for real tokens and 0.0 for padding
