@@ -43,6 +43,8 @@ fn every_config_file_loads_and_validates() {
         "continue-domain.toml",
         "mixtral-shaped.toml",
         "qwen2moe-shaped.toml",
+        "two-domain.toml",
+        "sweep-routing.toml",
     ] {
         assert!(seen.iter().any(|s| s == want), "configs/{want} is missing");
     }

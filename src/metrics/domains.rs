@@ -16,7 +16,8 @@
 //! domain can be read off the expert; it is undefined (reported as none)
 //! with fewer than two domains present.
 
-use anyhow::{anyhow, Result};
+use super::tensorboard::{png_image, SummaryValue};
+use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -171,6 +172,22 @@ impl DomainReport {
         }
         v
     }
+}
+
+/// Each MoE layer's heat map as `dir/layer{i}.png` (overwritten at each
+/// evaluation, so the files show the latest) and as TensorBoard images
+/// (`moe/layer{i}/expert_domain_map`), returned for the caller to write.
+pub fn write_maps(dir: &Path, step: u64, report: &DomainReport) -> Result<Vec<SummaryValue>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut images = Vec::new();
+    for (i, map) in report.layers.iter().enumerate() {
+        let path = dir.join(format!("layer{i}.png"));
+        let title = format!("MoE layer {i}, step {step}: each domain's share per expert");
+        heatmap_png(&path, &title, &report.names, map)?;
+        let png = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        images.extend(png_image(format!("moe/layer{i}/expert_domain_map"), png));
+    }
+    Ok(images)
 }
 
 /// Draw a layer's expert × domain heat map (each cell the domain's share

@@ -20,8 +20,8 @@ use crate::config::{NonFinitePolicy, RunConfig};
 use crate::data::stream::{DataStream, Split};
 use crate::data::tokenizer;
 use crate::metrics::console::{format_secs, Progress};
-use crate::metrics::domains::{heatmap_png, DomainReport};
-use crate::metrics::tensorboard::png_image;
+use crate::metrics::domains::write_maps;
+use crate::metrics::tensorboard::text;
 use crate::metrics::tensorboard::EventWriter;
 use crate::metrics::{JsonlWriter, StepReport};
 use crate::model::LanguageModel;
@@ -256,39 +256,14 @@ impl Trainer {
             .expect("the model is back after each update");
         for r in std::mem::take(&mut self.state.pending_revivals) {
             model = revive::apply(model, &mut self.adam, &self.cfg, step, &r, &self.device);
-            if let Some(run) = self
-                .state
-                .monitor
-                .dead_steps
-                .get_mut(r.layer)
-                .and_then(|l| l.get_mut(r.expert))
-            {
-                *run = 0;
-            }
+            revive::forget_dead_run(&mut self.state.monitor, &r);
             self.state.revivals += 1;
-            let what = format!(
-                "MoE layer {}: expert {} revived from expert {} ({})",
-                r.layer,
-                r.expert,
-                r.donor,
-                match self.cfg.moe.revive_from {
-                    crate::config::ReviveFrom::Busiest => "a noisy copy",
-                    crate::config::ReviveFrom::Init => "fresh weights",
-                }
-            );
+            let what = r.describe(self.cfg.moe.revive_from);
             self.progress
                 .println(&format!("revival (step {}): {what}", step + 1));
-            self.jsonl.write(&serde_json::json!({
-                "step": step + 1,
-                "event": "revival",
-                "layer": r.layer,
-                "expert": r.expert,
-                "donor": r.donor,
-            }))?;
-            self.tb.write_summary(
-                step as i64 + 1,
-                vec![crate::metrics::tensorboard::text("moe/revivals", &what)],
-            )?;
+            self.jsonl.write(&r.json(step + 1))?;
+            self.tb
+                .write_summary(step as i64 + 1, vec![text("moe/revivals", &what)])?;
         }
         let (model, outcome) =
             step::train_step(model, &mut self.adam, &self.cfg, step, lr, &batches);
@@ -365,29 +340,11 @@ impl Trainer {
         Ok(report)
     }
 
-    /// Each MoE layer's expert × domain heat map, as
-    /// `domains/layer{i}.png` in the run directory (the latest evaluation's)
-    /// and as a TensorBoard image.
-    fn write_domain_maps(&mut self, step: u64, domains: &DomainReport) -> Result<()> {
-        let dir = self.run_dir.join("domains");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut images = Vec::new();
-        for (i, map) in domains.layers.iter().enumerate() {
-            let path = dir.join(format!("layer{i}.png"));
-            let title = format!("MoE layer {i}, step {step}: each domain's share per expert");
-            heatmap_png(&path, &title, &domains.names, map)?;
-            let png =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            images.extend(png_image(format!("moe/layer{i}/expert_domain_map"), png));
-        }
-        self.tb.write_summary(step as i64, images)?;
-        Ok(())
-    }
-
     /// One step to every sink: TensorBoard, JSONL, collapse alerts, console.
     fn log(&mut self, report: &StepReport) -> Result<()> {
         if let Some(domains) = &report.eval_domains {
-            self.write_domain_maps(report.step, domains)?;
+            let images = write_maps(&self.run_dir.join("domains"), report.step, domains)?;
+            self.tb.write_summary(report.step as i64, images)?;
         }
         let log = &self.cfg.log;
         self.tb

@@ -6,7 +6,7 @@
 //! the expert's AdamW moments.
 
 use super::optim::AdamW;
-use crate::config::{LogConfig, RunConfig};
+use crate::config::{LogConfig, ReviveFrom, RunConfig};
 use crate::metrics::{CollapseMonitor, StepReport};
 use crate::model::LanguageModel;
 use burn::prelude::*;
@@ -24,6 +24,45 @@ pub struct Revival {
     /// The layer's mean router input at the decision.
     #[serde(default)]
     pub mean_input: Option<Vec<f64>>,
+}
+
+impl Revival {
+    /// One line for the console and TensorBoard.
+    pub fn describe(&self, from: ReviveFrom) -> String {
+        format!(
+            "MoE layer {}: expert {} revived from expert {} ({})",
+            self.layer,
+            self.expert,
+            self.donor,
+            match from {
+                ReviveFrom::Busiest => "a noisy copy",
+                ReviveFrom::Init => "fresh weights",
+            }
+        )
+    }
+
+    /// The `metrics.jsonl` event of this revival, before 1-based step `step`.
+    pub fn json(&self, step: u64) -> serde_json::Value {
+        serde_json::json!({
+            "step": step,
+            "event": "revival",
+            "layer": self.layer,
+            "expert": self.expert,
+            "donor": self.donor,
+        })
+    }
+}
+
+/// Restart the monitor's count of dead steps for a revived expert, so that
+/// it is judged afresh.
+pub fn forget_dead_run(monitor: &mut CollapseMonitor, r: &Revival) {
+    if let Some(run) = monitor
+        .dead_steps
+        .get_mut(r.layer)
+        .and_then(|l| l.get_mut(r.expert))
+    {
+        *run = 0;
+    }
 }
 
 /// The experts whose dead-step count has just reached
