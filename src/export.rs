@@ -43,15 +43,30 @@ pub enum ExportDtype {
 }
 
 /// Why neither family can express the model, if so.
-fn inexpressible(moe: &MoeConfig, n_moe_layers: usize) -> Option<String> {
+fn inexpressible(model: &ModelConfig, moe: &MoeConfig, n_moe_layers: usize) -> Option<String> {
     if n_moe_layers == 0 {
         return Some("the model has no MoE layers (moe.num_experts = 0)".into());
+    }
+    if model.qk_norm {
+        return Some(
+            "model.qk_norm (per-head q/k norms) has no Mixtral or Qwen2-MoE equivalent".into(),
+        );
     }
     if moe.score == RouterScore::Sigmoid {
         return Some("moe.score = \"sigmoid\" has no Mixtral or Qwen2-MoE equivalent".into());
     }
     if moe.aux_free_bias {
         return Some("moe.aux_free_bias changes expert selection, which Mixtral and Qwen2-MoE cannot express".into());
+    }
+    if moe.n_group > 1 {
+        return Some(
+            "moe.n_group > 1 (group-limited routing) has no Mixtral or Qwen2-MoE equivalent".into(),
+        );
+    }
+    if moe.routed_scaling_factor != 1.0 {
+        return Some(
+            "moe.routed_scaling_factor != 1 has no Mixtral or Qwen2-MoE equivalent".into(),
+        );
     }
     None
 }
@@ -77,7 +92,7 @@ fn not_mixtral(model: &ModelConfig, moe: &MoeConfig, n_moe_layers: usize) -> Opt
 pub fn choose_format(model: &LanguageModel, want: ExportFormat) -> Result<HfArch> {
     let (m, moe) = (model.config(), model.moe_config());
     let n_moe = model.moe_layers().count();
-    if let Some(why) = inexpressible(moe, n_moe) {
+    if let Some(why) = inexpressible(m, moe, n_moe) {
         bail!("cannot export: {why}");
     }
     let mixtral_problem = not_mixtral(m, moe, n_moe);
@@ -180,7 +195,7 @@ fn config_json(
     m: &ModelConfig,
     moe: &MoeConfig,
     eos: Option<u32>,
-) -> serde_json::Value {
+) -> Result<serde_json::Value> {
     let mut c = json!({
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
@@ -235,8 +250,9 @@ fn config_json(
             obj.insert("sliding_window".into(), serde_json::Value::Null);
             obj.insert("max_window_layers".into(), json!(m.n_layers));
         }
+        HfArch::Glm4Moe => bail!("writing glm4_moe checkpoints is not supported yet"),
     }
-    c
+    Ok(c)
 }
 
 /// Write `model` to `out` as a Hugging Face directory; returns the family used.
@@ -314,7 +330,7 @@ pub fn export(
         }
         None => None,
     };
-    let mut cfg = config_json(arch, &m, &moe, eos);
+    let mut cfg = config_json(arch, &m, &moe, eos)?;
     if dtype == ExportDtype::Bf16 {
         cfg["torch_dtype"] = json!("bfloat16");
     }

@@ -1,6 +1,7 @@
-//! Hugging Face Mixtral and Qwen2-MoE checkpoints: `config.json` and
-//! `model.safetensors` (or a sharded `model.safetensors.index.json`) in the
-//! legacy per-expert layout that transformers v4/v5, candle and mistral.rs use.
+//! Hugging Face Mixtral, Qwen2-MoE and GLM-4.5 (`glm4_moe`, read only)
+//! checkpoints: `config.json` and `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`) in the legacy per-expert layout that
+//! transformers v4/v5, candle and mistral.rs use.
 //!
 //! The mapping between Hugging Face keys and switchyard parameter paths lives
 //! in one table, [`key_table`]. PyTorch `Linear` stores `[out, in]` and Burn
@@ -22,6 +23,9 @@ pub enum HfArch {
     Mixtral,
     /// `Qwen2MoeForCausalLM`
     Qwen2Moe,
+    /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
+    /// group-limited top-k, a routed scaling factor, per-head q/k norms.
+    Glm4Moe,
 }
 
 /// Where one switchyard parameter comes from in a Hugging Face checkpoint.
@@ -79,6 +83,16 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
                 false,
             );
         }
+        if model.qk_norm {
+            for n in ["q_norm", "k_norm"] {
+                one(
+                    &mut t,
+                    format!("{o}.self_attn.{n}.gamma"),
+                    format!("{h}.self_attn.{n}.weight"),
+                    false,
+                );
+            }
+        }
         for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
             one(
                 &mut t,
@@ -108,7 +122,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         }
         let (moe_key, expert_names) = match arch {
             HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            HfArch::Qwen2Moe => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+            HfArch::Qwen2Moe | HfArch::Glm4Moe => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         };
         one(
             &mut t,
@@ -116,6 +130,14 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             format!("{h}.{moe_key}.gate.weight"),
             true,
         );
+        if moe.aux_free_bias {
+            one(
+                &mut t,
+                format!("{o}.mlp.router.expert_bias"),
+                format!("{h}.{moe_key}.gate.e_score_correction_bias"),
+                false,
+            );
+        }
         for (ours, theirs) in ["gate_proj", "up_proj", "down_proj"]
             .iter()
             .zip(expert_names)
@@ -130,11 +152,15 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             });
         }
         if moe.shared_width() > 0 {
+            let theirs = match arch {
+                HfArch::Glm4Moe => "shared_experts",
+                HfArch::Mixtral | HfArch::Qwen2Moe => "shared_expert",
+            };
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 one(
                     &mut t,
                     format!("{o}.mlp.shared_expert.{proj}.weight"),
-                    format!("{h}.mlp.shared_expert.{proj}.weight"),
+                    format!("{h}.mlp.{theirs}.{proj}.weight"),
                     true,
                 );
             }
@@ -211,8 +237,9 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
     let arch = match model_type {
         "mixtral" => HfArch::Mixtral,
         "qwen2_moe" => HfArch::Qwen2Moe,
+        "glm4_moe" => HfArch::Glm4Moe,
         other => bail!(
-            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\")"
+            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"glm4_moe\")"
         ),
     };
     match cfg.get("hidden_act") {
@@ -229,6 +256,18 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         HfArch::Qwen2Moe => {
             if opt(cfg, "use_sliding_window", bool_field)? == Some(true) {
                 bail!("config.json: unsupported field `use_sliding_window` = true (sliding-window attention is not supported)");
+            }
+        }
+        HfArch::Glm4Moe => {
+            let partial = cfg
+                .get("rope_parameters")
+                .and_then(|r| r.get("partial_rotary_factor"))
+                .or_else(|| cfg.get("partial_rotary_factor"))
+                .filter(|v| !v.is_null());
+            if let Some(p) = partial {
+                if p.as_f64() != Some(1.0) {
+                    bail!("config.json: unsupported field `partial_rotary_factor` = {p} (only full rotary embeddings, 1.0, are supported)");
+                }
             }
         }
     }
@@ -248,6 +287,11 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         qkv_bias: match arch {
             HfArch::Mixtral => false,
             HfArch::Qwen2Moe => opt(cfg, "qkv_bias", bool_field)?.unwrap_or(true),
+            HfArch::Glm4Moe => opt(cfg, "attention_bias", bool_field)?.unwrap_or(false),
+        },
+        qk_norm: match arch {
+            HfArch::Glm4Moe => opt(cfg, "use_qk_norm", bool_field)?.unwrap_or(false),
+            HfArch::Mixtral | HfArch::Qwen2Moe => false,
         },
         tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),
         init_std: opt(cfg, "initializer_range", f64_field)?.unwrap_or(0.02),
@@ -299,6 +343,24 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 num_shared_experts: usize::from(shared > 0),
                 d_shared_expert: (shared > 0).then_some(shared),
                 shared_expert_gate: shared > 0,
+                ..base
+            }
+        }
+        HfArch::Glm4Moe => {
+            let d_expert = usize_field(cfg, "moe_intermediate_size")?;
+            let n_shared = opt(cfg, "n_shared_experts", usize_field)?.unwrap_or(0);
+            MoeConfig {
+                num_experts: usize_field(cfg, "n_routed_experts")?,
+                d_expert,
+                score: RouterScore::Sigmoid,
+                normalize_topk: opt(cfg, "norm_topk_prob", bool_field)?.unwrap_or(true),
+                first_k_dense: opt(cfg, "first_k_dense_replace", usize_field)?.unwrap_or(0),
+                num_shared_experts: n_shared,
+                d_shared_expert: (n_shared > 0).then_some(d_expert),
+                aux_free_bias: true,
+                n_group: opt(cfg, "n_group", usize_field)?.unwrap_or(1),
+                topk_group: opt(cfg, "topk_group", usize_field)?.unwrap_or(1),
+                routed_scaling_factor: opt(cfg, "routed_scaling_factor", f64_field)?.unwrap_or(1.0),
                 ..base
             }
         }

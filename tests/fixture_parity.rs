@@ -142,3 +142,52 @@ fn unsupported_configs_name_the_field() {
     let err = hf::parse_config(&q).unwrap_err().to_string();
     assert!(err.contains("use_sliding_window"), "{err}");
 }
+
+/// GLM-4.5 (`glm4_moe`) from `../shared/fixtures/hf-glm4moe-tiny`: sigmoid
+/// scores with a random selection bias, group-limited top-2 (2 groups, 1
+/// chosen, a group scored by its two best biased scores), renormalised
+/// weights times a routed scaling factor of 2.5, an ungated shared expert,
+/// per-head q/k norms, q/k/v biases and a dense first block. The logits
+/// depend on every routing decision, so matching them checks the router's
+/// choices; the router logits are checked directly.
+#[test]
+fn glm4_moe_matches_transformers() {
+    let device = Device::flex();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-glm4moe-tiny");
+    let (arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(arch, hf::HfArch::Glm4Moe);
+    let moe = model.moe_config();
+    assert_eq!(
+        (moe.n_group, moe.topk_group, moe.routed_scaling_factor),
+        (2, 1, 2.5)
+    );
+    assert!(model.config().qk_norm && model.config().qkv_bias);
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    let out = model.forward(tokens.clone(), None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d < 1e-4, "logits differ by {d}");
+    assert_eq!(out.moe.len(), 2);
+    for (i, aux) in out.moe.iter().enumerate() {
+        let rl = aux
+            .router_logits
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
+        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
+    }
+
+    // The same model routed without groups chooses other experts for some
+    // tokens and misses transformers' logits: the groups are what matched.
+    let mut flat = model.clone();
+    for layer in flat.moe_layers_mut() {
+        layer.set_groups(1, 1);
+    }
+    let out = flat.forward(tokens, None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d > 1e-3, "ungrouped routing should not match ({d})");
+}

@@ -30,6 +30,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// Add biases to the q/k/v projections (Qwen2 style). Default false.
     pub qkv_bias: bool,
+    /// RMSNorm each query and key head over its width before RoPE, with a
+    /// learned weight per projection (Qwen3-MoE, GLM-4.5). Default false.
+    pub qk_norm: bool,
     /// Share the token embedding with the LM head. Default false.
     pub tie_embeddings: bool,
     /// Standard deviation of the normal weight initialisation. Default 0.02.
@@ -50,6 +53,7 @@ impl Default for ModelConfig {
             rope_theta: 10_000.0,
             rms_norm_eps: 1e-5,
             qkv_bias: false,
+            qk_norm: false,
             tie_embeddings: false,
             init_std: 0.02,
         }

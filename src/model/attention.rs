@@ -1,15 +1,18 @@
 //! Causal multi-head self-attention with grouped-query heads (Ainslie et al.
 //! 2023) and RoPE, laid out as in Hugging Face Mixtral/Qwen2: separate
-//! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`.
+//! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`,
+//! with an optional RMSNorm of each query and key head before RoPE
+//! (`q_norm`, `k_norm`: Qwen3-MoE, GLM-4.5).
 
 use super::rope::Rope;
 use crate::config::ModelConfig;
 use crate::kernels::{self, fused_on};
 use crate::nn::{apply, linear};
-use burn::nn::Linear;
+use burn::nn::{Linear, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::DType;
 
 /// Grouped-query causal self-attention.
 #[derive(Module, Debug)]
@@ -22,6 +25,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `[n_heads * head_dim, d_model]`
     pub o_proj: Linear,
+    /// Per-head query RMSNorm (`model.qk_norm`). `[head_dim]`
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head key RMSNorm (`model.qk_norm`). `[head_dim]`
+    pub k_norm: Option<RmsNorm>,
     #[module(skip)]
     n_heads: usize,
     #[module(skip)]
@@ -40,6 +47,8 @@ impl Attention {
             k_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             v_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             o_proj: linear(cfg.n_heads * hd, cfg.d_model, false, std, device),
+            q_norm: cfg.qk_norm.then(|| head_norm(hd, cfg.rms_norm_eps, device)),
+            k_norm: cfg.qk_norm.then(|| head_norm(hd, cfg.rms_norm_eps, device)),
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
@@ -54,8 +63,18 @@ impl Attention {
         // Heads stay sequence-major, [B, S, heads, hd]: a free reshape of
         // the projection's output.
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]);
-        let q = rope.apply(split(apply(&self.q_proj, x.clone()), h)); // [B, S, H, hd]
-        let k = rope.apply(split(apply(&self.k_proj, x.clone()), kv)); // [B, S, KV, hd]
+        let normed = |t: Tensor<4>, n: &Option<RmsNorm>| match n {
+            Some(n) => norm_heads(n, t),
+            None => t,
+        };
+        let q = rope.apply(normed(
+            split(apply(&self.q_proj, x.clone()), h),
+            &self.q_norm,
+        )); // [B, S, H, hd]
+        let k = rope.apply(normed(
+            split(apply(&self.k_proj, x.clone()), kv),
+            &self.k_norm,
+        )); // [B, S, KV, hd]
         let v = split(apply(&self.v_proj, x), kv); // [B, S, KV, hd]
         let out = if fused_on(&q.device(), q.dtype()) {
             // CPU, f32: one fused operation with its own backward, reading
@@ -79,6 +98,24 @@ impl Attention {
         }; // [B, S, H, hd]
         apply(&self.o_proj, out.reshape([b, s, h * hd]))
     }
+}
+
+/// RMSNorm over the head width, weight 1 and epsilon `eps`.
+fn head_norm(head_dim: usize, eps: f64, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(head_dim).with_epsilon(eps).init(device)
+}
+
+/// RMSNorm of each head (`[B, S, heads, hd]`), in f32 whatever the
+/// activations' dtype.
+fn norm_heads(layer: &RmsNorm, x: Tensor<4>) -> Tensor<4> {
+    let dt = x.dtype();
+    if dt == DType::F32 {
+        return match kernels::rms_norm(x.clone(), layer.gamma.val(), layer.epsilon) {
+            Some(y) => y,
+            None => layer.forward(x),
+        };
+    }
+    layer.forward(x.cast(DType::F32)).cast(dt)
 }
 
 /// Share each key/value head among `n_rep` consecutive query heads: query

@@ -117,6 +117,12 @@ impl MoeLayer {
         self.cfg.drop_policy = policy;
     }
 
+    /// Change group-limited routing: `n_group` groups, `topk_group` chosen.
+    pub fn set_groups(&mut self, n_group: usize, topk_group: usize) {
+        self.cfg.n_group = n_group;
+        self.cfg.topk_group = topk_group;
+    }
+
     /// Change the evaluation routing: the drop policy and the capacity
     /// factor used in [`Phase::Eval`].
     pub fn set_eval_routing(&mut self, policy: DropPolicy, capacity_factor: f64) {
