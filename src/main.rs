@@ -236,13 +236,29 @@ fn eval(args: EvalArgs) -> Result<()> {
     let tok = tokenizer::load(&tok_path)?;
     tokenizer::check_fits(&tok, &tok_path, cfg.model.vocab_size)?;
     let tok = std::sync::Arc::new(tok);
-    let loss =
-        switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?.loss;
+    let report = switchyard::train::eval::evaluate(&model, &cfg, tok, &device, args.max_batches)?;
+    let loss = report.loss;
     println!(
         "{}: loss {loss:.4} | perplexity {:.2}",
         dir.display(),
         loss.exp()
     );
+    let domains = &report.domains;
+    if domains.names.len() >= 2 {
+        for ((name, l), n) in domains
+            .names
+            .iter()
+            .zip(domains.losses())
+            .zip(&domains.tokens)
+        {
+            if let Some(l) = l {
+                println!(
+                    "  {name}: {n:.0} tokens | loss {l:.4} | perplexity {:.2}",
+                    l.exp()
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -126,6 +126,17 @@ impl DataConfig {
         if self.sources.is_empty() {
             return err("data.sources".into(), "needs at least one source".into());
         }
+        // Each token's source is carried as a 16-bit index (one value reserved).
+        if self.sources.len() >= u16::MAX as usize {
+            return err(
+                "data.sources".into(),
+                format!(
+                    "at most {} sources, got {}",
+                    u16::MAX - 1,
+                    self.sources.len()
+                ),
+            );
+        }
         if !(0.0..1.0).contains(&self.val_fraction) {
             return err(
                 "data.val_fraction".into(),
