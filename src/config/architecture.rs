@@ -103,3 +103,58 @@ impl MoeConfig {
         self.aux_free_bias = aux_free_bias;
     }
 }
+
+/// The `[moe]` routing keys that, beside the architecture, decide what a
+/// model computes: a run continued from a checkpoint (`train.init_from`)
+/// takes them from it unless the config sets them explicitly.
+pub const FUNCTION_KEYS: [&str; 7] = [
+    "top_k",
+    "score",
+    "topk_order",
+    "normalize_topk",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+];
+
+/// What adopting a source's function keys did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Adopted {
+    /// `moe.key: ours -> source's` for each key taken from the source.
+    pub taken: Vec<String>,
+    /// A warning for each key set explicitly to a value other than the
+    /// source's (the explicit value stays).
+    pub overridden: Vec<String>,
+}
+
+impl MoeConfig {
+    /// Take each of [`FUNCTION_KEYS`] from `source`, except the ones in
+    /// `explicit` (full `moe.key` paths), which keep their value and are
+    /// reported when they differ.
+    pub fn adopt_function(&mut self, source: &MoeConfig, explicit: &[String]) -> Adopted {
+        let (mut ours, theirs) = (table(&*self), table(source));
+        let mut out = Adopted::default();
+        for key in FUNCTION_KEYS {
+            let (a, b) = (ours.get(key).cloned(), theirs.get(key).cloned());
+            if a == b {
+                continue;
+            }
+            let path = format!("moe.{key}");
+            if explicit.contains(&path) {
+                out.overridden.push(format!(
+                    "{path} = {} is set in the config; the source has {}: the model will compute something else than the source",
+                    show(a.as_ref()),
+                    show(b.as_ref())
+                ));
+            } else if let Some(b) = b {
+                out.taken
+                    .push(format!("{path}: {} -> {b}", show(a.as_ref())));
+                ours.insert(key.to_string(), b);
+            }
+        }
+        if let Ok(updated) = toml::Value::Table(ours).try_into::<MoeConfig>() {
+            *self = updated;
+        }
+        out
+    }
+}

@@ -8,7 +8,7 @@ mod data;
 mod model;
 mod train;
 
-pub use architecture::{Architecture, MoeArchitecture};
+pub use architecture::{Adopted, Architecture, MoeArchitecture, FUNCTION_KEYS};
 pub use model::{
     BalanceScope, DropPolicy, ModelConfig, MoeConfig, ReviveFrom, RouterScore, TopkOrder,
 };
@@ -113,6 +113,26 @@ impl RunConfig {
         self.train.validate()?;
         self.log.validate()?;
         Ok(())
+    }
+
+    /// The `section.key` paths a config text and its overrides set
+    /// explicitly (as opposed to defaults), for the sections `[model]` and
+    /// `[moe]`.
+    pub fn explicit_keys(text: &str, overrides: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(t) = text.parse::<toml::Table>() {
+            for section in ["model", "moe"] {
+                if let Some(toml::Value::Table(s)) = t.get(section) {
+                    out.extend(s.keys().map(|k| format!("{section}.{k}")));
+                }
+            }
+        }
+        for o in overrides {
+            if let Some((k, _)) = o.split_once('=') {
+                out.push(k.trim().to_string());
+            }
+        }
+        out
     }
 
     /// The resolved config as TOML, every key written out.

@@ -118,17 +118,36 @@ impl Trainer {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
         device.seed(cfg.train.seed);
+        let mut notes = Vec::new();
         let model = match (&resume, cfg.train.init_from.clone()) {
             // Architecture from the checkpoint, routing knobs from this invocation.
             (Some(dir), _) => checkpoint::load_weights(
                 dir,
                 LanguageModel::unloaded(&cfg.model, &cfg.moe, &device),
             )?,
-            (None, Some(src)) => init_from(&mut cfg, Path::new(&src), &device)?,
+            (None, Some(src)) => {
+                let text = std::fs::read_to_string(&opts.config).unwrap_or_default();
+                let explicit = RunConfig::explicit_keys(&text, &opts.overrides);
+                let (model, lines) = init_from(&mut cfg, Path::new(&src), &device, &explicit)?;
+                notes = lines;
+                model
+            }
             (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
         }
         .with_precision(cfg.train.precision);
-        std::fs::write(run_dir.join("config.toml"), cfg.to_toml())?;
+        // The resolved config; a comment header records what init_from
+        // took (kept as it is on a resume).
+        let config_path = run_dir.join("config.toml");
+        let header: String = match &resume {
+            Some(_) => std::fs::read_to_string(&config_path)
+                .unwrap_or_default()
+                .lines()
+                .take_while(|l| l.starts_with('#'))
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            None => notes.iter().map(|n| format!("# {n}\n")).collect(),
+        };
+        std::fs::write(&config_path, header + &cfg.to_toml())?;
 
         let tok_path = PathBuf::from(&cfg.data.tokenizer);
         let tok = Arc::new(tokenizer::load(&tok_path)?);

@@ -119,8 +119,17 @@ pub(crate) fn hparams(cfg: &RunConfig) -> BTreeMap<String, ProtoValue> {
 }
 
 /// Starting weights from `train.init_from`: the source's architecture replaces
-/// the config's, and its tokenizer (if it ships one) replaces `data.tokenizer`.
-pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Result<LanguageModel> {
+/// the config's, its routing keys that decide what the model computes
+/// ([`crate::config::FUNCTION_KEYS`]) replace the config's unless `explicit`
+/// (the `section.key` paths the config sets) names them, and its tokenizer
+/// (if it ships one) replaces `data.tokenizer`. Returns the model and the
+/// lines saying what came from the source.
+pub(crate) fn init_from(
+    cfg: &mut RunConfig,
+    src: &Path,
+    device: &Device,
+    explicit: &[String],
+) -> Result<(LanguageModel, Vec<String>)> {
     let (model, tok) = checkpoint::load_any(src, device)
         .with_context(|| format!("train.init_from = {}", src.display()))?;
     let before = cfg.clone();
@@ -128,13 +137,18 @@ pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Res
         model: model.config().clone(),
         moe: model.moe_config().architecture(),
     });
-    let diff = before.architecture_diff(cfg);
+    let mut diff = before.architecture_diff(cfg);
+    let adopted = cfg.moe.adopt_function(model.moe_config(), explicit);
+    diff.extend(adopted.taken);
     if !diff.is_empty() {
         println!(
-            "init_from {}: architecture taken from the source:\n  {}",
+            "init_from {}: taken from the source:\n  {}",
             src.display(),
             diff.join("\n  ")
         );
+    }
+    for warning in &adopted.overridden {
+        eprintln!("warning: init_from {}: {warning}", src.display());
     }
     if let Some(tok) = tok {
         cfg.data.tokenizer = tok.to_string_lossy().into_owned();
@@ -142,7 +156,11 @@ pub(crate) fn init_from(cfg: &mut RunConfig, src: &Path, device: &Device) -> Res
     cfg.validate()?;
     // Rebuild with this config (routing knobs from the run, weights from the source).
     let fresh = LanguageModel::unloaded(&cfg.model, &cfg.moe, device);
-    crate::params::load(fresh, &crate::params::collect(&model))
+    let model = crate::params::load(fresh, &crate::params::collect(&model))?;
+    let mut notes = vec![format!("train.init_from = {}", src.display())];
+    notes.extend(diff.iter().map(|d| format!("from the source: {d}")));
+    notes.extend(adopted.overridden.iter().map(|w| format!("kept: {w}")));
+    Ok((model, notes))
 }
 
 /// The checkpoint `--resume` continues from: the newest intact one, its

@@ -1,0 +1,210 @@
+//! `train.init_from` a Hugging Face checkpoint keeps what the source
+//! computes: its routing keys (top-k, score function, renormalisation,
+//! groups, scaling) come from the source unless the config sets them, so a
+//! step at a negligible learning rate, and an export, give back the
+//! source's logits.
+
+use burn::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use switchyard::checkpoint;
+use switchyard::config::RouterScore;
+use switchyard::export::{export, ExportDtype, ExportFormat};
+use switchyard::hf;
+use switchyard::model::LanguageModel;
+use switchyard::moe::Phase;
+use switchyard::train::{run, RunOptions};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+const VOCAB: usize = 4096;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sy-initfrom-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A copy of an HF fixture whose vocabulary is widened to the bundled
+/// tokenizer's 4096 (zero rows for the new tokens), with `edit` applied to
+/// its config.json.
+fn widened_copy(src: &Path, dst: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let old_vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    cfg["vocab_size"] = serde_json::json!(VOCAB);
+    edit(&mut cfg);
+    std::fs::write(
+        dst.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let tensors = hf::read_safetensors(&src.join("model.safetensors")).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, data) in tensors {
+        let mut shape = data.shape().to_vec();
+        let mut values: Vec<f32> = data.convert::<f32>().try_to_vec().unwrap();
+        if (name.ends_with("embed_tokens.weight") || name == "lm_head.weight")
+            && shape[0] == old_vocab
+        {
+            values.resize(VOCAB * shape[1], 0.0);
+            shape[0] = VOCAB;
+        }
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        owned.push((name, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::tensor::serialize(views, None).unwrap();
+    std::fs::write(dst.join("model.safetensors"), bytes).unwrap();
+}
+
+/// The fixture's input ids, through `model`.
+fn logits(model: &LanguageModel, fixture_dir: &Path) -> Vec<f32> {
+    let device = Device::flex();
+    let expected = hf::read_safetensors(&fixture_dir.join("expected.safetensors")).unwrap();
+    let ids = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    model
+        .forward(ids, None, Phase::Eval)
+        .logits
+        .into_data()
+        .try_to_vec()
+        .unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A config that sets only data, optimizer and training keys (and
+/// `extra`), continued from `src` for one step at a learning rate of 1e-30.
+fn continue_one_step(dir: &Path, src: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "{extra}\n[data]\ntokenizer = \"{}\"\n[[data.sources]]\npaths = [\"{}\"]\nblank_lines = 2\n\
+         [optim]\nlr = 1e-30\nmin_lr = 1e-30\nwarmup_steps = 0\n\
+         [train]\nsteps = 1\nbatch_size = 2\neval_every = 0\ncheckpoint_every = 1\n[log]\nprogress = \"lines\"\n",
+        fixture("data/tokenizer.json").display(),
+        fixture("data/shakespeare/shakespeare_complete_works.txt").display()
+    );
+    std::fs::write(dir.join("cfg.toml"), text).unwrap();
+    let out = run(&RunOptions {
+        config: dir.join("cfg.toml"),
+        overrides: vec![format!("train.init_from=\"{}\"", src.display())],
+        name: Some("continued".into()),
+        resume: false,
+        device: "flex".into(),
+        runs_dir: dir.join("runs"),
+        stop_after: None,
+    })
+    .unwrap();
+    out.run_dir
+}
+
+fn load_run(run_dir: &Path) -> (switchyard::config::RunConfig, LanguageModel) {
+    let (_, ckpt) = checkpoint::list(run_dir).unwrap().pop().unwrap();
+    checkpoint::load_model(&ckpt, &Device::flex()).unwrap()
+}
+
+#[test]
+fn glm_routing_keys_come_from_the_source() {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("glm");
+    let fx = fixture("../shared/fixtures/hf-glm4moe-tiny");
+    let src = dir.join("source");
+    widened_copy(&fx, &src, |_| {});
+    let (_, source) = hf::load(&src, &Device::flex()).unwrap();
+    // The selection bias's own update (not scaled by the learning rate) is
+    // off, so that the step leaves the function alone.
+    let run_dir = continue_one_step(&dir, &src, "[moe]\nbias_update_rate = 0.0\n");
+    let (cfg, model) = load_run(&run_dir);
+    // Compared dropless, as transformers computes it.
+    let model = model.without_capacity();
+    assert_eq!(cfg.moe.score, RouterScore::Sigmoid);
+    assert_eq!((cfg.moe.n_group, cfg.moe.topk_group), (2, 1));
+    assert_eq!(cfg.moe.routed_scaling_factor, 2.5);
+    let d = max_diff(&logits(&model, &fx), &logits(&source, &fx));
+    assert!(d < 1e-5, "the continued model's logits moved by {d}");
+    // config.toml says what came from the source.
+    let text = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    assert!(
+        text.contains("# from the source: moe.score: \"softmax\" -> \"sigmoid\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("# from the source: moe.routed_scaling_factor"),
+        "{text}"
+    );
+}
+
+#[test]
+fn mixtral_and_qwen2_moe_continue_and_export_as_they_came() {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Mixtral at top-3 (switchyard's default is 2); Qwen2-MoE without
+    // renormalised weights (switchyard's default renormalises).
+    let cases: [(&str, &str, fn(&mut serde_json::Value)); 2] = [
+        ("mixtral", "tests/fixtures/hf-mixtral-tiny", |c| {
+            c["num_experts_per_tok"] = serde_json::json!(3)
+        }),
+        ("qwen2moe", "tests/fixtures/hf-qwen2moe-tiny", |c| {
+            c["norm_topk_prob"] = serde_json::json!(false)
+        }),
+    ];
+    for (name, path, edit) in cases {
+        let dir = scratch(name);
+        let fx = fixture(path);
+        let src = dir.join("source");
+        widened_copy(&fx, &src, edit);
+        let (_, source) = hf::load(&src, &Device::flex()).unwrap();
+        let want = logits(&source, &fx);
+        let run_dir = continue_one_step(&dir, &src, "");
+        let (cfg, model) = load_run(&run_dir);
+        match name {
+            "mixtral" => assert_eq!(cfg.moe.top_k, 3),
+            _ => assert!(!cfg.moe.normalize_topk),
+        }
+        let out = dir.join("exported");
+        export(&model, None, &out, ExportFormat::Auto, ExportDtype::F32).unwrap();
+        let (_, exported) = hf::load(&out, &Device::flex()).unwrap();
+        let d = max_diff(&logits(&exported, &fx), &want);
+        assert!(
+            d < 1e-4,
+            "{name}: exported logits differ from the source's by {d}"
+        );
+    }
+}
+
+#[test]
+fn an_explicit_routing_key_is_kept_with_a_warning() {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("explicit");
+    let src = dir.join("source");
+    widened_copy(&fixture("tests/fixtures/hf-mixtral-tiny"), &src, |c| {
+        c["num_experts_per_tok"] = serde_json::json!(3)
+    });
+    let run_dir = continue_one_step(&dir, &src, "[moe]\ntop_k = 2\n");
+    let (cfg, _) = load_run(&run_dir);
+    assert_eq!(cfg.moe.top_k, 2);
+    let text = std::fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    assert!(
+        text.contains("# kept: moe.top_k = 2 is set in the config; the source has 3"),
+        "{text}"
+    );
+}
