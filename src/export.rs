@@ -250,7 +250,9 @@ fn config_json(
             obj.insert("sliding_window".into(), serde_json::Value::Null);
             obj.insert("max_window_layers".into(), json!(m.n_layers));
         }
-        HfArch::Glm4Moe => bail!("writing glm4_moe checkpoints is not supported yet"),
+        HfArch::Qwen3Moe | HfArch::Glm4Moe => {
+            bail!("writing {arch:?} checkpoints is not supported yet")
+        }
     }
     Ok(c)
 }

@@ -1,4 +1,4 @@
-//! Hugging Face Mixtral, Qwen2-MoE and GLM-4.5 (`glm4_moe`, read only)
+//! Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE and GLM-4.5 (the last two read only)
 //! checkpoints: `config.json` and `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`) in the legacy per-expert layout that
 //! transformers v4/v5, candle and mistral.rs use.
@@ -23,6 +23,8 @@ pub enum HfArch {
     Mixtral,
     /// `Qwen2MoeForCausalLM`
     Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`: per-head q/k norms, no shared expert.
+    Qwen3Moe,
     /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
     /// group-limited top-k, a routed scaling factor, per-head q/k norms.
     Glm4Moe,
@@ -122,7 +124,9 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         }
         let (moe_key, expert_names) = match arch {
             HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            HfArch::Qwen2Moe | HfArch::Glm4Moe => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Glm4Moe => {
+                ("mlp", ["gate_proj", "up_proj", "down_proj"])
+            }
         };
         one(
             &mut t,
@@ -154,7 +158,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         if moe.shared_width() > 0 {
             let theirs = match arch {
                 HfArch::Glm4Moe => "shared_experts",
-                HfArch::Mixtral | HfArch::Qwen2Moe => "shared_expert",
+                HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Qwen3Moe => "shared_expert",
             };
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 one(
@@ -237,9 +241,10 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
     let arch = match model_type {
         "mixtral" => HfArch::Mixtral,
         "qwen2_moe" => HfArch::Qwen2Moe,
+        "qwen3_moe" => HfArch::Qwen3Moe,
         "glm4_moe" => HfArch::Glm4Moe,
         other => bail!(
-            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"glm4_moe\")"
+            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"qwen3_moe\", \"glm4_moe\")"
         ),
     };
     match cfg.get("hidden_act") {
@@ -253,9 +258,12 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 bail!("config.json: unsupported field `sliding_window` = {w} (sliding-window attention is not supported; it must be null)");
             }
         }
-        HfArch::Qwen2Moe => {
+        HfArch::Qwen2Moe | HfArch::Qwen3Moe => {
             if opt(cfg, "use_sliding_window", bool_field)? == Some(true) {
                 bail!("config.json: unsupported field `use_sliding_window` = true (sliding-window attention is not supported)");
+            }
+            if arch == HfArch::Qwen3Moe && opt(cfg, "attention_bias", bool_field)? == Some(true) {
+                bail!("config.json: unsupported field `attention_bias` = true (a biased o_proj is not supported)");
             }
         }
         HfArch::Glm4Moe => {
@@ -288,9 +296,11 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             HfArch::Mixtral => false,
             HfArch::Qwen2Moe => opt(cfg, "qkv_bias", bool_field)?.unwrap_or(true),
             HfArch::Glm4Moe => opt(cfg, "attention_bias", bool_field)?.unwrap_or(false),
+            HfArch::Qwen3Moe => false,
         },
         qk_norm: match arch {
             HfArch::Glm4Moe => opt(cfg, "use_qk_norm", bool_field)?.unwrap_or(false),
+            HfArch::Qwen3Moe => true,
             HfArch::Mixtral | HfArch::Qwen2Moe => false,
         },
         tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),
@@ -312,7 +322,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             layers: Some((0..n_layers).collect()),
             ..base
         },
-        HfArch::Qwen2Moe => {
+        HfArch::Qwen2Moe | HfArch::Qwen3Moe => {
             let step = opt(cfg, "decoder_sparse_step", usize_field)?
                 .unwrap_or(1)
                 .max(1);
@@ -330,9 +340,16 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                     "config.json: field `mlp_only_layers` must be a list of layer indices, found {other}"
                 ),
             };
-            let shared = opt(cfg, "shared_expert_intermediate_size", usize_field)?.unwrap_or(0);
+            let shared = match arch {
+                HfArch::Qwen3Moe => 0,
+                _ => opt(cfg, "shared_expert_intermediate_size", usize_field)?.unwrap_or(0),
+            };
+            let num_experts = match opt(cfg, "num_experts", usize_field)? {
+                Some(n) => n,
+                None => usize_field(cfg, "num_local_experts")?,
+            };
             MoeConfig {
-                num_experts: usize_field(cfg, "num_experts")?,
+                num_experts,
                 d_expert: usize_field(cfg, "moe_intermediate_size")?,
                 normalize_topk: opt(cfg, "norm_topk_prob", bool_field)?.unwrap_or(false),
                 layers: Some(

@@ -143,6 +143,35 @@ fn unsupported_configs_name_the_field() {
     assert!(err.contains("use_sliding_window"), "{err}");
 }
 
+/// Qwen3-MoE from `../shared/fixtures/hf-qwen3moe-tiny`: per-head q/k
+/// RMSNorm before RoPE, head_dim apart from d_model / n_heads, a dense
+/// block through `mlp_only_layers`, RoPE theta 1e6.
+#[test]
+fn qwen3_moe_matches_transformers() {
+    let device = Device::flex();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-qwen3moe-tiny");
+    let (arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(arch, hf::HfArch::Qwen3Moe);
+    assert!(model.config().qk_norm);
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    let out = model.forward(tokens, None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d < 1e-4, "logits differ by {d}");
+    assert_eq!(out.moe.len(), 2);
+    for (i, aux) in out.moe.iter().enumerate() {
+        let rl = aux
+            .router_logits
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
+        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
+    }
+}
+
 /// GLM-4.5 (`glm4_moe`) from `../shared/fixtures/hf-glm4moe-tiny`: sigmoid
 /// scores with a random selection bias, group-limited top-2 (2 groups, 1
 /// chosen, a group scored by its two best biased scores), renormalised
