@@ -13,7 +13,7 @@
 //! Sigmoid scores and the aux-loss-free selection bias have no equivalent in
 //! either family, so such models are refused with the reason.
 
-use crate::config::{ModelConfig, MoeConfig, RouterScore, TopkOrder};
+use crate::config::{ModelConfig, MoeConfig, QkNorm, RouterScore, TopkOrder};
 use crate::hf::{key_table, transpose_matrix as transpose, HfArch};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
@@ -47,9 +47,12 @@ fn inexpressible(model: &ModelConfig, moe: &MoeConfig, n_moe_layers: usize) -> O
     if n_moe_layers == 0 {
         return Some("the model has no MoE layers (moe.num_experts = 0)".into());
     }
-    if model.qk_norm {
+    if model.qk_norm != QkNorm::None {
+        return Some("model.qk_norm (q/k norms) has no Mixtral or Qwen2-MoE equivalent".into());
+    }
+    if model.clip_qkv.is_some() {
         return Some(
-            "model.qk_norm (per-head q/k norms) has no Mixtral or Qwen2-MoE equivalent".into(),
+            "model.clip_qkv (clamped q/k/v) has no Mixtral or Qwen2-MoE equivalent".into(),
         );
     }
     if moe.score == RouterScore::Sigmoid {
@@ -250,7 +253,7 @@ fn config_json(
             obj.insert("sliding_window".into(), serde_json::Value::Null);
             obj.insert("max_window_layers".into(), json!(m.n_layers));
         }
-        HfArch::Qwen3Moe | HfArch::Glm4Moe => {
+        HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => {
             bail!("writing {arch:?} checkpoints is not supported yet")
         }
     }

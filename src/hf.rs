@@ -1,4 +1,4 @@
-//! Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE and GLM-4.5 (the last two read only)
+//! Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GLM-4.5 (the last three read only)
 //! checkpoints: `config.json` and `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`) in the legacy per-expert layout that
 //! transformers v4/v5, candle and mistral.rs use.
@@ -8,7 +8,7 @@
 //! `[in, out]`, so linear weights are transposed; per-expert matrices are
 //! stacked into `[E, in, out]`.
 
-use crate::config::{DropPolicy, ModelConfig, MoeConfig, RouterScore, TopkOrder};
+use crate::config::{DropPolicy, ModelConfig, MoeConfig, QkNorm, RouterScore, TopkOrder};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -25,6 +25,8 @@ pub enum HfArch {
     Qwen2Moe,
     /// `Qwen3MoeForCausalLM`: per-head q/k norms, no shared expert.
     Qwen3Moe,
+    /// `OlmoeForCausalLM`: q/k norms over the whole projections, clamped q/k/v.
+    Olmoe,
     /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
     /// group-limited top-k, a routed scaling factor, per-head q/k norms.
     Glm4Moe,
@@ -85,7 +87,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
                 false,
             );
         }
-        if model.qk_norm {
+        if model.qk_norm != QkNorm::None {
             for n in ["q_norm", "k_norm"] {
                 one(
                     &mut t,
@@ -124,7 +126,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         }
         let (moe_key, expert_names) = match arch {
             HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Glm4Moe => {
+            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => {
                 ("mlp", ["gate_proj", "up_proj", "down_proj"])
             }
         };
@@ -158,7 +160,9 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         if moe.shared_width() > 0 {
             let theirs = match arch {
                 HfArch::Glm4Moe => "shared_experts",
-                HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Qwen3Moe => "shared_expert",
+                HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe => {
+                    "shared_expert"
+                }
             };
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 one(
@@ -242,9 +246,10 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         "mixtral" => HfArch::Mixtral,
         "qwen2_moe" => HfArch::Qwen2Moe,
         "qwen3_moe" => HfArch::Qwen3Moe,
+        "olmoe" => HfArch::Olmoe,
         "glm4_moe" => HfArch::Glm4Moe,
         other => bail!(
-            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"qwen3_moe\", \"glm4_moe\")"
+            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"qwen3_moe\", \"olmoe\", \"glm4_moe\")"
         ),
     };
     match cfg.get("hidden_act") {
@@ -263,6 +268,11 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 bail!("config.json: unsupported field `use_sliding_window` = true (sliding-window attention is not supported)");
             }
             if arch == HfArch::Qwen3Moe && opt(cfg, "attention_bias", bool_field)? == Some(true) {
+                bail!("config.json: unsupported field `attention_bias` = true (a biased o_proj is not supported)");
+            }
+        }
+        HfArch::Olmoe => {
+            if opt(cfg, "attention_bias", bool_field)? == Some(true) {
                 bail!("config.json: unsupported field `attention_bias` = true (a biased o_proj is not supported)");
             }
         }
@@ -296,12 +306,19 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             HfArch::Mixtral => false,
             HfArch::Qwen2Moe => opt(cfg, "qkv_bias", bool_field)?.unwrap_or(true),
             HfArch::Glm4Moe => opt(cfg, "attention_bias", bool_field)?.unwrap_or(false),
-            HfArch::Qwen3Moe => false,
+            HfArch::Qwen3Moe | HfArch::Olmoe => false,
         },
         qk_norm: match arch {
-            HfArch::Glm4Moe => opt(cfg, "use_qk_norm", bool_field)?.unwrap_or(false),
-            HfArch::Qwen3Moe => true,
-            HfArch::Mixtral | HfArch::Qwen2Moe => false,
+            HfArch::Glm4Moe if opt(cfg, "use_qk_norm", bool_field)?.unwrap_or(false) => {
+                QkNorm::PerHead
+            }
+            HfArch::Qwen3Moe => QkNorm::PerHead,
+            HfArch::Olmoe => QkNorm::Projection,
+            HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Glm4Moe => QkNorm::None,
+        },
+        clip_qkv: match arch {
+            HfArch::Olmoe => opt(cfg, "clip_qkv", f64_field)?,
+            _ => None,
         },
         tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),
         init_std: opt(cfg, "initializer_range", f64_field)?.unwrap_or(0.02),
@@ -363,6 +380,13 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 ..base
             }
         }
+        HfArch::Olmoe => MoeConfig {
+            num_experts: usize_field(cfg, "num_experts")?,
+            d_expert: model.d_ff,
+            normalize_topk: opt(cfg, "norm_topk_prob", bool_field)?.unwrap_or(false),
+            layers: Some((0..n_layers).collect()),
+            ..base
+        },
         HfArch::Glm4Moe => {
             let d_expert = usize_field(cfg, "moe_intermediate_size")?;
             let n_shared = opt(cfg, "n_shared_experts", usize_field)?.unwrap_or(0);

@@ -4,6 +4,7 @@
 
 use burn::prelude::*;
 use std::path::{Path, PathBuf};
+use switchyard::config::QkNorm;
 use switchyard::hf;
 use switchyard::moe::Phase;
 
@@ -143,6 +144,36 @@ fn unsupported_configs_name_the_field() {
     assert!(err.contains("use_sliding_window"), "{err}");
 }
 
+/// OLMoE from `../shared/fixtures/hf-olmoe-tiny`: q/k RMSNorm over the
+/// whole projections, q/k/v clamped to ±2, top-2 of 8 without
+/// renormalisation.
+#[test]
+fn olmoe_matches_transformers() {
+    let device = Device::flex();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-olmoe-tiny");
+    let (arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(arch, hf::HfArch::Olmoe);
+    assert_eq!(model.config().qk_norm, QkNorm::Projection);
+    assert_eq!(model.config().clip_qkv, Some(2.0));
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    let out = model.forward(tokens, None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d < 1e-4, "logits differ by {d}");
+    assert_eq!(out.moe.len(), 2);
+    for (i, aux) in out.moe.iter().enumerate() {
+        let rl = aux
+            .router_logits
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
+        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
+    }
+}
+
 /// Qwen3-MoE from `../shared/fixtures/hf-qwen3moe-tiny`: per-head q/k
 /// RMSNorm before RoPE, head_dim apart from d_model / n_heads, a dense
 /// block through `mlp_only_layers`, RoPE theta 1e6.
@@ -152,7 +183,7 @@ fn qwen3_moe_matches_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-qwen3moe-tiny");
     let (arch, model) = hf::load(&dir, &device).unwrap();
     assert_eq!(arch, hf::HfArch::Qwen3Moe);
-    assert!(model.config().qk_norm);
+    assert_eq!(model.config().qk_norm, QkNorm::PerHead);
     let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
     let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
     let out = model.forward(tokens, None, Phase::Eval);
@@ -190,7 +221,7 @@ fn glm4_moe_matches_transformers() {
         (moe.n_group, moe.topk_group, moe.routed_scaling_factor),
         (2, 1, 2.5)
     );
-    assert!(model.config().qk_norm && model.config().qkv_bias);
+    assert!(model.config().qk_norm == QkNorm::PerHead && model.config().qkv_bias);
     let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
     let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
     let out = model.forward(tokens.clone(), None, Phase::Eval);

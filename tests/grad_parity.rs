@@ -87,7 +87,7 @@ fn reference(
     // The router is `mlp.gate` in transformers 5 for both families.
     let key = match arch {
         HfArch::Mixtral => map.hf[0].replace(".block_sparse_moe.", ".mlp."),
-        HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Glm4Moe => map.hf[0].clone(),
+        HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => map.hf[0].clone(),
     };
     let theirs = f32s(get(&key));
     if map.transpose {
@@ -228,6 +228,12 @@ fn check_both_losses(name: &str, dtype: DType) {
         let worst = check(name, dtype, which);
         println!("{name} {dtype:?} {which:?}: worst {worst:.2e}");
     }
+}
+
+#[test]
+fn olmoe_gradients_match_pytorch_on_both_paths() {
+    check_both_losses("hf-olmoe-tiny", DType::F32);
+    check_both_losses("hf-olmoe-tiny", DType::F64);
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod train;
 
 pub use architecture::{Adopted, Architecture, MoeArchitecture, FUNCTION_KEYS};
 pub use model::{
-    BalanceScope, DropPolicy, ModelConfig, MoeConfig, ReviveFrom, RouterScore, TopkOrder,
+    BalanceScope, DropPolicy, ModelConfig, MoeConfig, QkNorm, ReviveFrom, RouterScore, TopkOrder,
 };
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 

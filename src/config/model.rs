@@ -30,9 +30,14 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// Add biases to the q/k/v projections (Qwen2 style). Default false.
     pub qkv_bias: bool,
-    /// RMSNorm each query and key head over its width before RoPE, with a
-    /// learned weight per projection (Qwen3-MoE, GLM-4.5). Default false.
-    pub qk_norm: bool,
+    /// RMSNorm of queries and keys before RoPE: "none", "per_head" (each
+    /// head over its width, one weight of head_dim per projection: Qwen3-MoE,
+    /// GLM-4.5) or "projection" (the whole q and k projections: OLMoE).
+    /// Default "none".
+    pub qk_norm: QkNorm,
+    /// Clamp q, k and v to [-clip_qkv, clip_qkv] after the projections (and
+    /// a "projection" q/k norm), as OLMoE does. Default none.
+    pub clip_qkv: Option<f64>,
     /// Share the token embedding with the LM head. Default false.
     pub tie_embeddings: bool,
     /// Standard deviation of the normal weight initialisation. Default 0.02.
@@ -53,7 +58,8 @@ impl Default for ModelConfig {
             rope_theta: 10_000.0,
             rms_norm_eps: 1e-5,
             qkv_bias: false,
-            qk_norm: false,
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
             tie_embeddings: false,
             init_std: 0.02,
         }
@@ -122,8 +128,28 @@ impl ModelConfig {
         if !(self.init_std > 0.0) {
             return Err(err("model.init_std", "must be > 0"));
         }
+        if let Some(c) = self.clip_qkv {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(err(
+                    "model.clip_qkv",
+                    format!("must be a finite number > 0, got {c}"),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// Where queries and keys are RMS-normalised before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// No q/k norm.
+    None,
+    /// Each head over its width (Qwen3-MoE, GLM-4.5).
+    PerHead,
+    /// The whole q and k projections (OLMoE).
+    Projection,
 }
 
 /// How router scores are computed from logits.

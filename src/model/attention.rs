@@ -1,11 +1,14 @@
 //! Causal multi-head self-attention with grouped-query heads (Ainslie et al.
 //! 2023) and RoPE, laid out as in Hugging Face Mixtral/Qwen2: separate
 //! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`,
-//! with an optional RMSNorm of each query and key head before RoPE
-//! (`q_norm`, `k_norm`: Qwen3-MoE, GLM-4.5).
+//! with an optional RMSNorm of the queries and keys before RoPE (`q_norm`,
+//! `k_norm`: of each head, as Qwen3-MoE and GLM-4.5, or of the whole
+//! projection, as OLMoE) and an optional clamp of q, k and v (OLMoE's
+//! `clip_qkv`).
 
+use super::block::norm;
 use super::rope::Rope;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkNorm};
 use crate::kernels::{self, fused_on};
 use crate::nn::{apply, linear};
 use burn::nn::{Linear, RmsNorm, RmsNormConfig};
@@ -25,9 +28,11 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `[n_heads * head_dim, d_model]`
     pub o_proj: Linear,
-    /// Per-head query RMSNorm (`model.qk_norm`). `[head_dim]`
+    /// Query RMSNorm (`model.qk_norm`). `[head_dim]` per head, or
+    /// `[n_heads * head_dim]` over the projection
     pub q_norm: Option<RmsNorm>,
-    /// Per-head key RMSNorm (`model.qk_norm`). `[head_dim]`
+    /// Key RMSNorm (`model.qk_norm`). `[head_dim]` per head, or
+    /// `[n_kv_heads * head_dim]` over the projection
     pub k_norm: Option<RmsNorm>,
     #[module(skip)]
     n_heads: usize,
@@ -35,6 +40,10 @@ pub struct Attention {
     n_kv_heads: usize,
     #[module(skip)]
     head_dim: usize,
+    #[module(skip)]
+    qk_norm: QkNorm,
+    #[module(skip)]
+    clip_qkv: Option<f64>,
 }
 
 impl Attention {
@@ -47,8 +56,12 @@ impl Attention {
             k_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             v_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             o_proj: linear(cfg.n_heads * hd, cfg.d_model, false, std, device),
-            q_norm: cfg.qk_norm.then(|| head_norm(hd, cfg.rms_norm_eps, device)),
-            k_norm: cfg.qk_norm.then(|| head_norm(hd, cfg.rms_norm_eps, device)),
+            q_norm: norm_width(cfg.qk_norm, hd, cfg.n_heads)
+                .map(|w| head_norm(w, cfg.rms_norm_eps, device)),
+            k_norm: norm_width(cfg.qk_norm, hd, cfg.n_kv_heads)
+                .map(|w| head_norm(w, cfg.rms_norm_eps, device)),
+            qk_norm: cfg.qk_norm,
+            clip_qkv: cfg.clip_qkv,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
@@ -63,19 +76,30 @@ impl Attention {
         // Heads stay sequence-major, [B, S, heads, hd]: a free reshape of
         // the projection's output.
         let split = |t: Tensor<3>, heads: usize| t.reshape([b, s, heads, hd]);
-        let normed = |t: Tensor<4>, n: &Option<RmsNorm>| match n {
-            Some(n) => norm_heads(n, t),
-            None => t,
+        let projection_norm = self.qk_norm == QkNorm::Projection;
+        let per_head = self.qk_norm == QkNorm::PerHead;
+        // Projections, the whole-projection norm, the clamp. [B, S, heads·hd]
+        let project = |lin: &Linear, n: &Option<RmsNorm>| {
+            let t = apply(lin, x.clone());
+            let t = match n {
+                Some(n) if projection_norm => norm(n, t),
+                _ => t,
+            };
+            match self.clip_qkv {
+                Some(c) => t.clamp(-c, c),
+                None => t,
+            }
         };
-        let q = rope.apply(normed(
-            split(apply(&self.q_proj, x.clone()), h),
-            &self.q_norm,
-        )); // [B, S, H, hd]
-        let k = rope.apply(normed(
-            split(apply(&self.k_proj, x.clone()), kv),
-            &self.k_norm,
-        )); // [B, S, KV, hd]
-        let v = split(apply(&self.v_proj, x), kv); // [B, S, KV, hd]
+        let heads = |t: Tensor<3>, count: usize, n: &Option<RmsNorm>| {
+            let t = split(t, count);
+            match n {
+                Some(n) if per_head => norm_heads(n, t),
+                _ => t,
+            }
+        };
+        let q = rope.apply(heads(project(&self.q_proj, &self.q_norm), h, &self.q_norm)); // [B, S, H, hd]
+        let k = rope.apply(heads(project(&self.k_proj, &self.k_norm), kv, &self.k_norm)); // [B, S, KV, hd]
+        let v = split(project(&self.v_proj, &None), kv); // [B, S, KV, hd]
         let out = if fused_on(&q.device(), q.dtype()) {
             // CPU, f32: one fused operation with its own backward, reading
             // the heads in place and each key/value head for all its query
@@ -100,9 +124,18 @@ impl Attention {
     }
 }
 
-/// RMSNorm over the head width, weight 1 and epsilon `eps`.
-fn head_norm(head_dim: usize, eps: f64, device: &Device) -> RmsNorm {
-    RmsNormConfig::new(head_dim).with_epsilon(eps).init(device)
+/// The width a q or k norm covers: a head, or all `heads` of the projection.
+fn norm_width(kind: QkNorm, head_dim: usize, heads: usize) -> Option<usize> {
+    match kind {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some(head_dim),
+        QkNorm::Projection => Some(head_dim * heads),
+    }
+}
+
+/// RMSNorm over `width`, weight 1 and epsilon `eps`.
+fn head_norm(width: usize, eps: f64, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(width).with_epsilon(eps).init(device)
 }
 
 /// RMSNorm of each head (`[B, S, heads, hd]`), in f32 whatever the
