@@ -1,6 +1,6 @@
 //! The decoder-only language model: token embedding → blocks → final RMSNorm
 //! → LM head. It expresses Hugging Face Mixtral and Qwen2-MoE exactly; module
-//! field names follow their checkpoint keys so the import table in `hf.rs`
+//! field names follow their checkpoint keys so the import table in `hf/keys.rs`
 //! stays short.
 
 pub mod attention;

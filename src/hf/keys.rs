@@ -1,0 +1,158 @@
+//! The one table between switchyard parameter paths and Hugging Face keys,
+//! per family.
+
+use super::HfArch;
+use crate::config::{ModelConfig, MoeConfig, QkNorm};
+
+/// Where one switchyard parameter comes from in a Hugging Face checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMapping {
+    /// switchyard parameter path, as in [`crate::params`].
+    pub ours: String,
+    /// Hugging Face keys: one, or one per expert to be stacked along a new first axis.
+    pub hf: Vec<String>,
+    /// Whether each Hugging Face matrix is transposed (`[out, in]` ↔ `[in, out]`).
+    pub transpose: bool,
+    /// Whether `hf` holds one key per expert, stacked.
+    pub stacked: bool,
+}
+
+/// The one table between switchyard parameter paths and Hugging Face keys for
+/// a model of this shape.
+pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyMapping> {
+    let mut t = Vec::new();
+    let one = |t: &mut Vec<KeyMapping>, ours: String, hf: String, transpose: bool| {
+        t.push(KeyMapping {
+            ours,
+            hf: vec![hf],
+            transpose,
+            stacked: false,
+        })
+    };
+    one(
+        &mut t,
+        "embed_tokens.weight".into(),
+        "model.embed_tokens.weight".into(),
+        false,
+    );
+    one(
+        &mut t,
+        "norm.gamma".into(),
+        "model.norm.weight".into(),
+        false,
+    );
+    if !model.tie_embeddings {
+        one(
+            &mut t,
+            "lm_head.weight".into(),
+            "lm_head.weight".into(),
+            true,
+        );
+    }
+    for i in 0..model.n_layers {
+        let (o, h) = (format!("layers.{i}"), format!("model.layers.{i}"));
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            one(
+                &mut t,
+                format!("{o}.{norm}.gamma"),
+                format!("{h}.{norm}.weight"),
+                false,
+            );
+        }
+        if model.qk_norm != QkNorm::None {
+            for n in ["q_norm", "k_norm"] {
+                one(
+                    &mut t,
+                    format!("{o}.self_attn.{n}.gamma"),
+                    format!("{h}.self_attn.{n}.weight"),
+                    false,
+                );
+            }
+        }
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            one(
+                &mut t,
+                format!("{o}.self_attn.{proj}.weight"),
+                format!("{h}.self_attn.{proj}.weight"),
+                true,
+            );
+            if model.qkv_bias && proj != "o_proj" {
+                one(
+                    &mut t,
+                    format!("{o}.self_attn.{proj}.bias"),
+                    format!("{h}.self_attn.{proj}.bias"),
+                    false,
+                );
+            }
+        }
+        if !moe.is_moe_layer(i) {
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                one(
+                    &mut t,
+                    format!("{o}.mlp.{proj}.weight"),
+                    format!("{h}.mlp.{proj}.weight"),
+                    true,
+                );
+            }
+            continue;
+        }
+        let (moe_key, expert_names) = match arch {
+            HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => {
+                ("mlp", ["gate_proj", "up_proj", "down_proj"])
+            }
+        };
+        one(
+            &mut t,
+            format!("{o}.mlp.router.weight"),
+            format!("{h}.{moe_key}.gate.weight"),
+            true,
+        );
+        if moe.aux_free_bias {
+            one(
+                &mut t,
+                format!("{o}.mlp.router.expert_bias"),
+                format!("{h}.{moe_key}.gate.e_score_correction_bias"),
+                false,
+            );
+        }
+        for (ours, theirs) in ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .zip(expert_names)
+        {
+            t.push(KeyMapping {
+                ours: format!("{o}.mlp.experts.{ours}"),
+                hf: (0..moe.num_experts)
+                    .map(|e| format!("{h}.{moe_key}.experts.{e}.{theirs}.weight"))
+                    .collect(),
+                transpose: true,
+                stacked: true,
+            });
+        }
+        if moe.shared_width() > 0 {
+            let theirs = match arch {
+                HfArch::Glm4Moe => "shared_experts",
+                HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe => {
+                    "shared_expert"
+                }
+            };
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                one(
+                    &mut t,
+                    format!("{o}.mlp.shared_expert.{proj}.weight"),
+                    format!("{h}.mlp.{theirs}.{proj}.weight"),
+                    true,
+                );
+            }
+        }
+        if moe.shared_expert_gate {
+            one(
+                &mut t,
+                format!("{o}.mlp.shared_expert_gate.weight"),
+                format!("{h}.mlp.shared_expert_gate.weight"),
+                true,
+            );
+        }
+    }
+    t
+}
