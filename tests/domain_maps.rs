@@ -18,6 +18,14 @@ use switchyard::train::eval::{evaluate, EvalReport};
 use switchyard::train::step::BatchTensors;
 use tokenizers::Tokenizer;
 
+/// The backend's random stream is process-wide, and a model's initial
+/// weights are drawn from it: one test at a time builds and trains models.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const CFG: &str = r#"
 [model]
 vocab_size = 4096
@@ -97,9 +105,10 @@ fn setup(name: &str) -> Setup {
     Setup { cfg, tok, only }
 }
 
-/// A model whose embedding puts +1 (words) or −1 (digits) on dimension 0
-/// for the tokens only one corpus has, and whose router reads dimension 0
-/// alone with `router_row` (`[E]`).
+/// A model whose embedding puts −1 on dimension 0 for the tokens only the
+/// digits corpus has and +1 for every other token (the words', and those
+/// both corpora share: blank lines, end of text), and whose router reads
+/// dimension 0 alone with `router_row` (`[E]`).
 fn model(s: &Setup, router_row: [f32; 4], device: &Device) -> LanguageModel {
     let mut m = LanguageModel::new(&s.cfg.model, &s.cfg.moe, 3, device);
     let [v, d] = m.embed_tokens.weight.val().dims();
@@ -110,10 +119,12 @@ fn model(s: &Setup, router_row: [f32; 4], device: &Device) -> LanguageModel {
         .into_data()
         .try_to_vec()
         .unwrap();
-    for (sign, set) in [(1.0, &s.only[0]), (-1.0, &s.only[1])] {
-        for &t in set {
-            emb[t as usize * d] = sign;
-        }
+    for t in 0..v {
+        emb[t * d] = if s.only[1].contains(&(t as u32)) {
+            -1.0
+        } else {
+            1.0
+        };
     }
     m.embed_tokens.weight =
         Param::from_tensor(Tensor::from_data(TensorData::new(emb, [v, d]), device));
@@ -136,6 +147,7 @@ fn eval(s: &Setup, m: &LanguageModel, device: &Device) -> EvalReport {
 
 #[test]
 fn a_router_that_tells_the_domains_apart_specialises() {
+    let _g = lock();
     let s = setup("apart");
     let device = Device::flex();
     // Words → experts 0 and 1, digits → 2 and 3.
@@ -149,13 +161,41 @@ fn a_router_that_tells_the_domains_apart_specialises() {
         "{:?}",
         r.domains.tokens
     );
+    // The heat map by hand: every words token on experts 0 and 1; a digits
+    // token on 2 and 3, unless it is one both corpora share (0 and 1).
+    let mut stream = DataStream::open(
+        &s.cfg.data,
+        s.tok.clone(),
+        StreamOptions {
+            seq_len: s.cfg.model.seq_len,
+            batch_size: s.cfg.train.batch_size,
+            split: Split::Validation,
+            seed: s.cfg.train.seed,
+        },
+        None,
+    )
+    .unwrap();
+    let mut want = vec![vec![0f64; 4]; 2];
+    for _ in 0..BATCHES {
+        let b = stream.next_batch().unwrap().unwrap();
+        for r in 0..b.rows {
+            for i in 0..b.seq_len {
+                if b.mask[r * b.seq_len + i] == 0.0 {
+                    continue;
+                }
+                let token = b.tokens[r * (b.seq_len + 1) + i];
+                let d = b.sources[r * b.seq_len + i] as usize;
+                let pair = if s.only[1].contains(&token) { 2 } else { 0 };
+                want[d][pair] += 1.0;
+                want[d][pair + 1] += 1.0;
+            }
+        }
+    }
+    assert_eq!(map.routed, want);
+    // Digits tokens shared with the words corpus are a few percent: the
+    // domain nearly decides the expert.
     let spec = map.specialisation().unwrap();
-    assert!(spec > 0.8, "specialisation {spec}: {:?}", map.routed);
-    // Words' assignments sit on experts 0 and 1 but for the tokens both
-    // corpora share (blank lines, end of text), and digits' on 2 and 3.
-    let share = map.shares();
-    assert!(share[0][0] + share[0][1] > 0.8, "{share:?}");
-    assert!(share[1][2] + share[1][3] > 0.8, "{share:?}");
+    assert!(spec > 0.75, "specialisation {spec}: {:?}", map.routed);
 
     // A router that ignores its input sends every token to the same
     // experts: no information about the domain.
@@ -167,6 +207,7 @@ fn a_router_that_tells_the_domains_apart_specialises() {
 
 #[test]
 fn domain_counts_and_losses_equal_a_recomputation() {
+    let _g = lock();
     let s = setup("recompute");
     let device = Device::flex();
     let m = model(&s, [1.0, 0.3, -0.2, -1.0], &device);
@@ -237,6 +278,7 @@ fn domain_counts_and_losses_equal_a_recomputation() {
 fn a_two_source_run_logs_domain_maps_to_every_sink() {
     use switchyard::metrics::tensorboard::{event_files, read_events, EventWhat, ValueKind};
     use switchyard::train::{run, RunOptions};
+    let _g = lock();
     let s = setup("sinks");
     let dir = std::env::temp_dir().join(format!("sy-domains-{}-run", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
