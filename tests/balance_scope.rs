@@ -23,6 +23,7 @@ seq_len = 24
 num_experts = 4
 top_k = 2
 d_expert = 16
+router_init_std = 0.5     # routing far from uniform: f_e and P_e vary by expert
 balance_scope = "global_batch"
 "#;
 
@@ -114,7 +115,7 @@ fn global_batch_counts_every_micro_batch_of_the_step() {
     assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
     // ...which is not what it would give on its own.
     let alone = switch_sum(&second_aux, &second_aux, k);
-    assert!((alone - want).abs() > 1e-3, "{alone} vs {want}");
+    assert!((alone - want).abs() > 1e-2, "{alone} vs {want}");
 
     // Under "micro_batch" each micro-batch balances itself.
     let micro_cfg =
