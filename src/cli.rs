@@ -18,7 +18,7 @@ pub struct Cli {
 pub enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
-    /// Load a Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or GLM-4.5 directory and describe the model.
+    /// Load a Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 or Llama directory and describe the model.
     Info {
         /// Directory holding config.json and model.safetensors.
         #[arg(long)]

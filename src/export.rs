@@ -253,7 +253,7 @@ fn config_json(
             obj.insert("sliding_window".into(), serde_json::Value::Null);
             obj.insert("max_window_layers".into(), json!(m.n_layers));
         }
-        HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => {
+        HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe | HfArch::Llama => {
             bail!("writing {arch:?} checkpoints is not supported yet")
         }
     }

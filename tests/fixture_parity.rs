@@ -118,7 +118,7 @@ fn unsupported_configs_name_the_field() {
     let cases = [
         ("sliding_window", serde_json::json!(4096)),
         ("hidden_act", serde_json::json!("gelu")),
-        ("model_type", serde_json::json!("llama")),
+        ("model_type", serde_json::json!("gpt2")),
         (
             "rope_scaling",
             serde_json::json!({"type": "linear", "factor": 2.0}),
@@ -142,6 +142,23 @@ fn unsupported_configs_name_the_field() {
     q["use_sliding_window"] = serde_json::json!(true);
     let err = hf::parse_config(&q).unwrap_err().to_string();
     assert!(err.contains("use_sliding_window"), "{err}");
+}
+
+/// A dense Llama from `../shared/fixtures/hf-llama-tiny`: every block a
+/// SwiGLU MLP, imported as a switchyard model with no experts.
+#[test]
+fn llama_matches_transformers() {
+    let device = Device::flex();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-llama-tiny");
+    let (arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(arch, hf::HfArch::Llama);
+    assert_eq!(model.moe_layers().count(), 0);
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    let out = model.forward(tokens, None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    assert!(d < 1e-4, "logits differ by {d}");
 }
 
 /// OLMoE from `../shared/fixtures/hf-olmoe-tiny`: q/k RMSNorm over the

@@ -87,7 +87,9 @@ fn reference(
     // The router is `mlp.gate` in transformers 5 for both families.
     let key = match arch {
         HfArch::Mixtral => map.hf[0].replace(".block_sparse_moe.", ".mlp."),
-        HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => map.hf[0].clone(),
+        HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe | HfArch::Llama => {
+            map.hf[0].clone()
+        }
     };
     let theirs = f32s(get(&key));
     if map.transpose {
@@ -227,6 +229,15 @@ fn check_both_losses(name: &str, dtype: DType) {
     for which in [Loss::Lm, Loss::Total] {
         let worst = check(name, dtype, which);
         println!("{name} {dtype:?} {which:?}: worst {worst:.2e}");
+    }
+}
+
+/// A dense Llama: the fixture holds the LM loss's gradients.
+#[test]
+fn llama_gradients_match_pytorch_on_both_paths() {
+    for dtype in [DType::F32, DType::F64] {
+        let worst = check("hf-llama-tiny", dtype, Loss::Lm);
+        println!("hf-llama-tiny {dtype:?} Lm: worst {worst:.2e}");
     }
 }
 

@@ -70,8 +70,9 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         "qwen3_moe" => HfArch::Qwen3Moe,
         "olmoe" => HfArch::Olmoe,
         "glm4_moe" => HfArch::Glm4Moe,
+        "llama" => HfArch::Llama,
         other => bail!(
-            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"qwen3_moe\", \"olmoe\", \"glm4_moe\")"
+            "config.json: unsupported field `model_type` = {other:?} (supported: \"mixtral\", \"qwen2_moe\", \"qwen3_moe\", \"olmoe\", \"glm4_moe\", \"llama\")"
         ),
     };
     match cfg.get("hidden_act") {
@@ -93,9 +94,17 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
                 bail!("config.json: unsupported field `attention_bias` = true (a biased o_proj is not supported)");
             }
         }
-        HfArch::Olmoe => {
+        HfArch::Olmoe | HfArch::Llama => {
             if opt(cfg, "attention_bias", bool_field)? == Some(true) {
                 bail!("config.json: unsupported field `attention_bias` = true (a biased o_proj is not supported)");
+            }
+            if opt(cfg, "mlp_bias", bool_field)? == Some(true) {
+                bail!("config.json: unsupported field `mlp_bias` = true (biased MLP projections are not supported)");
+            }
+            if let Some(t) = cfg.get("pretraining_tp").filter(|v| !v.is_null()) {
+                if t.as_u64() != Some(1) {
+                    bail!("config.json: unsupported field `pretraining_tp` = {t} (only 1)");
+                }
             }
         }
         HfArch::Glm4Moe => {
@@ -128,7 +137,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             HfArch::Mixtral => false,
             HfArch::Qwen2Moe => opt(cfg, "qkv_bias", bool_field)?.unwrap_or(true),
             HfArch::Glm4Moe => opt(cfg, "attention_bias", bool_field)?.unwrap_or(false),
-            HfArch::Qwen3Moe | HfArch::Olmoe => false,
+            HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Llama => false,
         },
         qk_norm: match arch {
             HfArch::Glm4Moe if opt(cfg, "use_qk_norm", bool_field)?.unwrap_or(false) => {
@@ -136,7 +145,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
             }
             HfArch::Qwen3Moe => QkNorm::PerHead,
             HfArch::Olmoe => QkNorm::Projection,
-            HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Glm4Moe => QkNorm::None,
+            HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Glm4Moe | HfArch::Llama => QkNorm::None,
         },
         clip_qkv: match arch {
             HfArch::Olmoe => opt(cfg, "clip_qkv", f64_field)?,
@@ -146,13 +155,21 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         init_std: opt(cfg, "initializer_range", f64_field)?.unwrap_or(0.02),
     };
     let base = MoeConfig {
-        top_k: usize_field(cfg, "num_experts_per_tok")?,
+        top_k: match arch {
+            HfArch::Llama => MoeConfig::default().top_k,
+            _ => usize_field(cfg, "num_experts_per_tok")?,
+        },
         score: RouterScore::Softmax,
         topk_order: TopkOrder::SoftmaxThenTopk,
         drop_policy: DropPolicy::Dropless,
         ..MoeConfig::default()
     };
     let moe = match arch {
+        // A dense model: every block a SwiGLU MLP of intermediate_size.
+        HfArch::Llama => MoeConfig {
+            num_experts: 0,
+            ..base
+        },
         HfArch::Mixtral => MoeConfig {
             num_experts: usize_field(cfg, "num_local_experts")?,
             d_expert: model.d_ff,

@@ -98,9 +98,11 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         }
         let (moe_key, expert_names) = match arch {
             HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe => {
-                ("mlp", ["gate_proj", "up_proj", "down_proj"])
-            }
+            HfArch::Qwen2Moe
+            | HfArch::Qwen3Moe
+            | HfArch::Olmoe
+            | HfArch::Glm4Moe
+            | HfArch::Llama => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         };
         one(
             &mut t,
@@ -132,9 +134,11 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         if moe.shared_width() > 0 {
             let theirs = match arch {
                 HfArch::Glm4Moe => "shared_experts",
-                HfArch::Mixtral | HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe => {
-                    "shared_expert"
-                }
+                HfArch::Mixtral
+                | HfArch::Qwen2Moe
+                | HfArch::Qwen3Moe
+                | HfArch::Olmoe
+                | HfArch::Llama => "shared_expert",
             };
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 one(

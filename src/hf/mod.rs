@@ -35,6 +35,8 @@ pub enum HfArch {
     Qwen3Moe,
     /// `OlmoeForCausalLM`: q/k norms over the whole projections, clamped q/k/v.
     Olmoe,
+    /// `LlamaForCausalLM`: a dense model (every block a SwiGLU MLP).
+    Llama,
     /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
     /// group-limited top-k, a routed scaling factor, per-head q/k norms.
     Glm4Moe,
