@@ -48,3 +48,16 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// Let a closed output pipe end the process quietly, as it does for other
+/// command-line tools (`switchyard inspect ... | head`), instead of a panic
+/// from `println!`: Rust starts programs with SIGPIPE ignored. Called first
+/// thing by the `switchyard` binary.
+pub fn quiet_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any
+    // other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

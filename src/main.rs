@@ -10,6 +10,7 @@ use switchyard::data::{files, tokenizer, SourceConfig, SourceKind};
 use switchyard::export::{ExportDtype, ExportFormat};
 
 fn main() -> Result<()> {
+    switchyard::quiet_broken_pipe();
     switchyard::keep_freed_memory();
     match Cli::parse().command {
         Command::Train(args) => train(args),
