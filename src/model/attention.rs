@@ -6,16 +6,14 @@
 //! projection, as OLMoE) and an optional clamp of q, k and v (OLMoE's
 //! `clip_qkv`).
 
-use super::block::norm;
 use super::rope::Rope;
 use crate::config::{ModelConfig, QkNorm};
 use crate::kernels::{self, fused_on};
-use crate::nn::{apply, linear};
-use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use crate::nn::{apply, linear, norm, rms_norm};
+use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::DType;
 
 /// Grouped-query causal self-attention.
 #[derive(Module, Debug)]
@@ -57,9 +55,9 @@ impl Attention {
             v_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             o_proj: linear(cfg.n_heads * hd, cfg.d_model, false, std, device),
             q_norm: norm_width(cfg.qk_norm, hd, cfg.n_heads)
-                .map(|w| head_norm(w, cfg.rms_norm_eps, device)),
+                .map(|w| rms_norm(w, cfg.rms_norm_eps, device)),
             k_norm: norm_width(cfg.qk_norm, hd, cfg.n_kv_heads)
-                .map(|w| head_norm(w, cfg.rms_norm_eps, device)),
+                .map(|w| rms_norm(w, cfg.rms_norm_eps, device)),
             qk_norm: cfg.qk_norm,
             clip_qkv: cfg.clip_qkv,
             n_heads: cfg.n_heads,
@@ -93,7 +91,7 @@ impl Attention {
         let heads = |t: Tensor<3>, count: usize, n: &Option<RmsNorm>| {
             let t = split(t, count);
             match n {
-                Some(n) if per_head => norm_heads(n, t),
+                Some(n) if per_head => norm(n, t),
                 _ => t,
             }
         };
@@ -131,24 +129,6 @@ fn norm_width(kind: QkNorm, head_dim: usize, heads: usize) -> Option<usize> {
         QkNorm::PerHead => Some(head_dim),
         QkNorm::Projection => Some(head_dim * heads),
     }
-}
-
-/// RMSNorm over `width`, weight 1 and epsilon `eps`.
-fn head_norm(width: usize, eps: f64, device: &Device) -> RmsNorm {
-    RmsNormConfig::new(width).with_epsilon(eps).init(device)
-}
-
-/// RMSNorm of each head (`[B, S, heads, hd]`), in f32 whatever the
-/// activations' dtype.
-fn norm_heads(layer: &RmsNorm, x: Tensor<4>) -> Tensor<4> {
-    let dt = x.dtype();
-    if dt == DType::F32 {
-        return match kernels::rms_norm(x.clone(), layer.gamma.val(), layer.epsilon) {
-            Some(y) => y,
-            None => layer.forward(x),
-        };
-    }
-    layer.forward(x.cast(DType::F32)).cast(dt)
 }
 
 /// Share each key/value head among `n_rep` consecutive query heads: query

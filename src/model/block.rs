@@ -4,12 +4,11 @@
 use super::attention::Attention;
 use super::rope::Rope;
 use crate::config::{ModelConfig, MoeConfig};
-use crate::kernels;
 use crate::moe::{MoeAux, MoeLayer, Phase};
+use crate::nn::norm;
 use crate::nn::Mlp;
-use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::nn::RmsNorm;
 use burn::prelude::*;
-use burn::tensor::DType;
 
 /// The feed-forward half of a block.
 #[derive(Module, Debug)]
@@ -35,22 +34,7 @@ pub struct Block {
 
 /// RMSNorm with weight 1 and the model's epsilon.
 pub fn rms_norm(cfg: &ModelConfig, device: &Device) -> RmsNorm {
-    RmsNormConfig::new(cfg.d_model)
-        .with_epsilon(cfg.rms_norm_eps)
-        .init(device)
-}
-
-/// RMSNorm computed in f32 whatever the activations' dtype, and returned
-/// in that dtype.
-pub fn norm(layer: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
-    let dt = x.dtype();
-    if dt == DType::F32 {
-        return match kernels::rms_norm(x.clone(), layer.gamma.val(), layer.epsilon) {
-            Some(y) => y,
-            None => layer.forward(x),
-        };
-    }
-    layer.forward(x.cast(DType::F32)).cast(dt)
+    crate::nn::rms_norm(cfg.d_model, cfg.rms_norm_eps, device)
 }
 
 impl Block {

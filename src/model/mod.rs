@@ -9,8 +9,9 @@ pub mod rope;
 
 use crate::config::{DropPolicy, ModelConfig, MoeConfig, Precision};
 use crate::moe::{MoeAux, MoeLayer, Phase};
+use crate::nn::norm;
 use crate::nn::{apply, in_dtype};
-use block::{norm, rms_norm, Block, Ffn};
+use block::{rms_norm, Block, Ffn};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::DType;
