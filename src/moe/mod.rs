@@ -168,7 +168,8 @@ impl MoeLayer {
             y = y + out;
         }
 
-        let mut stats = routing_stats(&decision, &plan, valid_flat.clone());
+        let mean_probs = losses::mean_probs(decision.probs.clone(), valid_flat.clone());
+        let mut stats = routing_stats(&decision, &plan, valid_flat.clone(), &mean_probs);
         if self.cfg.revive_dead_experts {
             let n = stats.num_tokens.clone().clamp_min(1.0);
             let sum = (flat.clone().detach().cast(DType::F32) * valid_flat.clone().reshape([t, 1]))
@@ -176,7 +177,6 @@ impl MoeLayer {
                 .reshape([d]);
             stats.mean_input = Some(sum / n);
         }
-        let mean_probs = losses::mean_probs(decision.probs.clone(), valid_flat.clone());
         let losses = MoeLosses {
             load_balancing: losses::balance_loss(
                 stats.routed_per_expert.clone(),
@@ -206,11 +206,13 @@ impl MoeLayer {
     }
 }
 
-/// Statistics of one routing step over real tokens.
+/// Statistics of one routing step over real tokens; `mean_probs` is
+/// [`losses::mean_probs`] of the decision, computed once for the losses too.
 fn routing_stats(
     decision: &RoutingDecision,
     plan: &dispatch::DispatchPlan,
     valid: Tensor<1>,
+    mean_probs: &Tensor<1>,
 ) -> RoutingStats {
     let [t, e] = decision.probs.dims();
     let probs = decision.probs.clone().detach();
@@ -225,8 +227,7 @@ fn routing_stats(
             Some((_, n)) => n.clone(),
             None => Tensor::zeros([1], &n.device()),
         },
-        mean_prob: ((probs.clone() * valid_col).sum_dim(0) / n.clone().clamp_min(1.0).unsqueeze())
-            .reshape([e]),
+        mean_prob: mean_probs.clone().detach(),
         num_tokens: n,
         router_entropy: losses::router_entropy(probs, valid),
         mean_input: None,
