@@ -6,6 +6,7 @@ use burn::prelude::*;
 use std::path::{Path, PathBuf};
 use switchyard::config::QkNorm;
 use switchyard::hf;
+use switchyard::model::LanguageModel;
 use switchyard::moe::Phase;
 
 fn fixture(name: &str) -> PathBuf {
@@ -144,21 +145,50 @@ fn unsupported_configs_name_the_field() {
     assert!(err.contains("use_sliding_window"), "{err}");
 }
 
+/// A fixture in `../shared/fixtures/{name}`, loaded as `arch`: its logits
+/// and each of its `moe_layers` MoE layers' router logits against
+/// transformers' (1e-4). Returns the model, the input ids and the
+/// expected logits for further checks.
+fn check_shared_fixture(
+    name: &str,
+    arch: hf::HfArch,
+    moe_layers: usize,
+) -> (LanguageModel, Tensor<2, Int>, Vec<f32>) {
+    let device = Device::flex();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
+    let (got_arch, model) = hf::load(&dir, &device).unwrap();
+    assert_eq!(got_arch, arch);
+    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
+    let out = model.forward(tokens.clone(), None, Phase::Eval);
+    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
+    let want = f32s(&expected["logits"]);
+    let d = max_abs_diff(&logits, &want);
+    assert!(d < 1e-4, "{name}: logits differ by {d}");
+    assert_eq!(out.moe.len(), moe_layers, "{name}: number of MoE layers");
+    for (i, aux) in out.moe.iter().enumerate() {
+        let rl = aux
+            .router_logits
+            .clone()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
+        assert!(
+            d < 1e-4,
+            "{name}: router logits of MoE layer {i} differ by {d}"
+        );
+    }
+    (model, tokens, want)
+}
+
 /// A dense Llama from `../shared/fixtures/hf-llama-tiny`: every block a
 /// SwiGLU MLP, imported as a switchyard model with no experts.
 #[test]
 fn llama_matches_transformers() {
-    let device = Device::flex();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-llama-tiny");
-    let (arch, model) = hf::load(&dir, &device).unwrap();
-    assert_eq!(arch, hf::HfArch::Llama);
-    assert_eq!(model.moe_layers().count(), 0);
-    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
-    let out = model.forward(tokens, None, Phase::Eval);
-    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
-    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
-    assert!(d < 1e-4, "logits differ by {d}");
+    check_shared_fixture("hf-llama-tiny", hf::HfArch::Llama, 0);
 }
 
 /// OLMoE from `../shared/fixtures/hf-olmoe-tiny`: q/k RMSNorm over the
@@ -166,29 +196,9 @@ fn llama_matches_transformers() {
 /// renormalisation.
 #[test]
 fn olmoe_matches_transformers() {
-    let device = Device::flex();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-olmoe-tiny");
-    let (arch, model) = hf::load(&dir, &device).unwrap();
-    assert_eq!(arch, hf::HfArch::Olmoe);
+    let (model, _, _) = check_shared_fixture("hf-olmoe-tiny", hf::HfArch::Olmoe, 2);
     assert_eq!(model.config().qk_norm, QkNorm::Projection);
     assert_eq!(model.config().clip_qkv, Some(2.0));
-    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
-    let out = model.forward(tokens, None, Phase::Eval);
-    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
-    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
-    assert!(d < 1e-4, "logits differ by {d}");
-    assert_eq!(out.moe.len(), 2);
-    for (i, aux) in out.moe.iter().enumerate() {
-        let rl = aux
-            .router_logits
-            .clone()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
-        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
-    }
 }
 
 /// Qwen3-MoE from `../shared/fixtures/hf-qwen3moe-tiny`: per-head q/k
@@ -196,28 +206,8 @@ fn olmoe_matches_transformers() {
 /// block through `mlp_only_layers`, RoPE theta 1e6.
 #[test]
 fn qwen3_moe_matches_transformers() {
-    let device = Device::flex();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-qwen3moe-tiny");
-    let (arch, model) = hf::load(&dir, &device).unwrap();
-    assert_eq!(arch, hf::HfArch::Qwen3Moe);
+    let (model, _, _) = check_shared_fixture("hf-qwen3moe-tiny", hf::HfArch::Qwen3Moe, 2);
     assert_eq!(model.config().qk_norm, QkNorm::PerHead);
-    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
-    let out = model.forward(tokens, None, Phase::Eval);
-    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
-    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
-    assert!(d < 1e-4, "logits differ by {d}");
-    assert_eq!(out.moe.len(), 2);
-    for (i, aux) in out.moe.iter().enumerate() {
-        let rl = aux
-            .router_logits
-            .clone()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
-        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
-    }
 }
 
 /// GLM-4.5 (`glm4_moe`) from `../shared/fixtures/hf-glm4moe-tiny`: sigmoid
@@ -229,33 +219,13 @@ fn qwen3_moe_matches_transformers() {
 /// choices; the router logits are checked directly.
 #[test]
 fn glm4_moe_matches_transformers() {
-    let device = Device::flex();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/hf-glm4moe-tiny");
-    let (arch, model) = hf::load(&dir, &device).unwrap();
-    assert_eq!(arch, hf::HfArch::Glm4Moe);
+    let (model, tokens, want) = check_shared_fixture("hf-glm4moe-tiny", hf::HfArch::Glm4Moe, 2);
     let moe = model.moe_config();
     assert_eq!(
         (moe.n_group, moe.topk_group, moe.routed_scaling_factor),
         (2, 1, 2.5)
     );
     assert!(model.config().qk_norm == QkNorm::PerHead && model.config().qkv_bias);
-    let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let tokens = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
-    let out = model.forward(tokens.clone(), None, Phase::Eval);
-    let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
-    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
-    assert!(d < 1e-4, "logits differ by {d}");
-    assert_eq!(out.moe.len(), 2);
-    for (i, aux) in out.moe.iter().enumerate() {
-        let rl = aux
-            .router_logits
-            .clone()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let d = max_abs_diff(&rl, &f32s(&expected[&format!("router_logits.{i}")]));
-        assert!(d < 1e-4, "router logits of MoE layer {i} differ by {d}");
-    }
 
     // The same model routed without groups chooses other experts for some
     // tokens and misses transformers' logits: the groups are what matched.
@@ -265,6 +235,6 @@ fn glm4_moe_matches_transformers() {
     }
     let out = flat.forward(tokens, None, Phase::Eval);
     let logits = out.logits.into_data().try_to_vec::<f32>().unwrap();
-    let d = max_abs_diff(&logits, &f32s(&expected["logits"]));
+    let d = max_abs_diff(&logits, &want);
     assert!(d > 1e-3, "ungrouped routing should not match ({d})");
 }
