@@ -17,6 +17,7 @@
 //! with fewer than two domains present.
 
 use super::tensorboard::{png_image, SummaryValue};
+use crate::sweep::plots::label_at;
 use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -208,17 +209,7 @@ pub fn heatmap_png(path: &Path, title: &str, names: &[String], map: &DomainMap) 
         .y_label_area_size(120)
         .build_cartesian_2d(0.0..e as f64, 0.0..d as f64)
         .map_err(|x| err(&x))?;
-    let label = |list: Vec<String>| {
-        move |v: &f64| {
-            let f = v - v.floor();
-            let i = v.floor() as usize;
-            if (f - 0.5).abs() < 1e-6 && *v >= 0.0 && i < list.len() {
-                list[i].clone()
-            } else {
-                String::new()
-            }
-        }
-    };
+    let label = |list: Vec<String>| move |v: &f64| label_at(&list, *v);
     let experts: Vec<String> = (0..e).map(|i| format!("e{i}")).collect();
     chart
         .configure_mesh()

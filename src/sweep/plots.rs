@@ -268,7 +268,9 @@ fn heatmap(path: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
     Ok(())
 }
 
-fn label_at(list: &[String], v: f64) -> String {
+/// The name of cell `floor(v)` at its centre (`v` = i + 0.5), else nothing:
+/// category labels on a numeric axis.
+pub(crate) fn label_at(list: &[String], v: f64) -> String {
     let f = v - v.floor();
     if (f - 0.5).abs() < 1e-6 && v >= 0.0 && (v.floor() as usize) < list.len() {
         list[v.floor() as usize].clone()
