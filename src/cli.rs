@@ -18,7 +18,7 @@ pub struct Cli {
 pub enum Command {
     /// Train a model from a TOML config.
     Train(TrainArgs),
-    /// Load a Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 or Llama directory and describe the model.
+    /// Load a Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5, Llama, Mistral, Qwen2, Qwen3) and describe the model.
     Info {
         /// Directory holding config.json and model.safetensors.
         #[arg(long)]
@@ -105,13 +105,29 @@ pub struct SweepArgs {
 /// Export format.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
-    /// Mixtral when it fits, else Qwen2-MoE.
+    /// The simplest family that expresses the model exactly.
     Auto,
     /// MixtralForCausalLM.
     Mixtral,
     /// Qwen2MoeForCausalLM.
     #[value(name = "qwen2-moe")]
     Qwen2Moe,
+    /// Qwen3MoeForCausalLM.
+    #[value(name = "qwen3-moe")]
+    Qwen3Moe,
+    /// OlmoeForCausalLM.
+    Olmoe,
+    /// Glm4MoeForCausalLM (GLM-4.5).
+    #[value(name = "glm4-moe")]
+    Glm4Moe,
+    /// LlamaForCausalLM (dense).
+    Llama,
+    /// MistralForCausalLM (dense).
+    Mistral,
+    /// Qwen2ForCausalLM (dense).
+    Qwen2,
+    /// Qwen3ForCausalLM (dense).
+    Qwen3,
 }
 
 /// Export dtype.

@@ -5,7 +5,7 @@
 //! - [`model`]: the decoder-only transformer (attention, RoPE, MLP, blocks).
 //! - [`moe`]: the routed-expert layer with every balancing mechanism.
 //! - [`nn`]: layers both the model and the MoE layer use (linear, SwiGLU MLP).
-//! - [`hf`]: Hugging Face Mixtral / Qwen2-MoE checkpoint import.
+//! - [`hf`]: Hugging Face checkpoints, one file per family.
 //! - [`params`]: named access to a model's parameters.
 
 pub mod bench;

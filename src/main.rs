@@ -8,6 +8,7 @@ use switchyard::checkpoint::{self, Location};
 use switchyard::cli::*;
 use switchyard::data::{files, tokenizer, SourceConfig, SourceKind};
 use switchyard::export::{ExportDtype, ExportFormat};
+use switchyard::hf::HfArch;
 
 fn main() -> Result<()> {
     switchyard::quiet_broken_pipe();
@@ -97,8 +98,15 @@ fn export(args: ExportArgs) -> Result<()> {
     let tok = dir.join("tokenizer.json");
     let format = match args.format {
         FormatArg::Auto => ExportFormat::Auto,
-        FormatArg::Mixtral => ExportFormat::Mixtral,
-        FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
+        FormatArg::Mixtral => ExportFormat::Family(HfArch::Mixtral),
+        FormatArg::Qwen2Moe => ExportFormat::Family(HfArch::Qwen2Moe),
+        FormatArg::Qwen3Moe => ExportFormat::Family(HfArch::Qwen3Moe),
+        FormatArg::Olmoe => ExportFormat::Family(HfArch::Olmoe),
+        FormatArg::Glm4Moe => ExportFormat::Family(HfArch::Glm4Moe),
+        FormatArg::Llama => ExportFormat::Family(HfArch::Llama),
+        FormatArg::Mistral => ExportFormat::Family(HfArch::Mistral),
+        FormatArg::Qwen2 => ExportFormat::Family(HfArch::Qwen2),
+        FormatArg::Qwen3 => ExportFormat::Family(HfArch::Qwen3),
     };
     let dtype = match args.dtype {
         DtypeArg::F32 => ExportDtype::F32,

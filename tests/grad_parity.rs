@@ -85,11 +85,10 @@ fn reference(
         .find(|m| m.ours == ours)
         .unwrap_or_else(|| panic!("`{ours}` is not in the Hugging Face key table"));
     // The router is `mlp.gate` in transformers 5 for both families.
-    let key = match arch {
-        HfArch::Mixtral => map.hf[0].replace(".block_sparse_moe.", ".mlp."),
-        HfArch::Qwen2Moe | HfArch::Qwen3Moe | HfArch::Olmoe | HfArch::Glm4Moe | HfArch::Llama => {
-            map.hf[0].clone()
-        }
+    let key = if arch == HfArch::Mixtral {
+        map.hf[0].replace(".block_sparse_moe.", ".mlp.")
+    } else {
+        map.hf[0].clone()
     };
     let theirs = f32s(get(&key));
     if map.transpose {

@@ -155,33 +155,58 @@ fn glm_routing_keys_come_from_the_source() {
 }
 
 #[test]
-fn mixtral_and_qwen2_moe_continue_and_export_as_they_came() {
+fn every_family_continues_and_exports_as_it_came() {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Mixtral at top-3 (switchyard's default is 2); Qwen2-MoE without
-    // renormalised weights (switchyard's default renormalises).
-    let cases: [(&str, &str, fn(&mut serde_json::Value)); 2] = [
-        ("mixtral", "tests/fixtures/hf-mixtral-tiny", |c| {
-            c["num_experts_per_tok"] = serde_json::json!(3)
-        }),
-        ("qwen2moe", "tests/fixtures/hf-qwen2moe-tiny", |c| {
-            c["norm_topk_prob"] = serde_json::json!(false)
-        }),
+    // renormalised weights (switchyard's default renormalises); the others
+    // as transformers wrote them. GLM's selection-bias update (not scaled
+    // by the learning rate) is off, so that the step leaves the function alone.
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, &str, Edit, &str); 6] = [
+        (
+            "mixtral",
+            "tests/fixtures/hf-mixtral-tiny",
+            |c| c["num_experts_per_tok"] = serde_json::json!(3),
+            "",
+        ),
+        (
+            "qwen2moe",
+            "tests/fixtures/hf-qwen2moe-tiny",
+            |c| c["norm_topk_prob"] = serde_json::json!(false),
+            "",
+        ),
+        (
+            "qwen3moe",
+            "../shared/fixtures/hf-qwen3moe-tiny",
+            |_| {},
+            "",
+        ),
+        ("olmoe", "../shared/fixtures/hf-olmoe-tiny", |_| {}, ""),
+        (
+            "glm4moe",
+            "../shared/fixtures/hf-glm4moe-tiny",
+            |_| {},
+            "[moe]\nbias_update_rate = 0.0\n",
+        ),
+        ("llama", "../shared/fixtures/hf-llama-tiny", |_| {}, ""),
     ];
-    for (name, path, edit) in cases {
+    for (name, path, edit, extra) in cases {
         let dir = scratch(name);
         let fx = fixture(path);
         let src = dir.join("source");
         widened_copy(&fx, &src, edit);
-        let (_, source) = hf::load(&src, &Device::flex()).unwrap();
+        let (arch, source) = hf::load(&src, &Device::flex()).unwrap();
         let want = logits(&source, &fx);
-        let run_dir = continue_one_step(&dir, &src, "");
+        let run_dir = continue_one_step(&dir, &src, extra);
         let (cfg, model) = load_run(&run_dir);
         match name {
             "mixtral" => assert_eq!(cfg.moe.top_k, 3),
-            _ => assert!(!cfg.moe.normalize_topk),
+            "qwen2moe" => assert!(!cfg.moe.normalize_topk),
+            _ => {}
         }
         let out = dir.join("exported");
-        export(&model, None, &out, ExportFormat::Auto, ExportDtype::F32).unwrap();
+        let wrote = export(&model, None, &out, ExportFormat::Auto, ExportDtype::F32).unwrap();
+        assert_eq!(wrote, arch, "{name}: exported as another family");
         let (_, exported) = hf::load(&out, &Device::flex()).unwrap();
         let d = max_diff(&logits(&exported, &fx), &want);
         assert!(

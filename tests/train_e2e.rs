@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use switchyard::checkpoint;
 use switchyard::config::RunConfig;
-use switchyard::export::{export, ExportDtype, ExportFormat};
-use switchyard::hf::{self, HfArch};
+use switchyard::hf;
 use switchyard::metrics::tensorboard::{event_files, read_events, EventWhat, ValueKind};
 use switchyard::model::LanguageModel;
 use switchyard::moe::Phase;
@@ -483,93 +482,6 @@ fn interrupted_checkpoint_write_leaves_the_previous_one() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
-}
-
-fn logits(model: &LanguageModel, ids: &[i64]) -> Vec<f32> {
-    let t = Tensor::<2, Int>::from_data(
-        TensorData::new(ids.to_vec(), [1, ids.len()]),
-        &Device::flex(),
-    );
-    model
-        .forward(t, None, Phase::Eval)
-        .logits
-        .into_data()
-        .try_to_vec()
-        .unwrap()
-}
-
-fn round_trip(text: &str, want: HfArch) {
-    let cfg = RunConfig::from_toml_str(text, &[]).unwrap();
-    let device = Device::flex();
-    let model = LanguageModel::new(&cfg.model, &cfg.moe, 1, &device);
-    let out = scratch(&format!("export-{want:?}"));
-    let arch = export(
-        &model,
-        Some(Path::new("data/tokenizer.json")),
-        &out,
-        ExportFormat::Auto,
-        ExportDtype::F32,
-    )
-    .unwrap();
-    assert_eq!(arch, want);
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "tokenizer.json",
-    ] {
-        assert!(out.join(f).exists(), "{f}");
-    }
-    let (arch2, back) = hf::load(&out, &device).unwrap();
-    assert_eq!(arch2, want);
-    let ids: Vec<i64> = (0..24).map(|i| (i * 37 % 4096) as i64).collect();
-    let (a, b) = (logits(&model, &ids), logits(&back, &ids));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    assert!(
-        diff < 1e-5,
-        "{want:?}: logits differ by {diff} after export and import"
-    );
-}
-
-#[test]
-fn export_then_import_gives_identical_logits() {
-    let _g = lock();
-    // Mixtral-shaped: every block MoE, no shared experts, no biases.
-    round_trip(
-        "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nseq_len = 32\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\ndrop_policy = \"dropless\"\n",
-        HfArch::Mixtral,
-    );
-    // Needs Qwen2-MoE: a dense first block, an ungated shared expert, no q/k/v biases.
-    round_trip(
-        "[model]\nd_model = 32\nn_layers = 3\nn_heads = 2\nn_kv_heads = 1\nd_ff = 48\nseq_len = 32\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\nfirst_k_dense = 1\nnum_shared_experts = 2\nd_shared_expert = 8\ndrop_policy = \"dropless\"\n",
-        HfArch::Qwen2Moe,
-    );
-    // Top-k-then-softmax, no shared experts, q/k/v biases.
-    round_trip(
-        "[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 2\nseq_len = 32\nqkv_bias = true\n[moe]\nnum_experts = 4\ntop_k = 2\nd_expert = 16\ntopk_order = \"topk_then_softmax\"\ndrop_policy = \"dropless\"\n",
-        HfArch::Qwen2Moe,
-    );
-    // Sigmoid scores and the aux-free bias cannot be expressed: refused with the reason.
-    for (extra, why) in [
-        ("score = \"sigmoid\"", "sigmoid"),
-        ("aux_free_bias = true", "aux_free_bias"),
-    ] {
-        let cfg = RunConfig::from_toml_str(&format!("[model]\nd_model = 32\nn_heads = 2\nn_kv_heads = 1\n[moe]\nnum_experts = 4\n{extra}\n"), &[]).unwrap();
-        let model = LanguageModel::new(&cfg.model, &cfg.moe, 1, &Device::flex());
-        let err = export(
-            &model,
-            None,
-            &scratch("refuse"),
-            ExportFormat::Auto,
-            ExportDtype::F32,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains(why), "{err}");
-    }
 }
 
 #[test]

@@ -96,14 +96,8 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             }
             continue;
         }
-        let (moe_key, expert_names) = match arch {
-            HfArch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
-            HfArch::Qwen2Moe
-            | HfArch::Qwen3Moe
-            | HfArch::Olmoe
-            | HfArch::Glm4Moe
-            | HfArch::Llama => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
-        };
+        let layout = arch.family().layout;
+        let (moe_key, expert_names) = (layout.moe, layout.expert);
         one(
             &mut t,
             format!("{o}.mlp.router.weight"),
@@ -132,14 +126,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             });
         }
         if moe.shared_width() > 0 {
-            let theirs = match arch {
-                HfArch::Glm4Moe => "shared_experts",
-                HfArch::Mixtral
-                | HfArch::Qwen2Moe
-                | HfArch::Qwen3Moe
-                | HfArch::Olmoe
-                | HfArch::Llama => "shared_expert",
-            };
+            let theirs = layout.shared;
             for proj in ["gate_proj", "up_proj", "down_proj"] {
                 one(
                     &mut t,

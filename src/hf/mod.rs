@@ -1,20 +1,29 @@
-//! Hugging Face Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GLM-4.5 (the last three read only)
-//! checkpoints: `config.json` and `model.safetensors` (or a sharded
-//! `model.safetensors.index.json`) in the legacy per-expert layout that
-//! transformers v4/v5, candle and mistral.rs use.
+//! Hugging Face checkpoints: `config.json` and `model.safetensors` (or a
+//! sharded `model.safetensors.index.json`) in the legacy per-expert layout
+//! that transformers v4/v5, candle and mistral.rs use.
 //!
-//! The mapping between Hugging Face keys and switchyard parameter paths lives
-//! in one table, [`key_table`]. PyTorch `Linear` stores `[out, in]` and Burn
-//! `[in, out]`, so linear weights are transposed; per-expert matrices are
-//! stacked into `[E, in, out]`.
-//!
-//! `keys.rs` holds the key table, `config.rs` reads each family's
-//! `config.json` into switchyard's config.
+//! The families live one per file, each saying how its `config.json` and
+//! key names map ([`family::Family`]); the registry below finds them by
+//! `model_type`. The mapping between Hugging Face keys and switchyard
+//! parameter paths lives in one table, [`key_table`]. PyTorch `Linear`
+//! stores `[out, in]` and Burn `[in, out]`, so linear weights are
+//! transposed; per-expert matrices are stacked into `[E, in, out]`.
 
 mod config;
+pub mod family;
+mod glm4_moe;
 mod keys;
+mod llama;
+mod mistral;
+mod mixtral;
+mod olmoe;
+mod qwen2;
+mod qwen2_moe;
+mod qwen3;
+mod qwen3_moe;
 
-pub use config::parse_config;
+pub use config::{parse_config, write_config};
+pub use family::Family;
 pub use keys::{key_table, KeyMapping};
 
 use crate::model::LanguageModel;
@@ -35,11 +44,80 @@ pub enum HfArch {
     Qwen3Moe,
     /// `OlmoeForCausalLM`: q/k norms over the whole projections, clamped q/k/v.
     Olmoe,
-    /// `LlamaForCausalLM`: a dense model (every block a SwiGLU MLP).
-    Llama,
     /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
     /// group-limited top-k, a routed scaling factor, per-head q/k norms.
     Glm4Moe,
+    /// `LlamaForCausalLM`: dense.
+    Llama,
+    /// `MistralForCausalLM`: dense.
+    Mistral,
+    /// `Qwen2ForCausalLM`: dense, q/k/v biases.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: dense, per-head q/k norms.
+    Qwen3,
+}
+
+/// Every family, in the order `export --format auto` tries them: the
+/// simplest that expresses a model exactly comes first.
+pub const FAMILIES: [&Family; 9] = [
+    &mixtral::FAMILY,
+    &qwen3_moe::FAMILY,
+    &olmoe::FAMILY,
+    &glm4_moe::FAMILY,
+    &qwen2_moe::FAMILY,
+    &llama::FAMILY,
+    &qwen3::FAMILY,
+    &qwen2::FAMILY,
+    &mistral::FAMILY,
+];
+
+impl HfArch {
+    /// The family's description.
+    pub fn family(self) -> &'static Family {
+        match self {
+            HfArch::Mixtral => &mixtral::FAMILY,
+            HfArch::Qwen2Moe => &qwen2_moe::FAMILY,
+            HfArch::Qwen3Moe => &qwen3_moe::FAMILY,
+            HfArch::Olmoe => &olmoe::FAMILY,
+            HfArch::Glm4Moe => &glm4_moe::FAMILY,
+            HfArch::Llama => &llama::FAMILY,
+            HfArch::Mistral => &mistral::FAMILY,
+            HfArch::Qwen2 => &qwen2::FAMILY,
+            HfArch::Qwen3 => &qwen3::FAMILY,
+        }
+    }
+
+    /// The family named `name` as `export --format` spells it.
+    pub fn from_name(name: &str) -> Option<HfArch> {
+        FAMILIES.iter().find(|f| f.name == name).map(|f| f.arch)
+    }
+}
+
+/// The family whose `model_type` this is, or an error naming the ones read.
+fn family_of_model_type(model_type: &str) -> Result<&'static Family> {
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.model_type == model_type)
+        .with_context(|| {
+            let known: Vec<String> = FAMILIES
+                .iter()
+                .map(|f| format!("{:?}", f.model_type))
+                .collect();
+            format!(
+                "config.json: unsupported field `model_type` = {model_type:?} (supported: {})",
+                known.join(", ")
+            )
+        })
+}
+
+/// The values of parameter `name` as f32 (parameters are f32 master
+/// weights; anything else is an error, never an empty tensor).
+pub fn f32s(name: &str, d: &TensorData) -> Result<Vec<f32>> {
+    d.clone()
+        .convert_dtype(burn::tensor::DType::F32)
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("parameter `{name}`: cannot read it as f32: {e:?}"))
 }
 
 /// Read every tensor of a checkpoint directory, converted to f32 (ints to i64).
@@ -151,7 +229,7 @@ pub fn is_hf_dir(dir: &Path) -> bool {
             || dir.join("model.safetensors.index.json").exists())
 }
 
-/// Load a Hugging Face Mixtral or Qwen2-MoE directory into a switchyard model.
+/// Load a Hugging Face directory of any family in [`FAMILIES`] into a switchyard model.
 pub fn load(dir: &Path, device: &Device) -> Result<(HfArch, LanguageModel)> {
     let cfg_path = dir.join("config.json");
     let cfg: Value = serde_json::from_slice(

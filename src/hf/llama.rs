@@ -1,0 +1,53 @@
+//! Llama (`LlamaForCausalLM`), dense: every block a SwiGLU MLP of
+//! `intermediate_size`, no biases, no q/k norms.
+
+use super::family::*;
+use super::HfArch;
+use crate::config::{ModelConfig, MoeConfig, QkNorm};
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+
+/// The family.
+pub const FAMILY: Family = Family {
+    arch: HfArch::Llama,
+    model_type: "llama",
+    class: "LlamaForCausalLM",
+    name: "llama",
+    dense: true,
+    layout: MLP_LAYOUT,
+    read,
+    refuses,
+    adapt: as_is,
+    write,
+};
+
+fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
+    refuse_true(cfg, "attention_bias", "a biased attention")?;
+    refuse_true(cfg, "mlp_bias", "a biased MLP")?;
+    if let Some(t) = cfg.get("pretraining_tp").filter(|v| !v.is_null()) {
+        if t.as_u64() != Some(1) {
+            anyhow::bail!("config.json: unsupported field `pretraining_tp` = {t} (only 1)");
+        }
+    }
+    Ok((model, dense_moe()))
+}
+
+/// Why Llama (or Mistral, which has the same blocks) cannot express the model.
+pub(super) fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    first([
+        has_moe(m, moe),
+        has_bias(m),
+        attention_differs(m, QkNorm::None, false),
+    ])
+}
+
+fn write(_: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {
+    put(
+        obj,
+        [
+            ("attention_bias", json!(false)),
+            ("mlp_bias", json!(false)),
+            ("pretraining_tp", json!(1)),
+        ],
+    );
+}

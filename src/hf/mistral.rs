@@ -1,0 +1,33 @@
+//! Mistral (`MistralForCausalLM`), dense: Llama's blocks; a sliding
+//! window, if any, is refused.
+
+use super::family::*;
+use super::HfArch;
+use crate::config::{ModelConfig, MoeConfig};
+use anyhow::Result;
+use serde_json::{Map, Value};
+
+/// The family.
+pub const FAMILY: Family = Family {
+    arch: HfArch::Mistral,
+    model_type: "mistral",
+    class: "MistralForCausalLM",
+    name: "mistral",
+    dense: true,
+    layout: MLP_LAYOUT,
+    read,
+    refuses: super::llama::refuses,
+    adapt: as_is,
+    write,
+};
+
+fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
+    if let Some(w) = cfg.get("sliding_window").filter(|v| !v.is_null()) {
+        anyhow::bail!("config.json: unsupported field `sliding_window` = {w} (sliding-window attention is not supported; it must be null)");
+    }
+    Ok((model, dense_moe()))
+}
+
+fn write(_: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {
+    put(obj, [("sliding_window", Value::Null)]);
+}

@@ -1,0 +1,46 @@
+//! Qwen3-MoE (`Qwen3MoeForCausalLM`): Qwen2-MoE's routing and dense-block
+//! layout without the shared expert or the q/k/v biases, with per-head
+//! q/k RMSNorm before RoPE and a `head_dim` of its own.
+
+use super::family::*;
+use super::qwen2_moe::{read_qwen_moe, write_qwen_moe};
+use super::HfArch;
+use crate::config::{ModelConfig, MoeConfig, QkNorm};
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+
+/// The family.
+pub const FAMILY: Family = Family {
+    arch: HfArch::Qwen3Moe,
+    model_type: "qwen3_moe",
+    class: "Qwen3MoeForCausalLM",
+    name: "qwen3-moe",
+    dense: false,
+    layout: MLP_LAYOUT,
+    read,
+    refuses,
+    adapt: as_is,
+    write,
+};
+
+fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
+    refuse_true(cfg, "attention_bias", "a biased o_proj")?;
+    model.qk_norm = QkNorm::PerHead;
+    let moe = read_qwen_moe(cfg, &model, 0)?;
+    Ok((model, moe))
+}
+
+fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    first([
+        no_moe(m, moe),
+        has_shared(moe),
+        has_bias(m),
+        attention_differs(m, QkNorm::PerHead, false),
+        softmax_routing_differs(moe),
+    ])
+}
+
+fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {
+    write_qwen_moe(m, moe, obj);
+    put(obj, [("attention_bias", json!(false))]);
+}
