@@ -120,6 +120,8 @@ pub enum FormatArg {
     /// Glm4MoeForCausalLM (GLM-4.5).
     #[value(name = "glm4-moe")]
     Glm4Moe,
+    /// GraniteMoeForCausalLM.
+    Granitemoe,
     /// LlamaForCausalLM (dense).
     Llama,
     /// MistralForCausalLM (dense).

@@ -7,7 +7,8 @@
 //! [`crate::hf::FAMILIES`] that expresses the model, or refuses with each
 //! family's reason.
 
-use crate::config::TopkOrder;
+use crate::config::{ModelConfig, MoeConfig, TopkOrder};
+use crate::hf::family::{mup_differs, Family};
 use crate::hf::{f32s, key_table, transpose_matrix as transpose, write_config, HfArch, FAMILIES};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
@@ -34,13 +35,21 @@ pub enum ExportDtype {
     Bf16,
 }
 
+/// Why `family` cannot express the model, if it cannot.
+fn refused(family: &Family, m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    match family.mup {
+        false => mup_differs(m).or_else(|| (family.refuses)(m, moe)),
+        true => (family.refuses)(m, moe),
+    }
+}
+
 /// Pick the family, or refuse with the reason.
 pub fn choose_format(model: &LanguageModel, want: ExportFormat) -> Result<HfArch> {
     let (m, moe) = (model.config(), model.moe_config());
     match want {
         ExportFormat::Family(arch) => {
             let family = arch.family();
-            match (family.refuses)(m, moe) {
+            match refused(family, m, moe) {
                 Some(why) => bail!("cannot export as {} ({}): {why}", family.name, family.class),
                 None => Ok(arch),
             }
@@ -48,7 +57,7 @@ pub fn choose_format(model: &LanguageModel, want: ExportFormat) -> Result<HfArch
         ExportFormat::Auto => {
             let mut reasons = Vec::new();
             for family in FAMILIES {
-                match (family.refuses)(m, moe) {
+                match refused(family, m, moe) {
                     None => return Ok(family.arch),
                     Some(why) => reasons.push(format!("  {}: {why}", family.name)),
                 }
@@ -100,7 +109,19 @@ pub fn export(
             .with_context(|| format!("model has no parameter `{}`", map.ours))?;
         let shape = t.shape().to_vec();
         let v = f32s(&map.ours, t)?;
-        if map.stacked {
+        if let Some(rows) = map.rows {
+            // Ours [E, C, len] → rows start..start+len of each expert's
+            // [total, C] block in one fused tensor.
+            let (e, c, len) = (shape[0], shape[1], shape[2]);
+            let (buf, _) = hf
+                .entry(map.hf[0].clone())
+                .or_insert_with(|| (vec![0f32; e * rows.total * c], vec![e, rows.total, c]));
+            for x in 0..e {
+                let block = transpose(&v[x * c * len..(x + 1) * c * len], c, len); // [len, C]
+                let at = (x * rows.total + rows.start) * c;
+                buf[at..at + len * c].copy_from_slice(&block);
+            }
+        } else if map.stacked {
             let (e, r, c) = (shape[0], shape[1], shape[2]);
             for (i, key) in map.hf.iter().enumerate().take(e) {
                 let slice = &v[i * r * c..(i + 1) * r * c];

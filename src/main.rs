@@ -103,6 +103,7 @@ fn export(args: ExportArgs) -> Result<()> {
         FormatArg::Qwen3Moe => ExportFormat::Family(HfArch::Qwen3Moe),
         FormatArg::Olmoe => ExportFormat::Family(HfArch::Olmoe),
         FormatArg::Glm4Moe => ExportFormat::Family(HfArch::Glm4Moe),
+        FormatArg::Granitemoe => ExportFormat::Family(HfArch::GraniteMoe),
         FormatArg::Llama => ExportFormat::Family(HfArch::Llama),
         FormatArg::Mistral => ExportFormat::Family(HfArch::Mistral),
         FormatArg::Qwen2 => ExportFormat::Family(HfArch::Qwen2),

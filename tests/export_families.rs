@@ -73,6 +73,7 @@ fn fixtures_export_as_transformers_wrote_them() {
         ("../shared/fixtures/hf-qwen3moe-tiny", HfArch::Qwen3Moe),
         ("../shared/fixtures/hf-olmoe-tiny", HfArch::Olmoe),
         ("../shared/fixtures/hf-glm4moe-tiny", HfArch::Glm4Moe),
+        ("../shared/fixtures/hf-granitemoe-tiny", HfArch::GraniteMoe),
         ("../shared/fixtures/hf-llama-tiny", HfArch::Llama),
     ];
     let device = Device::flex();
@@ -224,6 +225,14 @@ fn models_export_as_the_simplest_family_that_expresses_them() {
         ),
         // Sigmoid scores alone: a zero selection bias and a zero shared expert.
         (format!("{ATTN}{moe}score = \"sigmoid\"\n"), Auto, HfArch::Glm4Moe),
+        // Granite's muP scalars, with top-k-then-softmax routing.
+        (
+            format!("{ATTN}embedding_multiplier = 3.0\nresidual_multiplier = 0.5\nattention_multiplier = 0.1\nlogits_scaling = 2.0\n{moe}topk_order = \"topk_then_softmax\"\n"),
+            Auto,
+            HfArch::GraniteMoe,
+        ),
+        // The scalars left at their defaults: the attention scale is written out.
+        (format!("{ATTN}{moe}"), Family(HfArch::GraniteMoe), HfArch::GraniteMoe),
         // Dense models.
         (format!("{ATTN}[moe]\nnum_experts = 0\n"), Auto, HfArch::Llama),
         (
@@ -289,6 +298,11 @@ fn a_model_no_family_expresses_is_refused_naming_the_feature() {
             "no MoE blocks",
         ),
         (format!("{ATTN}{moe}"), Family(HfArch::Llama), "has MoE blocks"),
+        (
+            format!("{ATTN}logits_scaling = 2.0\n{moe}first_k_dense = 1\n"),
+            Auto,
+            "model.logits_scaling",
+        ),
         (
             format!("{ATTN}qk_norm = \"per_head\"\n[moe]\nnum_experts = 0\n"),
             Family(HfArch::Llama),

@@ -238,3 +238,42 @@ fn glm4_moe_matches_transformers() {
     let d = max_abs_diff(&logits, &want);
     assert!(d > 1e-3, "ungrouped routing should not match ({d})");
 }
+
+/// Granite MoE from `../shared/fixtures/hf-granitemoe-tiny`: every
+/// expert in two fused tensors, top-2 of the router logits then a softmax
+/// over the two, and the muP scalars (embeddings × 6, each sublayer's
+/// output × 0.22, attention scores × 0.0625 instead of 1/√16, logits ÷ 4).
+#[test]
+fn granite_moe_matches_transformers() {
+    let (model, tokens, want) =
+        check_shared_fixture("hf-granitemoe-tiny", hf::HfArch::GraniteMoe, 2);
+    let m = model.config();
+    assert_eq!(
+        (
+            m.embedding_multiplier,
+            m.residual_multiplier,
+            m.attention_multiplier,
+            m.logits_scaling
+        ),
+        (6.0, 0.22, Some(0.0625), 4.0)
+    );
+    // Without the muP scalars the same weights miss transformers' logits.
+    let plain = switchyard::config::ModelConfig {
+        embedding_multiplier: 1.0,
+        residual_multiplier: 1.0,
+        attention_multiplier: None,
+        logits_scaling: 1.0,
+        ..m.clone()
+    };
+    let params = switchyard::params::collect(&model);
+    let unscaled = LanguageModel::unloaded(&plain, model.moe_config(), &Device::flex());
+    let unscaled = switchyard::params::load(unscaled, &params).unwrap();
+    let logits = unscaled
+        .forward(tokens, None, Phase::Eval)
+        .logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&logits, &want);
+    assert!(d > 1e-2, "unscaled logits should not match ({d})");
+}

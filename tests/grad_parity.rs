@@ -68,14 +68,14 @@ fn reference(
     // transformers 5 keeps each layer's experts in two fused tensors:
     // gate_up_proj [E, 2F, d] (gate rows, then up rows) and down_proj [E, d, F].
     if let Some(layer) = ours.strip_suffix(".mlp.experts.gate_proj") {
-        return expert_rows(get(&fused_key(layer, "gate_up_proj")), shape, 0);
+        return expert_rows(get(&fused_key(arch, layer, "gate_up_proj")), shape, 0);
     }
     if let Some(layer) = ours.strip_suffix(".mlp.experts.up_proj") {
-        return expert_rows(get(&fused_key(layer, "gate_up_proj")), shape, 1);
+        return expert_rows(get(&fused_key(arch, layer, "gate_up_proj")), shape, 1);
     }
     if let Some(layer) = ours.strip_suffix(".mlp.experts.down_proj") {
         let [e, f, d] = [shape[0], shape[1], shape[2]];
-        let theirs = f32s(get(&fused_key(layer, "down_proj"))); // [E, d, F]
+        let theirs = f32s(get(&fused_key(arch, layer, "down_proj"))); // [E, d, F]
         return (0..e)
             .flat_map(|i| transpose(&theirs[i * d * f..(i + 1) * d * f], d, f))
             .collect();
@@ -84,11 +84,12 @@ fn reference(
         .iter()
         .find(|m| m.ours == ours)
         .unwrap_or_else(|| panic!("`{ours}` is not in the Hugging Face key table"));
-    // The router is `mlp.gate` in transformers 5 for both families.
-    let key = if arch == HfArch::Mixtral {
-        map.hf[0].replace(".block_sparse_moe.", ".mlp.")
-    } else {
-        map.hf[0].clone()
+    // In transformers 5 Mixtral's router is `mlp.gate`, Granite's `router`
+    // (`block_sparse_moe.gate` and `router.layer` on disk).
+    let key = match arch {
+        HfArch::Mixtral => map.hf[0].replace(".block_sparse_moe.", ".mlp."),
+        HfArch::GraniteMoe => map.hf[0].replace(".router.layer.", ".router."),
+        _ => map.hf[0].clone(),
     };
     let theirs = f32s(get(&key));
     if map.transpose {
@@ -99,9 +100,14 @@ fn reference(
     }
 }
 
-/// `model.layers.{i}.mlp.experts.{name}` for our `layers.{i}`.
-fn fused_key(layer: &str, name: &str) -> String {
-    format!("model.{layer}.mlp.experts.{name}")
+/// `model.layers.{i}.mlp.experts.{name}` for our `layers.{i}`
+/// (`block_sparse_moe` in Granite MoE).
+fn fused_key(arch: HfArch, layer: &str, name: &str) -> String {
+    let module = match arch {
+        HfArch::GraniteMoe => "block_sparse_moe",
+        _ => "mlp",
+    };
+    format!("model.{layer}.{module}.experts.{name}")
 }
 
 /// Our `[E, d, F]` gate (`half` 0) or up (`half` 1) projection from
@@ -260,6 +266,16 @@ fn glm4_moe_gradients_match_pytorch_on_both_paths() {
     for dtype in [DType::F32, DType::F64] {
         let worst = check("hf-glm4moe-tiny", dtype, Loss::Lm);
         println!("hf-glm4moe-tiny {dtype:?} Lm: worst {worst:.2e}");
+    }
+}
+
+/// Granite MoE (fused expert tensors, top-k then softmax, the muP
+/// scalars): the fixture holds the LM loss's gradients only.
+#[test]
+fn granite_moe_gradients_match_pytorch_on_both_paths() {
+    for dtype in [DType::F32, DType::F64] {
+        let worst = check("hf-granitemoe-tiny", dtype, Loss::Lm);
+        println!("hf-granitemoe-tiny {dtype:?} Lm: worst {worst:.2e}");
     }
 }
 

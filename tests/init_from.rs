@@ -162,7 +162,7 @@ fn every_family_continues_and_exports_as_it_came() {
     // as transformers wrote them. GLM's selection-bias update (not scaled
     // by the learning rate) is off, so that the step leaves the function alone.
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, &str, Edit, &str); 6] = [
+    let cases: [(&str, &str, Edit, &str); 7] = [
         (
             "mixtral",
             "tests/fixtures/hf-mixtral-tiny",
@@ -187,6 +187,12 @@ fn every_family_continues_and_exports_as_it_came() {
             "../shared/fixtures/hf-glm4moe-tiny",
             |_| {},
             "[moe]\nbias_update_rate = 0.0\n",
+        ),
+        (
+            "granitemoe",
+            "../shared/fixtures/hf-granitemoe-tiny",
+            |_| {},
+            "",
         ),
         ("llama", "../shared/fixtures/hf-llama-tiny", |_| {}, ""),
     ];

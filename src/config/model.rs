@@ -42,6 +42,17 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Standard deviation of the normal weight initialisation. Default 0.02.
     pub init_std: f64,
+    /// Multiply the token embeddings by this before the first block
+    /// (Granite's muP `embedding_multiplier`). Default 1.
+    pub embedding_multiplier: f64,
+    /// Multiply each attention and FFN output by this before adding it to
+    /// the residual stream (Granite's `residual_multiplier`). Default 1.
+    pub residual_multiplier: f64,
+    /// The attention-score scale; none means 1/√head_dim (Granite's
+    /// `attention_multiplier`). Default none.
+    pub attention_multiplier: Option<f64>,
+    /// Divide the logits by this (Granite's `logits_scaling`). Default 1.
+    pub logits_scaling: f64,
 }
 
 impl Default for ModelConfig {
@@ -62,6 +73,10 @@ impl Default for ModelConfig {
             clip_qkv: None,
             tie_embeddings: false,
             init_std: 0.02,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
         }
     }
 }
@@ -127,6 +142,22 @@ impl ModelConfig {
         }
         if !(self.init_std > 0.0) {
             return Err(err("model.init_std", "must be > 0"));
+        }
+        let scalars = [
+            (
+                "model.embedding_multiplier",
+                Some(self.embedding_multiplier),
+            ),
+            ("model.residual_multiplier", Some(self.residual_multiplier)),
+            ("model.attention_multiplier", self.attention_multiplier),
+            ("model.logits_scaling", Some(self.logits_scaling)),
+        ];
+        for (key, v) in scalars {
+            if let Some(v) = v {
+                if !(v > 0.0 && v.is_finite()) {
+                    return Err(err(key, format!("must be a finite number > 0, got {v}")));
+                }
+            }
         }
         if let Some(c) = self.clip_qkv {
             if !(c > 0.0 && c.is_finite()) {

@@ -54,6 +54,10 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         clip_qkv: None,
         tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),
         init_std: opt(cfg, "initializer_range", f64_field)?.unwrap_or(0.02),
+        embedding_multiplier: 1.0,
+        residual_multiplier: 1.0,
+        attention_multiplier: None,
+        logits_scaling: 1.0,
     };
     let (model, moe) = (family.read)(cfg, shared)?;
     model.validate()?;

@@ -22,6 +22,11 @@ pub struct Layout {
     pub expert: [&'static str; 3],
     /// The shared expert's module, under `mlp`.
     pub shared: &'static str,
+    /// The router's module, under `moe` (`gate`, `router.layer`).
+    pub router: &'static str,
+    /// Every expert in two fused tensors, `[E, 2F, d]` (gate rows, then up
+    /// rows) and `[E, d, F]`, instead of one tensor per expert and projection.
+    pub fused: Option<[&'static str; 2]>,
 }
 
 /// The layout of the families that follow Qwen2-MoE's names.
@@ -29,6 +34,8 @@ pub const MLP_LAYOUT: Layout = Layout {
     moe: "mlp",
     expert: ["gate_proj", "up_proj", "down_proj"],
     shared: "shared_expert",
+    router: "gate",
+    fused: None,
 };
 
 /// One Hugging Face family.
@@ -41,6 +48,9 @@ pub struct Family {
     pub class: &'static str,
     /// The name `export --format` takes.
     pub name: &'static str,
+    /// Whether the family has Granite's muP scalars (`model.embedding_multiplier`,
+    /// `residual_multiplier`, `attention_multiplier`, `logits_scaling`).
+    pub mup: bool,
     /// Whether the family is dense (no experts).
     pub dense: bool,
     /// Checkpoint names of the MoE parts.
@@ -299,4 +309,20 @@ pub fn has_moe(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
 /// `layer_types` saying every block attends over the whole sequence.
 pub fn full_attention_layers(m: &ModelConfig) -> Value {
     Value::Array(vec![Value::from("full_attention"); m.n_layers])
+}
+
+/// Why a family without Granite's muP scalars cannot express this model.
+pub fn mup_differs(m: &ModelConfig) -> Option<String> {
+    [
+        ("model.embedding_multiplier", m.embedding_multiplier != 1.0),
+        ("model.residual_multiplier", m.residual_multiplier != 1.0),
+        (
+            "model.attention_multiplier",
+            m.attention_multiplier.is_some(),
+        ),
+        ("model.logits_scaling", m.logits_scaling != 1.0),
+    ]
+    .into_iter()
+    .find(|(_, set)| *set)
+    .map(|(key, _)| format!("{key} (Granite's muP scalars)"))
 }

@@ -13,8 +13,24 @@ pub struct KeyMapping {
     pub hf: Vec<String>,
     /// Whether each Hugging Face matrix is transposed (`[out, in]` ↔ `[in, out]`).
     pub transpose: bool,
-    /// Whether `hf` holds one key per expert, stacked.
+    /// Whether `hf` holds one key per expert, stacked, or (with `rows`)
+    /// one tensor holding every expert.
     pub stacked: bool,
+    /// Where each expert's matrix sits in a fused `[E, total, C]` tensor
+    /// that holds every expert (Granite's `input_linear`, gate rows then up
+    /// rows): rows `start..start + len` of each expert's `[total, C]`.
+    pub rows: Option<Rows>,
+}
+
+/// Rows `start..start + len` of each expert's `[total, C]` block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rows {
+    /// First row.
+    pub start: usize,
+    /// How many rows.
+    pub len: usize,
+    /// Rows per expert in the fused tensor.
+    pub total: usize,
 }
 
 /// The one table between switchyard parameter paths and Hugging Face keys for
@@ -27,6 +43,7 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             hf: vec![hf],
             transpose,
             stacked: false,
+            rows: None,
         })
     };
     one(
@@ -101,29 +118,48 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
         one(
             &mut t,
             format!("{o}.mlp.router.weight"),
-            format!("{h}.{moe_key}.gate.weight"),
+            format!("{h}.{moe_key}.{}.weight", layout.router),
             true,
         );
         if moe.aux_free_bias {
             one(
                 &mut t,
                 format!("{o}.mlp.router.expert_bias"),
-                format!("{h}.{moe_key}.gate.e_score_correction_bias"),
+                format!("{h}.{moe_key}.{}.e_score_correction_bias", layout.router),
                 false,
             );
         }
-        for (ours, theirs) in ["gate_proj", "up_proj", "down_proj"]
-            .iter()
-            .zip(expert_names)
-        {
-            t.push(KeyMapping {
-                ours: format!("{o}.mlp.experts.{ours}"),
-                hf: (0..moe.num_experts)
-                    .map(|e| format!("{h}.{moe_key}.experts.{e}.{theirs}.weight"))
-                    .collect(),
-                transpose: true,
-                stacked: true,
-            });
+        if let Some([input, output]) = layout.fused {
+            // [E, 2F, d]: gate rows, then up rows; [E, d, F].
+            let (f, d) = (moe.d_expert, model.d_model);
+            for (ours, theirs, start, len, total) in [
+                ("gate_proj", input, 0, f, 2 * f),
+                ("up_proj", input, f, f, 2 * f),
+                ("down_proj", output, 0, d, d),
+            ] {
+                t.push(KeyMapping {
+                    ours: format!("{o}.mlp.experts.{ours}"),
+                    hf: vec![format!("{h}.{moe_key}.{theirs}.weight")],
+                    transpose: true,
+                    stacked: true,
+                    rows: Some(Rows { start, len, total }),
+                });
+            }
+        } else {
+            for (ours, theirs) in ["gate_proj", "up_proj", "down_proj"]
+                .iter()
+                .zip(expert_names)
+            {
+                t.push(KeyMapping {
+                    ours: format!("{o}.mlp.experts.{ours}"),
+                    hf: (0..moe.num_experts)
+                        .map(|e| format!("{h}.{moe_key}.experts.{e}.{theirs}.weight"))
+                        .collect(),
+                    transpose: true,
+                    stacked: true,
+                    rows: None,
+                });
+            }
         }
         if moe.shared_width() > 0 {
             let theirs = layout.shared;

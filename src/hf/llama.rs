@@ -13,6 +13,7 @@ pub const FAMILY: Family = Family {
     model_type: "llama",
     class: "LlamaForCausalLM",
     name: "llama",
+    mup: false,
     dense: true,
     layout: MLP_LAYOUT,
     read,

@@ -13,6 +13,7 @@ pub const FAMILY: Family = Family {
     model_type: "mistral",
     class: "MistralForCausalLM",
     name: "mistral",
+    mup: false,
     dense: true,
     layout: MLP_LAYOUT,
     read,

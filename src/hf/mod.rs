@@ -12,6 +12,7 @@
 mod config;
 pub mod family;
 mod glm4_moe;
+mod granitemoe;
 mod keys;
 mod llama;
 mod mistral;
@@ -47,6 +48,8 @@ pub enum HfArch {
     /// `Glm4MoeForCausalLM`: sigmoid routing with a selection bias,
     /// group-limited top-k, a routed scaling factor, per-head q/k norms.
     Glm4Moe,
+    /// `GraniteMoeForCausalLM`: fused expert tensors and muP scalars.
+    GraniteMoe,
     /// `LlamaForCausalLM`: dense.
     Llama,
     /// `MistralForCausalLM`: dense.
@@ -59,12 +62,13 @@ pub enum HfArch {
 
 /// Every family, in the order `export --format auto` tries them: the
 /// simplest that expresses a model exactly comes first.
-pub const FAMILIES: [&Family; 9] = [
+pub const FAMILIES: [&Family; 10] = [
     &mixtral::FAMILY,
     &qwen3_moe::FAMILY,
     &olmoe::FAMILY,
     &glm4_moe::FAMILY,
     &qwen2_moe::FAMILY,
+    &granitemoe::FAMILY,
     &llama::FAMILY,
     &qwen3::FAMILY,
     &qwen2::FAMILY,
@@ -80,6 +84,7 @@ impl HfArch {
             HfArch::Qwen3Moe => &qwen3_moe::FAMILY,
             HfArch::Olmoe => &olmoe::FAMILY,
             HfArch::Glm4Moe => &glm4_moe::FAMILY,
+            HfArch::GraniteMoe => &granitemoe::FAMILY,
             HfArch::Llama => &llama::FAMILY,
             HfArch::Mistral => &mistral::FAMILY,
             HfArch::Qwen2 => &qwen2::FAMILY,
@@ -186,6 +191,10 @@ pub fn to_params(
 ) -> Result<BTreeMap<String, TensorData>> {
     let mut out = BTreeMap::new();
     for m in table {
+        if let Some(rows) = m.rows {
+            out.insert(m.ours.clone(), unfuse(hf, &m.hf[0], rows, m.transpose)?);
+            continue;
+        }
         let mut parts = Vec::with_capacity(m.hf.len());
         for key in &m.hf {
             let t = hf
@@ -220,6 +229,46 @@ pub fn to_params(
         out.insert(m.ours.clone(), data);
     }
     Ok(out)
+}
+
+/// Each expert's rows of a fused `[E, total, C]` tensor, stacked as
+/// `[E, C, len]` (transposed) or `[E, len, C]`.
+fn unfuse(
+    hf: &HashMap<String, TensorData>,
+    key: &str,
+    rows: keys::Rows,
+    transpose: bool,
+) -> Result<TensorData> {
+    let t = hf
+        .get(key)
+        .with_context(|| format!("checkpoint has no tensor `{key}`"))?;
+    let shape = t.shape().to_vec();
+    let [e, total, c] = shape[..] else {
+        bail!("tensor `{key}`: expected [experts, rows, columns], found shape {shape:?}");
+    };
+    if total != rows.total {
+        bail!(
+            "tensor `{key}`: expected {} rows per expert, found {total}",
+            rows.total
+        );
+    }
+    let v = t
+        .as_slice::<f32>()
+        .map_err(|err| anyhow::anyhow!("{key}: {err:?}"))?;
+    let mut out = Vec::with_capacity(e * rows.len * c);
+    for x in 0..e {
+        let from = (x * total + rows.start) * c;
+        let block = &v[from..from + rows.len * c]; // [len, C]
+        match transpose {
+            true => out.extend(transpose_matrix(block, rows.len, c)),
+            false => out.extend_from_slice(block),
+        }
+    }
+    let shape = match transpose {
+        true => vec![e, c, rows.len],
+        false => vec![e, rows.len, c],
+    };
+    Ok(TensorData::new(out, shape))
 }
 
 /// Whether a directory looks like a Hugging Face checkpoint.

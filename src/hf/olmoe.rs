@@ -14,6 +14,7 @@ pub const FAMILY: Family = Family {
     model_type: "olmoe",
     class: "OlmoeForCausalLM",
     name: "olmoe",
+    mup: false,
     dense: false,
     layout: MLP_LAYOUT,
     read,

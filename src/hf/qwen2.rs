@@ -13,6 +13,7 @@ pub const FAMILY: Family = Family {
     model_type: "qwen2",
     class: "Qwen2ForCausalLM",
     name: "qwen2",
+    mup: false,
     dense: true,
     layout: MLP_LAYOUT,
     read,

@@ -22,6 +22,7 @@ pub const FAMILY: Family = Family {
     model_type: "qwen2_moe",
     class: "Qwen2MoeForCausalLM",
     name: "qwen2-moe",
+    mup: false,
     dense: false,
     layout: MLP_LAYOUT,
     read,

@@ -13,6 +13,7 @@ pub const FAMILY: Family = Family {
     model_type: "qwen3",
     class: "Qwen3ForCausalLM",
     name: "qwen3",
+    mup: false,
     dense: true,
     layout: MLP_LAYOUT,
     read,

@@ -15,6 +15,7 @@ pub const FAMILY: Family = Family {
     model_type: "qwen3_moe",
     class: "Qwen3MoeForCausalLM",
     name: "qwen3-moe",
+    mup: false,
     dense: false,
     layout: MLP_LAYOUT,
     read,

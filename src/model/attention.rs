@@ -42,6 +42,10 @@ pub struct Attention {
     qk_norm: QkNorm,
     #[module(skip)]
     clip_qkv: Option<f64>,
+    /// What q is multiplied by so that the attention's 1/√head_dim scale
+    /// becomes `model.attention_multiplier`; none when that is unset.
+    #[module(skip)]
+    q_scale: Option<f64>,
 }
 
 impl Attention {
@@ -60,6 +64,7 @@ impl Attention {
                 .map(|w| rms_norm(w, cfg.rms_norm_eps, device)),
             qk_norm: cfg.qk_norm,
             clip_qkv: cfg.clip_qkv,
+            q_scale: cfg.attention_multiplier.map(|m| m * (hd as f64).sqrt()),
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: hd,
@@ -96,6 +101,11 @@ impl Attention {
             }
         };
         let q = rope.apply(heads(project(&self.q_proj, &self.q_norm), h, &self.q_norm)); // [B, S, H, hd]
+                                                                                         // scores = (c·q)·kᵀ/√hd = multiplier · q·kᵀ
+        let q = match self.q_scale {
+            Some(c) => q.mul_scalar(c),
+            None => q,
+        };
         let k = rope.apply(heads(project(&self.k_proj, &self.k_norm), kv, &self.k_norm)); // [B, S, KV, hd]
         let v = split(project(&self.v_proj, &None), kv); // [B, S, KV, hd]
         let out = if fused_on(&q.device(), q.dtype()) {

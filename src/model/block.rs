@@ -30,6 +30,9 @@ pub struct Block {
     pub post_attention_layernorm: RmsNorm,
     /// Dense MLP or MoE layer (Hugging Face `mlp` / `block_sparse_moe`).
     pub mlp: Ffn,
+    /// `model.residual_multiplier`.
+    #[module(skip)]
+    residual_multiplier: f64,
 }
 
 /// RMSNorm with weight 1 and the model's epsilon.
@@ -50,6 +53,7 @@ impl Block {
             self_attn: Attention::new(cfg, device),
             post_attention_layernorm: rms_norm(cfg, device),
             mlp,
+            residual_multiplier: cfg.residual_multiplier,
         }
     }
 
@@ -62,13 +66,15 @@ impl Block {
         rope: &Rope,
         phase: Phase,
     ) -> (Tensor<3>, Option<MoeAux>) {
-        let x = x.clone() + self.self_attn.forward(norm(&self.input_layernorm, x), rope);
+        let r = self.residual_multiplier;
+        let scaled = |t: Tensor<3>| if r == 1.0 { t } else { t.mul_scalar(r) };
+        let x = x.clone() + scaled(self.self_attn.forward(norm(&self.input_layernorm, x), rope));
         let h = norm(&self.post_attention_layernorm, x.clone());
         match &self.mlp {
-            Ffn::Dense(mlp) => (x + mlp.forward(h), None),
+            Ffn::Dense(mlp) => (x + scaled(mlp.forward(h)), None),
             Ffn::Moe(moe) => {
                 let (y, aux) = moe.forward(h, valid, phase);
-                (x + y, Some(aux))
+                (x + scaled(y), Some(aux))
             }
         }
     }

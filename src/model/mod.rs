@@ -213,7 +213,7 @@ impl LanguageModel {
     /// The final norm, the LM head and the mean cross-entropy over
     /// positions where `mask` is 1, from the blocks' output `x: [B, S, d]`.
     pub fn head_loss(&self, x: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>) -> Tensor<1> {
-        let h = norm(&self.norm, x);
+        let h = self.final_norm(x);
         let [b, s, d] = h.dims();
         let mask_flat = mask.clone().reshape([b * s]);
         let fused = self.head_weight().and_then(|w| {
@@ -244,7 +244,7 @@ impl LanguageModel {
     /// no gradient, from the blocks' output `x: [B, S, d]`: for evaluation
     /// statistics that need the loss per token.
     pub fn head_row_losses(&self, x: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-        let h = norm(&self.norm, x).detach();
+        let h = self.final_norm(x).detach();
         let [b, s, d] = h.dims();
         let targets = targets.reshape([b * s]);
         let fused = self.head_weight().and_then(|w| {
@@ -277,6 +277,9 @@ impl LanguageModel {
         let device = tokens.device();
         let valid = valid.unwrap_or_else(|| Tensor::ones([b, s], &device));
         let mut x = in_dtype(self.embed_tokens.forward(tokens), self.compute); // [B, S, d]
+        if self.cfg.embedding_multiplier != 1.0 {
+            x = x.mul_scalar(self.cfg.embedding_multiplier);
+        }
         let mut moe = Vec::new();
         for block in &self.layers {
             let (y, aux) = block.forward(x, valid.clone(), &self.rope, phase);
@@ -289,7 +292,17 @@ impl LanguageModel {
     /// The final norm and the LM head (the tied embedding when there is no
     /// head): hidden states `[B, S, d]` → f32 logits `[B, S, V]`.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        self.project(norm(&self.norm, x))
+        self.project(self.final_norm(x))
+    }
+
+    /// The final norm, divided by `model.logits_scaling`: the head is
+    /// linear, so this divides the logits, and the fused loss sees it too.
+    fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = norm(&self.norm, x);
+        match self.cfg.logits_scaling {
+            s if s == 1.0 => h,
+            s => h.div_scalar(s),
+        }
     }
 
     /// The LM head alone, on normed hidden states.
