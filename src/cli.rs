@@ -42,6 +42,44 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Time whole training steps on synthetic tokens: tokens/s, phases, memory.
     Bench(BenchArgs),
+    /// Turn a dense model's MLPs into routed experts that compute the same
+    /// function (sparse upcycling), written as a run directory.
+    Upcycle(UpcycleArgs),
+}
+
+/// Arguments of `switchyard upcycle`.
+#[derive(Args)]
+pub struct UpcycleArgs {
+    /// The dense model: a Hugging Face directory (Llama, Mistral, Qwen2,
+    /// Qwen3), a switchyard run or a checkpoint directory.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Routed experts per upcycled block.
+    #[arg(long)]
+    pub experts: usize,
+    /// Copies of the MLP each token is routed to (the layer's top-k is
+    /// this times granularity - shared experts).
+    #[arg(long)]
+    pub top_k: usize,
+    /// Split each MLP into this many slices, one per routed expert.
+    #[arg(long, default_value_t = 1)]
+    pub granularity: usize,
+    /// Blocks to upcycle, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<usize>>,
+    /// Slices of the MLP that become one always-on shared expert.
+    #[arg(long, default_value_t = 0)]
+    pub shared_experts: usize,
+    /// Noise added to the routed experts, relative to each weight
+    /// matrix's std; breaks the copies' symmetry and changes the function.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f64,
+    /// Seed of the router draw and the noise.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// The run directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Arguments of `switchyard bench`.

@@ -7,6 +7,7 @@
 //! - [`nn`]: layers both the model and the MoE layer use (linear, SwiGLU MLP).
 //! - [`hf`]: Hugging Face checkpoints, one file per family.
 //! - [`params`]: named access to a model's parameters.
+//! - [`upcycle`]: a dense model's MLPs turned into routed experts, same function.
 
 pub mod bench;
 pub mod checkpoint;
@@ -26,6 +27,7 @@ pub mod params;
 pub mod sweep;
 pub mod tensorfile;
 pub mod train;
+pub mod upcycle;
 
 /// Keep freed memory in the process heap instead of returning it to the OS.
 ///

@@ -24,6 +24,7 @@ fn main() -> Result<()> {
         Command::RoutingReport(args) => routing_report(args),
         Command::Sweep(args) => sweep(args),
         Command::Bench(args) => bench(args),
+        Command::Upcycle(args) => upcycle(args),
     }
 }
 
@@ -375,5 +376,40 @@ fn bench(args: BenchArgs) -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
+    Ok(())
+}
+
+fn upcycle(args: switchyard::cli::UpcycleArgs) -> Result<()> {
+    let up = switchyard::config::UpcycleConfig {
+        experts: args.experts,
+        top_k: args.top_k,
+        granularity: args.granularity,
+        layers: args.layers,
+        shared_experts: args.shared_experts,
+        noise: args.noise,
+    };
+    // Config errors name `upcycle.<key>`; here the flags are the keys.
+    let model =
+        switchyard::upcycle::write_run(&args.from, &up, args.seed, &args.out).map_err(|e| {
+            let mut text = format!("{e:#}");
+            for (key, flag) in [
+                ("upcycle.experts", "--experts"),
+                ("upcycle.top_k", "--top-k"),
+                ("upcycle.granularity", "--granularity"),
+                ("upcycle.layers", "--layers"),
+                ("upcycle.shared_experts", "--shared-experts"),
+                ("upcycle.noise", "--noise"),
+            ] {
+                text = text
+                    .replace(&format!("invalid config key `{key}`"), flag)
+                    .replace(key, flag);
+            }
+            anyhow::anyhow!(text)
+        })?;
+    println!(
+        "{}; wrote {}",
+        switchyard::upcycle::describe(&model),
+        args.out.display()
+    );
     Ok(())
 }

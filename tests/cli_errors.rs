@@ -385,3 +385,77 @@ fn bad_sweep_files_are_named() {
         );
     }
 }
+
+#[test]
+fn bad_upcycle_flags_are_named() {
+    let llama = root().join("../shared/fixtures/hf-llama-tiny");
+    let llama = llama.to_str().unwrap();
+    let out = scratch("upcycle");
+    let out = out.join("run");
+    let out = out.to_str().unwrap();
+    let up = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["upcycle", "--from", llama, "--out", out]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &[
+                "--experts",
+                "7",
+                "--top-k",
+                "1",
+                "--granularity",
+                "4",
+                "--shared-experts",
+                "1",
+            ],
+            &["--experts", "multiple of"],
+        ),
+        (
+            &["--experts", "5", "--top-k", "1", "--granularity", "5"],
+            &["--granularity", "d_ff = 96"],
+        ),
+        (&["--experts", "4", "--top-k", "5"], &["--top-k"]),
+        (
+            &["--experts", "4", "--top-k", "1", "--layers", "0,9"],
+            &["--layers", "block 9"],
+        ),
+        (&["--experts", "4", "--top-k", "-1"], &["--top-k"]),
+    ];
+    for (extra, needles) in cases {
+        let args = up(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&args, needles);
+    }
+    // An MoE source, and an output that already holds a run.
+    refused(
+        &[
+            "upcycle",
+            "--from",
+            &mixtral(),
+            "--experts",
+            "4",
+            "--top-k",
+            "1",
+            "--out",
+            out,
+        ],
+        &["already has MoE blocks"],
+    );
+    let (ok, text) = run(&up(&["--experts", "4", "--top-k", "2"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    refused(
+        &up(&["--experts", "4", "--top-k", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &["already holds a run"],
+    );
+}

@@ -7,12 +7,14 @@ mod architecture;
 mod data;
 mod model;
 mod train;
+mod upcycle;
 
 pub use architecture::{Adopted, Architecture, MoeArchitecture, FUNCTION_KEYS};
 pub use model::{
     BalanceScope, DropPolicy, ModelConfig, MoeConfig, QkNorm, ReviveFrom, RouterScore, TopkOrder,
 };
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
+pub use upcycle::UpcycleConfig;
 
 pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};
 use serde::{Deserialize, Serialize};
@@ -59,6 +61,9 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Monitoring and alerts.
     pub log: LogConfig,
+    /// Upcycle the dense `train.init_from` model into an MoE before training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upcycle: Option<UpcycleConfig>,
 }
 
 /// A deserialisation path in the form `--set` takes: list elements by
@@ -112,6 +117,15 @@ impl RunConfig {
         self.optim.validate()?;
         self.train.validate()?;
         self.log.validate()?;
+        if let Some(up) = &self.upcycle {
+            up.validate()?;
+            if self.train.init_from.is_none() {
+                return Err(err(
+                    "upcycle",
+                    "needs train.init_from: the dense model to upcycle",
+                ));
+            }
+        }
         Ok(())
     }
 

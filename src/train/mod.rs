@@ -9,7 +9,7 @@
 pub mod eval;
 pub mod optim;
 pub mod revive;
-mod setup;
+pub(crate) mod setup;
 pub mod step;
 
 pub use setup::{check_precision, parse_device};

@@ -132,6 +132,15 @@ pub(crate) fn init_from(
 ) -> Result<(LanguageModel, Vec<String>)> {
     let (model, tok) = checkpoint::load_any(src, device)
         .with_context(|| format!("train.init_from = {}", src.display()))?;
+    let model = match &cfg.upcycle {
+        Some(up) => {
+            let moe = crate::upcycle::upcycle(&model, up, cfg.train.seed)
+                .with_context(|| format!("upcycling train.init_from = {}", src.display()))?;
+            println!("{}", crate::upcycle::describe(&moe));
+            moe
+        }
+        None => model,
+    };
     let before = cfg.clone();
     cfg.set_architecture(Architecture {
         model: model.config().clone(),
