@@ -277,3 +277,81 @@ fn granite_moe_matches_transformers() {
     let d = max_abs_diff(&logits, &want);
     assert!(d > 1e-2, "unscaled logits should not match ({d})");
 }
+
+/// Each shared fixture's config with one field it cannot express: the
+/// error names the field (and, for another `model_type`, the families read).
+#[test]
+fn unsupported_fields_of_each_family_are_named() {
+    let cases: [(&str, &str, serde_json::Value, &str); 9] = [
+        (
+            "hf-glm4moe-tiny",
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}),
+            "partial_rotary_factor",
+        ),
+        (
+            "hf-qwen3moe-tiny",
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias",
+        ),
+        (
+            "hf-qwen3moe-tiny",
+            "use_sliding_window",
+            serde_json::json!(true),
+            "use_sliding_window",
+        ),
+        (
+            "hf-olmoe-tiny",
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias",
+        ),
+        (
+            "hf-granitemoe-tiny",
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias",
+        ),
+        (
+            "hf-llama-tiny",
+            "mlp_bias",
+            serde_json::json!(true),
+            "mlp_bias",
+        ),
+        (
+            "hf-llama-tiny",
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}),
+            "rope_type",
+        ),
+        (
+            "hf-llama-tiny",
+            "hidden_act",
+            serde_json::json!("gelu_pytorch_tanh"),
+            "hidden_act",
+        ),
+        (
+            "hf-llama-tiny",
+            "model_type",
+            serde_json::json!("deepseek_v3"),
+            "\"granitemoe\"",
+        ),
+    ];
+    for (name, key, value, needle) in cases {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures")
+            .join(name);
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cfg[key] = value;
+        let err = hf::parse_config(&cfg).unwrap_err().to_string();
+        assert!(err.contains(needle), "{name} with `{key}`: {err}");
+    }
+    // Sliding windows declared per layer, as transformers 5 writes them.
+    let text = std::fs::read_to_string(fixture("hf-qwen2moe-tiny").join("config.json")).unwrap();
+    let mut q: serde_json::Value = serde_json::from_str(&text).unwrap();
+    q["layer_types"] = serde_json::json!(["full_attention", "sliding_attention", "full_attention"]);
+    let err = hf::parse_config(&q).unwrap_err().to_string();
+    assert!(err.contains("layer_types"), "{err}");
+}
