@@ -6,13 +6,13 @@
 mod architecture;
 mod data;
 mod model;
+mod moe;
 mod train;
 mod upcycle;
 
 pub use architecture::{Adopted, Architecture, MoeArchitecture, FUNCTION_KEYS};
-pub use model::{
-    BalanceScope, DropPolicy, ModelConfig, MoeConfig, QkNorm, ReviveFrom, RouterScore, TopkOrder,
-};
+pub use model::{ModelConfig, QkNorm};
+pub use moe::{BalanceScope, DropPolicy, MoeConfig, ReviveFrom, RouterScore, TopkOrder};
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 pub use upcycle::UpcycleConfig;
 
