@@ -326,3 +326,8 @@ pub fn mup_differs(m: &ModelConfig) -> Option<String> {
     .find(|(_, set)| *set)
     .map(|(key, _)| format!("{key} (Granite's muP scalars)"))
 }
+
+/// Why a family whose every block is MoE cannot hold this model.
+pub fn has_dense_blocks(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    (moe_layers(m, moe).len() != m.n_layers).then(|| "some blocks are dense".into())
+}

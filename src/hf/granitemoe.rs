@@ -8,7 +8,7 @@
 
 use super::family::*;
 use super::HfArch;
-use crate::config::{ModelConfig, MoeConfig, QkNorm, TopkOrder};
+use crate::config::{ModelConfig, MoeConfig, TopkOrder};
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 
@@ -28,7 +28,7 @@ pub const FAMILY: Family = Family {
         fused: Some(["input_linear", "output_linear"]),
     },
     read,
-    refuses,
+    refuses: super::mixtral::refuses,
     adapt: as_is,
     write,
 };
@@ -49,19 +49,6 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
         ..routed_moe(cfg)?
     };
     Ok((model, moe))
-}
-
-fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
-    first([
-        no_moe(m, moe),
-        (moe_layers(m, moe).len() != m.n_layers).then(|| "some blocks are dense".into()),
-        has_shared(moe),
-        has_bias(m),
-        attention_differs(m, QkNorm::None, false),
-        softmax_routing_differs(moe),
-        (moe.topk_order == TopkOrder::SoftmaxThenTopk && !moe.normalize_topk)
-            .then(|| "moe.normalize_topk = false (Granite MoE always renormalises)".into()),
-    ])
 }
 
 fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {

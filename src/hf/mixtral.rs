@@ -43,16 +43,18 @@ fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
     Ok((model, moe))
 }
 
-fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+/// Why Mixtral (or Granite MoE, whose routing and blocks are Mixtral's)
+/// cannot express the model.
+pub(super) fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         no_moe(m, moe),
-        (moe_layers(m, moe).len() != m.n_layers).then(|| "some blocks are dense".into()),
+        has_dense_blocks(m, moe),
         has_shared(moe),
         has_bias(m),
         attention_differs(m, QkNorm::None, false),
         softmax_routing_differs(moe),
         (moe.topk_order == TopkOrder::SoftmaxThenTopk && !moe.normalize_topk)
-            .then(|| "moe.normalize_topk = false (Mixtral always renormalises)".into()),
+            .then(|| "moe.normalize_topk = false (the family always renormalises)".into()),
     ])
 }
 

@@ -40,7 +40,7 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
 fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         no_moe(m, moe),
-        (moe_layers(m, moe).len() != m.n_layers).then(|| "some blocks are dense".into()),
+        has_dense_blocks(m, moe),
         has_shared(moe),
         has_bias(m),
         (m.head_dim() * m.n_heads != m.d_model)
