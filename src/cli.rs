@@ -259,12 +259,17 @@ pub struct GenerateArgs {
 /// Arguments of `switchyard eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A run directory or a checkpoint directory.
+    /// A run directory, a checkpoint directory, or a Hugging Face model
+    /// directory (then --data is needed).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Text files, directories or globs to evaluate on (default: the run's validation split).
     #[arg(long, num_args = 1..)]
     pub data: Vec<String>,
+    /// Tokenizer, when the checkpoint has none (a Hugging Face directory
+    /// without tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Text: a run of this many blank lines ends a document (with --data).
     #[arg(long, default_value_t = 2)]
     pub blank_lines: usize,
@@ -276,9 +281,12 @@ pub struct EvalArgs {
 /// Arguments of `switchyard routing-report`.
 #[derive(Args)]
 pub struct RoutingReportArgs {
-    /// A run directory or a checkpoint directory.
+    /// A run directory, a checkpoint directory, or a Hugging Face model directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Tokenizer, when the checkpoint has none.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// One domain per corpus, as NAME=PATH: a text file, a .jsonl or
     /// .parquet file, a directory or a glob.
     #[arg(long, num_args = 1.., required = true)]

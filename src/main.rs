@@ -219,21 +219,61 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> Result<()> {
-    let dir = match checkpoint::locate(&args.checkpoint)? {
-        Location::Switchyard(dir) => dir,
-        Location::HuggingFace(dir) => anyhow::bail!(
-            "{}: eval needs a switchyard checkpoint (it carries the data and tokenizer settings); \
-             use train.init_from to start from a Hugging Face model",
+/// The config and model that `eval` and `routing-report` read: a switchyard
+/// checkpoint's own, or for a Hugging Face directory the default config
+/// around its model. The tokenizer is `explicit`, else the checkpoint's.
+fn load_for_eval(
+    arg: &std::path::Path,
+    explicit: Option<PathBuf>,
+    has_data: bool,
+    device: &burn::prelude::Device,
+) -> Result<(
+    PathBuf,
+    switchyard::config::RunConfig,
+    switchyard::model::LanguageModel,
+)> {
+    let (dir, mut cfg, model) = match checkpoint::locate(arg)? {
+        Location::Switchyard(dir) => {
+            let (cfg, model) = checkpoint::load_model(&dir, device)?;
+            (dir, cfg, model)
+        }
+        Location::HuggingFace(dir) => {
+            if !has_data {
+                anyhow::bail!(
+                    "{}: a Hugging Face directory names no corpus: pass --data",
+                    dir.display()
+                );
+            }
+            let (_, model) = switchyard::hf::load(&dir, device)?;
+            let cfg = switchyard::config::RunConfig {
+                model: model.config().clone(),
+                moe: model.moe_config().clone(),
+                ..Default::default()
+            };
+            (dir, cfg, model)
+        }
+    };
+    let tok_file = dir.join("tokenizer.json");
+    match explicit {
+        Some(t) => cfg.data.tokenizer = t.to_string_lossy().into_owned(),
+        None if tok_file.exists() => cfg.data.tokenizer = tok_file.to_string_lossy().into_owned(),
+        None if checkpoint::read_config(&dir).is_err() => anyhow::bail!(
+            "{}: no tokenizer.json: pass --tokenizer PATH",
             dir.display()
         ),
-    };
-    let device = burn::prelude::Device::flex();
-    let (mut cfg, model) = checkpoint::load_model(&dir, &device)?;
-    let tok_file = dir.join("tokenizer.json");
-    if tok_file.exists() {
-        cfg.data.tokenizer = tok_file.to_string_lossy().into_owned();
+        None => {}
     }
+    Ok((dir, cfg, model))
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = burn::prelude::Device::flex();
+    let (dir, mut cfg, model) = load_for_eval(
+        &args.checkpoint,
+        args.tokenizer,
+        !args.data.is_empty(),
+        &device,
+    )?;
     if !args.data.is_empty() {
         cfg.data.sources = vec![SourceConfig {
             paths: args.data.clone(),
@@ -276,20 +316,8 @@ fn eval(args: EvalArgs) -> Result<()> {
 fn routing_report(args: RoutingReportArgs) -> Result<()> {
     use switchyard::metrics::routing_report as report;
     let named = report::parse_named(&args.data)?;
-    let dir = match checkpoint::locate(&args.checkpoint)? {
-        Location::Switchyard(dir) => dir,
-        Location::HuggingFace(dir) => anyhow::bail!(
-            "{}: routing-report needs a switchyard checkpoint (it carries the tokenizer); \
-             use train.init_from to start from a Hugging Face model",
-            dir.display()
-        ),
-    };
     let device = burn::prelude::Device::flex();
-    let (mut cfg, model) = checkpoint::load_model(&dir, &device)?;
-    let tok_file = dir.join("tokenizer.json");
-    if tok_file.exists() {
-        cfg.data.tokenizer = tok_file.to_string_lossy().into_owned();
-    }
+    let (dir, mut cfg, model) = load_for_eval(&args.checkpoint, args.tokenizer, true, &device)?;
     let sources = report::domain_sources(&named, args.blank_lines, &args.text_field);
     let routing = report::prepare(&mut cfg, sources, args.capacity_factor)?;
     let mut model = model;

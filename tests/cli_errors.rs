@@ -459,3 +459,43 @@ fn bad_upcycle_flags_are_named() {
         &["already holds a run"],
     );
 }
+
+/// `eval` reads a Hugging Face directory too: the export of a run gives the
+/// run's loss on the same files; without a corpus or a tokenizer it says
+/// which flag is missing.
+#[test]
+fn eval_reads_a_hugging_face_directory() {
+    let run_dir = trained_run().to_str().unwrap().to_string();
+    let out = scratch("eval-hf").join("hf");
+    let out = out.to_str().unwrap();
+    let (ok, text) = run(&["export", "--checkpoint", &run_dir, "--out", out]);
+    assert!(ok, "{text}");
+    let data = "data/shakespeare/shakespeare_complete_works.txt";
+    let loss = |checkpoint: &str, batches: &str| -> String {
+        let (ok, text) = run(&[
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            data,
+            "--max-batches",
+            batches,
+        ]);
+        assert!(ok, "{text}");
+        let at = text.find("loss ").unwrap_or_else(|| panic!("{text}"));
+        text[at..].split_whitespace().nth(1).unwrap().to_string()
+    };
+    // The same 8 windows: the run's 4 batches of 2, one of the default 8.
+    // The run evaluates with its capacity, which at factor 2 for top-1 of
+    // two experts holds every token, as the export's dropless routing does.
+    assert_eq!(loss(out, "1"), loss(&run_dir, "4"));
+    refused(&["eval", "--checkpoint", out], &["--data"]);
+    let bare = scratch("eval-hf-bare");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(out).join(f), bare.join(f)).unwrap();
+    }
+    refused(
+        &["eval", "--checkpoint", bare.to_str().unwrap(), "--data", data],
+        &["--tokenizer"],
+    );
+}
