@@ -495,7 +495,13 @@ fn eval_reads_a_hugging_face_directory() {
         std::fs::copy(Path::new(out).join(f), bare.join(f)).unwrap();
     }
     refused(
-        &["eval", "--checkpoint", bare.to_str().unwrap(), "--data", data],
+        &[
+            "eval",
+            "--checkpoint",
+            bare.to_str().unwrap(),
+            "--data",
+            data,
+        ],
         &["--tokenizer"],
     );
 }

@@ -71,6 +71,7 @@ fn fixtures_export_as_transformers_wrote_them() {
         ("tests/fixtures/hf-mixtral-tiny", HfArch::Mixtral),
         ("tests/fixtures/hf-qwen2moe-tiny", HfArch::Qwen2Moe),
         ("../shared/fixtures/hf-qwen3moe-tiny", HfArch::Qwen3Moe),
+        ("tests/fixtures/hf-qwen3moe-bias-tiny", HfArch::Qwen3Moe),
         ("../shared/fixtures/hf-olmoe-tiny", HfArch::Olmoe),
         ("../shared/fixtures/hf-glm4moe-tiny", HfArch::Glm4Moe),
         ("../shared/fixtures/hf-granitemoe-tiny", HfArch::GraniteMoe),
@@ -233,6 +234,22 @@ fn models_export_as_the_simplest_family_that_expresses_them() {
         ),
         // The scalars left at their defaults: the attention scale is written out.
         (format!("{ATTN}{moe}"), Family(HfArch::GraniteMoe), HfArch::GraniteMoe),
+        // Biases on q, k, v and o (`attention_bias`).
+        (
+            format!("{ATTN}qkv_bias = true\no_bias = true\nqk_norm = \"per_head\"\n{moe}layers = [0, 2]\n"),
+            Auto,
+            HfArch::Qwen3Moe,
+        ),
+        (
+            format!("{ATTN}qkv_bias = true\no_bias = true\n{moe}"),
+            Auto,
+            HfArch::GraniteMoe,
+        ),
+        (
+            format!("{ATTN}qkv_bias = true\no_bias = true\n[moe]\nnum_experts = 0\n"),
+            Auto,
+            HfArch::Llama,
+        ),
         // Dense models.
         (format!("{ATTN}[moe]\nnum_experts = 0\n"), Auto, HfArch::Llama),
         (
@@ -298,6 +315,13 @@ fn a_model_no_family_expresses_is_refused_naming_the_feature() {
             "no MoE blocks",
         ),
         (format!("{ATTN}{moe}"), Family(HfArch::Llama), "has MoE blocks"),
+        // An output bias without q/k/v biases: no family's switch does that.
+        (format!("{ATTN}o_bias = true\n{moe}"), Auto, "model.o_bias"),
+        (
+            format!("{ATTN}qkv_bias = true\no_bias = true\n{moe}first_k_dense = 1\n"),
+            Family(HfArch::Qwen2Moe),
+            "model.o_bias",
+        ),
         (
             format!("{ATTN}logits_scaling = 2.0\n{moe}first_k_dense = 1\n"),
             Auto,

@@ -155,9 +155,12 @@ fn check_shared_fixture(
     moe_layers: usize,
 ) -> (LanguageModel, Tensor<2, Int>, Vec<f32>) {
     let device = Device::flex();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
+    // A bare name is in ../shared/fixtures; a path is the project's own.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = match name.contains('/') {
+        true => root.join(name),
+        false => root.join("../shared/fixtures").join(name),
+    };
     let (got_arch, model) = hf::load(&dir, &device).unwrap();
     assert_eq!(got_arch, arch);
     let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
@@ -282,18 +285,12 @@ fn granite_moe_matches_transformers() {
 /// error names the field (and, for another `model_type`, the families read).
 #[test]
 fn unsupported_fields_of_each_family_are_named() {
-    let cases: [(&str, &str, serde_json::Value, &str); 9] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 8] = [
         (
             "hf-glm4moe-tiny",
             "rope_parameters",
             serde_json::json!({"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}),
             "partial_rotary_factor",
-        ),
-        (
-            "hf-qwen3moe-tiny",
-            "attention_bias",
-            serde_json::json!(true),
-            "attention_bias",
         ),
         (
             "hf-qwen3moe-tiny",
@@ -303,15 +300,15 @@ fn unsupported_fields_of_each_family_are_named() {
         ),
         (
             "hf-olmoe-tiny",
-            "attention_bias",
-            serde_json::json!(true),
-            "attention_bias",
+            "rope_parameters",
+            serde_json::json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}),
+            "rope_type",
         ),
         (
             "hf-granitemoe-tiny",
-            "attention_bias",
-            serde_json::json!(true),
-            "attention_bias",
+            "rope_scaling",
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+            "rope_scaling",
         ),
         (
             "hf-llama-tiny",
@@ -354,4 +351,36 @@ fn unsupported_fields_of_each_family_are_named() {
     q["layer_types"] = serde_json::json!(["full_attention", "sliding_attention", "full_attention"]);
     let err = hf::parse_config(&q).unwrap_err().to_string();
     assert!(err.contains("layer_types"), "{err}");
+}
+
+/// Qwen3-MoE with `attention_bias` (`tests/fixtures/hf-qwen3moe-bias-tiny`,
+/// written by `scripts/make-hf-fixture.py`): biases on q, k, v and the
+/// output projection, which the same weights without the output bias miss.
+#[test]
+fn qwen3_moe_with_attention_biases_matches_transformers() {
+    let (model, tokens, want) = check_shared_fixture(
+        "tests/fixtures/hf-qwen3moe-bias-tiny",
+        hf::HfArch::Qwen3Moe,
+        2,
+    );
+    assert!(model.config().qkv_bias && model.config().o_bias);
+    let mut params = switchyard::params::collect(&model);
+    for i in 0..3 {
+        let key = format!("layers.{i}.self_attn.o_proj.bias");
+        let n = params[&key].num_elements();
+        params.insert(key, TensorData::new(vec![0f32; n], [n]));
+    }
+    let unbiased = LanguageModel::unloaded(model.config(), model.moe_config(), &Device::flex());
+    let unbiased = switchyard::params::load(unbiased, &params).unwrap();
+    let logits = unbiased
+        .forward(tokens, None, Phase::Eval)
+        .logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&logits, &want);
+    assert!(
+        d > 1e-2,
+        "without the output bias the logits should not match ({d})"
+    );
 }

@@ -30,6 +30,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// Add biases to the q/k/v projections (Qwen2 style). Default false.
     pub qkv_bias: bool,
+    /// Add a bias to the attention output projection (with `qkv_bias`:
+    /// `attention_bias` in Llama, Qwen3, OLMoE and Granite). Default false.
+    pub o_bias: bool,
     /// RMSNorm of queries and keys before RoPE: "none", "per_head" (each
     /// head over its width, one weight of head_dim per projection: Qwen3-MoE,
     /// GLM-4.5) or "projection" (the whole q and k projections: OLMoE).
@@ -69,6 +72,7 @@ impl Default for ModelConfig {
             rope_theta: 10_000.0,
             rms_norm_eps: 1e-5,
             qkv_bias: false,
+            o_bias: false,
             qk_norm: QkNorm::None,
             clip_qkv: None,
             tie_embeddings: false,

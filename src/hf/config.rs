@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 /// RoPE theta from `rope_parameters.rope_theta` (transformers v5) or the
 /// top-level `rope_theta` (v4). Non-default RoPE scaling is refused.
 fn rope_theta(cfg: &Value) -> Result<f64> {
+    if let Some(scaling) = cfg.get("rope_scaling").filter(|v| !v.is_null()) {
+        bail!("config.json: unsupported field `rope_scaling` = {scaling} (RoPE scaling is not supported)");
+    }
     if let Some(params) = cfg.get("rope_parameters").filter(|v| !v.is_null()) {
         if let Some(kind) = params.get("rope_type").and_then(Value::as_str) {
             if kind != "default" {
@@ -21,9 +24,6 @@ fn rope_theta(cfg: &Value) -> Result<f64> {
         if let Some(theta) = params.get("rope_theta").and_then(Value::as_f64) {
             return Ok(theta);
         }
-    }
-    if let Some(scaling) = cfg.get("rope_scaling").filter(|v| !v.is_null()) {
-        bail!("config.json: unsupported field `rope_scaling` = {scaling} (RoPE scaling is not supported)");
     }
     Ok(opt(cfg, "rope_theta", f64_field)?.unwrap_or(10_000.0))
 }
@@ -50,6 +50,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         rope_theta: rope_theta(cfg)?,
         rms_norm_eps: opt(cfg, "rms_norm_eps", f64_field)?.unwrap_or(1e-6),
         qkv_bias: false,
+        o_bias: false,
         qk_norm: QkNorm::None,
         clip_qkv: None,
         tie_embeddings: opt(cfg, "tie_word_embeddings", bool_field)?.unwrap_or(false),

@@ -218,10 +218,37 @@ pub fn no_moe(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
         .then(|| "the model has no MoE blocks (a dense model)".into())
 }
 
-/// Why a family without q/k/v biases cannot express this model.
+/// Why a family without attention biases cannot express this model.
 pub fn has_bias(m: &ModelConfig) -> Option<String> {
-    m.qkv_bias
-        .then(|| "model.qkv_bias (biased q/k/v projections)".into())
+    if m.qkv_bias {
+        return Some("model.qkv_bias (biased q/k/v projections)".into());
+    }
+    has_o_bias(m)
+}
+
+/// Why a family without a bias on the output projection cannot express this model.
+pub fn has_o_bias(m: &ModelConfig) -> Option<String> {
+    m.o_bias
+        .then(|| "model.o_bias (a biased attention output projection)".into())
+}
+
+/// Why a family whose one `attention_bias` switch covers q, k, v and o
+/// cannot express this model (it has some of the four biases but not all).
+pub fn mixed_bias(m: &ModelConfig) -> Option<String> {
+    (m.qkv_bias != m.o_bias).then(|| {
+        format!(
+            "model.qkv_bias = {} with model.o_bias = {} (the family's attention_bias sets all four projections)",
+            m.qkv_bias, m.o_bias
+        )
+    })
+}
+
+/// Read `attention_bias` as biases on q, k, v and o.
+pub fn read_attention_bias(cfg: &Value, model: &mut ModelConfig) -> Result<()> {
+    let on = opt(cfg, "attention_bias", bool_field)?.unwrap_or(false);
+    model.qkv_bias = on;
+    model.o_bias = on;
+    Ok(())
 }
 
 /// A zero tensor.

@@ -77,6 +77,7 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     let per_group = moe.num_experts / moe.n_group.max(1);
     first([
         no_moe(m, moe),
+        has_o_bias(m),
         (moe.score != RouterScore::Sigmoid)
             .then(|| "moe.score = \"softmax\" (GLM-4.5 routes by sigmoid)".into()),
         (moe.topk_order == TopkOrder::TopkThenSoftmax)

@@ -1,5 +1,6 @@
 //! Granite MoE (`GraniteMoeForCausalLM`): every block MoE, top-k of the
-//! router logits then a softmax over the k chosen, no shared expert, every
+//! router logits then a softmax over the k chosen, no shared expert,
+//! `attention_bias` (biases on q, k, v and o), every
 //! expert in two fused tensors (`input_linear` `[E, 2F, d]`, gate rows then
 //! up rows; `output_linear` `[E, d, F]`), the router at `router.layer`, and
 //! the muP scalars: `embedding_multiplier`, `residual_multiplier`,
@@ -28,13 +29,13 @@ pub const FAMILY: Family = Family {
         fused: Some(["input_linear", "output_linear"]),
     },
     read,
-    refuses: super::mixtral::refuses,
+    refuses,
     adapt: as_is,
     write,
 };
 
 fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    refuse_true(cfg, "attention_bias", "a biased attention")?;
+    read_attention_bias(cfg, &mut model)?;
     let scalar = |key| Ok::<_, anyhow::Error>(opt(cfg, key, f64_field)?.unwrap_or(1.0));
     model.embedding_multiplier = scalar("embedding_multiplier")?;
     model.residual_multiplier = scalar("residual_multiplier")?;
@@ -51,6 +52,10 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
     Ok((model, moe))
 }
 
+fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    first([mixed_bias(m), super::mixtral::plain_moe_differs(m, moe)])
+}
+
 fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {
     let attention = m
         .attention_multiplier
@@ -60,7 +65,7 @@ fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {
         [
             ("intermediate_size", json!(moe.d_expert)),
             ("num_local_experts", json!(moe.num_experts)),
-            ("attention_bias", json!(false)),
+            ("attention_bias", json!(m.qkv_bias)),
             ("embedding_multiplier", json!(m.embedding_multiplier)),
             ("residual_multiplier", json!(m.residual_multiplier)),
             ("attention_multiplier", json!(attention)),

@@ -93,7 +93,11 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
                 format!("{h}.self_attn.{proj}.weight"),
                 true,
             );
-            if model.qkv_bias && proj != "o_proj" {
+            let biased = match proj {
+                "o_proj" => model.o_bias,
+                _ => model.qkv_bias,
+            };
+            if biased {
                 one(
                     &mut t,
                     format!("{o}.self_attn.{proj}.bias"),

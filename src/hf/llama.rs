@@ -1,5 +1,6 @@
 //! Llama (`LlamaForCausalLM`), dense: every block a SwiGLU MLP of
-//! `intermediate_size`, no biases, no q/k norms.
+//! `intermediate_size`, `attention_bias` (biases on q, k, v and o), no
+//! q/k norms.
 
 use super::family::*;
 use super::HfArch;
@@ -22,8 +23,8 @@ pub const FAMILY: Family = Family {
     write,
 };
 
-fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    refuse_true(cfg, "attention_bias", "a biased attention")?;
+fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
+    read_attention_bias(cfg, &mut model)?;
     refuse_true(cfg, "mlp_bias", "a biased MLP")?;
     if let Some(t) = cfg.get("pretraining_tp").filter(|v| !v.is_null()) {
         if t.as_u64() != Some(1) {
@@ -33,20 +34,19 @@ fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
     Ok((model, dense_moe()))
 }
 
-/// Why Llama (or Mistral, which has the same blocks) cannot express the model.
-pub(super) fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         has_moe(m, moe),
-        has_bias(m),
+        mixed_bias(m),
         attention_differs(m, QkNorm::None, false),
     ])
 }
 
-fn write(_: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {
+fn write(m: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {
     put(
         obj,
         [
-            ("attention_bias", json!(false)),
+            ("attention_bias", json!(m.qkv_bias)),
             ("mlp_bias", json!(false)),
             ("pretraining_tp", json!(1)),
         ],

@@ -3,7 +3,7 @@
 
 use super::family::*;
 use super::HfArch;
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{ModelConfig, MoeConfig, QkNorm};
 use anyhow::Result;
 use serde_json::{Map, Value};
 
@@ -17,7 +17,7 @@ pub const FAMILY: Family = Family {
     dense: true,
     layout: MLP_LAYOUT,
     read,
-    refuses: super::llama::refuses,
+    refuses,
     adapt: as_is,
     write,
 };
@@ -27,6 +27,14 @@ fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
         anyhow::bail!("config.json: unsupported field `sliding_window` = {w} (sliding-window attention is not supported; it must be null)");
     }
     Ok((model, dense_moe()))
+}
+
+fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    first([
+        has_moe(m, moe),
+        has_bias(m),
+        attention_differs(m, QkNorm::None, false),
+    ])
 }
 
 fn write(_: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {

@@ -43,14 +43,17 @@ fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
     Ok((model, moe))
 }
 
-/// Why Mixtral (or Granite MoE, whose routing and blocks are Mixtral's)
-/// cannot express the model.
-pub(super) fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
+    first([has_bias(m), plain_moe_differs(m, moe)])
+}
+
+/// What Mixtral and Granite MoE share: every block MoE, softmax routing
+/// with the top-k weights renormalised, no shared expert, no q/k norms.
+pub(super) fn plain_moe_differs(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         no_moe(m, moe),
         has_dense_blocks(m, moe),
         has_shared(moe),
-        has_bias(m),
         attention_differs(m, QkNorm::None, false),
         softmax_routing_differs(moe),
         (moe.topk_order == TopkOrder::SoftmaxThenTopk && !moe.normalize_topk)

@@ -1,6 +1,7 @@
 //! OLMoE (`OlmoeForCausalLM`): every block MoE, softmax routing with
 //! optional renormalisation, RMSNorm over the whole q and k projections,
-//! and q/k/v optionally clamped to [-clip_qkv, clip_qkv].
+//! q/k/v optionally clamped to [-clip_qkv, clip_qkv], and `attention_bias`
+//! (biases on q, k, v and o).
 
 use super::family::*;
 use super::HfArch;
@@ -24,7 +25,7 @@ pub const FAMILY: Family = Family {
 };
 
 fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    refuse_true(cfg, "attention_bias", "biased attention projections")?;
+    read_attention_bias(cfg, &mut model)?;
     model.qk_norm = QkNorm::Projection;
     model.clip_qkv = opt(cfg, "clip_qkv", f64_field)?;
     let moe = MoeConfig {
@@ -42,7 +43,7 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
         no_moe(m, moe),
         has_dense_blocks(m, moe),
         has_shared(moe),
-        has_bias(m),
+        mixed_bias(m),
         (m.head_dim() * m.n_heads != m.d_model)
             .then(|| "model.head_dim differs from d_model / n_heads".into()),
         attention_differs(m, QkNorm::Projection, true),
@@ -57,7 +58,7 @@ fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {
             ("intermediate_size", json!(moe.d_expert)),
             ("num_experts", json!(moe.num_experts)),
             ("norm_topk_prob", json!(moe.normalize_topk)),
-            ("attention_bias", json!(false)),
+            ("attention_bias", json!(m.qkv_bias)),
             ("clip_qkv", json!(m.clip_qkv)),
         ],
     );

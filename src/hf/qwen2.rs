@@ -29,7 +29,11 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
 }
 
 fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
-    first([has_moe(m, moe), attention_differs(m, QkNorm::None, false)])
+    first([
+        has_moe(m, moe),
+        has_o_bias(m),
+        attention_differs(m, QkNorm::None, false),
+    ])
 }
 
 fn adapt(m: &mut ModelConfig, _: &mut MoeConfig, params: &mut Params) -> Result<()> {

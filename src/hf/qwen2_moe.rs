@@ -87,6 +87,7 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
 fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         no_moe(m, moe),
+        has_o_bias(m),
         attention_differs(m, QkNorm::None, false),
         softmax_routing_differs(moe),
     ])

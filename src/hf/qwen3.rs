@@ -1,5 +1,6 @@
 //! Qwen3 (`Qwen3ForCausalLM`), dense: Llama's blocks with per-head q/k
-//! RMSNorm before RoPE and a `head_dim` of its own.
+//! RMSNorm before RoPE, a `head_dim` of its own, and `attention_bias`
+//! (biases on q, k, v and o).
 
 use super::family::*;
 use super::HfArch;
@@ -23,7 +24,7 @@ pub const FAMILY: Family = Family {
 };
 
 fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    refuse_true(cfg, "attention_bias", "a biased attention")?;
+    read_attention_bias(cfg, &mut model)?;
     refuse_sliding_window(cfg)?;
     model.qk_norm = QkNorm::PerHead;
     Ok((model, dense_moe()))
@@ -32,7 +33,7 @@ fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)>
 fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         has_moe(m, moe),
-        has_bias(m),
+        mixed_bias(m),
         attention_differs(m, QkNorm::PerHead, false),
     ])
 }
@@ -41,7 +42,7 @@ fn write(m: &ModelConfig, _: &MoeConfig, obj: &mut Map<String, Value>) {
     put(
         obj,
         [
-            ("attention_bias", json!(false)),
+            ("attention_bias", json!(m.qkv_bias)),
             ("use_sliding_window", json!(false)),
             ("sliding_window", Value::Null),
             ("max_window_layers", json!(m.n_layers)),

@@ -1,6 +1,7 @@
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`): Qwen2-MoE's routing and dense-block
-//! layout without the shared expert or the q/k/v biases, with per-head
-//! q/k RMSNorm before RoPE and a `head_dim` of its own.
+//! layout without the shared expert, with per-head q/k RMSNorm before
+//! RoPE, a `head_dim` of its own, and `attention_bias` (biases on q, k, v
+//! and o).
 
 use super::family::*;
 use super::qwen2_moe::{read_qwen_moe, write_qwen_moe};
@@ -25,7 +26,7 @@ pub const FAMILY: Family = Family {
 };
 
 fn read(cfg: &Value, mut model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    refuse_true(cfg, "attention_bias", "a biased o_proj")?;
+    read_attention_bias(cfg, &mut model)?;
     model.qk_norm = QkNorm::PerHead;
     let moe = read_qwen_moe(cfg, &model, 0)?;
     Ok((model, moe))
@@ -35,7 +36,7 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
     first([
         no_moe(m, moe),
         has_shared(moe),
-        has_bias(m),
+        mixed_bias(m),
         attention_differs(m, QkNorm::PerHead, false),
         softmax_routing_differs(moe),
     ])
@@ -43,5 +44,5 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
 
 fn write(m: &ModelConfig, moe: &MoeConfig, obj: &mut Map<String, Value>) {
     write_qwen_moe(m, moe, obj);
-    put(obj, [("attention_bias", json!(false))]);
+    put(obj, [("attention_bias", json!(m.qkv_bias))]);
 }

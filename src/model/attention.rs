@@ -1,6 +1,6 @@
 //! Causal multi-head self-attention with grouped-query heads (Ainslie et al.
 //! 2023) and RoPE, laid out as in Hugging Face Mixtral/Qwen2: separate
-//! `q_proj`, `k_proj`, `v_proj` (optionally biased) and a bias-free `o_proj`,
+//! `q_proj`, `k_proj`, `v_proj` and `o_proj` (each optionally biased),
 //! with an optional RMSNorm of the queries and keys before RoPE (`q_norm`,
 //! `k_norm`: of each head, as Qwen3-MoE and GLM-4.5, or of the whole
 //! projection, as OLMoE) and an optional clamp of q, k and v (OLMoE's
@@ -57,7 +57,7 @@ impl Attention {
             q_proj: linear(cfg.d_model, cfg.n_heads * hd, cfg.qkv_bias, std, device),
             k_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
             v_proj: linear(cfg.d_model, cfg.n_kv_heads * hd, cfg.qkv_bias, std, device),
-            o_proj: linear(cfg.n_heads * hd, cfg.d_model, false, std, device),
+            o_proj: linear(cfg.n_heads * hd, cfg.d_model, cfg.o_bias, std, device),
             q_norm: norm_width(cfg.qk_norm, hd, cfg.n_heads)
                 .map(|w| rms_norm(w, cfg.rms_norm_eps, device)),
             k_norm: norm_width(cfg.qk_norm, hd, cfg.n_kv_heads)
