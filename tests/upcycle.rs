@@ -233,6 +233,33 @@ fn a_run_upcycles_its_init_from_model_and_trains() {
     );
     let header = std::fs::read_to_string(moe.run_dir.join("config.toml")).unwrap();
     assert!(header.contains("[upcycle]"), "{header}");
+
+    // `switchyard upcycle` on the dense run writes a run directory whose
+    // model evaluates to the dense model's loss on the run's own data.
+    let out = dir.join("upcycled-run");
+    switchyard::upcycle::write_run(&dense.run_dir, &settings(8, 1, 2, 0), 7, &out).unwrap();
+    let device = Device::flex();
+    let eval = |run_dir: &Path| {
+        let (_, ckpt) = switchyard::checkpoint::list(run_dir)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let (cfg, model) = switchyard::checkpoint::load_model(&ckpt, &device).unwrap();
+        let tok = switchyard::data::tokenizer::load(Path::new(&cfg.data.tokenizer)).unwrap();
+        let model = model.without_capacity();
+        switchyard::train::eval::evaluate(&model, &cfg, std::sync::Arc::new(tok), &device, 4)
+            .unwrap()
+            .loss
+    };
+    let (a, b) = (eval(&dense.run_dir), eval(&out));
+    assert!(
+        (a - b).abs() < 1e-5,
+        "eval loss {a} (dense) and {b} (upcycled)"
+    );
+    let err = switchyard::upcycle::write_run(&dense.run_dir, &settings(8, 1, 2, 0), 7, &out)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("already holds a run"), "{err}");
 }
 
 #[test]
