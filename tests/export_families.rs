@@ -5,46 +5,21 @@
 //! simplest family that expresses them exactly, and a model that no family
 //! expresses is refused with the feature named.
 
+mod common;
+
 use burn::prelude::*;
+use common::{here, logits, max_diff, scratch};
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use switchyard::config::RunConfig;
 use switchyard::export::{export, ExportDtype, ExportFormat};
 use switchyard::hf::{self, HfArch};
 use switchyard::model::LanguageModel;
-use switchyard::moe::Phase;
 
 /// Models drawn here use the process-wide RNG.
 static RNG: Mutex<()> = Mutex::new(());
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-export-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn here(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn logits(model: &LanguageModel, ids: Tensor<2, Int>) -> Vec<f32> {
-    model
-        .forward(ids, None, Phase::Eval)
-        .logits
-        .into_data()
-        .try_to_vec()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -82,7 +57,7 @@ fn fixtures_export_as_transformers_wrote_them() {
         let fx = here(path);
         let (read_as, model) = hf::load(&fx, &device).unwrap();
         assert_eq!(read_as, arch, "{path}");
-        let out = scratch(&format!("{arch:?}"));
+        let out = scratch("export", &format!("{arch:?}"));
         let wrote = export(&model, None, &out, ExportFormat::Auto, ExportDtype::F32).unwrap();
         assert_eq!(wrote, arch, "{path}: auto picked another family");
 
@@ -135,7 +110,7 @@ fn fixtures_export_as_transformers_wrote_them() {
         let (_, back) = hf::load(&out, &device).unwrap();
         let ids = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &device);
         let want: Vec<f32> = expected["logits"].try_to_vec().unwrap();
-        let d = max_diff(&logits(&back.without_capacity(), ids), &want);
+        let d = max_diff(&logits(&back, ids), &want);
         assert!(
             d < 1e-4,
             "{path}: exported logits differ from transformers' by {d}"
@@ -150,7 +125,7 @@ fn round_trip(case: usize, toml: &str, format: ExportFormat, want: HfArch) {
     let cfg = RunConfig::from_toml_str(toml, &[]).unwrap();
     let device = Device::flex();
     let model = LanguageModel::new(&cfg.model, &cfg.moe, 7, &device);
-    let out = scratch(&format!("case{case}-{want:?}"));
+    let out = scratch("export", &format!("case{case}-{want:?}"));
     let arch = export(
         &model,
         Some(Path::new("data/tokenizer.json")),
@@ -172,10 +147,7 @@ fn round_trip(case: usize, toml: &str, format: ExportFormat, want: HfArch) {
     assert_eq!(arch2, want);
     let ids: Vec<i64> = (0..24).map(|i| (i * 37 % 4096) as i64).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 24]), &device);
-    let d = max_diff(
-        &logits(&model.without_capacity(), ids.clone()),
-        &logits(&back.without_capacity(), ids),
-    );
+    let d = max_diff(&logits(&model, ids.clone()), &logits(&back, ids));
     assert!(
         d < 1e-5,
         "{want:?}: logits differ by {d} after export and import"
@@ -336,9 +308,15 @@ fn a_model_no_family_expresses_is_refused_naming_the_feature() {
     for (toml, format, why) in cases {
         let cfg = RunConfig::from_toml_str(&toml, &[]).unwrap();
         let model = LanguageModel::new(&cfg.model, &cfg.moe, 1, &Device::flex());
-        let err = export(&model, None, &scratch("refused"), format, ExportDtype::F32)
-            .map(|a| format!("exported as {a:?}"))
-            .unwrap_err();
+        let err = export(
+            &model,
+            None,
+            &scratch("export", "refused"),
+            format,
+            ExportDtype::F32,
+        )
+        .map(|a| format!("exported as {a:?}"))
+        .unwrap_err();
         assert!(err.to_string().contains(why), "{toml}: {err}");
     }
 }

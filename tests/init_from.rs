@@ -4,7 +4,10 @@
 //! step at a negligible learning rate, and an export, give back the
 //! source's logits.
 
+mod common;
+
 use burn::prelude::*;
+use common::{here as fixture, max_diff};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use switchyard::checkpoint;
@@ -24,10 +27,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 /// A copy of an HF fixture whose vocabulary is widened to the bundled
@@ -84,14 +83,6 @@ fn logits(model: &LanguageModel, fixture_dir: &Path) -> Vec<f32> {
         .into_data()
         .try_to_vec()
         .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// A config that sets only data, optimizer and training keys (and

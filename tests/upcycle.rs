@@ -4,8 +4,11 @@
 //! same logits, a run upcycles its `train.init_from` model and trains,
 //! and bad settings are refused by name.
 
+mod common;
+
 use burn::prelude::*;
-use std::path::{Path, PathBuf};
+use common::{here, logits, max_diff};
+use std::path::Path;
 use std::sync::Mutex;
 use switchyard::config::UpcycleConfig;
 use switchyard::export::{export, ExportDtype, ExportFormat};
@@ -18,24 +21,6 @@ use switchyard::upcycle::upcycle;
 /// Runs and model builds use the process-wide RNG.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn here(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-upcycle-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The Llama fixture, its input ids, and the logits transformers computed.
 fn llama() -> (LanguageModel, Tensor<2, Int>, Vec<f32>) {
     let dir = here("../shared/fixtures/hf-llama-tiny");
@@ -43,18 +28,6 @@ fn llama() -> (LanguageModel, Tensor<2, Int>, Vec<f32>) {
     let expected = hf::read_safetensors(&dir.join("expected.safetensors")).unwrap();
     let ids = Tensor::<2, Int>::from_data(expected["input_ids"].clone(), &Device::flex());
     (model, ids, expected["logits"].try_to_vec().unwrap())
-}
-
-/// Every assignment computed, as the function-equality claim assumes.
-fn logits(model: &LanguageModel, ids: Tensor<2, Int>) -> Vec<f32> {
-    model
-        .clone()
-        .without_capacity()
-        .forward(ids, None, Phase::Eval)
-        .logits
-        .into_data()
-        .try_to_vec()
-        .unwrap()
 }
 
 fn settings(experts: usize, top_k: usize, granularity: usize, shared: usize) -> UpcycleConfig {
@@ -125,7 +98,7 @@ fn the_upcycled_llama_exports_with_the_same_logits() {
         (settings(6, 1, 4, 1), HfArch::Qwen2Moe),
     ] {
         let moe = upcycle(&dense, &up, 7).unwrap();
-        let out = scratch(&format!("export-{family:?}"));
+        let out = common::scratch("upcycle", &format!("export-{family:?}"));
         let wrote = export(&moe, None, &out, ExportFormat::Auto, ExportDtype::F32).unwrap();
         assert_eq!(wrote, family);
         let (_, back) = hf::load(&out, &Device::flex()).unwrap();
@@ -187,7 +160,7 @@ fn options(dir: &Path, text: &str, name: &str, set: &[String]) -> RunOptions {
 #[test]
 fn a_run_upcycles_its_init_from_model_and_trains() {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = scratch("run");
+    let dir = common::scratch("upcycle", "run");
     let dense = run(&options(&dir, DENSE, "dense", &[])).unwrap();
     // Continue both for 40 steps on batches in another order, at a lower
     // lr, from the dense weights.
