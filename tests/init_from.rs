@@ -230,3 +230,63 @@ fn an_explicit_routing_key_is_kept_with_a_warning() {
         "{text}"
     );
 }
+
+/// The dense families without a transformers fixture (Mistral, Qwen2,
+/// Qwen3): a model written as each, continued for one step at a learning
+/// rate of 1e-30 and exported, is the same family with the same logits.
+#[test]
+fn dense_families_without_a_fixture_continue_and_export_as_they_came() {
+    use switchyard::config::RunConfig;
+    use switchyard::hf::HfArch;
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let attn = "[model]\nvocab_size = 4096\nd_model = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nd_ff = 48\nseq_len = 32\ninit_std = 0.3\n";
+    let cases = [
+        ("", HfArch::Mistral),
+        ("qkv_bias = true\n", HfArch::Qwen2),
+        (
+            "qk_norm = \"per_head\"\nqkv_bias = true\no_bias = true\n",
+            HfArch::Qwen3,
+        ),
+    ];
+    for (extra, arch) in cases {
+        let dir = scratch(&format!("{arch:?}"));
+        let cfg = RunConfig::from_toml_str(&format!("{attn}{extra}[moe]\nnum_experts = 0\n"), &[])
+            .unwrap();
+        let built = LanguageModel::new(&cfg.model, &cfg.moe, 3, &Device::flex());
+        let src = dir.join("source");
+        let format = ExportFormat::Family(arch);
+        assert_eq!(
+            export(&built, None, &src, format, ExportDtype::F32).unwrap(),
+            arch
+        );
+        let (read_as, source) = hf::load(&src, &Device::flex()).unwrap();
+        assert_eq!(read_as, arch);
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                (0..24).map(|i| (i * 37 % 4096) as i64).collect::<Vec<_>>(),
+                [1, 24],
+            ),
+            &Device::flex(),
+        );
+        let run_dir = continue_one_step(&dir, &src, "");
+        let (_, model) = load_run(&run_dir);
+        let out = dir.join("exported");
+        assert_eq!(
+            export(&model, None, &out, format, ExportDtype::F32).unwrap(),
+            arch
+        );
+        let (_, exported) = hf::load(&out, &Device::flex()).unwrap();
+        let forward = |m: &LanguageModel| -> Vec<f32> {
+            m.forward(ids.clone(), None, Phase::Eval)
+                .logits
+                .into_data()
+                .try_to_vec()
+                .unwrap()
+        };
+        let d = max_diff(&forward(&exported), &forward(&source));
+        assert!(
+            d < 1e-4,
+            "{arch:?}: exported logits differ from the source's by {d}"
+        );
+    }
+}
