@@ -10,7 +10,7 @@
 //! never a torn one; leftovers of an interrupted write are removed on resume.
 
 use crate::config::RunConfig;
-use crate::data::stream::Cursor;
+use crate::data::stream::{Cursor, Split, SplitMix64};
 use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use crate::tensorfile::{self, TensorFile};
@@ -50,6 +50,34 @@ pub struct TrainState {
     /// written before checksums were kept.
     #[serde(default)]
     pub files: BTreeMap<String, FileCheck>,
+}
+
+impl TrainState {
+    /// The loop state of a run that starts now.
+    pub fn fresh(cfg: &RunConfig) -> Self {
+        TrainState {
+            step: 0,
+            adam_t: 0,
+            cursor: Cursor {
+                seq_len: cfg.model.seq_len,
+                split: Split::Train,
+                sources: Vec::new(),
+                active: None,
+                window: Vec::new(),
+                window_sources: Vec::new(),
+                shuffle: Vec::new(),
+                rng: SplitMix64(cfg.train.seed),
+                batches: 0,
+            },
+            monitor: CollapseMonitor::default(),
+            bad_steps: 0,
+            consecutive_bad: 0,
+            tokens_seen: 0,
+            pending_revivals: Vec::new(),
+            revivals: 0,
+            files: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a checkpoint file must still be.

@@ -75,11 +75,7 @@ fn adapt(
     arch: HfArch,
     model: &LanguageModel,
     mut params: BTreeMap<String, TensorData>,
-) -> Result<(
-    crate::config::ModelConfig,
-    crate::config::MoeConfig,
-    BTreeMap<String, TensorData>,
-)> {
+) -> Result<(ModelConfig, MoeConfig, BTreeMap<String, TensorData>)> {
     let mut m = model.config().clone();
     let mut moe = model.moe_config().clone();
     if moe.topk_order == TopkOrder::TopkThenSoftmax {

@@ -232,10 +232,10 @@ fn load_for_eval(
     switchyard::config::RunConfig,
     switchyard::model::LanguageModel,
 )> {
-    let (dir, mut cfg, model) = match checkpoint::locate(arg)? {
+    let (dir, mut cfg, model, hf) = match checkpoint::locate(arg)? {
         Location::Switchyard(dir) => {
             let (cfg, model) = checkpoint::load_model(&dir, device)?;
-            (dir, cfg, model)
+            (dir, cfg, model, false)
         }
         Location::HuggingFace(dir) => {
             if !has_data {
@@ -250,14 +250,14 @@ fn load_for_eval(
                 moe: model.moe_config().clone(),
                 ..Default::default()
             };
-            (dir, cfg, model)
+            (dir, cfg, model, true)
         }
     };
     let tok_file = dir.join("tokenizer.json");
     match explicit {
         Some(t) => cfg.data.tokenizer = t.to_string_lossy().into_owned(),
         None if tok_file.exists() => cfg.data.tokenizer = tok_file.to_string_lossy().into_owned(),
-        None if checkpoint::read_config(&dir).is_err() => anyhow::bail!(
+        None if hf => anyhow::bail!(
             "{}: no tokenizer.json: pass --tokenizer PATH",
             dir.display()
         ),

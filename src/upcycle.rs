@@ -213,12 +213,17 @@ pub fn write_run(
 ) -> Result<LanguageModel> {
     use crate::checkpoint::{self, Checkpoint, Location, SaveOptions};
     let device = Device::flex();
-    let (dense, tok) = checkpoint::load_any(from, &device)
-        .with_context(|| format!("--from {}", from.display()))?;
-    let mut cfg = match checkpoint::locate(from)? {
-        Location::Switchyard(dir) => checkpoint::read_config(&dir)?,
-        Location::HuggingFace(_) => crate::config::RunConfig::default(),
+    let (mut cfg, dense, dir) = match checkpoint::locate(from)? {
+        Location::Switchyard(dir) => {
+            let (cfg, model) = checkpoint::load_model(&dir, &device)?;
+            (cfg, model, dir)
+        }
+        Location::HuggingFace(dir) => {
+            let (_, model) = crate::hf::load(&dir, &device)?;
+            (crate::config::RunConfig::default(), model, dir)
+        }
     };
+    let tok = Some(dir.join("tokenizer.json")).filter(|t| t.exists());
     let model = upcycle(&dense, up, seed)?;
     cfg.model = model.config().clone();
     cfg.moe = model.moe_config().clone();
@@ -236,7 +241,7 @@ pub fn write_run(
     let ckpt = Checkpoint {
         model: crate::params::collect(&model),
         optimizer: BTreeMap::new(),
-        state: crate::train::setup::fresh_state(&cfg),
+        state: checkpoint::TrainState::fresh(&cfg),
         config: cfg.clone(),
         tokenizer: tok,
     };

@@ -36,6 +36,8 @@ pub struct Rows {
 /// The one table between switchyard parameter paths and Hugging Face keys for
 /// a model of this shape.
 pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyMapping> {
+    let layout = arch.family().layout;
+    let (moe_key, expert_names) = (layout.moe, layout.expert);
     let mut t = Vec::new();
     let one = |t: &mut Vec<KeyMapping>, ours: String, hf: String, transpose: bool| {
         t.push(KeyMapping {
@@ -117,8 +119,6 @@ pub fn key_table(arch: HfArch, model: &ModelConfig, moe: &MoeConfig) -> Vec<KeyM
             }
             continue;
         }
-        let layout = arch.family().layout;
-        let (moe_key, expert_names) = (layout.moe, layout.expert);
         one(
             &mut t,
             format!("{o}.mlp.router.weight"),

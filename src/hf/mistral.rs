@@ -23,9 +23,7 @@ pub const FAMILY: Family = Family {
 };
 
 fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    if let Some(w) = cfg.get("sliding_window").filter(|v| !v.is_null()) {
-        anyhow::bail!("config.json: unsupported field `sliding_window` = {w} (sliding-window attention is not supported; it must be null)");
-    }
+    refuse_sliding_window(cfg)?;
     Ok((model, dense_moe()))
 }
 

@@ -29,9 +29,7 @@ pub const FAMILY: Family = Family {
 };
 
 fn read(cfg: &Value, model: ModelConfig) -> Result<(ModelConfig, MoeConfig)> {
-    if let Some(w) = cfg.get("sliding_window").filter(|v| !v.is_null()) {
-        anyhow::bail!("config.json: unsupported field `sliding_window` = {w} (sliding-window attention is not supported; it must be null)");
-    }
+    refuse_sliding_window(cfg)?;
     let moe = MoeConfig {
         num_experts: usize_field(cfg, "num_local_experts")?,
         d_expert: model.d_ff,

@@ -95,28 +95,27 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
 
 fn adapt(m: &mut ModelConfig, moe: &mut MoeConfig, params: &mut Params) -> Result<()> {
     add_zero_qkv_biases(m, params);
-    let d = m.d_model;
-    if moe.shared_width() == 0 {
+    let had_shared = moe.shared_width() > 0;
+    if !had_shared {
         add_zero_shared_expert(m, moe, params, 1);
-    } else if !moe.shared_expert_gate {
-        // sigmoid(0) = 1/2 halves the shared output: double down_proj.
-        for i in moe_layers(m, moe) {
-            let pre = format!("layers.{i}.mlp");
-            let key = format!("{pre}.shared_expert.down_proj.weight");
-            let w = params
-                .get(&key)
-                .with_context(|| format!("model has no parameter `{key}`"))?;
-            let doubled: Vec<f32> = super::f32s(&key, w)?.iter().map(|v| v * 2.0).collect();
-            let shape = w.shape().to_vec();
-            params.insert(key, TensorData::new(doubled, shape));
-        }
     }
     if !moe.shared_expert_gate {
         for i in moe_layers(m, moe) {
+            let pre = format!("layers.{i}.mlp");
             params.insert(
-                format!("layers.{i}.mlp.shared_expert_gate.weight"),
-                zeros(&[d, 1]),
+                format!("{pre}.shared_expert_gate.weight"),
+                zeros(&[m.d_model, 1]),
             );
+            if had_shared {
+                // sigmoid(0) = 1/2 halves the shared output: double down_proj.
+                let key = format!("{pre}.shared_expert.down_proj.weight");
+                let w = params
+                    .get(&key)
+                    .with_context(|| format!("model has no parameter `{key}`"))?;
+                let doubled: Vec<f32> = super::f32s(&key, w)?.iter().map(|v| v * 2.0).collect();
+                let shape = w.shape().to_vec();
+                params.insert(key, TensorData::new(doubled, shape));
+            }
         }
     }
     moe.shared_expert_gate = true;

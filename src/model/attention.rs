@@ -101,7 +101,7 @@ impl Attention {
             }
         };
         let q = rope.apply(heads(project(&self.q_proj, &self.q_norm), h, &self.q_norm)); // [B, S, H, hd]
-                                                                                         // scores = (c·q)·kᵀ/√hd = multiplier · q·kᵀ
+                                                                                         // With `model.attention_multiplier`: scores = (c·q)·kᵀ/√hd = multiplier · q·kᵀ.
         let q = match self.q_scale {
             Some(c) => q.mul_scalar(c),
             None => q,

@@ -9,11 +9,11 @@
 pub mod eval;
 pub mod optim;
 pub mod revive;
-pub(crate) mod setup;
+mod setup;
 pub mod step;
 
 pub use setup::{check_precision, parse_device};
-use setup::{fresh_state, hparams, init_from, pick_run_dir, resume_point, stream_options};
+use setup::{hparams, init_from, pick_run_dir, resume_point, stream_options};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
@@ -171,7 +171,7 @@ impl Trainer {
                 };
                 (state, adam)
             }
-            None => (fresh_state(&cfg), AdamW::default()),
+            None => (TrainState::fresh(&cfg), AdamW::default()),
         };
         let train_stream = DataStream::open(
             &cfg.data,

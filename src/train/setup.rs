@@ -3,11 +3,10 @@
 //! loop state and data stream of a fresh run.
 
 use super::RunOptions;
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint;
 use crate::config::{Architecture, Precision, RunConfig};
-use crate::data::stream::{Cursor, Split, SplitMix64, StreamOptions};
+use crate::data::stream::{Split, StreamOptions};
 use crate::metrics::tensorboard::{ProtoKind, ProtoValue};
-use crate::metrics::CollapseMonitor;
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -202,32 +201,6 @@ pub(crate) fn resume_point(run_dir: &Path, cfg: &mut RunConfig) -> Result<PathBu
     cfg.set_architecture(saved.architecture());
     cfg.data.tokenizer = saved.data.tokenizer.clone();
     Ok(dir)
-}
-
-/// The loop state of a run that starts now.
-pub(crate) fn fresh_state(cfg: &RunConfig) -> TrainState {
-    TrainState {
-        step: 0,
-        adam_t: 0,
-        cursor: Cursor {
-            seq_len: cfg.model.seq_len,
-            split: Split::Train,
-            sources: Vec::new(),
-            active: None,
-            window: Vec::new(),
-            window_sources: Vec::new(),
-            shuffle: Vec::new(),
-            rng: SplitMix64(cfg.train.seed),
-            batches: 0,
-        },
-        monitor: CollapseMonitor::default(),
-        bad_steps: 0,
-        consecutive_bad: 0,
-        tokens_seen: 0,
-        pending_revivals: Vec::new(),
-        revivals: 0,
-        files: BTreeMap::new(),
-    }
 }
 
 /// The stream of `split` for this config.
