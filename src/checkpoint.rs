@@ -29,8 +29,13 @@ pub struct TrainState {
     pub step: u64,
     /// AdamW update count (differs from `step` by skipped steps).
     pub adam_t: u64,
-    /// The training stream's cursor after the last batch used.
+    /// The training stream's cursor after the last batch used (rank 0's in
+    /// a run of several processes).
     pub cursor: Cursor,
+    /// The cursors of ranks 1, 2, … when each rank reads its own shard
+    /// (`data.sharding = "documents"` with several processes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_cursors: Vec<Cursor>,
     /// Collapse-alert state.
     pub monitor: CollapseMonitor,
     /// Steps skipped for non-finite values, in total and in the current run of them.
@@ -68,7 +73,9 @@ impl TrainState {
                 shuffle: Vec::new(),
                 rng: SplitMix64(cfg.train.seed),
                 batches: 0,
+                shard: Default::default(),
             },
+            rank_cursors: Vec::new(),
             monitor: CollapseMonitor::default(),
             bad_steps: 0,
             consecutive_bad: 0,

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod export;
 pub mod generate;
 pub mod hf;

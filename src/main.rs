@@ -33,7 +33,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(dir) = args.init_from {
         overrides.push(format!("train.init_from={}", toml::Value::String(dir)));
     }
-    switchyard::train::run(&switchyard::train::RunOptions {
+    let opts = switchyard::train::RunOptions {
         config: args.config,
         overrides,
         name: args.name,
@@ -41,8 +41,19 @@ fn train(args: TrainArgs) -> Result<()> {
         device: args.device,
         runs_dir: args.runs_dir,
         stop_after: args.stop_after,
-    })?;
-    Ok(())
+    };
+    // Under mpirun, this process is one rank of the run.
+    let mut comm = switchyard::dist::init()?;
+    let world = comm.world();
+    match switchyard::train::run_in(&opts, comm.as_mut()) {
+        Ok(_) => Ok(()),
+        // The other ranks would wait for this one forever: stop them all.
+        Err(e) if world.size > 1 => {
+            eprintln!("rank {} of {}: error: {e:?}", world.rank, world.size);
+            comm.abort(1)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn info(dir: &std::path::Path) -> Result<()> {

@@ -252,6 +252,8 @@ fn bad_config_values_name_the_key() {
         ("data.sources.0.weight=-1", "data.sources.0.weight"),
         ("data.sources.3.weight=1", "data.sources"),
         ("optim.lr=0", "optim.lr"),
+        ("train.allreduce_bucket_mb=0", "train.allreduce_bucket_mb"),
+        ("data.sharding=\"pages\"", "sharding"),
         ("train.steps", "key=value"),
     ] {
         refused(
@@ -384,6 +386,31 @@ fn bad_sweep_files_are_named() {
             needles,
         );
     }
+}
+
+/// Launched by mpirun as one of several processes, a build without MPI
+/// says how to get one instead of training alone N times.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_processes_need_the_mpi_build() {
+    let dir = scratch("mpi");
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--runs-dir"])
+        .arg(dir.join("runs"))
+        .current_dir(root())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!text.contains("panicked at"), "{text}");
+    assert!(
+        text.contains("one of 2") && text.contains("--features mpi"),
+        "{text}"
+    );
+    assert!(!dir.join("runs").exists(), "nothing is written");
 }
 
 #[test]

@@ -71,6 +71,7 @@ fn opts(split: Split, seq_len: usize, batch_size: usize) -> StreamOptions {
         batch_size,
         split,
         seed: 1234,
+        shard: switchyard::data::stream::Shard::WHOLE,
     }
 }
 

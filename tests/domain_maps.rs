@@ -171,6 +171,7 @@ fn a_router_that_tells_the_domains_apart_specialises() {
             batch_size: s.cfg.train.batch_size,
             split: Split::Validation,
             seed: s.cfg.train.seed,
+            shard: switchyard::data::stream::Shard::WHOLE,
         },
         None,
     )
@@ -221,6 +222,7 @@ fn domain_counts_and_losses_equal_a_recomputation() {
             batch_size: s.cfg.train.batch_size,
             split: Split::Validation,
             seed: s.cfg.train.seed,
+            shard: switchyard::data::stream::Shard::WHOLE,
         },
         None,
     )

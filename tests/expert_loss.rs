@@ -61,6 +61,7 @@ fn per_expert_eval_loss_equals_a_recomputation_from_the_logits() {
         batch_size: cfg.train.batch_size,
         split: Split::Validation,
         seed: cfg.train.seed,
+        shard: switchyard::data::stream::Shard::WHOLE,
     };
     let mut stream = DataStream::open(&cfg.data, tok, opts, None).unwrap();
     let e = cfg.moe.num_experts;

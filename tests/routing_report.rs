@@ -153,6 +153,7 @@ fn the_report_equals_a_recomputation_from_inspect_traces() {
             batch_size: cfg.train.batch_size,
             split: Split::Validation,
             seed: cfg.train.seed,
+            shard: switchyard::data::stream::Shard::WHOLE,
         };
         let mut stream = DataStream::open(&one, tok.clone(), opts, None).unwrap();
         let mut routed = vec![vec![0f64; e]; 2];

@@ -195,7 +195,15 @@ fn train_step(
     step: u64,
     batch: BatchTensors,
 ) -> Result<LanguageModel> {
-    let (model, outcome) = step::train_step(model, adam, cfg, step, cfg.optim.lr, &[batch]);
+    let (model, outcome) = step::train_step(
+        model,
+        adam,
+        cfg,
+        step,
+        cfg.optim.lr,
+        &[batch],
+        &mut crate::dist::Single,
+    );
     anyhow::ensure!(
         outcome.applied,
         "non-finite loss {} in a benchmark step",

@@ -99,6 +99,25 @@ pub struct DataConfig {
     pub workers: usize,
     /// "error" or "skip". Default "error".
     pub on_bad_record: OnBadRecord,
+    /// How the ranks of a run of several processes split the training
+    /// stream. Default "documents". No effect on one process.
+    pub sharding: Sharding,
+}
+
+/// How the ranks of a data-parallel run split the training stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Each rank reads, tokenizes and packs only its share of the documents
+    /// (chosen by a hash of the text), with its own cursor: no work is
+    /// repeated, and the data order depends on the world size.
+    #[default]
+    Documents,
+    /// Every rank reads the whole stream, cuts the global batch (world size
+    /// × train.batch_size rows) and keeps its rows: the batches of one
+    /// process with the global batch size, at any world size, for the cost
+    /// of every rank tokenizing everything.
+    Rows,
 }
 
 impl Default for DataConfig {
@@ -115,6 +134,7 @@ impl Default for DataConfig {
             shuffle_buffer: 256,
             workers: 2,
             on_bad_record: OnBadRecord::Error,
+            sharding: Sharding::Documents,
         }
     }
 }

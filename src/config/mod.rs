@@ -16,7 +16,7 @@ pub use moe::{BalanceScope, DropPolicy, MoeConfig, ReviveFrom, RouterScore, Topk
 pub use train::{LogConfig, NonFinitePolicy, OptimConfig, Precision, ProgressMode, TrainConfig};
 pub use upcycle::UpcycleConfig;
 
-pub use data::{DataConfig, OnBadRecord, SourceConfig, SourceKind};
+pub use data::{DataConfig, OnBadRecord, Sharding, SourceConfig, SourceKind};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;

@@ -145,6 +145,10 @@ pub struct TrainConfig {
     /// "f32" or "bf16" (mixed precision, router and master weights in f32).
     /// Default "f32".
     pub precision: Precision,
+    /// In a run of several processes, the gradients are averaged in
+    /// all-reduces of at most this many megabytes (10^6 bytes) each.
+    /// Default 25.
+    pub allreduce_bucket_mb: f64,
 }
 
 impl Default for TrainConfig {
@@ -162,6 +166,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             init_from: None,
             precision: Precision::F32,
+            allreduce_bucket_mb: 25.0,
         }
     }
 }
@@ -179,6 +184,12 @@ impl TrainConfig {
             if v == 0 {
                 return Err(err(k, "must be a positive integer"));
             }
+        }
+        if !(self.allreduce_bucket_mb.is_finite() && self.allreduce_bucket_mb >= 1e-6) {
+            return Err(err(
+                "train.allreduce_bucket_mb",
+                "must be a positive number of megabytes",
+            ));
         }
         if self.eval_every > 0 && self.eval_batches == 0 {
             return Err(err(

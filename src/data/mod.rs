@@ -7,13 +7,16 @@
 //! - [`stream`]: background tokenization, weighted mixing, packing into
 //!   `seq_len + 1` windows, a seeded shuffle buffer, train/validation split by
 //!   document hash, and an exact resume cursor.
+//! - [`ranks`]: each rank's part of the training stream in a run of several
+//!   processes, and its cursors across a change of world size.
 
 pub mod files;
 mod parquet;
+pub mod ranks;
 pub mod sources;
 pub mod split;
 pub mod stream;
 pub mod tokenizer;
 mod workers;
 
-pub use crate::config::{DataConfig, OnBadRecord, SourceConfig, SourceKind};
+pub use crate::config::{DataConfig, OnBadRecord, Sharding, SourceConfig, SourceKind};

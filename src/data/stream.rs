@@ -20,7 +20,7 @@
 
 use super::files::resolve_files;
 use super::sources::DocPos;
-pub use super::split::{is_validation, Split};
+pub use super::split::{is_validation, Shard, Split};
 use super::workers::{reader_thread, Msg, TokDoc};
 use super::{tokenizer, DataConfig};
 use anyhow::{bail, Context, Result};
@@ -125,6 +125,23 @@ impl Batch {
         }
     }
 
+    /// Rows `start..start + n` of the batch (fewer if it ends sooner).
+    pub fn rows_slice(&self, start: usize, n: usize) -> Batch {
+        let (start, end) = (start.min(self.rows), (start + n).min(self.rows));
+        let (t, w) = (self.seq_len, self.seq_len + 1);
+        Batch {
+            tokens: self.tokens[start * w..end * w].to_vec(),
+            mask: self.mask[start * t..end * t].to_vec(),
+            rows: end - start,
+            seq_len: t,
+            sources: if self.sources.is_empty() {
+                Vec::new()
+            } else {
+                self.sources[start * t..end * t].to_vec()
+            },
+        }
+    }
+
     /// Number of real target tokens.
     pub fn num_tokens(&self) -> usize {
         self.mask.iter().filter(|&&m| m > 0.0).count()
@@ -166,6 +183,9 @@ pub struct Cursor {
     pub rng: SplitMix64,
     /// Batches produced so far.
     pub batches: u64,
+    /// The share of the documents this cursor's stream reads.
+    #[serde(default)]
+    pub shard: Shard,
 }
 
 /// Options of one stream.
@@ -179,6 +199,8 @@ pub struct StreamOptions {
     pub split: Split,
     /// Seed of the shuffle buffer.
     pub seed: u64,
+    /// The documents this stream reads ([`Shard::WHOLE`] for one process).
+    pub shard: Shard,
 }
 
 struct Source {
@@ -232,16 +254,22 @@ impl DataStream {
             if c.sources.len() != cfg.sources.len()
                 || c.seq_len != opts.seq_len
                 || c.split != opts.split
+                || c.shard != opts.shard
             {
                 bail!(
                     "the data cursor does not fit this configuration: it was saved for {} source(s), \
-                     seq_len {}, {:?} split; now {} source(s), seq_len {}, {:?} split",
+                     seq_len {}, {:?} split, shard {} of {}; now {} source(s), seq_len {}, {:?} split, \
+                     shard {} of {}",
                     c.sources.len(),
                     c.seq_len,
                     c.split,
+                    c.shard.index,
+                    c.shard.count,
                     cfg.sources.len(),
                     opts.seq_len,
-                    opts.split
+                    opts.split,
+                    opts.shard.index,
+                    opts.shard.count
                 );
             }
         }
@@ -268,8 +296,9 @@ impl DataStream {
             let (tx, rx) = sync_channel(4);
             let handle = (!state.exhausted).then(|| {
                 let (tok, pool, stop) = (tok.clone(), pool.clone(), stop.clone());
-                let (split, frac, bad, start) = (
+                let (split, shard, frac, bad, start) = (
                     opts.split,
+                    opts.shard,
                     cfg.val_fraction,
                     cfg.on_bad_record,
                     state.resume,
@@ -277,7 +306,9 @@ impl DataStream {
                 std::thread::Builder::new()
                     .name(format!("data-source-{i}"))
                     .spawn(move || {
-                        reader_thread(i, files, start, split, frac, bad, tok, eos, pool, tx, stop)
+                        reader_thread(
+                            i, files, start, split, shard, frac, bad, tok, eos, pool, tx, stop,
+                        )
                     })
             });
             sources.push(Source {
@@ -371,6 +402,7 @@ impl DataStream {
             shuffle: self.shuffle.clone(),
             rng: self.rng,
             batches: self.batches,
+            shard: self.opts.shard,
         }
     }
 

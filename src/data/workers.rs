@@ -4,7 +4,7 @@
 
 use super::files::Format;
 use super::sources::{DocPos, DocReader};
-use super::split::{is_validation, Split};
+use super::split::{is_validation, Shard, Split};
 use super::OnBadRecord;
 use anyhow::anyhow;
 use std::path::PathBuf;
@@ -34,7 +34,8 @@ pub enum Msg {
     Failed(anyhow::Error),
 }
 
-/// Read documents of one source, keep those of the split, tokenize them on
+/// Read documents of one source, keep those of the split (and of this
+/// rank's shard), tokenize them on
 /// the pool and send them on, in order.
 #[allow(clippy::too_many_arguments)]
 pub fn reader_thread(
@@ -42,6 +43,7 @@ pub fn reader_thread(
     files: Arc<Vec<(PathBuf, Format)>>,
     start: DocPos,
     split: Split,
+    shard: Shard,
     val_fraction: f64,
     on_bad: OnBadRecord,
     tok: Arc<Tokenizer>,
@@ -66,7 +68,9 @@ pub fn reader_thread(
             }
             match reader.next_doc() {
                 Ok(Some(doc)) => {
-                    if is_validation(&doc.text, val_fraction) == (split == Split::Validation) {
+                    if is_validation(&doc.text, val_fraction) == (split == Split::Validation)
+                        && shard.holds(&doc.text)
+                    {
                         miss_since = None;
                         bytes += doc.text.len();
                         spans.push((doc.pos, doc.next));
@@ -74,9 +78,18 @@ pub fn reader_thread(
                     } else {
                         let since = *miss_since.get_or_insert(doc.pos);
                         if repeat && lapped(&since, &doc.pos) {
+                            let what = if shard.count > 1 {
+                                format!(
+                                    "for rank {} of {} (too few documents to share among the ranks?)",
+                                    shard.index, shard.count
+                                )
+                            } else {
+                                format!(
+                                    "(corpus too small for data.val_fraction = {val_fraction}?)"
+                                )
+                            };
                             let _ = tx.send(Msg::Failed(anyhow!(
-                                "data source {index} has no documents in the {split:?} split \
-                                 (corpus too small for data.val_fraction = {val_fraction}?)"
+                                "data source {index} has no documents in the {split:?} split {what}"
                             )));
                             return;
                         }

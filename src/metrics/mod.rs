@@ -128,6 +128,10 @@ pub struct StepReport {
     /// and routing per domain.
     #[serde(default)]
     pub eval_domains: Option<domains::DomainReport>,
+    /// In a run of several processes: this rank's traffic in the step's
+    /// collectives.
+    #[serde(default)]
+    pub comm: Option<crate::dist::Traffic>,
 }
 
 impl StepReport {
@@ -151,6 +155,12 @@ impl StepReport {
             ("grad_norm".into(), self.grad_norm),
             ("throughput/tokens_per_s".into(), self.tokens_per_s),
         ];
+        if let Some(c) = &self.comm {
+            v.push(("comm/allreduce_bytes".into(), c.allreduce_bytes as f64));
+            v.push(("comm/allreduce_secs".into(), c.allreduce_secs));
+            v.push(("comm/alltoall_bytes".into(), c.alltoall_bytes as f64));
+            v.push(("comm/alltoall_secs".into(), c.alltoall_secs));
+        }
         if let Some(l) = self.eval_loss {
             v.push(("eval/loss".into(), l));
             v.push(("eval/ppl".into(), l.exp()));
@@ -416,6 +426,7 @@ mod tests {
                 eval_loss: None,
                 eval_experts: Vec::new(),
                 eval_domains: None,
+                comm: None,
             };
             fired.extend(
                 mon.update(&report, &log)

@@ -151,6 +151,7 @@ pub fn evaluate(
         batch_size: cfg.train.batch_size,
         split: Split::Validation,
         seed: cfg.train.seed,
+        shard: crate::data::stream::Shard::WHOLE,
     };
     let mut stream = DataStream::open(&cfg.data, tok, opts, None)?;
     let mut loss_sum = Tensor::<1>::zeros([1], device);

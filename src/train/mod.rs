@@ -5,6 +5,12 @@
 //! ([`step::train_step`]: micro-batches, backward, norm, one host read,
 //! update) → the non-finite policy → evaluation → TensorBoard / JSONL /
 //! console / alerts → checkpoint.
+//!
+//! In a run of several processes (`mpirun`, see [`crate::dist`]) every rank
+//! runs this same loop on its own part of the data; the step averages the
+//! gradients over the ranks, rank 0 alone evaluates and writes logs and
+//! checkpoints, and every checkpoint checks that the ranks' parameters are
+//! still identical.
 
 pub mod eval;
 pub mod optim;
@@ -17,8 +23,10 @@ use setup::{hparams, init_from, pick_run_dir, resume_point, stream_options};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
-use crate::data::stream::{DataStream, Split};
+use crate::data::ranks::RankStream;
+use crate::data::stream::Split;
 use crate::data::tokenizer;
+use crate::dist::{dp, Collective, Single, World};
 use crate::metrics::console::{format_secs, Progress};
 use crate::metrics::domains::write_maps;
 use crate::metrics::tensorboard::text;
@@ -34,6 +42,25 @@ use std::sync::Arc;
 use std::time::Instant;
 use step::BatchTensors;
 use tokenizers::Tokenizer;
+
+/// The run directory every rank uses: rank 0's choice.
+fn agree_run_dir(opts: &RunOptions, comm: &mut dyn Collective) -> Result<PathBuf> {
+    let world = comm.world();
+    if world.size == 1 {
+        return pick_run_dir(opts);
+    }
+    let mut bytes = if world.is_writer() {
+        pick_run_dir(opts)?
+            .to_str()
+            .context("the run directory's path is not UTF-8")?
+            .as_bytes()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    comm.broadcast(&mut bytes, 0);
+    Ok(PathBuf::from(String::from_utf8(bytes)?))
+}
 
 /// How `switchyard train` was invoked.
 #[derive(Debug, Clone)]
@@ -68,15 +95,30 @@ pub struct RunOutcome {
     pub eval_loss: Option<f64>,
 }
 
-/// Run (or resume) training.
+/// Run (or resume) training in this process alone.
 pub fn run(opts: &RunOptions) -> Result<RunOutcome> {
-    Trainer::start(opts)?.run()
+    run_in(opts, &mut Single)
+}
+
+/// Run (or resume) training as one rank of `comm`'s world.
+pub fn run_in(opts: &RunOptions, comm: &mut dyn Collective) -> Result<RunOutcome> {
+    Trainer::start(opts, comm)?.run()
+}
+
+/// Where the writing rank logs: JSONL, TensorBoard and the console.
+struct Sinks {
+    jsonl: JsonlWriter,
+    tb: EventWriter,
+    progress: Progress,
 }
 
 /// A run in progress: the model, its optimizer and loop state, the data,
 /// and the sinks the loop writes to.
-pub struct Trainer {
+pub struct Trainer<'c> {
     cfg: RunConfig,
+    /// The other ranks of the run (a world of one for a single process).
+    comm: &'c mut dyn Collective,
+    world: World,
     run_dir: PathBuf,
     runs_dir: PathBuf,
     /// The autodiff device the model lives on.
@@ -89,10 +131,9 @@ pub struct Trainer {
     state: TrainState,
     tok: Arc<Tokenizer>,
     tok_path: PathBuf,
-    train_stream: DataStream,
-    jsonl: JsonlWriter,
-    tb: EventWriter,
-    progress: Progress,
+    train_stream: RankStream,
+    /// Rank 0's; none on the other ranks.
+    sinks: Option<Sinks>,
     /// Last step of this invocation (`--stop-after`), at most train.steps.
     stop_at: u64,
     first_step: u64,
@@ -101,13 +142,19 @@ pub struct Trainer {
     started: Instant,
 }
 
-impl Trainer {
+impl<'c> Trainer<'c> {
     /// Set a run up from its options, fresh or resumed.
-    pub fn start(opts: &RunOptions) -> Result<Self> {
+    pub fn start(opts: &RunOptions, comm: &'c mut dyn Collective) -> Result<Self> {
+        let world = comm.world();
         let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
-        let run_dir = pick_run_dir(opts)?;
-        let base_device = parse_device(&opts.device)?;
-        check_precision(&base_device, &opts.device, cfg.train.precision)?;
+        let run_dir = agree_run_dir(opts, comm)?;
+        // Several ranks on one node with a GPU each: rank r takes cuda:{local rank}.
+        let device_spec = match opts.device.as_str() {
+            "cuda" if world.size > 1 => format!("cuda:{}", world.local_rank),
+            other => other.to_string(),
+        };
+        let base_device = parse_device(&device_spec)?;
+        check_precision(&base_device, &device_spec, cfg.train.precision)?;
         let device = base_device.clone().autodiff();
 
         let resume = if opts.resume {
@@ -115,8 +162,10 @@ impl Trainer {
         } else {
             None
         };
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("creating {}", run_dir.display()))?;
+        if world.is_writer() {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+        }
         device.seed(cfg.train.seed);
         let mut notes = Vec::new();
         let model = match (&resume, cfg.train.init_from.clone()) {
@@ -147,7 +196,9 @@ impl Trainer {
                 .collect(),
             None => notes.iter().map(|n| format!("# {n}\n")).collect(),
         };
-        std::fs::write(&config_path, header + &cfg.to_toml())?;
+        if world.is_writer() {
+            std::fs::write(&config_path, header + &cfg.to_toml())?;
+        }
 
         let tok_path = PathBuf::from(&cfg.data.tokenizer);
         let tok = Arc::new(tokenizer::load(&tok_path)?);
@@ -173,39 +224,64 @@ impl Trainer {
             }
             None => (TrainState::fresh(&cfg), AdamW::default()),
         };
-        let train_stream = DataStream::open(
+        let saved_cursors = resume.as_ref().map(|_| {
+            let mut all = vec![state.cursor.clone()];
+            all.extend(state.rank_cursors.iter().cloned());
+            all
+        });
+        let train_stream = RankStream::open(
             &cfg.data,
             tok.clone(),
             stream_options(&cfg, Split::Train),
-            resume.as_ref().map(|_| state.cursor.clone()),
+            world,
+            saved_cursors,
         )?;
 
-        // On resume, metrics of steps after the checkpoint are dropped, so
-        // the JSONL holds each step once.
-        let jsonl_path = run_dir.join("metrics.jsonl");
-        let jsonl = match resume {
-            Some(_) => JsonlWriter::resume_at(&jsonl_path, state.step)?,
-            None => JsonlWriter::open(&jsonl_path)?,
-        };
-        let mut tb = EventWriter::create(&run_dir)?;
-        tb.write_hparams(hparams(&cfg), "")?;
-
         let (total, first_step) = (cfg.train.steps, state.step);
-        println!(
-            "run {} | {} parameters | {} MoE layers | steps {}..{} | device {}",
-            run_dir.display(),
-            model.num_params(),
-            model.moe_layers().count(),
-            first_step + 1,
-            total,
-            opts.device
-        );
-        let progress = Progress::new(cfg.log.progress, total, first_step, cfg.log.print_every);
+        let sinks = if world.is_writer() {
+            // On resume, metrics of steps after the checkpoint are dropped, so
+            // the JSONL holds each step once.
+            let jsonl_path = run_dir.join("metrics.jsonl");
+            let jsonl = match resume {
+                Some(_) => JsonlWriter::resume_at(&jsonl_path, state.step)?,
+                None => JsonlWriter::open(&jsonl_path)?,
+            };
+            let mut tb = EventWriter::create(&run_dir)?;
+            tb.write_hparams(hparams(&cfg), "")?;
+            println!(
+                "run {} | {} parameters | {} MoE layers | steps {}..{} | device {}{}",
+                run_dir.display(),
+                model.num_params(),
+                model.moe_layers().count(),
+                first_step + 1,
+                total,
+                opts.device,
+                if world.size > 1 {
+                    format!(
+                        " | {} ranks, {} sequences per step",
+                        world.size,
+                        world.size * cfg.train.batch_size * cfg.train.grad_accum
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            let progress = Progress::new(cfg.log.progress, total, first_step, cfg.log.print_every);
+            Some(Sinks {
+                jsonl,
+                tb,
+                progress,
+            })
+        } else {
+            None
+        };
         let stop_at = opts
             .stop_after
             .map_or(total, |n| (first_step + n).min(total));
         Ok(Self {
             cfg,
+            comm,
+            world,
             run_dir,
             runs_dir: opts.runs_dir.clone(),
             device,
@@ -216,9 +292,7 @@ impl Trainer {
             tok,
             tok_path,
             train_stream,
-            jsonl,
-            tb,
-            progress,
+            sinks,
             stop_at,
             first_step,
             losses: Vec::new(),
@@ -231,7 +305,7 @@ impl Trainer {
     pub fn run(mut self) -> Result<RunOutcome> {
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
-            if self.eval_due() {
+            if self.eval_due() && self.world.is_writer() {
                 let eval = self.evaluate()?;
                 report.eval_loss = Some(eval.loss);
                 report.eval_experts = eval.experts;
@@ -278,15 +352,30 @@ impl Trainer {
             revive::forget_dead_run(&mut self.state.monitor, &r);
             self.state.revivals += 1;
             let what = r.describe(self.cfg.moe.revive_from);
-            self.progress
-                .println(&format!("revival (step {}): {what}", step + 1));
-            self.jsonl.write(&r.json(step + 1))?;
-            self.tb
-                .write_summary(step as i64 + 1, vec![text("moe/revivals", &what)])?;
+            if let Some(s) = &mut self.sinks {
+                s.progress
+                    .println(&format!("revival (step {}): {what}", step + 1));
+                s.jsonl.write(&r.json(step + 1))?;
+                s.tb.write_summary(step as i64 + 1, vec![text("moe/revivals", &what)])?;
+            }
         }
-        let (model, outcome) =
-            step::train_step(model, &mut self.adam, &self.cfg, step, lr, &batches);
+        let (model, outcome) = step::train_step(
+            model,
+            &mut self.adam,
+            &self.cfg,
+            step,
+            lr,
+            &batches,
+            &mut *self.comm,
+        );
         self.model = Some(model);
+        let (tokens, comm) = if self.world.size > 1 {
+            let mut n = [tokens as f64];
+            self.comm.all_reduce_sum_f64(&mut n);
+            (n[0] as usize, Some(self.comm.take_traffic()))
+        } else {
+            (tokens, None)
+        };
         let r = outcome.reading;
         if outcome.applied {
             self.state.consecutive_bad = 0;
@@ -309,9 +398,12 @@ impl Trainer {
                         self.state.consecutive_bad
                     )
                 }
-                NonFinitePolicy::Skip => self
-                    .progress
-                    .println(&format!("warning: {what}; update skipped")),
+                NonFinitePolicy::Skip => {
+                    if let Some(s) = &self.sinks {
+                        s.progress
+                            .println(&format!("warning: {what}; update skipped"))
+                    }
+                }
             }
         }
         self.state.step += 1;
@@ -333,6 +425,7 @@ impl Trainer {
             eval_loss: None,
             eval_experts: Vec::new(),
             eval_domains: None,
+            comm,
         })
     }
 
@@ -360,31 +453,36 @@ impl Trainer {
     }
 
     /// One step to every sink: TensorBoard, JSONL, collapse alerts, console.
+    /// Every rank keeps the collapse monitor (revivals must agree); rank 0
+    /// writes.
     fn log(&mut self, report: &StepReport) -> Result<()> {
-        if let Some(domains) = &report.eval_domains {
-            let images = write_maps(&self.run_dir.join("domains"), report.step, domains)?;
-            self.tb.write_summary(report.step as i64, images)?;
-        }
         let log = &self.cfg.log;
-        self.tb
-            .write_summary(report.step as i64, report.summary_values(log))?;
-        self.jsonl.write(&report.json(log))?;
-        for alert in self.state.monitor.update(report, log) {
-            self.progress
-                .println(&format!("alert (step {}): {}", alert.step, alert.message));
-            self.jsonl.write(&alert.json())?;
-        }
+        let alerts = self.state.monitor.update(report, log);
         if self.cfg.moe.revive_dead_experts {
             self.state.pending_revivals = revive::decide(&self.state.monitor, report, log);
         }
+        let Some(s) = &mut self.sinks else {
+            return Ok(());
+        };
+        if let Some(domains) = &report.eval_domains {
+            let images = write_maps(&self.run_dir.join("domains"), report.step, domains)?;
+            s.tb.write_summary(report.step as i64, images)?;
+        }
+        s.tb.write_summary(report.step as i64, report.summary_values(log))?;
+        s.jsonl.write(&report.json(log))?;
+        for alert in alerts {
+            s.progress
+                .println(&format!("alert (step {}): {}", alert.step, alert.message));
+            s.jsonl.write(&alert.json())?;
+        }
         if let Some(l) = report.eval_loss {
-            self.progress.println(&format!(
+            s.progress.println(&format!(
                 "step {} | eval loss {l:.4} | ppl {:.2}",
                 report.step,
                 l.exp()
             ));
         }
-        self.progress.step(report);
+        s.progress.step(report);
         Ok(())
     }
 
@@ -396,9 +494,33 @@ impl Trainer {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
-        self.jsonl.flush()?;
-        self.tb.flush()?;
-        self.state.cursor = self.train_stream.cursor();
+        if self.world.size > 1 {
+            self.check_ranks_agree()?;
+            let mine = serde_json::to_vec(&self.train_stream.cursor())?;
+            let all = self.comm.all_gather(&mine);
+            if !self.world.is_writer() {
+                return Ok(());
+            }
+            let mut cursors = Vec::with_capacity(all.len());
+            for (r, bytes) in all.iter().enumerate() {
+                let c: crate::data::stream::Cursor = serde_json::from_slice(bytes)
+                    .with_context(|| format!("reading rank {r}'s data cursor"))?;
+                cursors.push(c);
+            }
+            self.state.cursor = cursors.remove(0);
+            self.state.rank_cursors = match self.cfg.data.sharding {
+                // Every rank reads the same stream: one cursor serves all.
+                crate::config::Sharding::Rows => Vec::new(),
+                crate::config::Sharding::Documents => cursors,
+            };
+        } else {
+            self.state.cursor = self.train_stream.cursor();
+            self.state.rank_cursors.clear();
+        }
+        if let Some(s) = &mut self.sinks {
+            s.jsonl.flush()?;
+            s.tb.flush()?;
+        }
         let ckpt = Checkpoint {
             model: crate::params::collect(self.model()),
             optimizer: checkpoint::encode_optimizer(&self.adam.m, &self.adam.v),
@@ -414,12 +536,46 @@ impl Trainer {
         Ok(())
     }
 
+    /// Stop with an error unless every rank holds the same parameters, and
+    /// log the checksums (rank 0).
+    fn check_ranks_agree(&mut self) -> Result<()> {
+        let mine = dp::param_checksum(self.model());
+        let all: Vec<u32> = self
+            .comm
+            .all_gather(&mine.to_le_bytes())
+            .iter()
+            .map(|b| u32::from_le_bytes(b.as_slice().try_into().unwrap_or_default()))
+            .collect();
+        if let Some(s) = &mut self.sinks {
+            s.jsonl.write(&serde_json::json!({
+                "step": self.state.step,
+                "param_checksums": all,
+            }))?;
+        }
+        if all.iter().any(|&c| c != all[0]) {
+            bail!(
+                "the ranks' parameters differ at step {} (CRC-32C per rank: {all:08x?}): \
+                 the ranks are no longer in step",
+                self.state.step
+            );
+        }
+        Ok(())
+    }
+
     /// Close the sinks and report.
     fn finish(mut self) -> Result<RunOutcome> {
-        self.progress.finish();
-        self.jsonl.flush()?;
+        let Some(s) = &mut self.sinks else {
+            return Ok(RunOutcome {
+                run_dir: self.run_dir,
+                final_step: self.state.step,
+                losses: self.losses,
+                eval_loss: None,
+            });
+        };
+        s.progress.finish();
+        s.jsonl.flush()?;
         if self.state.step == self.cfg.train.steps {
-            self.tb.write_hparams_end(true)?;
+            s.tb.write_hparams_end(true)?;
         }
         let skipped = self.train_stream.bad_records_skipped();
         println!(

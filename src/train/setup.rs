@@ -210,5 +210,6 @@ pub(crate) fn stream_options(cfg: &RunConfig, split: Split) -> StreamOptions {
         batch_size: cfg.train.batch_size,
         split,
         seed: cfg.train.seed,
+        shard: crate::data::stream::Shard::WHOLE,
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::config::{BalanceScope, RunConfig};
 use crate::data::stream::Batch;
+use crate::dist::{dp, Collective};
 use crate::metrics::LayerReport;
 use crate::model::LanguageModel;
 use crate::moe::{losses, MoeAux, Phase, RoutingStats};
@@ -53,20 +54,51 @@ pub struct LossTerms {
 /// one optimizer step so far, per MoE layer, still on the device: under
 /// `moe.balance_scope = "global_batch"` the Switch loss of each micro-batch
 /// takes its `f_e` from them (see [`crate::moe::losses::balance_loss`]).
+/// With a collective, each micro-batch's counts are first summed over the
+/// ranks, so `f_e` is that of the global batch.
 #[derive(Default)]
-pub struct BalanceCounts {
+pub struct BalanceCounts<'c> {
     /// Per MoE layer: (assignments per expert `[E]`, real tokens `[1]`).
     layers: Vec<(Tensor<1>, Tensor<1>)>,
+    /// The ranks whose counts join this rank's.
+    comm: Option<&'c mut dyn Collective>,
 }
 
-impl BalanceCounts {
+impl<'c> BalanceCounts<'c> {
+    /// Counts summed over the ranks of `comm`.
+    pub fn across(comm: &'c mut dyn Collective) -> Self {
+        Self {
+            layers: Vec::new(),
+            comm: Some(comm),
+        }
+    }
+
+    /// This micro-batch's counts of every layer, summed over the ranks.
+    fn this_batch(&mut self, moe: &[MoeAux]) -> Vec<(Tensor<1>, Tensor<1>)> {
+        let local = moe
+            .iter()
+            .map(|a| {
+                (
+                    a.stats.routed_per_expert.clone().detach(),
+                    a.stats.num_tokens.clone().detach(),
+                )
+            })
+            .collect();
+        match self.comm.as_deref_mut() {
+            Some(comm) => dp::sum_counts(local, comm),
+            None => local,
+        }
+    }
+
     /// Add layer `l`'s counts of this micro-batch and return its Switch
     /// loss over every micro-batch counted so far.
-    fn add(&mut self, l: usize, aux: &MoeAux, top_k: usize) -> Tensor<1> {
-        let (mut routed, mut tokens) = (
-            aux.stats.routed_per_expert.clone().detach(),
-            aux.stats.num_tokens.clone().detach(),
-        );
+    fn add(
+        &mut self,
+        l: usize,
+        (mut routed, mut tokens): (Tensor<1>, Tensor<1>),
+        aux: &MoeAux,
+        top_k: usize,
+    ) -> Tensor<1> {
         if let Some((r, n)) = self.layers.get(l) {
             routed = routed + r.clone();
             tokens = tokens + n.clone();
@@ -108,7 +140,7 @@ pub fn forward_in_step(
     batch: &BatchTensors,
     cfg: &RunConfig,
     phase: Phase,
-    counts: &mut BalanceCounts,
+    counts: &mut BalanceCounts<'_>,
 ) -> (LossTerms, Vec<MoeAux>) {
     let device = batch.mask.device();
     let (lm, moe) = model.forward_loss(
@@ -120,12 +152,17 @@ pub fn forward_in_step(
     let zero = || Tensor::<1>::zeros([1], &device);
     let (mut aux, mut seq_aux, mut z) = (zero(), zero(), zero());
     let global = phase == Phase::Train && cfg.moe.balance_scope == BalanceScope::GlobalBatch;
+    let mut batch_counts = if global {
+        counts.this_batch(&moe)
+    } else {
+        Vec::new()
+    }
+    .into_iter();
     for (l, layer) in moe.iter().enumerate() {
         aux = aux
-            + if global {
-                counts.add(l, layer, cfg.moe.top_k)
-            } else {
-                layer.losses.load_balancing.clone()
+            + match batch_counts.next() {
+                Some(c) => counts.add(l, c, layer, cfg.moe.top_k),
+                None => layer.losses.load_balancing.clone(),
             };
         seq_aux = seq_aux + layer.losses.seq_load_balancing.clone();
         z = z + layer.losses.z_loss.clone();
@@ -165,7 +202,7 @@ pub fn backward(
     model: &LanguageModel,
     batch: &BatchTensors,
     cfg: &RunConfig,
-    counts: &mut BalanceCounts,
+    counts: &mut BalanceCounts<'_>,
 ) -> (GradientsParams, LossTerms, Vec<RoutingStats>) {
     let (loss, moe) = forward_in_step(model, batch, cfg, Phase::Train, counts);
     let grads = loss
@@ -332,7 +369,10 @@ pub struct StepOutcome {
 /// aux-free bias update. The training loop and the benchmark both call it.
 ///
 /// `step` is the 0-based optimizer step (it seeds each micro-batch's
-/// routing noise), `lr` its learning rate.
+/// routing noise), `lr` its learning rate. In a run of several processes
+/// every rank calls it on its own micro-batches: the gradients are averaged
+/// over the ranks before the norm, and the reading holds the global batch's
+/// losses and counts, so every rank takes the same decision and update.
 pub fn train_step(
     model: LanguageModel,
     adam: &mut AdamW,
@@ -340,25 +380,39 @@ pub fn train_step(
     step: u64,
     lr: f64,
     micro_batches: &[BatchTensors],
+    comm: &mut dyn Collective,
 ) -> (LanguageModel, StepOutcome) {
     let Some(first) = micro_batches.first() else {
         unreachable!("a step has at least one micro-batch (train.grad_accum >= 1)")
     };
     let device = first.mask.device();
+    let world = comm.world();
     let mut acc = GradientsAccumulator::new();
     let (mut terms, mut stats) = (Vec::new(), Vec::new());
-    let mut counts = BalanceCounts::default();
-    for (micro, batch) in micro_batches.iter().enumerate() {
-        device.seed(step_seed(cfg.train.seed, step, micro));
-        let (grads, loss, micro_stats) = backward(&model, batch, cfg, &mut counts);
-        acc.accumulate(&model, grads);
-        terms.push(loss);
-        stats.push(micro_stats);
+    {
+        let mut counts = if world.size > 1 {
+            BalanceCounts::across(&mut *comm)
+        } else {
+            BalanceCounts::default()
+        };
+        for (micro, batch) in micro_batches.iter().enumerate() {
+            // Each rank's micro-batches draw their own noise.
+            let index = world.rank * micro_batches.len() + micro;
+            device.seed(step_seed(cfg.train.seed, step, index));
+            let (grads, loss, micro_stats) = backward(&model, batch, cfg, &mut counts);
+            acc.accumulate(&model, grads);
+            terms.push(loss);
+            stats.push(micro_stats);
+        }
     }
-    let grads = acc.grads();
+    let bucket = (cfg.train.allreduce_bucket_mb * 1e6) as usize;
+    let grads = dp::average_grads(&model, acc.grads(), comm, bucket);
     let sq_norm = grad_sq_norm(&model, &grads, &device.clone().inner());
     // The one host read of this step.
-    let reading = read_step(&model, &terms, &stats, sq_norm.clone());
+    let mut reading = read_step(&model, &terms, &stats, sq_norm.clone());
+    if world.size > 1 {
+        reduce_reading(&mut reading, comm, &device.clone().inner());
+    }
     let applied = reading.total.is_finite() && reading.grad_norm.is_finite();
     let model = if applied {
         let routed = reading.routed_per_expert.clone();
@@ -367,6 +421,25 @@ pub fn train_step(
         model
     };
     (model, StepOutcome { reading, applied })
+}
+
+/// Make `reading` that of the global batch: the mean loss terms over the
+/// ranks, the summed expert counts (which the aux-free bias update also
+/// takes), the mean router entropy and input.
+fn reduce_reading(reading: &mut StepReading, comm: &mut dyn Collective, device: &Device) {
+    let r = reading;
+    let mut losses = [r.total, r.lm, r.aux, r.seq_aux, r.z];
+    dp::reduce_step_values(&mut losses, &mut r.layers, comm);
+    [r.total, r.lm, r.aux, r.seq_aux, r.z] = losses;
+    r.routed_per_expert = r
+        .layers
+        .iter()
+        .map(|l| {
+            let counts: Vec<f32> = l.routed_per_expert.iter().map(|&c| c as f32).collect();
+            let e = counts.len();
+            Tensor::from_data(TensorData::new(counts, [e]), device)
+        })
+        .collect();
 }
 
 /// The RNG seed of micro-batch `micro` of optimizer step `step`, so that a

@@ -1,0 +1,185 @@
+//! Data parallelism: every rank holds the whole model and runs it on its own
+//! batch; after the backward pass the gradients are averaged over the ranks
+//! (in buckets, one all-reduce each), so every rank applies the same update
+//! and the parameters stay identical. The step's losses and routing
+//! statistics are reduced the same way, so the logs show the global batch.
+//!
+//! Averaging the per-rank gradients equals the gradient of the mean of the
+//! per-rank losses: with equal real tokens per rank, the gradient one process
+//! would compute on the concatenated batch.
+
+use super::Collective;
+use crate::metrics::LayerReport;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::DType;
+use std::collections::HashMap;
+
+/// Average `grads` over every rank, `bucket_bytes` of f32 per all-reduce.
+/// With one rank, `grads` come back untouched.
+pub fn average_grads<M: Module>(
+    module: &M,
+    mut grads: GradientsParams,
+    comm: &mut dyn Collective,
+    bucket_bytes: usize,
+) -> GradientsParams {
+    let size = comm.world().size;
+    if size == 1 {
+        return grads;
+    }
+    // Every gradient, flattened end to end in the module's parameter order
+    // (the same on every rank).
+    struct Gather<'a> {
+        grads: &'a GradientsParams,
+        flat: Vec<f32>,
+        spans: HashMap<ParamId, (usize, Vec<usize>, DType)>,
+    }
+    impl ModuleVisitor for Gather<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let (dims, dtype) = (g.dims().to_vec(), g.dtype());
+                let start = self.flat.len();
+                let data = g.into_data().convert::<f32>();
+                self.flat.extend(data.iter::<f32>());
+                self.spans.insert(param.id, (start, dims, dtype));
+            }
+        }
+    }
+    let mut gather = Gather {
+        grads: &grads,
+        flat: Vec::new(),
+        spans: HashMap::new(),
+    };
+    module.visit(&mut gather);
+    let (mut flat, spans) = (gather.flat, gather.spans);
+    let bucket = (bucket_bytes / 4).max(1);
+    for chunk in flat.chunks_mut(bucket) {
+        comm.all_reduce_sum(chunk);
+    }
+    let inv = 1.0 / size as f32;
+    flat.iter_mut().for_each(|x| *x *= inv);
+
+    struct Scatter<'a> {
+        grads: &'a mut GradientsParams,
+        flat: &'a [f32],
+        spans: &'a HashMap<ParamId, (usize, Vec<usize>, DType)>,
+    }
+    impl ModuleVisitor for Scatter<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let Some((start, dims, dtype)) = self.spans.get(&param.id) else {
+                return;
+            };
+            let Some(old) = self.grads.remove::<D>(param.id) else {
+                return;
+            };
+            let n: usize = dims.iter().product();
+            let data = TensorData::new(self.flat[*start..start + n].to_vec(), dims.clone());
+            let g = Tensor::<D>::from_data(data, &old.device()).cast(*dtype);
+            self.grads.register(param.id, g);
+        }
+    }
+    module.visit(&mut Scatter {
+        grads: &mut grads,
+        flat: &flat,
+        spans: &spans,
+    });
+    grads
+}
+
+/// The values of one step that every rank must agree on, summed or
+/// averaged over the ranks, in one all-reduce: the mean of each loss
+/// term, and per MoE layer the summed expert counts, the mean router
+/// entropy and the mean router input.
+pub fn reduce_step_values(
+    losses: &mut [f64],
+    layers: &mut [LayerReport],
+    comm: &mut dyn Collective,
+) {
+    let size = comm.world().size;
+    if size == 1 {
+        return;
+    }
+    let mut buf: Vec<f64> = losses.to_vec();
+    for l in layers.iter() {
+        buf.extend(&l.routed_per_expert);
+        buf.extend(&l.kept_per_expert);
+        buf.push(l.rerouted);
+        buf.push(l.router_entropy);
+        if let Some(m) = &l.mean_input {
+            buf.extend(m);
+        }
+    }
+    comm.all_reduce_sum_f64(&mut buf);
+    let w = size as f64;
+    let mut it = buf.into_iter();
+    for x in losses.iter_mut() {
+        *x = it.next().unwrap_or(f64::NAN) / w;
+    }
+    let mut take = |v: &mut [f64], div: f64| {
+        for x in v.iter_mut() {
+            *x = it.next().unwrap_or(f64::NAN) / div;
+        }
+    };
+    for l in layers.iter_mut() {
+        take(&mut l.routed_per_expert, 1.0);
+        take(&mut l.kept_per_expert, 1.0);
+        take(std::slice::from_mut(&mut l.rerouted), 1.0);
+        take(std::slice::from_mut(&mut l.router_entropy), w);
+        if let Some(m) = &mut l.mean_input {
+            take(m, w);
+        }
+    }
+}
+
+/// Sum each MoE layer's assignments per expert `[E]` and real tokens `[1]`
+/// over every rank (global balance statistics): one host read and one
+/// all-reduce for all layers. With one rank, the tensors come back as they
+/// are.
+pub fn sum_counts(
+    counts: Vec<(Tensor<1>, Tensor<1>)>,
+    comm: &mut dyn Collective,
+) -> Vec<(Tensor<1>, Tensor<1>)> {
+    if comm.world().size == 1 || counts.is_empty() {
+        return counts;
+    }
+    let device = counts[0].0.device();
+    let mut sizes = Vec::with_capacity(counts.len());
+    let mut buf = Vec::new();
+    // Host sync: the global balance loss needs every rank's counts.
+    for (routed, tokens) in &counts {
+        let r: Vec<f64> = routed.to_data().iter::<f32>().map(f64::from).collect();
+        sizes.push(r.len());
+        buf.extend(r);
+        buf.extend(tokens.to_data().iter::<f32>().map(f64::from));
+    }
+    comm.all_reduce_sum_f64(&mut buf);
+    let mut at = 0;
+    sizes
+        .into_iter()
+        .map(|e| {
+            let routed: Vec<f32> = buf[at..at + e].iter().map(|&x| x as f32).collect();
+            let tokens = buf[at + e] as f32;
+            at += e + 1;
+            (
+                Tensor::from_data(TensorData::new(routed, [e]), &device),
+                Tensor::from_data(TensorData::new(vec![tokens], [1]), &device),
+            )
+        })
+        .collect()
+}
+
+/// CRC-32C of every float parameter's bytes, in the module's order: equal on
+/// every rank while the ranks stay in step.
+pub fn param_checksum<M: Module>(module: &M) -> u32 {
+    struct Crc(u32);
+    impl ModuleVisitor for Crc {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let data = param.val().into_data();
+            self.0 = crc32c::crc32c_append(self.0, data.as_bytes());
+        }
+    }
+    let mut crc = Crc(0);
+    module.visit(&mut crc);
+    crc.0
+}

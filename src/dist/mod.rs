@@ -1,0 +1,139 @@
+//! Several processes, one run: the world a process belongs to and the
+//! collectives the trainer needs, behind one trait.
+//!
+//! World size 1 is the ordinary path through the same code ([`Single`]: every
+//! collective is the identity). Under `mpirun` with the `mpi` feature,
+//! [`mpi::Mpi`] moves host buffers between ranks with Open MPI (or any MPI).
+//! The trainer uses the trait only: data parallelism ([`dp`]) averages
+//! gradients in buckets and sums the logged statistics; rank 0 writes.
+
+pub mod dp;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+use anyhow::Result;
+
+/// Where this process stands among the processes of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    /// 0-based rank; rank 0 writes logs and checkpoints.
+    pub rank: usize,
+    /// Number of processes.
+    pub size: usize,
+    /// Rank among the processes of this node (which GPU to use).
+    pub local_rank: usize,
+}
+
+impl World {
+    /// One process on its own.
+    pub const SINGLE: World = World {
+        rank: 0,
+        size: 1,
+        local_rank: 0,
+    };
+
+    /// Whether this process writes the run's files.
+    pub fn is_writer(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// Bytes this rank handed to each kind of collective, and the seconds it
+/// spent in them, since the last [`Collective::take_traffic`].
+///
+/// Bytes are the payload: for an all-reduce, the buffer's size (a ring
+/// all-reduce sends about 2·(W−1)/W times that); for an all-to-all, what
+/// went to other ranks plus what came from them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    /// All-reduce payload bytes.
+    pub allreduce_bytes: u64,
+    /// Seconds spent in all-reduces.
+    pub allreduce_secs: f64,
+    /// All-to-all bytes sent to and received from other ranks.
+    pub alltoall_bytes: u64,
+    /// Seconds spent in all-to-alls.
+    pub alltoall_secs: f64,
+}
+
+/// The collectives the trainer uses. Every rank calls each one in the same
+/// order with buffers of the same length (except where a length is
+/// per-rank by design: [`all_gather`](Collective::all_gather),
+/// [`all_to_all_v`](Collective::all_to_all_v)).
+pub trait Collective {
+    /// This process's place in the world.
+    fn world(&self) -> World;
+    /// Sum `buf` element-wise over every rank; every rank gets the sum.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]);
+    /// [`all_reduce_sum`](Collective::all_reduce_sum) in double precision
+    /// (counts and losses, where f32 sums would round).
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]);
+    /// Replace `buf` on every rank with `root`'s bytes.
+    fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize);
+    /// Every rank's `local` bytes, in rank order, on every rank.
+    fn all_gather(&mut self, local: &[u8]) -> Vec<Vec<u8>>;
+    /// Send `send[..]` cut by `send_counts` (one count per rank, in rank
+    /// order) so that rank j gets the j-th part; returns what every rank
+    /// sent here, concatenated in rank order, and how much came from each.
+    fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> (Vec<f32>, Vec<usize>);
+    /// The traffic since the last call, and start counting afresh.
+    fn take_traffic(&mut self) -> Traffic;
+    /// Stop every process of the run (after an error on this one), with
+    /// this exit code.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// One process: every collective is the identity.
+#[derive(Debug, Default)]
+pub struct Single;
+
+impl Collective for Single {
+    fn world(&self) -> World {
+        World::SINGLE
+    }
+    fn all_reduce_sum(&mut self, _: &mut [f32]) {}
+    fn all_reduce_sum_f64(&mut self, _: &mut [f64]) {}
+    fn broadcast(&mut self, _: &mut Vec<u8>, _: usize) {}
+    fn all_gather(&mut self, local: &[u8]) -> Vec<Vec<u8>> {
+        vec![local.to_vec()]
+    }
+    fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> (Vec<f32>, Vec<usize>) {
+        debug_assert_eq!(send_counts, [send.len()]);
+        (send.to_vec(), vec![send.len()])
+    }
+    fn take_traffic(&mut self) -> Traffic {
+        Traffic::default()
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// The number of processes a launcher started this one among, from the
+/// environment Open MPI, MPICH (Hydra) and Slurm's PMI set; `None` when not
+/// launched by one.
+pub fn launched_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// Join the world this process was launched into: MPI under a launcher
+/// (with the `mpi` feature), otherwise a world of one.
+pub fn init() -> Result<Box<dyn Collective>> {
+    let launched = launched_size();
+    #[cfg(feature = "mpi")]
+    if launched.is_some() {
+        return Ok(Box::new(mpi::Mpi::init()?));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launched.filter(|&n| n > 1) {
+        anyhow::bail!(
+            "this process was launched as one of {n} (mpirun), but switchyard was built \
+             without MPI: build it with `cargo build --release --features mpi` \
+             (needs libopenmpi-dev and libclang-dev)"
+        );
+    }
+    let _ = launched;
+    Ok(Box::new(Single))
+}

@@ -1,0 +1,332 @@
+//! Data parallelism under `mpirun -np 2` (built with `--features mpi`):
+//! two ranks with half the batch each are one process with the whole batch;
+//! the ranks' parameters stay identical; a resume at the same world size is
+//! bit-identical; a resume at another world size carries on.
+
+#![cfg(feature = "mpi")]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+mod common;
+use common::{here, scratch};
+
+/// mpirun runs are heavy on two cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A small model on the bundled corpus, under the settings where two ranks
+/// with B/2 each compute the function of one process with B: dropless
+/// routing (capacity would be per rank), balance statistics over the
+/// global batch, no routing noise (the defaults), and each rank's rows cut
+/// from the one global stream (`data.sharding = "rows"`).
+const CONFIG: &str = r#"
+[model]
+vocab_size = 4096
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_kv_heads = 1
+d_ff = 64
+seq_len = 32
+[moe]
+num_experts = 4
+top_k = 2
+d_expert = 16
+drop_policy = "dropless"
+balance_scope = "global_batch"
+aux_loss_coef = 0.01
+z_loss_coef = 0.001
+[data]
+tokenizer = "data/tokenizer.json"
+shuffle_buffer = 16
+[[data.sources]]
+paths = ["data/shakespeare/shakespeare_complete_works.txt"]
+blank_lines = 2
+[train]
+steps = 10
+eval_every = 0
+checkpoint_every = 5
+keep_checkpoints = 5
+[optim]
+lr = 3e-3
+warmup_steps = 2
+# Adam divides by sqrt(v) + eps: with eps = 1e-8, a gradient element near
+# 1e-8 turns the last-bit differences of another summation order into a
+# visible share of a step (up to 3e-5 here after one step). 1e-6 keeps the
+# two runs within f32 rounding of each other.
+eps = 1e-6
+[log]
+progress = "lines"
+"#;
+
+fn write_config(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("dp.toml");
+    std::fs::write(&p, CONFIG).unwrap();
+    p
+}
+
+/// Run `switchyard train` on `ranks` processes (`mpirun` when more than
+/// one); panics with the output on failure.
+fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -> String {
+    let exe = env!("CARGO_BIN_EXE_switchyard");
+    let mut cmd = if ranks > 1 {
+        let mut c = Command::new("mpirun");
+        c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+            .arg(ranks.to_string())
+            .args(["-x", "RAYON_NUM_THREADS=1", exe]);
+        c
+    } else {
+        Command::new(exe)
+    };
+    cmd.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--runs-dir")
+        .arg(runs)
+        .args(["--name", name])
+        .args(extra)
+        .current_dir(here("."))
+        .env("RAYON_NUM_THREADS", "1");
+    let out = cmd
+        .output()
+        .expect("mpirun (Open MPI's openmpi-bin) is installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{ranks} rank(s) failed:\n{text}");
+    text
+}
+
+/// Every JSONL line of a run.
+fn lines(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, total loss, grad norm) of each logged step.
+fn losses(run: &Path) -> Vec<(u64, f64, f64)> {
+    lines(run)
+        .iter()
+        .filter(|v| v.get("loss/total").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss/total"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The checksums each checkpoint logged, one per rank.
+fn checksums(run: &Path) -> Vec<(u64, Vec<u64>)> {
+    lines(run)
+        .iter()
+        .filter_map(|v| {
+            let c = v.get("param_checksums")?.as_array()?;
+            Some((
+                v["step"].as_u64()?,
+                c.iter().map(|x| x.as_u64().unwrap()).collect(),
+            ))
+        })
+        .collect()
+}
+
+/// A run's newest checkpoint.
+fn newest(run: &Path) -> PathBuf {
+    switchyard::checkpoint::list(run)
+        .unwrap()
+        .last()
+        .unwrap()
+        .1
+        .clone()
+}
+
+/// The weights of a run's newest checkpoint, by name.
+fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = newest(run);
+    let device = burn::prelude::Device::flex();
+    let (_, model) = switchyard::checkpoint::load_model(&ckpt, &device).unwrap();
+    switchyard::params::collect(&model)
+        .into_iter()
+        .map(|(k, v)| (k, v.convert::<f32>().try_into_vec::<f32>().unwrap()))
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+#[test]
+fn two_ranks_with_half_the_batch_each_are_one_process_with_the_whole_batch() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "equal");
+    let cfg = write_config(&dir);
+    let sharding = ["--set", "data.sharding=\"rows\""];
+    train(
+        1,
+        &cfg,
+        &dir,
+        "one",
+        &[&sharding[..], &["--set", "train.batch_size=8"]].concat(),
+    );
+    train(
+        2,
+        &cfg,
+        &dir,
+        "two",
+        &[&sharding[..], &["--set", "train.batch_size=4"]].concat(),
+    );
+    let (one, two) = (losses(&dir.join("one")), losses(&dir.join("two")));
+    assert_eq!(one.len(), 10);
+    assert_eq!(two.len(), 10);
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a.0, b.0);
+        assert!(
+            rel(a.1, b.1) < 1e-5,
+            "step {}: loss {} vs {}",
+            a.0,
+            a.1,
+            b.1
+        );
+        assert!(
+            rel(a.2, b.2) < 1e-5,
+            "step {}: grad norm {} vs {}",
+            a.0,
+            a.2,
+            b.2
+        );
+    }
+    // The losses moved: ten updates happened.
+    assert!(one[9].1 < one[0].1 - 0.1, "{one:?}");
+    let (wa, wb) = (weights(&dir.join("one")), weights(&dir.join("two")));
+    assert_eq!(wa.len(), wb.len());
+    for ((ka, a), (kb, b)) in wa.iter().zip(&wb) {
+        assert_eq!(ka, kb);
+        let norm = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            diff <= 1e-5 * norm.max(1e-6),
+            "{ka}: |a - b| = {diff}, |a| = {norm}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ranks_stay_identical_and_a_resume_at_the_same_world_size_is_bit_identical() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "resume");
+    let cfg = write_config(&dir);
+    // Each rank reads its own shard of the documents (the default), with
+    // capacity drops: not one process's function, but the ranks must agree.
+    let drops = [
+        "--set",
+        "moe.drop_policy=\"drop\"",
+        "--set",
+        "train.batch_size=4",
+    ];
+    let text = train(2, &cfg, &dir, "straight", &drops);
+    assert!(text.contains("2 ranks, 8 sequences per step"), "{text}");
+    train(
+        2,
+        &cfg,
+        &dir,
+        "split",
+        &[&drops[..], &["--stop-after", "5"]].concat(),
+    );
+    train(
+        2,
+        &cfg,
+        &dir,
+        "split",
+        &[&drops[..], &["--resume"]].concat(),
+    );
+
+    let straight = checksums(&dir.join("straight"));
+    assert_eq!(straight.iter().map(|c| c.0).collect::<Vec<_>>(), [5, 10]);
+    for (step, sums) in &straight {
+        assert_eq!(sums.len(), 2, "step {step}");
+        assert_eq!(sums[0], sums[1], "step {step}: the ranks differ");
+    }
+    // Bit-identical: the same losses after the resume and the same weights.
+    let (a, b) = (losses(&dir.join("straight")), losses(&dir.join("split")));
+    assert_eq!(a, b);
+    assert_eq!(checksums(&dir.join("split")).last(), straight.last());
+    // The checkpoint holds both ranks' cursors, each for its own shard.
+    let ckpt = newest(&dir.join("straight"));
+    let (state, _) = switchyard::checkpoint::read_state(&ckpt).unwrap();
+    assert_eq!(state.rank_cursors.len(), 1);
+    assert_eq!((state.cursor.shard.index, state.cursor.shard.count), (0, 2));
+    assert_eq!(state.rank_cursors[0].shard.index, 1);
+    assert_ne!(state.cursor.sources, state.rank_cursors[0].sources);
+    // Traffic is logged: at least every gradient, in f32, each step.
+    let first = &lines(&dir.join("straight"))[0];
+    let bytes = first["comm/allreduce_bytes"].as_f64().unwrap();
+    let params = weights(&dir.join("straight"))
+        .iter()
+        .map(|(_, v)| v.len())
+        .sum::<usize>() as f64;
+    assert!(
+        bytes >= 4.0 * (params - 64.0),
+        "{bytes} bytes for {params} parameters"
+    );
+    assert!(
+        bytes < 4.0 * params + 4096.0,
+        "{bytes} bytes for {params} parameters"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_resumes_at_another_world_size() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "reshape");
+    let cfg = write_config(&dir);
+    let b = ["--set", "train.batch_size=4"];
+    // Two ranks, then one process, then two again.
+    train(
+        2,
+        &cfg,
+        &dir,
+        "r",
+        &[&b[..], &["--stop-after", "4"]].concat(),
+    );
+    let text = train(
+        1,
+        &cfg,
+        &dir,
+        "r",
+        &[&b[..], &["--resume", "--stop-after", "3"]].concat(),
+    );
+    assert!(text.contains("steps 5..10"), "{text}");
+    let ckpt = newest(&dir.join("r"));
+    let (state, _) = switchyard::checkpoint::read_state(&ckpt).unwrap();
+    assert_eq!(state.step, 7);
+    assert!(state.rank_cursors.is_empty());
+    train(2, &cfg, &dir, "r", &[&b[..], &["--resume"]].concat());
+    let l = losses(&dir.join("r"));
+    assert_eq!(
+        l.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert!(l.iter().all(|x| x.1.is_finite()));
+    let sums = checksums(&dir.join("r"));
+    let (_, last) = sums.last().unwrap();
+    assert_eq!(last.len(), 2);
+    assert_eq!(last[0], last[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
