@@ -253,6 +253,7 @@ fn bad_config_values_name_the_key() {
         ("data.sources.3.weight=1", "data.sources"),
         ("optim.lr=0", "optim.lr"),
         ("train.allreduce_bucket_mb=0", "train.allreduce_bucket_mb"),
+        ("train.expert_parallel=2", "train.expert_parallel"),
         ("data.sharding=\"pages\"", "sharding"),
         ("train.steps", "key=value"),
     ] {

@@ -1,7 +1,10 @@
-//! Data parallelism under `mpirun -np 2` (built with `--features mpi`):
-//! two ranks with half the batch each are one process with the whole batch;
-//! the ranks' parameters stay identical; a resume at the same world size is
-//! bit-identical; a resume at another world size carries on.
+//! Data and expert parallelism under `mpirun -np 2` (built with
+//! `--features mpi`): two ranks with half the batch each are one process
+//! with the whole batch; the ranks' parameters stay identical; a resume at
+//! the same world size is bit-identical; a resume at another world size
+//! carries on; two ranks holding half the experts each compute what two
+//! data-parallel ranks compute, with drops and dropless, and resume at
+//! another expert-parallel degree.
 
 #![cfg(feature = "mpi")]
 
@@ -126,18 +129,23 @@ fn losses(run: &Path) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
-/// The checksums each checkpoint logged, one per rank.
-fn checksums(run: &Path) -> Vec<(u64, Vec<u64>)> {
+/// The checksums each checkpoint logged under `key` ("param_checksums":
+/// all but the expert stacks; "expert_checksums"), one per rank.
+fn checksums_of(run: &Path, key: &str) -> Vec<(u64, Vec<u64>)> {
     lines(run)
         .iter()
         .filter_map(|v| {
-            let c = v.get("param_checksums")?.as_array()?;
+            let c = v.get(key)?.as_array()?;
             Some((
                 v["step"].as_u64()?,
                 c.iter().map(|x| x.as_u64().unwrap()).collect(),
             ))
         })
         .collect()
+}
+
+fn checksums(run: &Path) -> Vec<(u64, Vec<u64>)> {
+    checksums_of(run, "param_checksums")
 }
 
 /// A run's newest checkpoint.
@@ -187,30 +195,21 @@ fn two_ranks_with_half_the_batch_each_are_one_process_with_the_whole_batch() {
     );
     let (one, two) = (losses(&dir.join("one")), losses(&dir.join("two")));
     assert_eq!(one.len(), 10);
-    assert_eq!(two.len(), 10);
-    for (a, b) in one.iter().zip(&two) {
-        assert_eq!(a.0, b.0);
-        assert!(
-            rel(a.1, b.1) < 1e-5,
-            "step {}: loss {} vs {}",
-            a.0,
-            a.1,
-            b.1
-        );
-        assert!(
-            rel(a.2, b.2) < 1e-5,
-            "step {}: grad norm {} vs {}",
-            a.0,
-            a.2,
-            b.2
-        );
-    }
+    same_losses(&one, &two);
     // The losses moved: ten updates happened.
     assert!(one[9].1 < one[0].1 - 0.1, "{one:?}");
-    let (wa, wb) = (weights(&dir.join("one")), weights(&dir.join("two")));
+    same_weights(&dir.join("one"), &dir.join("two"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two runs' newest checkpoints hold the same weights, each tensor to 1e-5
+/// of its norm.
+fn same_weights(a: &Path, b: &Path) {
+    let (wa, wb) = (weights(a), weights(b));
     assert_eq!(wa.len(), wb.len());
     for ((ka, a), (kb, b)) in wa.iter().zip(&wb) {
         assert_eq!(ka, kb);
+        assert_eq!(a.len(), b.len(), "{ka}");
         let norm = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
         let diff = a
             .iter()
@@ -223,7 +222,36 @@ fn two_ranks_with_half_the_batch_each_are_one_process_with_the_whole_batch() {
             "{ka}: |a - b| = {diff}, |a| = {norm}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two runs logged the same losses and gradient norms, to 1e-5 relative.
+fn same_losses(a: &[(u64, f64, f64)], b: &[(u64, f64, f64)]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        assert!(
+            rel(x.1, y.1) < 1e-5,
+            "step {}: loss {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+        assert!(
+            rel(x.2, y.2) < 1e-5,
+            "step {}: grad norm {} vs {}",
+            x.0,
+            x.2,
+            y.2
+        );
+    }
+}
+
+/// The value of `key` at every logged step.
+fn series(run: &Path, key: &str) -> Vec<f64> {
+    lines(run)
+        .iter()
+        .filter_map(|v| v.get(key)?.as_f64())
+        .collect()
 }
 
 #[test]
@@ -258,7 +286,9 @@ fn ranks_stay_identical_and_a_resume_at_the_same_world_size_is_bit_identical() {
 
     let straight = checksums(&dir.join("straight"));
     assert_eq!(straight.iter().map(|c| c.0).collect::<Vec<_>>(), [5, 10]);
-    for (step, sums) in &straight {
+    let experts = checksums_of(&dir.join("straight"), "expert_checksums");
+    assert_eq!(experts.len(), 2);
+    for (step, sums) in straight.iter().chain(&experts) {
         assert_eq!(sums.len(), 2, "step {step}");
         assert_eq!(sums[0], sums[1], "step {step}: the ranks differ");
     }
@@ -328,5 +358,110 @@ fn a_run_resumes_at_another_world_size() {
     let (_, last) = sums.last().unwrap();
     assert_eq!(last.len(), 2);
     assert_eq!(last[0], last[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_ranks_holding_half_the_experts_each_equal_two_data_parallel_ranks() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "ep");
+    let cfg = write_config(&dir);
+    for policy in ["dropless", "drop"] {
+        let set_policy = format!("moe.drop_policy=\"{policy}\"");
+        let base = [
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            &set_policy,
+            "--set",
+            "moe.capacity_factor=1.0",
+        ];
+        let (dp, ep) = (format!("dp-{policy}"), format!("ep-{policy}"));
+        train(2, &cfg, &dir, &dp, &base);
+        let ep_args = [&base[..], &["--set", "train.expert_parallel=2"]].concat();
+        train(2, &cfg, &dir, &ep, &ep_args);
+        let (dp, ep) = (dir.join(dp), dir.join(ep));
+        same_losses(&losses(&dp), &losses(&ep));
+        // The checkpoint holds every expert, gathered in order.
+        same_weights(&dp, &ep);
+        let drops = series(&ep, "moe/layer0/drop_rate");
+        if policy == "drop" {
+            assert!(drops.iter().any(|&d| d > 0.05), "{drops:?}");
+        } else {
+            assert!(drops.iter().all(|&d| d == 0.0), "{drops:?}");
+        }
+        // Both ranks hold the same shared weights and different experts.
+        for (step, sums) in checksums(&ep) {
+            assert_eq!(sums[0], sums[1], "step {step}");
+        }
+        for (step, sums) in checksums_of(&ep, "expert_checksums") {
+            assert_ne!(
+                sums[0], sums[1],
+                "step {step}: the ranks hold the same experts"
+            );
+        }
+        // Rows travel only under expert parallelism.
+        assert!(series(&dp, "comm/alltoall_bytes").iter().all(|&b| b == 0.0));
+        assert!(series(&ep, "comm/alltoall_bytes").iter().all(|&b| b > 0.0));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_expert_parallel_run_resumes_at_another_degree() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "ep-resume");
+    let cfg = write_config(&dir);
+    let b = ["--set", "train.batch_size=4"];
+    let ep = [&b[..], &["--set", "train.expert_parallel=2"]].concat();
+    train(2, &cfg, &dir, "straight", &ep);
+    train(
+        2,
+        &cfg,
+        &dir,
+        "split",
+        &[&ep[..], &["--stop-after", "5"]].concat(),
+    );
+    // Resumed with every expert on every rank: the same function.
+    train(2, &cfg, &dir, "split", &[&b[..], &["--resume"]].concat());
+    same_losses(&losses(&dir.join("straight")), &losses(&dir.join("split")));
+    same_weights(&dir.join("straight"), &dir.join("split"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn expert_parallel_settings_that_cannot_work_are_named() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "ep-bad");
+    let cfg = write_config(&dir);
+    for (set, needle) in [
+        (
+            "train.expert_parallel=3",
+            "must divide the number of processes",
+        ),
+        ("moe.num_experts=3", "must divide moe.num_experts"),
+    ] {
+        let out = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .args([
+                "-x",
+                "RAYON_NUM_THREADS=1",
+                env!("CARGO_BIN_EXE_switchyard"),
+            ])
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--runs-dir")
+            .arg(&dir)
+            .args(["--set", "train.expert_parallel=2", "--set", "moe.top_k=1"])
+            .args(["--set", set])
+            .current_dir(here("."))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set}");
+        assert!(!text.contains("panicked at"), "{text}");
+        assert!(text.contains(needle), "{set}: {text}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

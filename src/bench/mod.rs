@@ -203,6 +203,7 @@ fn train_step(
         cfg.optim.lr,
         &[batch],
         &mut crate::dist::Single,
+        None,
     );
     anyhow::ensure!(
         outcome.applied,

@@ -149,6 +149,11 @@ pub struct TrainConfig {
     /// all-reduces of at most this many megabytes (10^6 bytes) each.
     /// Default 25.
     pub allreduce_bucket_mb: f64,
+    /// Expert parallelism: the experts of every MoE layer are spread over
+    /// groups of this many consecutive ranks (it must divide the number of
+    /// processes and `moe.num_experts`); 1 keeps every expert on every
+    /// rank. Default 1.
+    pub expert_parallel: usize,
 }
 
 impl Default for TrainConfig {
@@ -167,6 +172,7 @@ impl Default for TrainConfig {
             init_from: None,
             precision: Precision::F32,
             allreduce_bucket_mb: 25.0,
+            expert_parallel: 1,
         }
     }
 }
@@ -180,6 +186,7 @@ impl TrainConfig {
             ("train.grad_accum", self.grad_accum),
             ("train.keep_checkpoints", self.keep_checkpoints),
             ("train.max_bad_steps", self.max_bad_steps as usize),
+            ("train.expert_parallel", self.expert_parallel),
         ] {
             if v == 0 {
                 return Err(err(k, "must be a positive integer"));

@@ -10,18 +10,34 @@
 
 use super::Collective;
 use crate::metrics::LayerReport;
+use crate::params::PathStack;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
 use std::collections::HashMap;
 
+/// Whether the parameter at `path` is a routed expert stack, which expert
+/// parallelism shards.
+pub fn is_expert_param(path: &str) -> bool {
+    path.contains(".mlp.experts.")
+}
+
+/// Where a gradient sits in the flat buffers: (expert stack?, offset,
+/// shape, dtype).
+type Spans = HashMap<ParamId, (bool, usize, Vec<usize>, DType)>;
+
 /// Average `grads` over every rank, `bucket_bytes` of f32 per all-reduce.
-/// With one rank, `grads` come back untouched.
+/// Under expert parallelism (`replicas`: the ranks holding the same
+/// experts), each expert stack's gradient is summed over those ranks only;
+/// every rank's tokens already reached it through the exchanges, so the
+/// sum over the world's W ranks' losses is complete and divided by W like
+/// the rest. With one rank, `grads` come back untouched.
 pub fn average_grads<M: Module>(
     module: &M,
     mut grads: GradientsParams,
     comm: &mut dyn Collective,
+    replicas: Option<&mut dyn Collective>,
     bucket_bytes: usize,
 ) -> GradientsParams {
     let size = comm.world().size;
@@ -29,62 +45,121 @@ pub fn average_grads<M: Module>(
         return grads;
     }
     // Every gradient, flattened end to end in the module's parameter order
-    // (the same on every rank).
+    // (the same on every rank): shared parameters in one buffer, expert
+    // stacks in the other when they are sharded.
     struct Gather<'a> {
         grads: &'a GradientsParams,
-        flat: Vec<f32>,
-        spans: HashMap<ParamId, (usize, Vec<usize>, DType)>,
+        path: PathStack,
+        sharded: bool,
+        flat: [Vec<f32>; 2],
+        spans: Spans,
     }
     impl ModuleVisitor for Gather<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
+                let expert = self.sharded && is_expert_param(&self.path.path());
+                let flat = &mut self.flat[expert as usize];
                 let (dims, dtype) = (g.dims().to_vec(), g.dtype());
-                let start = self.flat.len();
+                let start = flat.len();
                 let data = g.into_data().convert::<f32>();
-                self.flat.extend(data.iter::<f32>());
-                self.spans.insert(param.id, (start, dims, dtype));
+                flat.extend(data.iter::<f32>());
+                self.spans.insert(param.id, (expert, start, dims, dtype));
             }
         }
     }
     let mut gather = Gather {
         grads: &grads,
-        flat: Vec::new(),
+        path: PathStack::default(),
+        sharded: replicas.is_some(),
+        flat: [Vec::new(), Vec::new()],
         spans: HashMap::new(),
     };
     module.visit(&mut gather);
-    let (mut flat, spans) = (gather.flat, gather.spans);
+    let ([mut shared, mut experts], spans) = (gather.flat, gather.spans);
     let bucket = (bucket_bytes / 4).max(1);
-    for chunk in flat.chunks_mut(bucket) {
+    for chunk in shared.chunks_mut(bucket) {
         comm.all_reduce_sum(chunk);
     }
+    if let Some(replicas) = replicas {
+        if replicas.world().size > 1 {
+            for chunk in experts.chunks_mut(bucket) {
+                replicas.all_reduce_sum(chunk);
+            }
+        }
+    }
     let inv = 1.0 / size as f32;
-    flat.iter_mut().for_each(|x| *x *= inv);
+    shared
+        .iter_mut()
+        .chain(&mut experts)
+        .for_each(|x| *x *= inv);
 
     struct Scatter<'a> {
         grads: &'a mut GradientsParams,
-        flat: &'a [f32],
-        spans: &'a HashMap<ParamId, (usize, Vec<usize>, DType)>,
+        flat: [&'a [f32]; 2],
+        spans: &'a Spans,
     }
     impl ModuleVisitor for Scatter<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let Some((start, dims, dtype)) = self.spans.get(&param.id) else {
+            let Some((expert, start, dims, dtype)) = self.spans.get(&param.id) else {
                 return;
             };
             let Some(old) = self.grads.remove::<D>(param.id) else {
                 return;
             };
             let n: usize = dims.iter().product();
-            let data = TensorData::new(self.flat[*start..start + n].to_vec(), dims.clone());
-            let g = Tensor::<D>::from_data(data, &old.device()).cast(*dtype);
+            let values = self.flat[*expert as usize][*start..start + n].to_vec();
+            let g = Tensor::<D>::from_data(TensorData::new(values, dims.clone()), &old.device())
+                .cast(*dtype);
             self.grads.register(param.id, g);
         }
     }
     module.visit(&mut Scatter {
         grads: &mut grads,
-        flat: &flat,
+        flat: [&shared, &experts],
         spans: &spans,
     });
     grads
+}
+
+/// The sums of squares of the gradients held here (host, f64): of every
+/// parameter but the routed expert stacks, and of those.
+pub fn sq_norms<M: Module>(module: &M, grads: &GradientsParams) -> [f64; 2] {
+    struct V<'a> {
+        grads: &'a GradientsParams,
+        path: PathStack,
+        sum: [f64; 2],
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let i = is_expert_param(&self.path.path()) as usize;
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let data = g.into_data().convert::<f32>();
+                self.sum[i] += data
+                    .iter::<f32>()
+                    .map(|x| (x as f64) * (x as f64))
+                    .sum::<f64>();
+            }
+        }
+    }
+    let mut v = V {
+        grads,
+        path: PathStack::default(),
+        sum: [0.0; 2],
+    };
+    module.visit(&mut v);
+    v.sum
 }
 
 /// The values of one step that every rank must agree on, summed or
@@ -169,17 +244,32 @@ pub fn sum_counts(
         .collect()
 }
 
-/// CRC-32C of every float parameter's bytes, in the module's order: equal on
-/// every rank while the ranks stay in step.
-pub fn param_checksum<M: Module>(module: &M) -> u32 {
-    struct Crc(u32);
+/// CRC-32C of the float parameters' bytes, in the module's order: of the
+/// routed expert stacks, and of every other parameter. Every rank holds the
+/// same other parameters, and every rank of a slot the same experts, while
+/// the ranks stay in step.
+pub fn param_checksums<M: Module>(module: &M) -> [u32; 2] {
+    struct Crc {
+        path: PathStack,
+        crc: [u32; 2],
+    }
     impl ModuleVisitor for Crc {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let data = param.val().into_data();
-            self.0 = crc32c::crc32c_append(self.0, data.as_bytes());
+            let i = is_expert_param(&self.path.path()) as usize;
+            self.crc[i] = crc32c::crc32c_append(self.crc[i], data.as_bytes());
         }
     }
-    let mut crc = Crc(0);
+    let mut crc = Crc {
+        path: PathStack::default(),
+        crc: [0, 0],
+    };
     module.visit(&mut crc);
-    crc.0
+    crc.crc
 }

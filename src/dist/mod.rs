@@ -8,6 +8,7 @@
 //! gradients in buckets and sums the logged statistics; rank 0 writes.
 
 pub mod dp;
+pub mod exchange;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
@@ -76,6 +77,13 @@ pub trait Collective {
     /// order) so that rank j gets the j-th part; returns what every rank
     /// sent here, concatenated in rank order, and how much came from each.
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> (Vec<f32>, Vec<usize>);
+    /// Send the j-th of `size` equal chunks of `send` to rank j; returns
+    /// the chunks every rank sent here, in rank order. For counts and other
+    /// metadata: not counted in [`Traffic`].
+    fn all_to_all_counts(&mut self, send: &[u64]) -> Vec<u64>;
+    /// The processes that pass the same `color`, as a world of their own
+    /// (ranks in the order of this world's). Every rank calls it.
+    fn split(&mut self, color: usize) -> Box<dyn Collective>;
     /// The traffic since the last call, and start counting afresh.
     fn take_traffic(&mut self) -> Traffic;
     /// Stop every process of the run (after an error on this one), with
@@ -100,6 +108,12 @@ impl Collective for Single {
     fn all_to_all_v(&mut self, send: &[f32], send_counts: &[usize]) -> (Vec<f32>, Vec<usize>) {
         debug_assert_eq!(send_counts, [send.len()]);
         (send.to_vec(), vec![send.len()])
+    }
+    fn all_to_all_counts(&mut self, send: &[u64]) -> Vec<u64> {
+        send.to_vec()
+    }
+    fn split(&mut self, _: usize) -> Box<dyn Collective> {
+        Box::new(Single)
     }
     fn take_traffic(&mut self) -> Traffic {
         Traffic::default()
@@ -136,4 +150,41 @@ pub fn init() -> Result<Box<dyn Collective>> {
     }
     let _ = launched;
     Ok(Box::new(Single))
+}
+
+/// Expert parallelism (`train.expert_parallel = N`): rank r holds the
+/// experts of slot `r mod N` in every MoE layer, exchanges rows with the
+/// other N − 1 ranks of its group (`r / N`), and shares its experts'
+/// gradients with the ranks of the other groups that hold the same slot.
+pub struct ExpertParallel {
+    /// N, the ranks one layer's experts are spread over.
+    pub degree: usize,
+    /// This rank's slot, `0..N`.
+    pub slot: usize,
+    /// The N ranks of this rank's group.
+    pub link: exchange::RowLink,
+    /// The W / N ranks that hold the same experts as this one.
+    pub replicas: Box<dyn Collective>,
+}
+
+impl ExpertParallel {
+    /// Split `comm`'s world into groups of `degree` consecutive ranks.
+    /// Every rank calls it.
+    pub fn new(comm: &mut dyn Collective, degree: usize) -> Result<Self> {
+        let world = comm.world();
+        if degree == 0 || world.size % degree != 0 {
+            anyhow::bail!(
+                "train.expert_parallel = {degree} must divide the number of processes ({})",
+                world.size
+            );
+        }
+        let link = exchange::RowLink::new(comm.split(world.rank / degree));
+        let replicas = comm.split(world.rank % degree);
+        Ok(Self {
+            degree,
+            slot: world.rank % degree,
+            link,
+            replicas,
+        })
+    }
 }

@@ -9,18 +9,20 @@ use anyhow::{bail, Result};
 use mpi::collective::SystemOperation;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::{Threading, Universe};
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
 use std::time::Instant;
 
-/// The world communicator of an MPI job.
+/// A communicator of an MPI job: the world's, or a part split from it.
 pub struct Mpi {
     comm: SimpleCommunicator,
     world: World,
     traffic: Traffic,
-    /// Finalises MPI when dropped; declared last so the communicator goes first.
-    _universe: Universe,
+    /// The world's: finalises MPI when dropped (declared last so the
+    /// communicator goes first). A split part holds none and must be
+    /// dropped before the world.
+    _universe: Option<Universe>,
 }
 
 impl Mpi {
@@ -40,7 +42,7 @@ impl Mpi {
             comm,
             world,
             traffic: Traffic::default(),
-            _universe: universe,
+            _universe: Some(universe),
         })
     }
 }
@@ -143,6 +145,33 @@ impl Collective for Mpi {
             .sum();
         self.traffic.alltoall_bytes += 4 * moved as u64;
         (recv, rc.into_iter().map(|c| c as usize).collect())
+    }
+
+    fn all_to_all_counts(&mut self, send: &[u64]) -> Vec<u64> {
+        let n = self.world.size;
+        assert_eq!(send.len() % n, 0, "one equal chunk per rank");
+        let mut recv = vec![0u64; send.len()];
+        self.comm.all_to_all_into(send, &mut recv[..]);
+        recv
+    }
+
+    fn split(&mut self, color: usize) -> Box<dyn Collective> {
+        let color = i32::try_from(color).expect("a split colour below 2^31");
+        let comm = self
+            .comm
+            .split_by_color(Color::with_value(color))
+            .expect("every rank passes a colour");
+        let world = World {
+            rank: comm.rank() as usize,
+            size: comm.size() as usize,
+            local_rank: self.world.local_rank,
+        };
+        Box::new(Mpi {
+            comm,
+            world,
+            traffic: Traffic::default(),
+            _universe: None,
+        })
     }
 
     fn take_traffic(&mut self) -> Traffic {

@@ -15,9 +15,11 @@ pub mod policy;
 pub mod reroute;
 pub mod revive;
 pub mod router;
+pub mod shard;
 pub mod stats;
 
 use crate::config::{DropPolicy, MoeConfig};
+use crate::dist::exchange::RowLink;
 use crate::nn::{apply, linear, Mlp};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -85,6 +87,10 @@ pub struct MoeLayer {
     pub shared_expert_gate: Option<Linear>,
     #[module(skip)]
     cfg: MoeConfig,
+    /// Under expert parallelism: the experts this rank holds (`experts`
+    /// then holds only those) and the group that holds the rest.
+    #[module(skip)]
+    shard: Option<shard::ExpertShard>,
 }
 
 impl MoeLayer {
@@ -104,12 +110,26 @@ impl MoeLayer {
                 .shared_expert_gate
                 .then(|| linear(d_model, 1, false, init_std, device)),
             cfg: cfg.clone(),
+            shard: None,
         }
     }
 
     /// The configuration of this layer.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// Keep only experts `first .. first + count` here; the others live on
+    /// the other ranks of `link`'s group (expert parallelism).
+    pub fn shard_experts(&mut self, first: usize, count: usize, link: RowLink) {
+        let experts = std::mem::replace(&mut self.experts, Experts::empty());
+        self.experts = shard::slice_experts(experts, first, count);
+        self.shard = Some(shard::ExpertShard { first, count, link });
+    }
+
+    /// The experts this rank holds, when they are sharded: (first, count).
+    pub fn expert_shard(&self) -> Option<(usize, usize)> {
+        self.shard.as_ref().map(|s| (s.first, s.count))
     }
 
     /// Change what happens to assignments beyond capacity.
@@ -156,9 +176,12 @@ impl MoeLayer {
             None => decision.topk_weights.clone(),
         }
         .cast(flat.dtype());
-        let mut y = dispatch::Dispatched::new(flat.clone(), plan.clone(), e)
-            .through(&self.experts)
-            .combine(weights); // [T, d]
+        let dispatched = dispatch::Dispatched::new(flat.clone(), plan.clone(), e);
+        let mut y = match &self.shard {
+            Some(shard) => shard.through(dispatched, &self.experts),
+            None => dispatched.through(&self.experts),
+        }
+        .combine(weights); // [T, d]
 
         if let Some(shared) = &self.shared_expert {
             let mut out = shared.forward(flat.clone()); // [T, d]

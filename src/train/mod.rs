@@ -14,19 +14,20 @@
 
 pub mod eval;
 pub mod optim;
+mod parallel;
 pub mod revive;
 mod setup;
 pub mod step;
 
 pub use setup::{check_precision, parse_device};
-use setup::{hparams, init_from, pick_run_dir, resume_point, stream_options};
+use setup::{hparams, init_from, resume_point, stream_options};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
 use crate::data::ranks::RankStream;
 use crate::data::stream::Split;
 use crate::data::tokenizer;
-use crate::dist::{dp, Collective, Single, World};
+use crate::dist::{Collective, ExpertParallel, Single, World};
 use crate::metrics::console::{format_secs, Progress};
 use crate::metrics::domains::write_maps;
 use crate::metrics::tensorboard::text;
@@ -42,25 +43,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use step::BatchTensors;
 use tokenizers::Tokenizer;
-
-/// The run directory every rank uses: rank 0's choice.
-fn agree_run_dir(opts: &RunOptions, comm: &mut dyn Collective) -> Result<PathBuf> {
-    let world = comm.world();
-    if world.size == 1 {
-        return pick_run_dir(opts);
-    }
-    let mut bytes = if world.is_writer() {
-        pick_run_dir(opts)?
-            .to_str()
-            .context("the run directory's path is not UTF-8")?
-            .as_bytes()
-            .to_vec()
-    } else {
-        Vec::new()
-    };
-    comm.broadcast(&mut bytes, 0);
-    Ok(PathBuf::from(String::from_utf8(bytes)?))
-}
 
 /// How `switchyard train` was invoked.
 #[derive(Debug, Clone)]
@@ -119,6 +101,8 @@ pub struct Trainer<'c> {
     /// The other ranks of the run (a world of one for a single process).
     comm: &'c mut dyn Collective,
     world: World,
+    /// Under `train.expert_parallel` > 1: this rank's expert group.
+    ep: Option<ExpertParallel>,
     run_dir: PathBuf,
     runs_dir: PathBuf,
     /// The autodiff device the model lives on.
@@ -147,7 +131,7 @@ impl<'c> Trainer<'c> {
     pub fn start(opts: &RunOptions, comm: &'c mut dyn Collective) -> Result<Self> {
         let world = comm.world();
         let mut cfg = RunConfig::load(&opts.config, &opts.overrides)?;
-        let run_dir = agree_run_dir(opts, comm)?;
+        let run_dir = parallel::agree_run_dir(opts, comm)?;
         // Several ranks on one node with a GPU each: rank r takes cuda:{local rank}.
         let device_spec = match opts.device.as_str() {
             "cuda" if world.size > 1 => format!("cuda:{}", world.local_rank),
@@ -224,6 +208,8 @@ impl<'c> Trainer<'c> {
             }
             None => (TrainState::fresh(&cfg), AdamW::default()),
         };
+        let (mut model, mut adam) = (model, adam);
+        let ep = parallel::shard_experts(&mut model, &mut adam, &cfg, &mut *comm, &device)?;
         let saved_cursors = resume.as_ref().map(|_| {
             let mut all = vec![state.cursor.clone()];
             all.extend(state.rank_cursors.iter().cloned());
@@ -282,6 +268,7 @@ impl<'c> Trainer<'c> {
             cfg,
             comm,
             world,
+            ep,
             run_dir,
             runs_dir: opts.runs_dir.clone(),
             device,
@@ -305,7 +292,9 @@ impl<'c> Trainer<'c> {
     pub fn run(mut self) -> Result<RunOutcome> {
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
-            if self.eval_due() && self.world.is_writer() {
+            // Rank 0 evaluates; under expert parallelism every rank takes
+            // part (the experts are spread over them) and rank 0 logs.
+            if self.eval_due() && (self.world.is_writer() || self.ep.is_some()) {
                 let eval = self.evaluate()?;
                 report.eval_loss = Some(eval.loss);
                 report.eval_experts = eval.experts;
@@ -367,12 +356,22 @@ impl<'c> Trainer<'c> {
             lr,
             &batches,
             &mut *self.comm,
+            self.ep.as_mut(),
         );
         self.model = Some(model);
         let (tokens, comm) = if self.world.size > 1 {
             let mut n = [tokens as f64];
             self.comm.all_reduce_sum_f64(&mut n);
-            (n[0] as usize, Some(self.comm.take_traffic()))
+            let mut traffic = self.comm.take_traffic();
+            if let Some(ep) = &mut self.ep {
+                for t in [ep.link.take_traffic(), ep.replicas.take_traffic()] {
+                    traffic.allreduce_bytes += t.allreduce_bytes;
+                    traffic.allreduce_secs += t.allreduce_secs;
+                    traffic.alltoall_bytes += t.alltoall_bytes;
+                    traffic.alltoall_secs += t.alltoall_secs;
+                }
+            }
+            (n[0] as usize, Some(traffic))
         } else {
             (tokens, None)
         };
@@ -494,8 +493,27 @@ impl<'c> Trainer<'c> {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
+        let mut model = crate::params::collect(self.model());
+        let mut optimizer = checkpoint::encode_optimizer(&self.adam.m, &self.adam.v);
+        if let Some(ep) = &self.ep {
+            parallel::gather_experts(&mut model, &ep.link);
+            parallel::gather_experts(&mut optimizer, &ep.link);
+        }
         if self.world.size > 1 {
-            self.check_ranks_agree()?;
+            let slots = self.ep.as_ref().map_or(1, |e| e.degree);
+            let model_now = self
+                .model
+                .as_ref()
+                .expect("the model is back after each update");
+            let sums =
+                parallel::check_ranks_agree(model_now, &mut *self.comm, slots, self.state.step)?;
+            if let Some(s) = &mut self.sinks {
+                s.jsonl.write(&serde_json::json!({
+                    "step": self.state.step,
+                    "param_checksums": sums.iter().map(|c| c[0]).collect::<Vec<_>>(),
+                    "expert_checksums": sums.iter().map(|c| c[1]).collect::<Vec<_>>(),
+                }))?;
+            }
             let mine = serde_json::to_vec(&self.train_stream.cursor())?;
             let all = self.comm.all_gather(&mine);
             if !self.world.is_writer() {
@@ -522,8 +540,8 @@ impl<'c> Trainer<'c> {
             s.tb.flush()?;
         }
         let ckpt = Checkpoint {
-            model: crate::params::collect(self.model()),
-            optimizer: checkpoint::encode_optimizer(&self.adam.m, &self.adam.v),
+            model,
+            optimizer,
             state: self.state.clone(),
             config: self.cfg.clone(),
             tokenizer: Some(self.tok_path.clone()),
@@ -533,32 +551,6 @@ impl<'c> Trainer<'c> {
             fail_after_files: None,
         };
         checkpoint::save(&self.run_dir, &ckpt, &opts)?;
-        Ok(())
-    }
-
-    /// Stop with an error unless every rank holds the same parameters, and
-    /// log the checksums (rank 0).
-    fn check_ranks_agree(&mut self) -> Result<()> {
-        let mine = dp::param_checksum(self.model());
-        let all: Vec<u32> = self
-            .comm
-            .all_gather(&mine.to_le_bytes())
-            .iter()
-            .map(|b| u32::from_le_bytes(b.as_slice().try_into().unwrap_or_default()))
-            .collect();
-        if let Some(s) = &mut self.sinks {
-            s.jsonl.write(&serde_json::json!({
-                "step": self.state.step,
-                "param_checksums": all,
-            }))?;
-        }
-        if all.iter().any(|&c| c != all[0]) {
-            bail!(
-                "the ranks' parameters differ at step {} (CRC-32C per rank: {all:08x?}): \
-                 the ranks are no longer in step",
-                self.state.step
-            );
-        }
         Ok(())
     }
 

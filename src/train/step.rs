@@ -3,7 +3,7 @@
 
 use crate::config::{BalanceScope, RunConfig};
 use crate::data::stream::Batch;
-use crate::dist::{dp, Collective};
+use crate::dist::{dp, Collective, ExpertParallel};
 use crate::metrics::LayerReport;
 use crate::model::LanguageModel;
 use crate::moe::{losses, MoeAux, Phase, RoutingStats};
@@ -373,6 +373,9 @@ pub struct StepOutcome {
 /// every rank calls it on its own micro-batches: the gradients are averaged
 /// over the ranks before the norm, and the reading holds the global batch's
 /// losses and counts, so every rank takes the same decision and update.
+/// Under expert parallelism (`ep`) each rank's experts are its slice of
+/// every MoE layer; the gradient norm counts every slice once.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: LanguageModel,
     adam: &mut AdamW,
@@ -381,6 +384,7 @@ pub fn train_step(
     lr: f64,
     micro_batches: &[BatchTensors],
     comm: &mut dyn Collective,
+    mut ep: Option<&mut ExpertParallel>,
 ) -> (LanguageModel, StepOutcome) {
     let Some(first) = micro_batches.first() else {
         unreachable!("a step has at least one micro-batch (train.grad_accum >= 1)")
@@ -406,8 +410,22 @@ pub fn train_step(
         }
     }
     let bucket = (cfg.train.allreduce_bucket_mb * 1e6) as usize;
-    let grads = dp::average_grads(&model, acc.grads(), comm, bucket);
-    let sq_norm = grad_sq_norm(&model, &grads, &device.clone().inner());
+    let replicas = ep
+        .as_deref_mut()
+        .map(|e| e.replicas.as_mut() as &mut dyn Collective);
+    let grads = dp::average_grads(&model, acc.grads(), comm, replicas, bucket);
+    let sq_norm = match ep.filter(|e| e.degree > 1) {
+        // The group's ranks hold the experts' slices: sum theirs, so that
+        // every rank gets the same norm to the last bit.
+        Some(ep) => {
+            let [shared, mine] = dp::sq_norms(&model, &grads);
+            let mut experts = [mine];
+            ep.link.all_reduce_sum_f64(&mut experts);
+            let total = (shared + experts[0]) as f32;
+            Tensor::from_data(TensorData::new(vec![total], [1]), &device.clone().inner())
+        }
+        None => grad_sq_norm(&model, &grads, &device.clone().inner()),
+    };
     // The one host read of this step.
     let mut reading = read_step(&model, &terms, &stats, sq_norm.clone());
     if world.size > 1 {

@@ -1,0 +1,151 @@
+//! The parts of a run that differ with several processes: agreeing on the
+//! run directory, spreading the experts over an expert-parallel group,
+//! gathering them (and every rank's data cursor) for a checkpoint, and
+//! checking that the ranks are still in step.
+
+use super::optim::AdamW;
+use super::setup::pick_run_dir;
+use super::RunOptions;
+use crate::config::RunConfig;
+use crate::dist::dp::{is_expert_param, param_checksums};
+use crate::dist::exchange::RowLink;
+use crate::dist::{Collective, ExpertParallel};
+use crate::kernels::fused_on;
+use crate::model::LanguageModel;
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::DType;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The run directory every rank uses: rank 0's choice.
+pub(super) fn agree_run_dir(opts: &RunOptions, comm: &mut dyn Collective) -> Result<PathBuf> {
+    let world = comm.world();
+    if world.size == 1 {
+        return pick_run_dir(opts);
+    }
+    let mut bytes = if world.is_writer() {
+        pick_run_dir(opts)?
+            .to_str()
+            .context("the run directory's path is not UTF-8")?
+            .as_bytes()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    comm.broadcast(&mut bytes, 0);
+    Ok(PathBuf::from(String::from_utf8(bytes)?))
+}
+
+/// Set expert parallelism up when `train.expert_parallel` > 1: check what
+/// it needs, then keep this rank's slot of every MoE layer's experts (and of
+/// their AdamW moments, on a resume).
+pub(super) fn shard_experts(
+    model: &mut LanguageModel,
+    adam: &mut AdamW,
+    cfg: &RunConfig,
+    comm: &mut dyn Collective,
+    device: &Device,
+) -> Result<Option<ExpertParallel>> {
+    let n = cfg.train.expert_parallel;
+    if n == 1 {
+        return Ok(None);
+    }
+    let size = comm.world().size;
+    if size % n != 0 {
+        bail!("train.expert_parallel = {n} must divide the number of processes ({size})");
+    }
+    if !fused_on(device, DType::F32) || cfg.train.precision != crate::config::Precision::F32 {
+        bail!(
+            "train.expert_parallel = {n}: expert parallelism runs on the CPU backend \
+             (--device flex) in f32 (train.precision = \"f32\")"
+        );
+    }
+    if cfg.moe.revive_dead_experts {
+        bail!("train.expert_parallel = {n} cannot be combined with moe.revive_dead_experts yet");
+    }
+    let experts: Vec<usize> = model.moe_layers().map(|l| l.config().num_experts).collect();
+    if experts.is_empty() {
+        bail!("train.expert_parallel = {n}: the model has no MoE layer");
+    }
+    if let Some(e) = experts.iter().find(|&&e| e % n != 0) {
+        bail!("train.expert_parallel = {n} must divide moe.num_experts ({e})");
+    }
+    let ep = ExpertParallel::new(comm, n)?;
+    for layer in model.moe_layers_mut() {
+        let count = layer.config().num_experts / n;
+        layer.shard_experts(ep.slot * count, count, ep.link.clone());
+    }
+    // Each expert's moments are a contiguous run of the flat vector.
+    for moments in [&mut adam.m, &mut adam.v] {
+        for (path, t) in moments.iter_mut() {
+            if is_expert_param(path) {
+                let len = t.dims()[0] / n;
+                *t = t.clone().slice([ep.slot * len..(ep.slot + 1) * len]);
+            }
+        }
+    }
+    Ok(Some(ep))
+}
+
+/// Put the whole expert stacks back together in a checkpoint's tensors:
+/// every entry of an expert stack (`[E/N, ..]` weights, flat moments) is
+/// gathered from the group's ranks in slot order. Every rank calls it.
+pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, link: &RowLink) {
+    for (name, data) in tensors.iter_mut() {
+        if !is_expert_param(name) {
+            continue;
+        }
+        let local = data.clone().convert::<f32>();
+        let parts = link.all_gather(local.as_bytes());
+        let values: Vec<f32> = parts
+            .iter()
+            .flat_map(|p| {
+                p.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            })
+            .collect();
+        let mut shape = data.shape().to_vec();
+        shape[0] *= parts.len();
+        *data = TensorData::new(values, shape).convert_dtype(data.dtype());
+    }
+}
+
+/// Stop with an error unless the ranks are in step: every rank holds the
+/// same non-expert parameters, and every rank of a slot the same experts.
+/// Returns each rank's two checksums (see [`param_checksums`]).
+pub(super) fn check_ranks_agree(
+    model: &LanguageModel,
+    comm: &mut dyn Collective,
+    slots: usize,
+    step: u64,
+) -> Result<Vec<[u32; 2]>> {
+    let [shared, experts] = param_checksums(model);
+    let mine: Vec<u8> = [shared, experts]
+        .iter()
+        .flat_map(|c| c.to_le_bytes())
+        .collect();
+    let all: Vec<[u32; 2]> = comm
+        .all_gather(&mine)
+        .iter()
+        .map(|b| {
+            let word = |i: usize| {
+                b.get(4 * i..4 * i + 4)
+                    .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            };
+            [word(0), word(1)]
+        })
+        .collect();
+    let shared_differ = all.iter().any(|c| c[0] != all[0][0]);
+    let experts_differ = all
+        .iter()
+        .enumerate()
+        .any(|(r, c)| c[1] != all[r % slots][1]);
+    if shared_differ || experts_differ {
+        bail!(
+            "the ranks' parameters differ at step {step} (CRC-32C per rank, \
+             shared and experts: {all:08x?}): the ranks are no longer in step"
+        );
+    }
+    Ok(all)
+}
