@@ -45,6 +45,41 @@ pub enum Command {
     /// Turn a dense model's MLPs into routed experts that compute the same
     /// function (sparse upcycling), written as a run directory.
     Upcycle(UpcycleArgs),
+    /// Compare placements of a run's experts on N devices (expert
+    /// parallelism): load balance, all-to-all bytes, predicted step time.
+    PlanExperts(PlanExpertsArgs),
+}
+
+/// Arguments of `switchyard plan-experts`.
+#[derive(Args)]
+pub struct PlanExpertsArgs {
+    /// A run directory (its config.toml and metrics.jsonl).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Devices the experts are spread over.
+    #[arg(long)]
+    pub devices: usize,
+    /// Devices per node.
+    #[arg(long, default_value_t = 8)]
+    pub per_node: usize,
+    /// Inter-node bandwidth per device, Gbit/s.
+    #[arg(long, default_value_t = 100.0)]
+    pub link_gbps: f64,
+    /// Intra-node bandwidth per device, Gbit/s.
+    #[arg(long, default_value_t = 900.0)]
+    pub intra_node_gbps: f64,
+    /// Expert FLOP/s per device (default: the rate the run reached).
+    #[arg(long)]
+    pub flops: Option<f64>,
+    /// Average the logged counts over this many last steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Split each layer's busiest expert over two devices (balanced placement).
+    #[arg(long)]
+    pub replicate_hottest: bool,
+    /// Also write every placement, per layer and expert, as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `switchyard upcycle`.

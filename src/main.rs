@@ -25,7 +25,58 @@ fn main() -> Result<()> {
         Command::Sweep(args) => sweep(args),
         Command::Bench(args) => bench(args),
         Command::Upcycle(args) => upcycle(args),
+        Command::PlanExperts(args) => plan_experts(args),
     }
+}
+
+fn plan_experts(args: PlanExpertsArgs) -> Result<()> {
+    use switchyard::dist::plan;
+    let cfg_path = args.run.join("config.toml");
+    anyhow::ensure!(
+        cfg_path.is_file(),
+        "{} is not a run directory (no config.toml)",
+        args.run.display()
+    );
+    let cfg = switchyard::config::RunConfig::load(&cfg_path, &[])?;
+    let opts = plan::PlanOptions {
+        devices: args.devices,
+        per_node: args.per_node,
+        link_gbps: args.link_gbps,
+        intra_node_gbps: args.intra_node_gbps,
+        flops: args.flops,
+        steps: args.steps,
+        replicate_hottest: args.replicate_hottest,
+    };
+    let counts = plan::read_counts(&args.run, opts.steps)?;
+    let plans = plan::plan(&cfg, &counts, &opts)?;
+    print!("{}", plan::render(&plans, &counts, &opts));
+    if let Some(out) = &args.out {
+        let json: serde_json::Value = plans
+            .iter()
+            .map(|p| {
+                let devices: Vec<serde_json::Value> = p
+                    .devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "load": d.load,
+                            "intra_bytes": d.intra_bytes,
+                            "inter_bytes": d.inter_bytes,
+                            "seconds": d.seconds,
+                        })
+                    })
+                    .collect();
+                (
+                    p.strategy.name().to_string(),
+                    serde_json::json!({"layers": p.layouts, "devices": devices}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    }
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {

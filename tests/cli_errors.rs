@@ -389,6 +389,38 @@ fn bad_sweep_files_are_named() {
     }
 }
 
+#[test]
+fn bad_plan_experts_arguments_are_named() {
+    let dir = trained_run().to_str().unwrap().to_string();
+    refused(
+        &["plan-experts", "--run", "/no/such/run", "--devices", "2"],
+        &["/no/such/run", "not a run directory"],
+    );
+    refused(
+        &["plan-experts", "--run", &dir, "--devices", "0"],
+        &["--devices"],
+    );
+    refused(
+        &["plan-experts", "--run", &dir, "--devices", "4"],
+        &["4 devices for 2 experts"],
+    );
+    refused(
+        &[
+            "plan-experts",
+            "--run",
+            &dir,
+            "--devices",
+            "2",
+            "--link-gbps",
+            "0",
+        ],
+        &["--link-gbps"],
+    );
+    let (ok, text) = run(&["plan-experts", "--run", &dir, "--devices", "2"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("| balanced |"), "{text}");
+}
+
 /// Launched by mpirun as one of several processes, a build without MPI
 /// says how to get one instead of training alone N times.
 #[cfg(not(feature = "mpi"))]

@@ -465,3 +465,59 @@ fn expert_parallel_settings_that_cannot_work_are_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "plan");
+    let cfg = write_config(&dir);
+    let args = [
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.expert_parallel=2",
+    ];
+    train(2, &cfg, &dir, "ep", &args);
+    let run = dir.join("ep");
+    let out = dir.join("plan.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "plan-experts",
+            "--devices",
+            "2",
+            "--per-node",
+            "1",
+            "--steps",
+            "10",
+        ])
+        .arg("--run")
+        .arg(&run)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(report.contains("| contiguous |"), "{report}");
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // The run placed its experts contiguously; rank 0 logged its bytes.
+    let predicted = plan["contiguous"]["devices"][0]["inter_bytes"]
+        .as_f64()
+        .unwrap();
+    let counted = series(&run, "comm/alltoall_bytes");
+    assert_eq!(counted.len(), 10);
+    let mean = counted.iter().sum::<f64>() / counted.len() as f64;
+    assert!(
+        rel(predicted, mean) < 1e-12,
+        "predicted {predicted}, counted {mean}"
+    );
+    // Its layout is the run's: experts 0, 1 on device 0 and 2, 3 on device 1.
+    let layer0 = &plan["contiguous"]["layers"][0];
+    let homes: Vec<u64> = (0..4).map(|e| layer0[e][0][0].as_u64().unwrap()).collect();
+    assert_eq!(homes, [0, 0, 1, 1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

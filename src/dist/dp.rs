@@ -175,6 +175,31 @@ pub fn reduce_step_values(
     if size == 1 {
         return;
     }
+    // Each rank's own kept counts, before they are summed.
+    let mine: Vec<u8> = layers
+        .iter()
+        .flat_map(|l| &l.kept_per_expert)
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let all = comm.all_gather(&mine);
+    let mut at = 0;
+    for l in layers.iter_mut() {
+        let e = l.kept_per_expert.len();
+        let by_rank = all
+            .iter()
+            .map(|b| {
+                (at..at + e)
+                    .map(|i| {
+                        b.get(8 * i..8 * i + 8).map_or(f64::NAN, |w| {
+                            f64::from_le_bytes(w.try_into().unwrap_or_default())
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        l.kept_by_rank = Some(by_rank);
+        at += e;
+    }
     let mut buf: Vec<f64> = losses.to_vec();
     for l in layers.iter() {
         buf.extend(&l.routed_per_expert);

@@ -11,6 +11,7 @@ pub mod dp;
 pub mod exchange;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod plan;
 
 use anyhow::Result;
 

@@ -54,6 +54,10 @@ pub struct LayerReport {
     /// Mean router input over the step's tokens, under `moe.revive_dead_experts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_input: Option<Vec<f64>>,
+    /// In a run of several processes: each rank's own `kept_per_expert`,
+    /// in rank order (what each rank's tokens asked of each expert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_by_rank: Option<Vec<Vec<f64>>>,
 }
 
 impl LayerReport {
@@ -243,6 +247,9 @@ impl StepReport {
                 format!("moe/layer{i}/kept_per_expert"),
                 json!(layer.kept_per_expert),
             );
+            if let Some(by_rank) = &layer.kept_by_rank {
+                m.insert(format!("moe/layer{i}/kept_by_rank"), json!(by_rank));
+            }
         }
         Value::Object(m)
     }
@@ -387,6 +394,7 @@ mod tests {
             router_entropy: 1.0,
             expert_bias: None,
             mean_input: None,
+            kept_by_rank: None,
         }
     }
 

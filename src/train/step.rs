@@ -347,6 +347,7 @@ pub fn read_step(
                 router_entropy: data.scalar(r.entropy),
                 expert_bias: r.bias.map(|b| data.vec(b)),
                 mean_input: r.mean_input.map(|h| data.vec(h)),
+                kept_by_rank: None,
             })
             .collect(),
         routed_per_expert,
