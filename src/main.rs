@@ -68,7 +68,12 @@ fn plan_experts(args: PlanExpertsArgs) -> Result<()> {
                     .collect();
                 (
                     p.strategy.name().to_string(),
-                    serde_json::json!({"layers": p.layouts, "devices": devices}),
+                    serde_json::json!({
+                        "layers": p.layouts,
+                        "devices": devices,
+                        "busiest_over_mean_load": p.imbalance,
+                        "predicted_moe_seconds": p.seconds,
+                    }),
                 )
             })
             .collect::<serde_json::Map<_, _>>()

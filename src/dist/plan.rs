@@ -8,9 +8,11 @@
 //!   moving `d_model` f32 values per row; a device's bytes are what it
 //!   sends to other devices plus what it receives from them, split into
 //!   intra- and inter-node by `--per-node`;
-//! - device j's time is its experts' FLOPs (18·d_model·d_expert per
-//!   assignment: 6 forward, 12 backward) at the measured rate, plus its
-//!   bytes over the link's bandwidth; the slowest device decides the step.
+//! - device j's time in a layer is its experts' FLOPs (18·d_model·d_expert
+//!   per assignment: 6 forward, 12 backward) at the measured rate, plus its
+//!   bytes over the link's bandwidth; every layer's all-to-all waits for
+//!   the slowest device, so the step's MoE time is the sum over layers of
+//!   each layer's slowest device.
 //!
 //! Where the tokens come from: when the run logged each rank's counts
 //! (`kept_by_rank`, a run of several processes) and had as many ranks as
@@ -209,7 +211,7 @@ pub struct DeviceCost {
     pub intra_bytes: f64,
     /// All-to-all bytes to and from other nodes.
     pub inter_bytes: f64,
-    /// Predicted seconds: expert FLOPs plus bytes over bandwidth.
+    /// Seconds of its own work: expert FLOPs plus bytes over bandwidth.
     pub seconds: f64,
 }
 
@@ -266,6 +268,11 @@ pub struct Plan {
     pub layouts: Vec<Layout>,
     /// Per device, summed over layers.
     pub devices: Vec<DeviceCost>,
+    /// Σ over layers of the busiest device's load, over Σ of the mean load
+    /// (1.0: every layer balanced).
+    pub imbalance: f64,
+    /// Predicted MoE seconds per step: Σ over layers of the slowest device.
+    pub seconds: f64,
 }
 
 /// Score every strategy for `counts` of a model shaped by `cfg`.
@@ -290,6 +297,11 @@ pub fn plan(cfg: &RunConfig, counts: &Counts, opts: &PlanOptions) -> Result<Vec<
     // Exact origins only when the run had one rank per device.
     let exact = counts.per_rank && counts.by_rank.first().is_some_and(|l| l.len() == n);
     let mut plans = Vec::new();
+    let seconds_of = |c: &DeviceCost| {
+        c.load * 18.0 * (d * f) as f64 / rate
+            + 8.0 * c.inter_bytes / (opts.link_gbps * 1e9)
+            + 8.0 * c.intra_bytes / (opts.intra_node_gbps * 1e9)
+    };
     for strategy in [
         Strategy::Contiguous,
         Strategy::RoundRobin,
@@ -297,6 +309,7 @@ pub fn plan(cfg: &RunConfig, counts: &Counts, opts: &PlanOptions) -> Result<Vec<
     ] {
         let mut devices = vec![DeviceCost::default(); n];
         let mut layouts = Vec::new();
+        let (mut busiest, mut mean, mut seconds) = (0.0, 0.0, 0.0);
         for by_rank in &counts.by_rank {
             let total: Vec<f64> = (0..e)
                 .map(|x| {
@@ -309,26 +322,24 @@ pub fn plan(cfg: &RunConfig, counts: &Counts, opts: &PlanOptions) -> Result<Vec<
             let replicate = opts.replicate_hottest && strategy == Strategy::Balanced;
             let layout = place(strategy, &total, n, replicate);
             let origin: Vec<Vec<f64>> = if exact { by_rank.clone() } else { vec![total] };
-            for (dev, c) in
-                devices
-                    .iter_mut()
-                    .zip(layer_cost(&layout, &origin, n, opts.per_node, d))
-            {
+            let costs = layer_cost(&layout, &origin, n, opts.per_node, d);
+            busiest += costs.iter().map(|c| c.load).fold(0.0, f64::max);
+            mean += costs.iter().map(|c| c.load).sum::<f64>() / n as f64;
+            seconds += costs.iter().map(seconds_of).fold(0.0, f64::max);
+            for (dev, c) in devices.iter_mut().zip(costs) {
                 dev.load += c.load;
                 dev.intra_bytes += c.intra_bytes;
                 dev.inter_bytes += c.inter_bytes;
+                dev.seconds += seconds_of(&c);
             }
             layouts.push(layout);
-        }
-        for dev in &mut devices {
-            dev.seconds = dev.load * 18.0 * (d * f) as f64 / rate
-                + 8.0 * dev.inter_bytes / (opts.link_gbps * 1e9)
-                + 8.0 * dev.intra_bytes / (opts.intra_node_gbps * 1e9);
         }
         plans.push(Plan {
             strategy,
             layouts,
             devices,
+            imbalance: busiest / f64::max(mean, 1e-12),
+            seconds,
         });
     }
     Ok(plans)
@@ -366,19 +377,17 @@ pub fn render(plans: &[Plan], counts: &Counts, opts: &PlanOptions) -> String {
         counts.steps,
         if counts.per_rank { ", per rank" } else { "" }
     );
-    out += "| placement | max/mean load | all-to-all MB/step/device (max): intra | inter | predicted MoE step (ms) |\n";
+    out += "| placement | busiest/mean load | all-to-all MB/step/device (max): intra | inter | predicted MoE step (ms) |\n";
     out += "|---|---|---|---|---|\n";
     for p in plans {
-        let loads: Vec<f64> = p.devices.iter().map(|d| d.load).collect();
-        let mean = loads.iter().sum::<f64>() / loads.len() as f64;
         let max = |f: fn(&DeviceCost) -> f64| p.devices.iter().map(f).fold(0.0, f64::max);
         out += &format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
             p.strategy.name(),
-            max(|d| d.load) / mean.max(1e-12),
+            p.imbalance,
             max(|d| d.intra_bytes) / 1e6,
             max(|d| d.inter_bytes) / 1e6,
-            max(|d| d.seconds) * 1e3,
+            p.seconds * 1e3,
         );
     }
     out
