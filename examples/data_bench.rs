@@ -34,6 +34,7 @@ fn one_pass(cfg: &DataConfig, tok: Arc<tokenizers::Tokenizer>) -> anyhow::Result
         batch_size: 16,
         split: Split::Train,
         seed: 0,
+        shard: switchyard::data::stream::Shard::WHOLE,
     };
     let start = Instant::now();
     let mut stream = DataStream::open(cfg, tok, opts, None)?;
