@@ -516,8 +516,98 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
         "predicted {predicted}, counted {mean}"
     );
     // Its layout is the run's: experts 0, 1 on device 0 and 2, 3 on device 1.
-    let layer0 = &plan["contiguous"]["layers"][0];
-    let homes: Vec<u64> = (0..4).map(|e| layer0[e][0][0].as_u64().unwrap()).collect();
-    assert_eq!(homes, [0, 0, 1, 1]);
+    let homes = |strategy: &str| -> Vec<u64> {
+        let layer0 = &plan[strategy]["layers"][0];
+        (0..4).map(|e| layer0[e][0][0].as_u64().unwrap()).collect()
+    };
+    assert_eq!(homes("contiguous"), [0, 0, 1, 1]);
+    assert_eq!(homes("round-robin"), [0, 1, 0, 1]);
+
+    // Trained with the round-robin placement: the same function, and the
+    // bytes it counts are the planner's for that placement.
+    let placement = format!("train.expert_placement=\"{}:round-robin\"", out.display());
+    train(
+        2,
+        &cfg,
+        &dir,
+        "rr",
+        &[&args[..], &["--set", &placement]].concat(),
+    );
+    let rr = dir.join("rr");
+    same_losses(&losses(&run), &losses(&rr));
+    same_weights(&run, &rr);
+    let again = dir.join("plan-rr.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "plan-experts",
+            "--devices",
+            "2",
+            "--per-node",
+            "1",
+            "--steps",
+            "10",
+        ])
+        .arg("--run")
+        .arg(&rr)
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    let predicted = plan["round-robin"]["devices"][0]["inter_bytes"]
+        .as_f64()
+        .unwrap();
+    let counted = series(&rr, "comm/alltoall_bytes");
+    let mean = counted.iter().sum::<f64>() / counted.len() as f64;
+    assert!(
+        rel(predicted, mean) < 1e-12,
+        "predicted {predicted}, counted {mean}"
+    );
+
+    // Placements training cannot use are refused by name.
+    let replicated = dir.join("plan-replicated.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["plan-experts", "--devices", "2", "--replicate-hottest"])
+        .arg("--run")
+        .arg(&run)
+        .arg("--out")
+        .arg(&replicated)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    for (spec, needle) in [
+        (
+            format!("{}:balanced", replicated.display()),
+            "several devices",
+        ),
+        ("/no/such/plan.json".to_string(), "/no/such/plan.json"),
+    ] {
+        let set = format!("train.expert_placement=\"{spec}\"");
+        let out = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .args([
+                "-x",
+                "RAYON_NUM_THREADS=1",
+                env!("CARGO_BIN_EXE_switchyard"),
+            ])
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--runs-dir")
+            .arg(&dir)
+            .args(&args)
+            .args(["--set", &set])
+            .current_dir(here("."))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec}");
+        assert!(!text.contains("panicked at"), "{text}");
+        assert!(
+            text.contains("train.expert_placement") && text.contains(needle),
+            "{spec}: {text}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

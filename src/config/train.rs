@@ -154,6 +154,11 @@ pub struct TrainConfig {
     /// processes and `moe.num_experts`); 1 keeps every expert on every
     /// rank. Default 1.
     pub expert_parallel: usize,
+    /// Under expert parallelism, where the experts live: a plan file
+    /// written by `switchyard plan-experts --out`, as "FILE" (its balanced
+    /// placement) or "FILE:contiguous", "FILE:round-robin",
+    /// "FILE:balanced". Default none: consecutive blocks.
+    pub expert_placement: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -173,6 +178,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             allreduce_bucket_mb: 25.0,
             expert_parallel: 1,
+            expert_placement: None,
         }
     }
 }

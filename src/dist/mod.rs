@@ -166,6 +166,9 @@ pub struct ExpertParallel {
     pub link: exchange::RowLink,
     /// The W / N ranks that hold the same experts as this one.
     pub replicas: Box<dyn Collective>,
+    /// Per MoE layer (by block index): the experts each rank of the group
+    /// holds, in stack order.
+    pub layers: std::collections::BTreeMap<usize, Vec<Vec<usize>>>,
 }
 
 impl ExpertParallel {
@@ -186,6 +189,7 @@ impl ExpertParallel {
             slot: world.rank % degree,
             link,
             replicas,
+            layers: Default::default(),
         })
     }
 }

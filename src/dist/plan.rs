@@ -345,6 +345,90 @@ pub fn plan(cfg: &RunConfig, counts: &Counts, opts: &PlanOptions) -> Result<Vec<
     Ok(plans)
 }
 
+/// The rank of the group each expert lives on, per MoE layer, from
+/// `train.expert_placement`: "FILE" (its balanced placement) or
+/// "FILE:STRATEGY", a plan `plan-experts --out` wrote for `devices`
+/// devices; `experts` holds each MoE layer's expert count.
+pub fn read_placement(spec: &str, devices: usize, experts: &[usize]) -> Result<Vec<Vec<usize>>> {
+    let key = "train.expert_placement";
+    let (file, name) = match spec.rsplit_once(':') {
+        Some((f, n)) if ["contiguous", "round-robin", "balanced"].contains(&n) => (f, n),
+        _ => (spec, "balanced"),
+    };
+    let text = std::fs::read_to_string(file).with_context(|| format!("{key}: reading {file}"))?;
+    let plan: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{key}: {file} is not JSON"))?;
+    let Some(layers) = plan
+        .get(name)
+        .and_then(|p| p.get("layers"))
+        .and_then(|l| l.as_array())
+    else {
+        bail!("{key}: {file} holds no `{name}` placement (written by `switchyard plan-experts --out`?)");
+    };
+    if layers.len() != experts.len() {
+        bail!(
+            "{key}: {file} places {} MoE layers; the model has {}",
+            layers.len(),
+            experts.len()
+        );
+    }
+    let mut out = Vec::new();
+    for (l, (layer, &e)) in layers.iter().zip(experts).enumerate() {
+        let homes: Vec<Vec<(u64, f64)>> = layer
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|h| {
+                        h.as_array()
+                            .map(|ps| {
+                                ps.iter()
+                                    .filter_map(|p| {
+                                        Some((p.get(0)?.as_u64()?, p.get(1)?.as_f64()?))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if homes.len() != e {
+            bail!(
+                "{key}: {file} places {} experts in MoE layer {l}; it has {e}",
+                homes.len()
+            );
+        }
+        let mut layer_homes = Vec::with_capacity(e);
+        for (x, h) in homes.iter().enumerate() {
+            match h.as_slice() {
+                [(d, share)] if *share == 1.0 && (*d as usize) < devices => {
+                    layer_homes.push(*d as usize)
+                }
+                [(d, _)] if (*d as usize) >= devices => bail!(
+                    "{key}: {file} puts expert {x} of MoE layer {l} on device {d}; \
+                     train.expert_parallel is {devices}"
+                ),
+                _ => bail!(
+                    "{key}: {file} splits expert {x} of MoE layer {l} over several devices; \
+                     training holds each expert once (plan without --replicate-hottest)"
+                ),
+            }
+        }
+        for dev in 0..devices {
+            let held = layer_homes.iter().filter(|&&d| d == dev).count();
+            if held * devices != e {
+                bail!(
+                    "{key}: {file} gives device {dev} {held} of MoE layer {l}'s {e} experts; \
+                     each device must hold {}",
+                    e / devices
+                );
+            }
+        }
+        out.push(layer_homes);
+    }
+    Ok(out)
+}
+
 /// FLOP/s per process the run reached: its tokens per second times
 /// 6 × the matmul parameters one token uses, over the processes.
 fn measured_rate(cfg: &RunConfig, counts: &Counts) -> Result<f64> {

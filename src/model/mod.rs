@@ -168,6 +168,16 @@ impl LanguageModel {
         })
     }
 
+    /// The block index of each MoE layer, in order.
+    pub fn moe_layer_indices(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b.mlp, Ffn::Moe(_)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Mutable access to the MoE layers, in block order.
     pub fn moe_layers_mut(&mut self) -> impl Iterator<Item = &mut MoeLayer> {
         self.layers.iter_mut().filter_map(|b| match &mut b.mlp {

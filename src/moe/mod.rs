@@ -119,17 +119,18 @@ impl MoeLayer {
         &self.cfg
     }
 
-    /// Keep only experts `first .. first + count` here; the others live on
-    /// the other ranks of `link`'s group (expert parallelism).
-    pub fn shard_experts(&mut self, first: usize, count: usize, link: RowLink) {
+    /// Keep here only the experts whose home is `slot`; expert e lives on
+    /// rank `homes[e]` of `link`'s group (expert parallelism).
+    pub fn shard_experts(&mut self, homes: &[usize], slot: usize, link: RowLink) {
+        let shard = shard::ExpertShard::new(homes, slot, link);
         let experts = std::mem::replace(&mut self.experts, Experts::empty());
-        self.experts = shard::slice_experts(experts, first, count);
-        self.shard = Some(shard::ExpertShard { first, count, link });
+        self.experts = shard::select_experts(experts, shard.held());
+        self.shard = Some(shard);
     }
 
-    /// The experts this rank holds, when they are sharded: (first, count).
-    pub fn expert_shard(&self) -> Option<(usize, usize)> {
-        self.shard.as_ref().map(|s| (s.first, s.count))
+    /// Under expert parallelism: the experts of each rank of the group.
+    pub fn expert_ranks(&self) -> Option<&[Vec<usize>]> {
+        self.shard.as_ref().map(|s| s.by_rank.as_slice())
     }
 
     /// Change what happens to assignments beyond capacity.

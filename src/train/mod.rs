@@ -334,8 +334,8 @@ impl<'c> Trainer<'c> {
         let mut model = crate::params::collect(self.model());
         let mut optimizer = checkpoint::encode_optimizer(&self.adam.m, &self.adam.v);
         if let Some(ep) = &self.ep {
-            parallel::gather_experts(&mut model, &ep.link);
-            parallel::gather_experts(&mut optimizer, &ep.link);
+            parallel::gather_experts(&mut model, ep);
+            parallel::gather_experts(&mut optimizer, ep);
         }
         if self.world.size > 1 {
             let slots = self.ep.as_ref().map_or(1, |e| e.degree);

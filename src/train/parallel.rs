@@ -8,7 +8,6 @@ use super::setup::pick_run_dir;
 use super::RunOptions;
 use crate::config::RunConfig;
 use crate::dist::dp::{is_expert_param, param_checksums};
-use crate::dist::exchange::RowLink;
 use crate::dist::{Collective, ExpertParallel};
 use crate::kernels::fused_on;
 use crate::model::LanguageModel;
@@ -71,42 +70,85 @@ pub(super) fn shard_experts(
     if let Some(e) = experts.iter().find(|&&e| e % n != 0) {
         bail!("train.expert_parallel = {n} must divide moe.num_experts ({e})");
     }
-    let ep = ExpertParallel::new(comm, n)?;
-    for layer in model.moe_layers_mut() {
-        let count = layer.config().num_experts / n;
-        layer.shard_experts(ep.slot * count, count, ep.link.clone());
+    let homes: Vec<Vec<usize>> = match &cfg.train.expert_placement {
+        Some(spec) => crate::dist::plan::read_placement(spec, n, &experts)?,
+        None => experts
+            .iter()
+            .map(|&e| (0..e).map(|x| x / (e / n)).collect())
+            .collect(),
+    };
+    let mut ep = ExpertParallel::new(comm, n)?;
+    let indices = model.moe_layer_indices();
+    for ((layer, homes), index) in model.moe_layers_mut().zip(&homes).zip(indices) {
+        layer.shard_experts(homes, ep.slot, ep.link.clone());
+        let by_rank = layer.expert_ranks().unwrap_or_default().to_vec();
+        ep.layers.insert(index, by_rank);
     }
-    // Each expert's moments are a contiguous run of the flat vector.
+    // Each expert's moments are a contiguous run of the flat vector: keep
+    // the runs of the experts held here, in stack order.
     for moments in [&mut adam.m, &mut adam.v] {
         for (path, t) in moments.iter_mut() {
-            if is_expert_param(path) {
-                let len = t.dims()[0] / n;
-                *t = t.clone().slice([ep.slot * len..(ep.slot + 1) * len]);
+            let Some(by_rank) = layer_of(path).and_then(|i| ep.layers.get(&i)) else {
+                continue;
+            };
+            if !is_expert_param(path) {
+                continue;
             }
+            let held = &by_rank[ep.slot];
+            let e: usize = by_rank.iter().map(Vec::len).sum();
+            let per = t.dims()[0] / e;
+            let index: Vec<i64> = held.iter().map(|&x| x as i64).collect();
+            let index =
+                Tensor::<1, Int>::from_data(TensorData::new(index, [held.len()]), &t.device());
+            *t = t
+                .clone()
+                .reshape([e, per])
+                .select(0, index)
+                .reshape([held.len() * per]);
         }
     }
     Ok(Some(ep))
 }
 
+/// The block index in a parameter path `…layers.{i}.…`.
+fn layer_of(path: &str) -> Option<usize> {
+    let rest = &path[path.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
 /// Put the whole expert stacks back together in a checkpoint's tensors:
-/// every entry of an expert stack (`[E/N, ..]` weights, flat moments) is
-/// gathered from the group's ranks in slot order. Every rank calls it.
-pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, link: &RowLink) {
+/// every entry of an expert stack (weights `[E/N, ..]`, flat moments) is
+/// gathered from the group's ranks and each expert's run put back at its
+/// index. Every rank calls it.
+pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, ep: &ExpertParallel) {
     for (name, data) in tensors.iter_mut() {
+        let Some(by_rank) = layer_of(name).and_then(|i| ep.layers.get(&i)) else {
+            continue;
+        };
         if !is_expert_param(name) {
             continue;
         }
         let local = data.clone().convert::<f32>();
-        let parts = link.all_gather(local.as_bytes());
-        let values: Vec<f32> = parts
+        let parts: Vec<Vec<f32>> = ep
+            .link
+            .all_gather(local.as_bytes())
             .iter()
-            .flat_map(|p| {
+            .map(|p| {
                 p.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
             })
             .collect();
+        let e: usize = by_rank.iter().map(Vec::len).sum();
+        let per = local.num_elements() / by_rank[ep.slot].len().max(1);
+        let mut values = vec![0f32; e * per];
+        for (part, experts) in parts.iter().zip(by_rank) {
+            for (k, &x) in experts.iter().enumerate() {
+                values[x * per..(x + 1) * per].copy_from_slice(&part[k * per..(k + 1) * per]);
+            }
+        }
         let mut shape = data.shape().to_vec();
-        shape[0] *= parts.len();
+        shape[0] = shape[0] / by_rank[ep.slot].len().max(1) * e;
         *data = TensorData::new(values, shape).convert_dtype(data.dtype());
     }
 }
