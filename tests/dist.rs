@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::Mutex;
 
 mod common;
@@ -71,9 +71,8 @@ fn write_config(dir: &Path) -> PathBuf {
     p
 }
 
-/// Run `switchyard train` on `ranks` processes (`mpirun` when more than
-/// one); panics with the output on failure.
-fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -> String {
+/// `switchyard train` on `ranks` processes (`mpirun` when more than one).
+fn launch(ranks: usize, config: &Path, runs: &Path, extra: &[&str]) -> Output {
     let exe = env!("CARGO_BIN_EXE_switchyard");
     let mut cmd = if ranks > 1 {
         let mut c = Command::new("mpirun");
@@ -89,13 +88,16 @@ fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -
         .arg(config)
         .arg("--runs-dir")
         .arg(runs)
-        .args(["--name", name])
         .args(extra)
         .current_dir(here("."))
-        .env("RAYON_NUM_THREADS", "1");
-    let out = cmd
+        .env("RAYON_NUM_THREADS", "1")
         .output()
-        .expect("mpirun (Open MPI's openmpi-bin) is installed");
+        .expect("mpirun (Open MPI's openmpi-bin) is installed")
+}
+
+/// Train run `name` on `ranks` processes; panics with the output on failure.
+fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -> String {
+    let out = launch(ranks, config, runs, &[&["--name", name], extra].concat());
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -103,6 +105,47 @@ fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -
     );
     assert!(out.status.success(), "{ranks} rank(s) failed:\n{text}");
     text
+}
+
+/// Two processes refuse to train, with a message holding every needle.
+fn refused(config: &Path, runs: &Path, extra: &[&str], needles: &[&str]) {
+    let out = launch(2, config, runs, extra);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{extra:?} trained");
+    assert!(!text.contains("panicked at"), "{text}");
+    for n in needles {
+        assert!(text.contains(n), "{extra:?}: no `{n}` in\n{text}");
+    }
+}
+
+/// `switchyard plan-experts` for 2 devices, one per node, over a run's 10
+/// steps: its plan file, read back.
+fn plan_experts(run: &Path, out: &Path, extra: &[&str]) -> Value {
+    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["plan-experts", "--devices", "2", "--per-node", "1"])
+        .args(["--steps", "10"])
+        .args(extra)
+        .arg("--run")
+        .arg(run)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("| contiguous |"), "{text}");
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+/// The mean bytes per step a run counted in all-to-alls.
+fn counted_bytes(run: &Path) -> f64 {
+    let counted = series(run, "comm/alltoall_bytes");
+    assert_eq!(counted.len(), 10);
+    counted.iter().sum::<f64>() / counted.len() as f64
 }
 
 /// Every JSONL line of a run.
@@ -441,27 +484,13 @@ fn expert_parallel_settings_that_cannot_work_are_named() {
         ),
         ("moe.num_experts=3", "must divide moe.num_experts"),
     ] {
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-            .args([
-                "-x",
-                "RAYON_NUM_THREADS=1",
-                env!("CARGO_BIN_EXE_switchyard"),
-            ])
-            .arg("train")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--runs-dir")
-            .arg(&dir)
-            .args(["--set", "train.expert_parallel=2", "--set", "moe.top_k=1"])
-            .args(["--set", set])
-            .current_dir(here("."))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{set}");
-        assert!(!text.contains("panicked at"), "{text}");
-        assert!(text.contains(needle), "{set}: {text}");
+        let extra = ["--set", "train.expert_parallel=2", "--set", "moe.top_k=1"];
+        refused(
+            &cfg,
+            &dir,
+            &[&extra[..], &["--set", set]].concat(),
+            &[needle],
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -480,40 +509,15 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
     train(2, &cfg, &dir, "ep", &args);
     let run = dir.join("ep");
     let out = dir.join("plan.json");
-    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "plan-experts",
-            "--devices",
-            "2",
-            "--per-node",
-            "1",
-            "--steps",
-            "10",
-        ])
-        .arg("--run")
-        .arg(&run)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let report = String::from_utf8_lossy(&status.stdout);
-    assert!(report.contains("| contiguous |"), "{report}");
-    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let plan = plan_experts(&run, &out, &[]);
     // The run placed its experts contiguously; rank 0 logged its bytes.
     let predicted = plan["contiguous"]["devices"][0]["inter_bytes"]
         .as_f64()
         .unwrap();
-    let counted = series(&run, "comm/alltoall_bytes");
-    assert_eq!(counted.len(), 10);
-    let mean = counted.iter().sum::<f64>() / counted.len() as f64;
+    let counted = counted_bytes(&run);
     assert!(
-        rel(predicted, mean) < 1e-12,
-        "predicted {predicted}, counted {mean}"
+        rel(predicted, counted) < 1e-12,
+        "predicted {predicted}, counted {counted}"
     );
     // Its layout is the run's: experts 0, 1 on device 0 and 2, 3 on device 1.
     let homes = |strategy: &str| -> Vec<u64> {
@@ -536,46 +540,19 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
     let rr = dir.join("rr");
     same_losses(&losses(&run), &losses(&rr));
     same_weights(&run, &rr);
-    let again = dir.join("plan-rr.json");
-    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "plan-experts",
-            "--devices",
-            "2",
-            "--per-node",
-            "1",
-            "--steps",
-            "10",
-        ])
-        .arg("--run")
-        .arg(&rr)
-        .arg("--out")
-        .arg(&again)
-        .output()
-        .unwrap();
-    assert!(status.status.success());
-    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    let plan = plan_experts(&rr, &dir.join("plan-rr.json"), &[]);
     let predicted = plan["round-robin"]["devices"][0]["inter_bytes"]
         .as_f64()
         .unwrap();
-    let counted = series(&rr, "comm/alltoall_bytes");
-    let mean = counted.iter().sum::<f64>() / counted.len() as f64;
+    let counted = counted_bytes(&rr);
     assert!(
-        rel(predicted, mean) < 1e-12,
-        "predicted {predicted}, counted {mean}"
+        rel(predicted, counted) < 1e-12,
+        "predicted {predicted}, counted {counted}"
     );
 
     // Placements training cannot use are refused by name.
     let replicated = dir.join("plan-replicated.json");
-    let status = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["plan-experts", "--devices", "2", "--replicate-hottest"])
-        .arg("--run")
-        .arg(&run)
-        .arg("--out")
-        .arg(&replicated)
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    plan_experts(&run, &replicated, &["--replicate-hottest"]);
     for (spec, needle) in [
         (
             format!("{}:balanced", replicated.display()),
@@ -584,30 +561,8 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
         ("/no/such/plan.json".to_string(), "/no/such/plan.json"),
     ] {
         let set = format!("train.expert_placement=\"{spec}\"");
-        let out = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-            .args([
-                "-x",
-                "RAYON_NUM_THREADS=1",
-                env!("CARGO_BIN_EXE_switchyard"),
-            ])
-            .arg("train")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--runs-dir")
-            .arg(&dir)
-            .args(&args)
-            .args(["--set", &set])
-            .current_dir(here("."))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{spec}");
-        assert!(!text.contains("panicked at"), "{text}");
-        assert!(
-            text.contains("train.expert_placement") && text.contains(needle),
-            "{spec}: {text}"
-        );
+        let extra = [&args[..], &["--set", &set]].concat();
+        refused(&cfg, &dir, &extra, &["train.expert_placement", needle]);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
