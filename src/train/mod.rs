@@ -134,6 +134,10 @@ impl<'c> Trainer<'c> {
             // part (the experts are spread over them) and rank 0 logs.
             if self.eval_due() && (self.world.is_writer() || self.ep.is_some()) {
                 let eval = self.evaluate()?;
+                if let Some(ep) = &self.ep {
+                    // The comm/ counters are the training step's.
+                    ep.link.take_traffic();
+                }
                 report.eval_loss = Some(eval.loss);
                 report.eval_experts = eval.experts;
                 if eval.domains.names.len() >= 2 {
