@@ -418,6 +418,8 @@ fn two_ranks_holding_half_the_experts_each_equal_two_data_parallel_ranks() {
             &set_policy,
             "--set",
             "moe.capacity_factor=1.0",
+            "--set",
+            "train.eval_every=5",
         ];
         let (dp, ep) = (format!("dp-{policy}"), format!("ep-{policy}"));
         train(2, &cfg, &dir, &dp, &base);
@@ -425,6 +427,13 @@ fn two_ranks_holding_half_the_experts_each_equal_two_data_parallel_ranks() {
         train(2, &cfg, &dir, &ep, &ep_args);
         let (dp, ep) = (dir.join(dp), dir.join(ep));
         same_losses(&losses(&dp), &losses(&ep));
+        // Evaluated by every rank together, to the same loss.
+        let (de, ee) = (series(&dp, "eval/loss"), series(&ep, "eval/loss"));
+        assert_eq!(de.len(), 2);
+        assert_eq!(ee.len(), 2);
+        for (a, b) in de.iter().zip(&ee) {
+            assert!(rel(*a, *b) < 1e-5, "eval loss {a} vs {b}");
+        }
         // The checkpoint holds every expert, gathered in order.
         same_weights(&dp, &ep);
         let drops = series(&ep, "moe/layer0/drop_rate");
@@ -500,13 +509,18 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("dist", "plan");
     let cfg = write_config(&dir);
+    // With evaluations, which every rank takes part in and which the
+    // counters leave out.
     let args = [
         "--set",
         "train.batch_size=4",
         "--set",
         "train.expert_parallel=2",
+        "--set",
+        "train.eval_every=5",
     ];
-    train(2, &cfg, &dir, "ep", &args);
+    let text = train(2, &cfg, &dir, "ep", &args);
+    assert!(text.contains("step 10 | eval loss"), "{text}");
     let run = dir.join("ep");
     let out = dir.join("plan.json");
     let plan = plan_experts(&run, &out, &[]);
