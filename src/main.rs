@@ -99,7 +99,7 @@ fn train(args: TrainArgs) -> Result<()> {
         stop_after: args.stop_after,
     };
     // Under mpirun, this process is one rank of the run.
-    let mut comm = switchyard::dist::init()?;
+    let mut comm = switchyard::dist::init(&opts.device)?;
     let world = comm.world();
     match switchyard::train::run_in(&opts, comm.as_mut()) {
         Ok(_) => Ok(()),

@@ -11,6 +11,8 @@ pub mod dp;
 pub mod exchange;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(all(feature = "mpi", feature = "cuda"))]
+pub mod nccl;
 pub mod plan;
 
 use anyhow::Result;
@@ -134,13 +136,21 @@ pub fn launched_size() -> Option<usize> {
 }
 
 /// Join the world this process was launched into: MPI under a launcher
-/// (with the `mpi` feature), otherwise a world of one.
-pub fn init() -> Result<Box<dyn Collective>> {
+/// (with the `mpi` feature; NCCL for the large collectives when `device`
+/// is CUDA and the `cuda` feature is on), otherwise a world of one.
+pub fn init(device: &str) -> Result<Box<dyn Collective>> {
     let launched = launched_size();
     #[cfg(feature = "mpi")]
     if launched.is_some() {
-        return Ok(Box::new(mpi::Mpi::init()?));
+        let mpi = mpi::Mpi::init()?;
+        #[cfg(feature = "cuda")]
+        if device.starts_with("cuda") && mpi.world().size > 1 {
+            return Ok(Box::new(nccl::Nccl::init(mpi)?));
+        }
+        let _ = device;
+        return Ok(Box::new(mpi));
     }
+    let _ = device;
     #[cfg(not(feature = "mpi"))]
     if let Some(n) = launched.filter(|&n| n > 1) {
         anyhow::bail!(
