@@ -14,14 +14,16 @@
 # the binary needs the NVIDIA driver and NVRTC (libnvrtc) on the GPU machine.
 #
 #   scripts/build-cuda-offline.sh            # → target/release/switchyard
+#   FEATURES=cuda,mpi scripts/build-cuda-offline.sh   # with MPI and NCCL
 set -euo pipefail
+features=${FEATURES:-cuda}
 cd "$(dirname "$0")/.."
 export DOCS_RS=1
 stub_dir=target/cuda-offline
 mkdir -p "$stub_dir"
 
 # 1. Link once leaving LLVM's symbols undefined, to learn which they are.
-cargo rustc --release --features cuda --bin switchyard -- \
+cargo rustc --release --features "$features" --bin switchyard -- \
   -C link-arg=-Wl,--unresolved-symbols=ignore-all
 nm -D --undefined-only target/release/switchyard | awk '{print $2}' | grep -v '@' |
   grep -E '^(LLVM|cubecl_|_ZN4llvm|lld)' | sort -u >"$stub_dir/symbols.txt"
@@ -42,6 +44,6 @@ gcc -O1 -fPIC -c "$stub_dir/llvm_stubs.c" -o "$stub_dir/llvm_stubs.o"
 
 # 3. Link again against the stubs: no undefined symbols remain.
 touch src/main.rs
-cargo rustc --release --features cuda --bin switchyard -- \
+cargo rustc --release --features "$features" --bin switchyard -- \
   -C link-arg="$PWD/$stub_dir/llvm_stubs.o"
-echo "built target/release/switchyard with the cuda feature ($(wc -l <"$stub_dir/symbols.txt") LLVM symbols stubbed)"
+echo "built target/release/switchyard with features $features ($(wc -l <"$stub_dir/symbols.txt") LLVM symbols stubbed)"

@@ -144,7 +144,7 @@ pub fn init(device: &str) -> Result<Box<dyn Collective>> {
     if launched.is_some() {
         let mpi = mpi::Mpi::init()?;
         #[cfg(feature = "cuda")]
-        if device.starts_with("cuda") && mpi.world().size > 1 {
+        if device.starts_with("cuda") {
             return Ok(Box::new(nccl::Nccl::init(mpi)?));
         }
         let _ = device;

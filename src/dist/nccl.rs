@@ -48,12 +48,21 @@ impl Nccl {
         let comm = Comm::from_rank(stream.clone(), world.rank, world.size, Id::uninit(internal))
             .map_err(|e| anyhow!("joining the NCCL communicator: {e:?}"))
             .context("NCCL bootstrap")?;
-        Ok(Self {
+        let mut nccl = Self {
             comm,
             stream,
             mpi,
             traffic: Traffic::default(),
-        })
+        };
+        // Check the clique once: rank r contributes r + 1 to every entry.
+        let mut probe = vec![(world.rank + 1) as f32; 1000];
+        nccl.all_reduce_sum(&mut probe);
+        let want = (world.size * (world.size + 1) / 2) as f32;
+        if let Some(bad) = probe.iter().find(|&&x| x != want) {
+            anyhow::bail!("NCCL bootstrap check: an all-reduce gave {bad}, not {want}");
+        }
+        nccl.traffic = Traffic::default();
+        Ok(nccl)
     }
 
     fn to_device(&self, host: &[f32]) -> CudaSlice<f32> {
