@@ -13,6 +13,7 @@
 pub mod files;
 mod parquet;
 pub mod ranks;
+pub mod rng;
 pub mod sources;
 pub mod split;
 pub mod stream;

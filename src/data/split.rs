@@ -55,7 +55,7 @@ impl Shard {
         if self.count <= 1 {
             return true;
         }
-        let mut x = crate::data::stream::SplitMix64(fnv1a(text.as_bytes()) ^ 0x5368_6172_6400);
+        let mut x = super::rng::SplitMix64(fnv1a(text.as_bytes()) ^ 0x5368_6172_6400);
         (x.next_u64() % self.count as u64) as usize == self.index
     }
 }

@@ -3,13 +3,26 @@
 //! transaction, and, with several processes, their reduction to the
 //! global batch's.
 
-use super::step::LossTerms;
 use crate::dist::{dp, Collective};
 use crate::metrics::LayerReport;
 use crate::model::LanguageModel;
 use crate::moe::RoutingStats;
 use burn::prelude::*;
 use burn::tensor::Transaction;
+
+/// The loss terms of one pass. Each `[1]`.
+pub struct LossTerms {
+    /// `lm + aux_coef·aux + seq_aux_coef·seq_aux + z_coef·z`.
+    pub total: Tensor<1>,
+    /// Next-token cross-entropy over masked positions.
+    pub lm: Tensor<1>,
+    /// Σ over MoE layers of the Switch loss.
+    pub aux: Tensor<1>,
+    /// Σ over MoE layers of the sequence-level loss.
+    pub seq_aux: Tensor<1>,
+    /// Σ over MoE layers of the z-loss.
+    pub z: Tensor<1>,
+}
 
 /// What the host learns about one optimizer step.
 pub struct StepReading {

@@ -8,7 +8,7 @@ use crate::model::LanguageModel;
 use crate::moe::{losses, MoeAux, Phase, RoutingStats};
 use crate::train::optim::{clip_scale, grad_sq_norm, AdamW};
 use crate::train::reading::reduce_reading;
-pub use crate::train::reading::{read_step, StepReading};
+pub use crate::train::reading::{read_step, LossTerms, StepReading};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
@@ -34,20 +34,6 @@ impl BatchTensors {
             mask: Tensor::from_data(TensorData::new(batch.mask.clone(), [b, t]), device),
         }
     }
-}
-
-/// The loss terms of one pass. Each `[1]`.
-pub struct LossTerms {
-    /// `lm + aux_coef·aux + seq_aux_coef·seq_aux + z_coef·z`.
-    pub total: Tensor<1>,
-    /// Next-token cross-entropy over masked positions.
-    pub lm: Tensor<1>,
-    /// Σ over MoE layers of the Switch loss.
-    pub aux: Tensor<1>,
-    /// Σ over MoE layers of the sequence-level loss.
-    pub seq_aux: Tensor<1>,
-    /// Σ over MoE layers of the z-loss.
-    pub z: Tensor<1>,
 }
 
 /// The assignments per expert and the real tokens of the micro-batches of
