@@ -51,33 +51,7 @@ fn plan_experts(args: PlanExpertsArgs) -> Result<()> {
     let plans = plan::plan(&cfg, &counts, &opts)?;
     print!("{}", plan::render(&plans, &counts, &opts));
     if let Some(out) = &args.out {
-        let json: serde_json::Value = plans
-            .iter()
-            .map(|p| {
-                let devices: Vec<serde_json::Value> = p
-                    .devices
-                    .iter()
-                    .map(|d| {
-                        serde_json::json!({
-                            "load": d.load,
-                            "intra_bytes": d.intra_bytes,
-                            "inter_bytes": d.inter_bytes,
-                            "seconds": d.seconds,
-                        })
-                    })
-                    .collect();
-                (
-                    p.strategy.name().to_string(),
-                    serde_json::json!({
-                        "layers": p.layouts,
-                        "devices": devices,
-                        "busiest_over_mean_load": p.imbalance,
-                        "predicted_moe_seconds": p.seconds,
-                    }),
-                )
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into();
+        let json = plan::to_json(&plans);
         std::fs::write(out, serde_json::to_string_pretty(&json)?)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     }

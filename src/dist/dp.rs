@@ -130,42 +130,22 @@ pub fn average_grads<M: Module>(
 /// The sums of squares of the gradients held here (host, f64): of every
 /// parameter but the routed expert stacks, and of those.
 pub fn sq_norms<M: Module>(module: &M, grads: &GradientsParams) -> [f64; 2] {
-    struct V<'a> {
-        grads: &'a GradientsParams,
-        path: PathStack,
-        sum: [f64; 2],
+    let mut sum = [0.0; 2];
+    for (path, g) in crate::params::grads(module, grads) {
+        let g = g.convert::<f32>();
+        sum[is_expert_param(&path) as usize] += g
+            .iter::<f32>()
+            .map(|x| (x as f64) * (x as f64))
+            .sum::<f64>();
     }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let i = is_expert_param(&self.path.path()) as usize;
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                let data = g.into_data().convert::<f32>();
-                self.sum[i] += data
-                    .iter::<f32>()
-                    .map(|x| (x as f64) * (x as f64))
-                    .sum::<f64>();
-            }
-        }
-    }
-    let mut v = V {
-        grads,
-        path: PathStack::default(),
-        sum: [0.0; 2],
-    };
-    module.visit(&mut v);
-    v.sum
+    sum
 }
 
 /// The values of one step that every rank must agree on, summed or
-/// averaged over the ranks, in one all-reduce: the mean of each loss
-/// term, and per MoE layer the summed expert counts, the mean router
-/// entropy and the mean router input.
+/// averaged over the ranks: the mean of each loss term, and per MoE layer
+/// the summed expert counts, the mean router entropy and the mean router
+/// input (one all-reduce), and each rank's own kept counts (one
+/// all-gather, whose sum is the kept count).
 pub fn reduce_step_values(
     losses: &mut [f64],
     layers: &mut [LayerReport],
@@ -196,14 +176,15 @@ pub fn reduce_step_values(
                     })
                     .collect()
             })
-            .collect();
+            .collect::<Vec<Vec<f64>>>();
+        // Counts are whole numbers: the sum is exact in any order.
+        l.kept_per_expert = (0..e).map(|x| by_rank.iter().map(|r| r[x]).sum()).collect();
         l.kept_by_rank = Some(by_rank);
         at += e;
     }
     let mut buf: Vec<f64> = losses.to_vec();
     for l in layers.iter() {
         buf.extend(&l.routed_per_expert);
-        buf.extend(&l.kept_per_expert);
         buf.push(l.rerouted);
         buf.push(l.router_entropy);
         if let Some(m) = &l.mean_input {
@@ -223,7 +204,6 @@ pub fn reduce_step_values(
     };
     for l in layers.iter_mut() {
         take(&mut l.routed_per_expert, 1.0);
-        take(&mut l.kept_per_expert, 1.0);
         take(std::slice::from_mut(&mut l.rerouted), 1.0);
         take(std::slice::from_mut(&mut l.router_entropy), w);
         if let Some(m) = &mut l.mean_input {
@@ -269,32 +249,15 @@ pub fn sum_counts(
         .collect()
 }
 
-/// CRC-32C of the float parameters' bytes, in the module's order: of the
-/// routed expert stacks, and of every other parameter. Every rank holds the
-/// same other parameters, and every rank of a slot the same experts, while
-/// the ranks stay in step.
+/// CRC-32C of the float parameters' bytes, in path order: of every
+/// parameter but the routed expert stacks, and of those. Every rank holds the same
+/// other parameters, and every rank of a slot the same experts, while the
+/// ranks stay in step.
 pub fn param_checksums<M: Module>(module: &M) -> [u32; 2] {
-    struct Crc {
-        path: PathStack,
-        crc: [u32; 2],
+    let mut crc = [0u32; 2];
+    for (path, data) in crate::params::collect(module) {
+        let i = is_expert_param(&path) as usize;
+        crc[i] = crc32c::crc32c_append(crc[i], data.as_bytes());
     }
-    impl ModuleVisitor for Crc {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let data = param.val().into_data();
-            let i = is_expert_param(&self.path.path()) as usize;
-            self.crc[i] = crc32c::crc32c_append(self.crc[i], data.as_bytes());
-        }
-    }
-    let mut crc = Crc {
-        path: PathStack::default(),
-        crc: [0, 0],
-    };
-    module.visit(&mut crc);
-    crc.crc
+    crc
 }

@@ -14,6 +14,7 @@ pub mod mpi;
 #[cfg(all(feature = "mpi", feature = "cuda"))]
 pub mod nccl;
 pub mod plan;
+mod plan_files;
 
 use anyhow::Result;
 
@@ -58,6 +59,15 @@ pub struct Traffic {
     pub alltoall_bytes: u64,
     /// Seconds spent in all-to-alls.
     pub alltoall_secs: f64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, t: Traffic) {
+        self.allreduce_bytes += t.allreduce_bytes;
+        self.allreduce_secs += t.allreduce_secs;
+        self.alltoall_bytes += t.alltoall_bytes;
+        self.alltoall_secs += t.alltoall_secs;
+    }
 }
 
 /// The collectives the trainer uses. Every rank calls each one in the same

@@ -189,11 +189,7 @@ impl Collective for Nccl {
 
     fn take_traffic(&mut self) -> Traffic {
         let mut t = std::mem::take(&mut self.traffic);
-        let m = self.mpi.take_traffic();
-        t.allreduce_bytes += m.allreduce_bytes;
-        t.allreduce_secs += m.allreduce_secs;
-        t.alltoall_bytes += m.alltoall_bytes;
-        t.alltoall_secs += m.alltoall_secs;
+        t += self.mpi.take_traffic();
         t
     }
 

@@ -40,17 +40,6 @@ impl Experts {
         }
     }
 
-    /// No experts (a placeholder while a stack is replaced).
-    pub fn empty() -> Self {
-        let device = Device::flex();
-        let none = || Param::from_tensor(Tensor::zeros([0, 0, 0], &device));
-        Self {
-            gate_proj: none(),
-            up_proj: none(),
-            down_proj: none(),
-        }
-    }
-
     /// Run every expert on its own buffer.
     ///
     /// # Shapes

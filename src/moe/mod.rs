@@ -123,8 +123,7 @@ impl MoeLayer {
     /// rank `homes[e]` of `link`'s group (expert parallelism).
     pub fn shard_experts(&mut self, homes: &[usize], slot: usize, link: RowLink) {
         let shard = shard::ExpertShard::new(homes, slot, link);
-        let experts = std::mem::replace(&mut self.experts, Experts::empty());
-        self.experts = shard::select_experts(experts, shard.held());
+        self.experts = shard::select_experts(&self.experts, shard.held());
         self.shard = Some(shard);
     }
 

@@ -131,8 +131,9 @@ fn inverse(p: &[i64]) -> Vec<i64> {
 
 /// The experts `held` (global indices) of a stack, in that order, as new
 /// leaves.
-pub fn select_experts(experts: Experts, held: &[usize]) -> Experts {
-    let cut = |p: burn::module::Param<Tensor<3>>| {
+pub fn select_experts(experts: &Experts, held: &[usize]) -> Experts {
+    let cut = |p: &burn::module::Param<Tensor<3>>| {
+        let p = p.clone();
         p.map(|t| {
             let grad = t.is_require_grad();
             let device = t.device();
@@ -147,8 +148,8 @@ pub fn select_experts(experts: Experts, held: &[usize]) -> Experts {
         })
     };
     Experts {
-        gate_proj: cut(experts.gate_proj),
-        up_proj: cut(experts.up_proj),
-        down_proj: cut(experts.down_proj),
+        gate_proj: cut(&experts.gate_proj),
+        up_proj: cut(&experts.up_proj),
+        down_proj: cut(&experts.down_proj),
     }
 }

@@ -206,12 +206,8 @@ impl<'c> Trainer<'c> {
             self.comm.all_reduce_sum_f64(&mut n);
             let mut traffic = self.comm.take_traffic();
             if let Some(ep) = &mut self.ep {
-                for t in [ep.link.take_traffic(), ep.replicas.take_traffic()] {
-                    traffic.allreduce_bytes += t.allreduce_bytes;
-                    traffic.allreduce_secs += t.allreduce_secs;
-                    traffic.alltoall_bytes += t.alltoall_bytes;
-                    traffic.alltoall_secs += t.alltoall_secs;
-                }
+                traffic += ep.link.take_traffic();
+                traffic += ep.replicas.take_traffic();
             }
             (n[0] as usize, Some(traffic))
         } else {
@@ -335,48 +331,33 @@ impl<'c> Trainer<'c> {
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
+        let cursor = self.train_stream.cursor();
+        let cursors = if self.world.size > 1 {
+            self.check_ranks_in_step()?;
+            parallel::gather_cursors(&mut *self.comm, &cursor)?
+        } else {
+            Some(vec![cursor])
+        };
+        // The weights and moments on the host: rank 0's to write, and under
+        // expert parallelism every rank's slice of the experts to gather.
+        if !self.world.is_writer() && self.ep.is_none() {
+            return Ok(());
+        }
         let mut model = crate::params::collect(self.model());
         let mut optimizer = checkpoint::encode_optimizer(&self.adam.m, &self.adam.v);
         if let Some(ep) = &self.ep {
             parallel::gather_experts(&mut model, ep);
             parallel::gather_experts(&mut optimizer, ep);
         }
-        if self.world.size > 1 {
-            let slots = self.ep.as_ref().map_or(1, |e| e.degree);
-            let model_now = self
-                .model
-                .as_ref()
-                .expect("the model is back after each update");
-            let sums =
-                parallel::check_ranks_agree(model_now, &mut *self.comm, slots, self.state.step)?;
-            if let Some(s) = &mut self.sinks {
-                s.jsonl.write(&serde_json::json!({
-                    "step": self.state.step,
-                    "param_checksums": sums.iter().map(|c| c[0]).collect::<Vec<_>>(),
-                    "expert_checksums": sums.iter().map(|c| c[1]).collect::<Vec<_>>(),
-                }))?;
-            }
-            let mine = serde_json::to_vec(&self.train_stream.cursor())?;
-            let all = self.comm.all_gather(&mine);
-            if !self.world.is_writer() {
-                return Ok(());
-            }
-            let mut cursors = Vec::with_capacity(all.len());
-            for (r, bytes) in all.iter().enumerate() {
-                let c: crate::data::stream::Cursor = serde_json::from_slice(bytes)
-                    .with_context(|| format!("reading rank {r}'s data cursor"))?;
-                cursors.push(c);
-            }
-            self.state.cursor = cursors.remove(0);
-            self.state.rank_cursors = match self.cfg.data.sharding {
-                // Every rank reads the same stream: one cursor serves all.
-                crate::config::Sharding::Rows => Vec::new(),
-                crate::config::Sharding::Documents => cursors,
-            };
-        } else {
-            self.state.cursor = self.train_stream.cursor();
-            self.state.rank_cursors.clear();
-        }
+        let Some(mut cursors) = cursors else {
+            return Ok(());
+        };
+        self.state.cursor = cursors.remove(0);
+        self.state.rank_cursors = match self.cfg.data.sharding {
+            // Every rank reads the same stream: one cursor serves all.
+            crate::config::Sharding::Rows => Vec::new(),
+            crate::config::Sharding::Documents => cursors,
+        };
         if let Some(s) = &mut self.sinks {
             s.jsonl.flush()?;
             s.tb.flush()?;
@@ -393,6 +374,25 @@ impl<'c> Trainer<'c> {
             fail_after_files: None,
         };
         checkpoint::save(&self.run_dir, &ckpt, &opts)?;
+        Ok(())
+    }
+
+    /// Stop with an error unless the ranks hold what they should (see
+    /// [`parallel::check_ranks_agree`]); rank 0 logs the checksums.
+    fn check_ranks_in_step(&mut self) -> Result<()> {
+        let slots = self.ep.as_ref().map_or(1, |e| e.degree);
+        let model = self
+            .model
+            .as_ref()
+            .expect("the model is back after each update");
+        let sums = parallel::check_ranks_agree(model, &mut *self.comm, slots, self.state.step)?;
+        if let Some(s) = &mut self.sinks {
+            s.jsonl.write(&serde_json::json!({
+                "step": self.state.step,
+                "param_checksums": sums.iter().map(|c| c[0]).collect::<Vec<_>>(),
+                "expert_checksums": sums.iter().map(|c| c[1]).collect::<Vec<_>>(),
+            }))?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use super::optim::AdamW;
 use super::setup::pick_run_dir;
 use super::RunOptions;
 use crate::config::RunConfig;
+use crate::data::stream::Cursor;
 use crate::dist::dp::{is_expert_param, param_checksums};
 use crate::dist::{Collective, ExpertParallel};
 use crate::kernels::fused_on;
@@ -151,6 +152,25 @@ pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, ep: &Ex
         shape[0] = shape[0] / by_rank[ep.slot].len().max(1) * e;
         *data = TensorData::new(values, shape).convert_dtype(data.dtype());
     }
+}
+
+/// Every rank's data cursor, on rank 0 (rank order); `None` on the others.
+pub(super) fn gather_cursors(
+    comm: &mut dyn Collective,
+    mine: &Cursor,
+) -> Result<Option<Vec<Cursor>>> {
+    let all = comm.all_gather(&serde_json::to_vec(mine)?);
+    if !comm.world().is_writer() {
+        return Ok(None);
+    }
+    let cursors = all
+        .iter()
+        .enumerate()
+        .map(|(r, bytes)| {
+            serde_json::from_slice(bytes).with_context(|| format!("reading rank {r}'s data cursor"))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some(cursors))
 }
 
 /// Stop with an error unless the ranks are in step: every rank holds the
