@@ -233,3 +233,65 @@ fn bench_reports_device_memory_that_holds_weights_and_moments() {
     assert!(report.render().contains("device mem"));
     assert!(run(&opts("flex")).unwrap().device_reserved_mb.is_none());
 }
+
+/// Burn's attention on key/value heads repeated to the query heads, heads
+/// first: the composed reference for the GPU kernel.
+fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (h, kv) = (q.dims()[2], k.dims()[2]);
+    let repeat = |x: Tensor<4>| {
+        let [b, s, _, hd] = x.dims();
+        x.unsqueeze_dim::<5>(3)
+            .expand([b, s, kv, h / kv, hd])
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2)
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    attention(q.swap_dims(1, 2), repeat(k), repeat(v), None, None, options).swap_dims(1, 2)
+}
+
+/// The GPU attention kernel (online softmax, no `[S, S]` tensor) against
+/// the composed attention on the same device, in value and in the
+/// gradients of q, k and v: grouped and ungrouped heads, one token,
+/// lengths that are not multiples of the workgroup (more than one
+/// workgroup per head at S = 300), and two head widths (each width
+/// compiles its own kernels, which llvmpipe does slowly).
+#[test]
+fn gpu_attention_kernel_matches_composed_attention_and_its_gradients() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(
+        Op::CausalAttention,
+        &gpu,
+        burn::tensor::DType::F32
+    ));
+    gpu.seed(11);
+    for (b, h, kv, s, hd) in [(2, 6, 2, 37, 8), (2, 2, 2, 1, 8), (1, 4, 1, 300, 32)] {
+        let r = |heads| {
+            Tensor::<4>::random([b, s, heads, hd], Distribution::Normal(0.0, 1.0), &gpu)
+                .require_grad()
+        };
+        let (q, k, v) = (r(h), r(kv), r(kv));
+        let w = Tensor::<4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &gpu);
+        let ours = kernels::causal_attention(q.clone(), k.clone(), v.clone());
+        let want = composed_attention(q.clone(), k.clone(), v.clone());
+        let at = format!("B = {b}, H = {h}, KV = {kv}, S = {s}, hd = {hd}");
+        let d = rel_diff(ours.clone(), want.clone());
+        assert!(d < 1e-5, "values differ by {d} (relative) at {at}");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let d = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+            assert!(
+                d < 1e-5,
+                "gradient of {name} differs by {d} (relative) at {at}"
+            );
+        }
+    }
+}

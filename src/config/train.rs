@@ -145,6 +145,10 @@ pub struct TrainConfig {
     /// "f32" or "bf16" (mixed precision, router and master weights in f32).
     /// Default "f32".
     pub precision: Precision,
+    /// On a GPU backend, run switchyard's CubeCL kernels for the operations
+    /// that have one (causal attention so far); false keeps Burn's composed
+    /// path everywhere, for comparison. No effect on the CPU. Default true.
+    pub gpu_kernels: bool,
     /// In a run of several processes, the gradients are averaged in
     /// all-reduces of at most this many megabytes (10^6 bytes) each.
     /// Default 25.
@@ -176,6 +180,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             init_from: None,
             precision: Precision::F32,
+            gpu_kernels: true,
             allreduce_bucket_mb: 25.0,
             expert_parallel: 1,
             expert_placement: None,

@@ -21,14 +21,18 @@
 //!
 //! Each is a Burn backend extension implemented for the CPU backend (`Flex`)
 //! and for `Autodiff` over it, whose backward is one fused kernel (see
-//! [`cpu`]). On every other backend, and for dtypes other than f32, the
-//! callers compose the same result from Burn's tensor operations, so GPU
-//! backends keep the path their own fusion is built for.
+//! [`cpu`]). The GPU (Cube) backends implement the same extension with
+//! CubeCL kernels in `cube/` (with the `wgpu` or `cuda` feature), for the
+//! operations [`served_on`] lists; everywhere else, and for dtypes other
+//! than f32, the callers compose the same result from Burn's tensor
+//! operations.
 
 pub mod adamw;
 pub mod attention;
 mod autodiff;
 pub mod cpu;
+#[cfg(feature = "gpu-kernels")]
+pub mod cube;
 mod flex;
 pub mod grouped;
 pub mod head;
@@ -41,7 +45,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::DType;
 
 /// The fused operations, as a backend extension.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Autodiff, Cube: cfg(feature = "gpu-kernels"))]
 pub trait FusedOps: Backend {
     /// `logsumexp(logits[i]) - logits[i, targets[i]]` for `[n, v]` logits.
     fn cross_entropy_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>)
@@ -221,6 +225,58 @@ pub fn on_cpu(device: &Device) -> bool {
     device.clone().without_autodiff() == Device::flex()
 }
 
+/// Whether `device` is a GPU (Cube) backend whose kernels this build has
+/// (the `wgpu` or `cuda` feature), with or without autodiff.
+pub fn on_cube(device: &Device) -> bool {
+    #[cfg(feature = "gpu-kernels")]
+    {
+        let inner = device.clone().without_autodiff();
+        matches!(inner.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+    }
+    #[cfg(not(feature = "gpu-kernels"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// A fused operation that may have a GPU kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// [`causal_attention`].
+    CausalAttention,
+}
+
+/// The widest attention head the GPU attention kernel takes: each unit
+/// keeps a few rows of this width in registers.
+pub const GPU_MAX_HEAD_DIM: usize = 256;
+
+/// Whether the GPU backends run the CubeCL kernels (`train.gpu_kernels`):
+/// process-wide, set once at the start of a run or benchmark.
+static GPU_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the GPU kernels on (the default) or off (Burn's composed path on
+/// every backend but the CPU's), for the whole process.
+pub fn use_gpu_kernels(on: bool) {
+    GPU_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused `op` serves a float tensor on `device` of `dtype`:
+/// every operation on the CPU backend in f32 ([`fused_on`]), and on the
+/// GPU (Cube) backends in f32 those with a CubeCL kernel, unless
+/// [`use_gpu_kernels`] turned them off.
+pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
+    if fused_on(device, dtype) {
+        return true;
+    }
+    let gpu = on_cube(device)
+        && dtype == DType::F32
+        && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
+    match op {
+        Op::CausalAttention => gpu,
+    }
+}
+
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`.
 ///
 /// # Shapes
@@ -386,16 +442,24 @@ pub fn adamw_update(
 }
 
 /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads,
-/// fused on the CPU backend (f32 only: check [`fused_on`] first). Key/value
-/// head j serves query heads `j·H/KV .. (j+1)·H/KV`; nothing is repeated.
+/// fused on the CPU backend and on the GPU backends (f32 only: check
+/// [`served_on`] first). Key/value head j serves query heads
+/// `j·H/KV .. (j+1)·H/KV`; nothing is repeated. On a GPU no `[S, S]` tensor
+/// is made, forward or backward ([`cube::attention`]); heads wider than
+/// [`GPU_MAX_HEAD_DIM`] are refused there.
 ///
 /// # Shapes
 /// - `q`: `[B, S, H, hd]`; `k`, `v`: `[B, S, KV, hd]` → `[B, S, H, hd]`
 ///   (sequence-major, as the projections produce them)
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     assert!(
-        fused_on(&q.device(), q.dtype()),
-        "the fused causal_attention runs on the CPU backend in f32"
+        served_on(Op::CausalAttention, &q.device(), q.dtype()),
+        "the fused causal_attention runs on the CPU and GPU backends in f32"
+    );
+    let hd = q.dims()[3];
+    assert!(
+        fused_on(&q.device(), q.dtype()) || hd <= GPU_MAX_HEAD_DIM,
+        "the GPU attention kernel takes heads up to {GPU_MAX_HEAD_DIM} wide, not {hd}"
     );
     let out = <Dispatch as FusedOps>::causal_attention(
         q.into_dispatch(),

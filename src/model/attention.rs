@@ -8,7 +8,7 @@
 
 use super::rope::Rope;
 use crate::config::{ModelConfig, QkNorm};
-use crate::kernels::{self, fused_on};
+use crate::kernels::{self, on_cpu, served_on, Op};
 use crate::nn::{apply, linear, norm, rms_norm};
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
@@ -108,14 +108,15 @@ impl Attention {
         };
         let k = rope.apply(heads(project(&self.k_proj, &self.k_norm), kv, &self.k_norm)); // [B, S, KV, hd]
         let v = split(project(&self.v_proj, &None), kv); // [B, S, KV, hd]
-        let out = if fused_on(&q.device(), q.dtype()) {
-            // CPU, f32: one fused operation with its own backward, reading
-            // the heads in place and each key/value head for all its query
-            // heads without repeating it.
+        let fused = served_on(Op::CausalAttention, &q.device(), q.dtype())
+            && (on_cpu(&q.device()) || hd <= kernels::GPU_MAX_HEAD_DIM);
+        let out = if fused {
+            // f32 on the CPU or a GPU: one fused operation with its own
+            // backward, reading the heads in place and each key/value head
+            // for all its query heads without repeating it.
             kernels::causal_attention(q, k, v)
         } else {
-            // GPU backends (and other dtypes): Burn's attention, the path the
-            // GPU figures in the README were measured on.
+            // Other dtypes (and very wide heads on a GPU): Burn's attention.
             let heads_first = |t: Tensor<4>| t.swap_dims(1, 2);
             let (k, v) = (
                 repeat_kv(heads_first(k), h / kv),

@@ -1,0 +1,271 @@
+//! The GPU side of the fused operations: CubeCL kernels for the Cube
+//! backends (CUDA and wgpu, one source for both).
+//!
+//! [`CubeKernels`] holds the kernels, as a backend extension of the Cube
+//! backend and of Burn's operation fusion over it, which schedules each
+//! kernel in its stream like any other operation. [`FusedOps`] and
+//! [`FusedKernels`] are then implemented for the Cube backend on top of it,
+//! so that the autodiff implementation in [`super::autodiff`], the one the
+//! CPU uses, records the same backward steps on a GPU.
+//!
+//! Served on the GPU so far: causal grouped-query attention
+//! ([`attention`]). The other operations keep Burn's composed path there:
+//! [`super::served_on`] routes them, and says which operation a backend
+//! serves.
+
+pub mod attention;
+
+use super::{FusedKernels, FusedOps, GroupedSaved};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, Backend, Cube};
+use burn_cubecl::CubeBackend;
+
+/// The CubeCL kernels, as a backend extension.
+#[backend_extension(Cube, Fusion)]
+pub trait CubeKernels: Backend {
+    /// Causal grouped-query attention on `q: [B, S, H, hd]`,
+    /// `k, v: [B, S, KV, hd]`: the output `[B, S, H, hd]` and each query
+    /// row's log-sum-exp `[B, H, S]`.
+    #[fusion(meta = |q, _k, _v| {
+        let [b, s, h, _] = q.shape.dims::<4>();
+        (q.clone(), burn::backend::fusion::custom::TensorSpec::new(
+            burn::tensor::Shape::new([b, h, s]), q.dtype))
+    })]
+    fn flash_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients of q, k and v of [`CubeKernels::flash_attention_forward`].
+    #[fusion(meta = |q, k, v, _out, _lse, _grad| (q.clone(), k.clone(), v.clone()))]
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl CubeKernels for CubeBackend {
+    fn flash_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention::forward(q, k, v)
+    }
+
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let [dq, dk, dv] = attention::backward([q, k, v], out, lse, grad);
+        (dq, dk, dv)
+    }
+}
+
+/// An operation [`super::served_on`] keeps off the Cube backends reached
+/// them anyway: a routing bug, reported as such.
+fn not_served(op: &str) -> ! {
+    panic!(
+        "{op} has no GPU kernel yet and takes Burn's composed path on the Cube backends; \
+         kernels::served_on should not have sent it here"
+    )
+}
+
+impl FusedOps for Cube {
+    fn cross_entropy_rows(_: FloatTensor<Self>, _: IntTensor<Self>) -> FloatTensor<Self> {
+        not_served("cross_entropy_rows")
+    }
+
+    fn fused_linear(_: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        not_served("fused_linear")
+    }
+
+    fn linear_cross_entropy(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("linear_cross_entropy")
+    }
+
+    fn linear_cross_entropy_rows(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("linear_cross_entropy_rows")
+    }
+
+    fn adamw_update(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        not_served("adamw_update")
+    }
+
+    fn sum_squares(_: FloatTensor<Self>) -> FloatTensor<Self> {
+        not_served("sum_squares")
+    }
+
+    fn rms_norm(_: FloatTensor<Self>, _: FloatTensor<Self>, _: f32) -> FloatTensor<Self> {
+        not_served("rms_norm")
+    }
+
+    fn rope(_: FloatTensor<Self>, _: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        not_served("rope")
+    }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::flash_attention_forward(q, k, v).0
+    }
+
+    fn grouped_swiglu(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("grouped_swiglu")
+    }
+
+    fn combine_rows(
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("combine_rows")
+    }
+}
+
+impl FusedKernels for Cube {
+    fn cross_entropy_rows_lse(
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        not_served("cross_entropy_rows")
+    }
+
+    fn grouped_swiglu_forward(
+        _: FloatTensor<Self>,
+        _: [FloatTensor<Self>; 3],
+        _: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, GroupedSaved<Self>) {
+        not_served("grouped_swiglu")
+    }
+
+    fn grouped_swiglu_backward(
+        _: FloatTensor<Self>,
+        _: [FloatTensor<Self>; 3],
+        _: IntTensor<Self>,
+        _: GroupedSaved<Self>,
+        _: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 4] {
+        not_served("grouped_swiglu")
+    }
+
+    fn rms_norm_forward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        not_served("rms_norm")
+    }
+
+    fn rms_norm_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        not_served("rms_norm")
+    }
+
+    fn rope_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("rope")
+    }
+
+    /// The output and each query row's log-sum-exp (not the probabilities).
+    fn causal_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        Self::flash_attention_forward(q, k, v)
+    }
+
+    fn causal_attention_backward(
+        [q, k, v]: [FloatTensor<Self>; 3],
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let (dq, dk, dv) = Self::flash_attention_backward(q, k, v, out, lse, grad);
+        [dq, dk, dv]
+    }
+
+    fn fused_linear_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        not_served("fused_linear")
+    }
+
+    fn linear_cross_entropy_forward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        not_served("linear_cross_entropy")
+    }
+
+    fn linear_cross_entropy_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        not_served("linear_cross_entropy")
+    }
+
+    fn combine_rows_backward(
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        not_served("combine_rows")
+    }
+
+    fn cross_entropy_rows_backward(
+        _: FloatTensor<Self>,
+        _: IntTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        not_served("cross_entropy_rows")
+    }
+}
