@@ -245,6 +245,8 @@ pub fn on_cube(device: &Device) -> bool {
 pub enum Op {
     /// [`causal_attention`].
     CausalAttention,
+    /// [`linear_cross_entropy`] and [`linear_cross_entropy_rows`].
+    LinearCrossEntropy,
 }
 
 /// The widest attention head the GPU attention kernel takes: each unit
@@ -273,7 +275,7 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         && dtype == DType::F32
         && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
     match op {
-        Op::CausalAttention => gpu,
+        Op::CausalAttention | Op::LinearCrossEntropy => gpu,
     }
 }
 
@@ -322,9 +324,10 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Option<Tensor<D>> {
 }
 
 /// The weighted sum of the per-row cross-entropies of the logits `x · w`,
-/// `Σ_i weights[i] · nll_i`, fused with the matmul on the CPU backend in
-/// f32 (`None` elsewhere: the caller makes the logits). The weights (the
-/// loss mask) carry no gradient.
+/// `Σ_i weights[i] · nll_i`, fused with the matmul on the CPU and GPU
+/// backends in f32, in chunks of rows that never make the full logits
+/// (`None` elsewhere: the caller makes the logits). The weights (the loss
+/// mask) carry no gradient.
 ///
 /// # Shapes
 /// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`, `weights`: `[n]`; returns `[1]`
@@ -335,7 +338,7 @@ pub fn linear_cross_entropy(
     weights: Tensor<1>,
 ) -> Option<Tensor<1>> {
     let same_dtype = w.dtype() == x.dtype() && weights.dtype() == x.dtype();
-    if !fused_on(&x.device(), x.dtype()) || !same_dtype {
+    if !served_on(Op::LinearCrossEntropy, &x.device(), x.dtype()) || !same_dtype {
         return None;
     }
     let out = <Dispatch as FusedOps>::linear_cross_entropy(
@@ -348,8 +351,8 @@ pub fn linear_cross_entropy(
 }
 
 /// Each row's cross-entropy of the logits `x · w`, with no gradient, on
-/// the CPU backend in f32 without the `[n, v]` logits (`None` elsewhere:
-/// the caller makes the logits).
+/// the CPU and GPU backends in f32 without the `[n, v]` logits (`None`
+/// elsewhere: the caller makes the logits).
 ///
 /// # Shapes
 /// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`: `[n]`; returns `[n]`
@@ -358,7 +361,7 @@ pub fn linear_cross_entropy_rows(
     w: Tensor<2>,
     targets: Tensor<1, Int>,
 ) -> Option<Tensor<1>> {
-    if !fused_on(&x.device(), x.dtype()) || w.dtype() != x.dtype() {
+    if !served_on(Op::LinearCrossEntropy, &x.device(), x.dtype()) || w.dtype() != x.dtype() {
         return None;
     }
     let out = <Dispatch as FusedOps>::linear_cross_entropy_rows(

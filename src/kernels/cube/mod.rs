@@ -9,15 +9,19 @@
 //! CPU uses, records the same backward steps on a GPU.
 //!
 //! Served on the GPU so far: causal grouped-query attention
-//! ([`attention`]). The other operations keep Burn's composed path there:
+//! ([`attention`]) and the LM head with its cross-entropy ([`head`]). The
+//! other operations keep Burn's composed path there:
 //! [`super::served_on`] routes them, and says which operation a backend
 //! serves.
 
 pub mod attention;
+pub mod head;
 
 use super::{FusedKernels, FusedOps, GroupedSaved};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Cube};
+use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 
 /// The CubeCL kernels, as a backend extension.
@@ -47,6 +51,32 @@ pub trait CubeKernels: Backend {
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The LM head's weighted loss `Σ_i weights[i] · nll_i` (`[1]`) of the
+    /// logits `x · w` (`x: [n, d]`, `w: [d, V]`) and its gradients of x and
+    /// w, in chunks of rows.
+    #[fusion(meta = |x, w, _targets, _weights| (
+        burn::backend::fusion::custom::TensorSpec::new(burn::tensor::Shape::new([1]), x.dtype),
+        x.clone(),
+        w.clone(),
+    ))]
+    fn head_loss_and_grads(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Each row's loss of the logits `x · w` (`[n]`), in chunks of rows.
+    #[fusion(meta = |x, _w, _targets| burn::backend::fusion::custom::TensorSpec::new(
+        burn::tensor::Shape::new([x.shape.dims::<2>()[0]]),
+        x.dtype,
+    ))]
+    fn head_row_losses(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 impl CubeKernels for CubeBackend {
@@ -69,6 +99,23 @@ impl CubeKernels for CubeBackend {
         let [dq, dk, dv] = attention::backward([q, k, v], out, lse, grad);
         (dq, dk, dv)
     }
+
+    fn head_loss_and_grads(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        head::loss_and_grads(x, w, targets, weights)
+    }
+
+    fn head_row_losses(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        head::row_losses(x, w, targets)
+    }
 }
 
 /// An operation [`super::served_on`] keeps off the Cube backends reached
@@ -89,21 +136,23 @@ impl FusedOps for Cube {
         not_served("fused_linear")
     }
 
+    /// Without autodiff the gradients are made and dropped: the loss alone
+    /// costs the same matmul and row pass.
     fn linear_cross_entropy(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
-        _: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        not_served("linear_cross_entropy")
+        Self::head_loss_and_grads(x, w, targets, weights).0
     }
 
     fn linear_cross_entropy_rows(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
     ) -> FloatTensor<Self> {
-        not_served("linear_cross_entropy_rows")
+        Self::head_row_losses(x, w, targets)
     }
 
     fn adamw_update(
@@ -235,20 +284,23 @@ impl FusedKernels for Cube {
     }
 
     fn linear_cross_entropy_forward(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
-        _: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        not_served("linear_cross_entropy")
+        let (loss, dx, dw) = Self::head_loss_and_grads(x, w, targets, weights);
+        [loss, dx, dw]
     }
 
+    /// The forward's gradients times the loss gradient (`[1]`, broadcast).
     fn linear_cross_entropy_backward(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
+        dx: FloatTensor<Self>,
+        dw: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2] {
-        not_served("linear_cross_entropy")
+        let g = Self::float_reshape(grad, Shape::new([1, 1]));
+        [Self::float_mul(dx, g.clone()), Self::float_mul(dw, g)]
     }
 
     fn combine_rows_backward(

@@ -1,0 +1,173 @@
+//! The LM head and its cross-entropy for the Cube backends, in chunks of
+//! rows: the `[n, V]` logits are never held whole, and the gradients of x
+//! and the head weight are made in the forward pass, as on the CPU
+//! ([`super::super::head`]).
+//!
+//! Each chunk is one matmul for its logits, one kernel that turns them in
+//! place into the loss gradient `(softmax − onehot) · weight` while writing
+//! each row's loss, and two matmuls for its share of the gradients. The
+//! matmuls are the backend's own (CubeCL's matmul, autotuned); the kernel
+//! is one unit per row.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::Slice;
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use cubecl::prelude::*;
+use cubecl::{calculate_cube_count_elemwise, CubeDim};
+
+/// The logits a chunk holds at most: 2^22 (16 MiB in f32).
+const CHUNK_LOGITS: usize = 1 << 22;
+
+/// Rows `row0..row0 + n` of the cross-entropy: each row's loss
+/// `logsumexp(logits) − logits[target]`, and with `grad` the logits
+/// replaced by their gradient `(softmax − onehot(target)) · weights[row]`.
+#[cube(launch)]
+fn rows_kernel<F: Float, I: Numeric>(
+    logits: &mut Tensor<F>,
+    targets: &Tensor<I>,
+    weights: &Tensor<F>,
+    loss: &mut Tensor<F>,
+    row0: u32,
+    #[comptime] grad: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let n = logits.shape(0);
+    let v = logits.shape(1);
+    let r = ABSOLUTE_POS;
+    if r >= n {
+        terminate!();
+    }
+    let base = r * v;
+    let mut m = logits[base];
+    for c in 1..v {
+        m = F::max(m, logits[base + c]);
+    }
+    let mut sum = F::new(0.0);
+    for c in 0..v {
+        sum += (logits[base + c] - m).exp();
+    }
+    let lse = m + sum.ln();
+    let row = r + row0 as usize;
+    let t = u32::cast_from(targets[row]) as usize;
+    loss[row] = lse - logits[base + t];
+    if grad {
+        let w = weights[row];
+        for c in 0..v {
+            logits[base + c] = (logits[base + c] - lse).exp() * w;
+        }
+        logits[base + t] -= w;
+    }
+}
+
+fn chunk_rows(v: usize) -> usize {
+    (CHUNK_LOGITS / v.max(1)).max(1)
+}
+
+/// Run [`rows_kernel`] on one chunk's logits.
+fn launch_rows(
+    logits: &CubeTensor,
+    targets: &CubeTensor,
+    weights: &CubeTensor,
+    loss: &CubeTensor,
+    row0: usize,
+    grad: bool,
+) {
+    let rows = logits.meta.shape().dims::<2>()[0];
+    let dim = CubeDim::new(&logits.client, rows);
+    let count = calculate_cube_count_elemwise(&logits.client, rows, dim);
+    rows_kernel::launch(
+        &logits.client.clone(),
+        count,
+        dim,
+        logits.clone().into_tensor_arg(),
+        targets.clone().into_tensor_arg(),
+        weights.clone().into_tensor_arg(),
+        loss.clone().into_tensor_arg(),
+        row0 as u32,
+        grad,
+        [
+            dtype_to_storage_type(logits.dtype),
+            dtype_to_storage_type(targets.dtype),
+        ],
+    );
+}
+
+fn dims(x: &CubeTensor, w: &CubeTensor, targets: &CubeTensor) -> [usize; 3] {
+    let [n, d] = x.meta.shape().dims::<2>();
+    let [wd, v] = w.meta.shape().dims::<2>();
+    let [t] = targets.meta.shape().dims::<1>();
+    assert!(
+        wd == d && t == n,
+        "LM head: x is [{n}, {d}], the weight [{wd}, {v}], {t} targets"
+    );
+    [n, d, v]
+}
+
+/// Rows `r0..r1` of x, and that chunk's logits `x · w`.
+fn chunk_logits(x: &CubeTensor, w: &CubeTensor, r0: usize, r1: usize) -> (CubeTensor, CubeTensor) {
+    let d = x.meta.shape().dims::<2>()[1];
+    let xc = CubeBackend::float_slice(x.clone(), &[Slice::from(r0..r1), Slice::from(0..d)]);
+    let logits = into_contiguous(CubeBackend::float_matmul(xc.clone(), w.clone()));
+    (xc, logits)
+}
+
+/// `Σ_i weights[i] · nll_i` (`[1]`) and its gradients of x (`[n, d]`)
+/// and w (`[d, V]`).
+pub fn loss_and_grads(
+    x: CubeTensor,
+    w: CubeTensor,
+    targets: CubeTensor,
+    weights: CubeTensor,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let [n, _, v] = dims(&x, &w, &targets);
+    let (targets, weights) = (into_contiguous(targets), into_contiguous(weights));
+    let loss_rows =
+        empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), x.dtype);
+    let wt = CubeBackend::float_transpose(w.clone());
+    let mut dx = Vec::new();
+    let mut dw: Option<CubeTensor> = None;
+    let step = chunk_rows(v);
+    for r0 in (0..n).step_by(step) {
+        let r1 = (r0 + step).min(n);
+        let (xc, g) = chunk_logits(&x, &w, r0, r1);
+        launch_rows(&g, &targets, &weights, &loss_rows, r0, true);
+        dx.push(CubeBackend::float_matmul(g.clone(), wt.clone()));
+        let part = CubeBackend::float_matmul(CubeBackend::float_transpose(xc), g);
+        dw = Some(match dw {
+            Some(acc) => CubeBackend::float_add(acc, part),
+            None => part,
+        });
+    }
+    let zeros = |t: &CubeTensor| {
+        CubeBackend::float_zeros(t.meta.shape().clone(), &t.device, t.dtype.into())
+    };
+    let dx = match dx.len() {
+        0 => zeros(&x),
+        1 => dx.remove(0),
+        _ => CubeBackend::float_cat(dx, 0),
+    };
+    let dw = dw.unwrap_or_else(|| zeros(&w));
+    let loss = CubeBackend::float_sum(CubeBackend::float_mul(loss_rows, weights));
+    (CubeBackend::float_reshape(loss, Shape::new([1])), dx, dw)
+}
+
+/// Each row's `nll_i` (`[n]`), with no gradient.
+pub fn row_losses(x: CubeTensor, w: CubeTensor, targets: CubeTensor) -> CubeTensor {
+    let [n, _, v] = dims(&x, &w, &targets);
+    let targets = into_contiguous(targets);
+    let loss_rows =
+        empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), x.dtype);
+    let step = chunk_rows(v);
+    for r0 in (0..n).step_by(step) {
+        let (_, logits) = chunk_logits(&x, &w, r0, (r0 + step).min(n));
+        // The weights are not read without the gradient: any float tensor
+        // not bound otherwise.
+        launch_rows(&logits, &targets, &w, &loss_rows, r0, false);
+    }
+    loss_rows
+}
