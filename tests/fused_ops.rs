@@ -6,8 +6,9 @@
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::TensorData;
+use switchyard::kernels::cpu::head;
 use switchyard::kernels::{
-    combine_rows, cross_entropy_rows, grouped_swiglu, head, linear, linear_cross_entropy,
+    combine_rows, cross_entropy_rows, grouped_swiglu, linear, linear_cross_entropy,
 };
 
 /// Deterministic values spread over about [-scale, scale].

@@ -374,3 +374,65 @@ fn gpu_head_kernel_matches_composed_head_and_its_gradients() {
         );
     }
 }
+
+/// The GPU RMSNorm and RoPE kernels against their compositions on the same
+/// device, in value and in the gradients of x (and gamma): rows not a
+/// multiple of the workgroup, a 3-d and a 4-d input, two head widths.
+#[test]
+fn gpu_norm_and_rope_kernels_match_their_compositions_and_gradients() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    for op in [Op::RmsNorm, Op::Rope] {
+        assert!(served_on(op, &gpu, burn::tensor::DType::F32), "{op:?}");
+    }
+    gpu.seed(7);
+    let normal = |std| Distribution::Normal(0.0, std);
+
+    for (b, s, d) in [(3, 37, 24), (1, 300, 64)] {
+        let x = Tensor::<3>::random([b, s, d], normal(2.0), &gpu).require_grad();
+        let gamma = Tensor::<1>::random([d], normal(1.0), &gpu).require_grad();
+        let w = Tensor::<3>::random([b, s, d], normal(1.0), &gpu);
+        let eps = 1e-5;
+        let ours = kernels::rms_norm(x.clone(), gamma.clone(), eps).expect("served");
+        let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
+        let want = x.clone() / rms * gamma.clone().reshape([1, 1, d]);
+        let at = format!("rms_norm [{b}, {s}, {d}]");
+        let dv = rel_diff(ours.clone(), want.clone());
+        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        let dx = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        assert!(dx < 1e-5, "{at}: gradient of x differs by {dx} (relative)");
+        let dg = rel_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap());
+        assert!(
+            dg < 1e-5,
+            "{at}: gradient of gamma differs by {dg} (relative)"
+        );
+    }
+
+    for (b, s, h, hd) in [(2, 37, 3, 8), (1, 130, 4, 32)] {
+        let x = Tensor::<4>::random([b, s, h, hd], normal(1.0), &gpu).require_grad();
+        let angles = Tensor::<2>::random([s, hd], Distribution::Uniform(-3.0, 3.0), &gpu);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let w = Tensor::<4>::random([b, s, h, hd], normal(1.0), &gpu);
+        let ours = kernels::rope(x.clone(), cos.clone(), sin.clone()).expect("served");
+        let half = hd / 2;
+        let rotated = Tensor::cat(
+            vec![
+                x.clone().slice([0..b, 0..s, 0..h, half..hd]).neg(),
+                x.clone().slice([0..b, 0..s, 0..h, 0..half]),
+            ],
+            3,
+        );
+        let table = |t: Tensor<2>| t.reshape([1, s, 1, hd]);
+        let want = x.clone() * table(cos) + rotated * table(sin);
+        let at = format!("rope [{b}, {s}, {h}, {hd}]");
+        let dv = rel_diff(ours.clone(), want.clone());
+        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        let dg = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        assert!(dg < 1e-5, "{at}: gradient of x differs by {dg} (relative)");
+    }
+}

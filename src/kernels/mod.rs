@@ -1,4 +1,5 @@
-//! Fused operations with hand-written backward passes, for the CPU backend.
+//! Fused operations with hand-written backward passes: the CPU kernels and,
+//! with a GPU feature, the GPU ones.
 //!
 //! Under autodiff Burn builds SiLU, softmax and log-softmax from several
 //! full-size tensor operations, each with its own allocation, its own
@@ -8,13 +9,13 @@
 //!
 //! - [`grouped_swiglu`]: every expert's SwiGLU MLP over exactly its tokens
 //!   (and the dense MLP, as one expert), matmuls and activation in one
-//!   operation ([`grouped`]);
-//! - [`causal_attention`]: grouped-query causal attention ([`attention`]);
+//!   operation ([`cpu::grouped`]);
+//! - [`causal_attention`]: grouped-query causal attention ([`cpu::attention`]);
 //! - [`linear_cross_entropy`]: the LM head and the per-token cross-entropy
 //!   in cache-sized chunks of rows, never writing the full logits
-//!   ([`head`]); [`cross_entropy_rows`] for logits made elsewhere;
+//!   ([`cpu::head`]); [`cross_entropy_rows`] for logits made elsewhere;
 //! - [`combine_rows`]: the weighted sum of each token's expert outputs
-//!   ([`grouped`]);
+//!   ([`cpu::grouped`]);
 //! - [`linear`]: a bias-free linear layer's matmul;
 //! - [`adamw_update`] and [`sum_squares`]: the optimizer update and the
 //!   gradient norm, one pass each (no autodiff involved).
@@ -27,16 +28,10 @@
 //! than f32, the callers compose the same result from Burn's tensor
 //! operations.
 
-pub mod adamw;
-pub mod attention;
 mod autodiff;
 pub mod cpu;
 #[cfg(feature = "gpu-kernels")]
 pub mod cube;
-mod flex;
-pub mod grouped;
-pub mod head;
-pub mod norm;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
@@ -247,6 +242,10 @@ pub enum Op {
     CausalAttention,
     /// [`linear_cross_entropy`] and [`linear_cross_entropy_rows`].
     LinearCrossEntropy,
+    /// [`rms_norm`].
+    RmsNorm,
+    /// [`rope`].
+    Rope,
 }
 
 /// The widest attention head the GPU attention kernel takes: each unit
@@ -275,7 +274,7 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         && dtype == DType::F32
         && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
     match op {
-        Op::CausalAttention | Op::LinearCrossEntropy => gpu,
+        Op::CausalAttention | Op::LinearCrossEntropy | Op::RmsNorm | Op::Rope => gpu,
     }
 }
 
@@ -372,7 +371,7 @@ pub fn linear_cross_entropy_rows(
     Some(Tensor::from_dispatch(out))
 }
 
-/// AdamW's hyperparameters for one update, in the order [`adamw::adamw`]
+/// AdamW's hyperparameters for one update, in the order [`cpu::adamw::adamw`]
 /// takes them.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
@@ -524,9 +523,10 @@ pub fn combine_rows(rows: Tensor<2>, index: Tensor<1, Int>, weights: Tensor<2>) 
 }
 
 /// RMSNorm over the last dimension, `x / √(mean(x²) + eps) · gamma`, fused
-/// on the CPU backend in f32 (`None` elsewhere: the caller uses Burn's).
+/// on the CPU and GPU backends in f32 (`None` elsewhere: the caller uses
+/// Burn's).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
-    if !fused_on(&x.device(), x.dtype()) || gamma.dtype() != x.dtype() {
+    if !served_on(Op::RmsNorm, &x.device(), x.dtype()) || gamma.dtype() != x.dtype() {
         return None;
     }
     let out =
@@ -535,9 +535,10 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Opt
 }
 
 /// RoPE with `rotate_half` pairing on `[B, S, H, hd]`, from `[S, hd]` cos
-/// and sin tables, fused on the CPU backend in f32 (`None` elsewhere).
+/// and sin tables, fused on the CPU and GPU backends in f32 (`None`
+/// elsewhere).
 pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Option<Tensor<4>> {
-    if !fused_on(&x.device(), x.dtype()) || cos.dtype() != x.dtype() {
+    if !served_on(Op::Rope, &x.device(), x.dtype()) || cos.dtype() != x.dtype() {
         return None;
     }
     let out =

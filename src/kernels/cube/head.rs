@@ -1,7 +1,7 @@
 //! The LM head and its cross-entropy for the Cube backends, in chunks of
 //! rows: the `[n, V]` logits are never held whole, and the gradients of x
 //! and the head weight are made in the forward pass, as on the CPU
-//! ([`super::super::head`]).
+//! ([`super::super::cpu::head`]).
 //!
 //! Each chunk is one matmul for its logits, one kernel that turns them in
 //! place into the loss gradient `(softmax − onehot) · weight` while writing

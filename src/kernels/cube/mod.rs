@@ -9,13 +9,14 @@
 //! CPU uses, records the same backward steps on a GPU.
 //!
 //! Served on the GPU so far: causal grouped-query attention
-//! ([`attention`]) and the LM head with its cross-entropy ([`head`]). The
-//! other operations keep Burn's composed path there:
+//! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
+//! and RoPE ([`norm`]). The other operations keep Burn's composed path there:
 //! [`super::served_on`] routes them, and says which operation a backend
 //! serves.
 
 pub mod attention;
 pub mod head;
+pub mod norm;
 
 use super::{FusedKernels, FusedOps, GroupedSaved};
 use burn::backend::ops::FloatTensorOps;
@@ -77,6 +78,37 @@ pub trait CubeKernels: Backend {
         w: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// RMSNorm over the last dimension and each row's `1 / rms` (`[rows]`).
+    #[fusion(meta = |x, _gamma, _eps| {
+        let d = x.shape[x.shape.num_dims() - 1].max(1);
+        (x.clone(), burn::backend::fusion::custom::TensorSpec::new(
+            burn::tensor::Shape::new([x.shape.num_elements() / d]), x.dtype))
+    })]
+    fn gpu_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradients of x and gamma of [`CubeKernels::gpu_rms_norm`].
+    #[fusion(meta = |x, gamma, _inv, _grad| (x.clone(), gamma.clone()))]
+    fn gpu_rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// RoPE on `[B, S, H, hd]` from `[S, hd]` tables, or (`inverse`) its
+    /// transpose.
+    #[fusion(meta = |x, _cos, _sin, _inverse| x.clone())]
+    fn gpu_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self>;
 }
 
 impl CubeKernels for CubeBackend {
@@ -115,6 +147,32 @@ impl CubeKernels for CubeBackend {
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self> {
         head::row_losses(x, w, targets)
+    }
+
+    fn gpu_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        norm::rms_norm_forward(x, gamma, eps)
+    }
+
+    fn gpu_rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        norm::rms_norm_backward(x, gamma, inv_rms, grad)
+    }
+
+    fn gpu_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        norm::rope(x, cos, sin, inverse)
     }
 }
 
@@ -170,12 +228,16 @@ impl FusedOps for Cube {
         not_served("sum_squares")
     }
 
-    fn rms_norm(_: FloatTensor<Self>, _: FloatTensor<Self>, _: f32) -> FloatTensor<Self> {
-        not_served("rms_norm")
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        Self::gpu_rms_norm(x, gamma, eps).0
     }
 
-    fn rope(_: FloatTensor<Self>, _: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
-        not_served("rope")
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::gpu_rope(x, cos, sin, false)
     }
 
     fn causal_attention(
@@ -232,28 +294,28 @@ impl FusedKernels for Cube {
     }
 
     fn rms_norm_forward(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: f32,
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        not_served("rms_norm")
+        Self::gpu_rms_norm(x, gamma, eps)
     }
 
     fn rms_norm_backward(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        inv_rms: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        not_served("rms_norm")
+        Self::gpu_rms_norm_backward(x, gamma, inv_rms, grad)
     }
 
     fn rope_backward(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        not_served("rope")
+        Self::gpu_rope(grad, cos, sin, true)
     }
 
     /// The output and each query row's log-sum-exp (not the probabilities).

@@ -9,7 +9,7 @@
 //! `offsets[e]..offsets[e + 1]` belong to expert e, and the weights are
 //! stacked `gate, up: [E, d, F]` and `down: [E, F, d]`.
 
-use super::cpu::{self, Operand};
+use super::{self as cpu, Operand};
 use rayon::prelude::*;
 use std::sync::Mutex;
 

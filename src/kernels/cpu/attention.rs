@@ -12,7 +12,7 @@
 //! products stop at its last key, so the masked upper triangle is neither
 //! computed nor read (5/8 of the full products at S = 256).
 
-use super::cpu::{self, Operand};
+use super::{self as cpu, Operand};
 use rayon::prelude::*;
 
 /// Query positions per block.

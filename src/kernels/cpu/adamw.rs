@@ -2,7 +2,7 @@
 //! its moments, the gradient's sum of squares (for the global norm), and a
 //! scaling pass.
 
-use super::cpu::CHUNK;
+use super::CHUNK;
 use rayon::prelude::*;
 
 /// `x *= s`, element-wise.

@@ -1,7 +1,7 @@
 //! RMSNorm and RoPE kernels on the CPU: row-wise, split across the rayon
-//! pool in row chunks like the kernels in [`super::cpu`].
+//! pool in row chunks like the kernels in [`super`].
 
-use super::cpu::{lane_sum, lane_sum3, rows_per_task};
+use super::{lane_sum, lane_sum3, rows_per_task};
 use rayon::prelude::*;
 
 /// RMSNorm of each `d`-wide row: `y = x · r · gamma` with

@@ -1,9 +1,10 @@
 //! The CPU backend's implementation of [`FusedOps`] and [`FusedKernels`]:
 //! unwrap the flex tensors into slices, run the kernels in the sibling
-//! modules ([`super::cpu`], [`super::grouped`], [`super::attention`],
+//! modules ([`super`], [`super::grouped`], [`super::attention`],
 //! [`super::head`], [`super::norm`], [`super::adamw`]), and wrap the results.
 
-use super::{adamw, attention, cpu, grouped, head, norm, FusedKernels, FusedOps, GroupedSaved};
+use super::super::{FusedKernels, FusedOps, GroupedSaved};
+use super::{self as cpu, adamw, attention, grouped, head, norm};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::TensorData;

@@ -11,7 +11,7 @@
 //! them. That is three matmuls over the logits in all, as for an unfused
 //! head, and no second pass over them.
 
-use super::cpu::{self, exp, lane_max, lane_sum, rows_per_task};
+use super::{self as cpu, exp, lane_max, lane_sum, rows_per_task};
 use rayon::prelude::*;
 
 /// Logit values per chunk: 4 MiB of f32, which leaves room in a shared

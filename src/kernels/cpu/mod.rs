@@ -3,6 +3,17 @@
 //! forward and backward is one pass over its data (a softmax row is read
 //! three times while it sits in cache), where the composed tensor ops it
 //! replaces make one full-size pass, and one allocation, per operation.
+//!
+//! One module per operation ([`grouped`], [`attention`], [`head`],
+//! [`norm`], [`adamw`]), the shared helpers here, and the CPU backend's
+//! implementation of the extension in `flex.rs`.
+
+pub mod adamw;
+pub mod attention;
+mod flex;
+pub mod grouped;
+pub mod head;
+pub mod norm;
 
 use rayon::prelude::*;
 
