@@ -4,8 +4,14 @@ GPU bench shape, and the README table with tokens/s, MFU and device memory.
     scripts/build-cuda-offline.sh      # or: cargo build --release --features cuda
     python3 bench/compare_gpu.py --python /path/to/python-with-torch
 
-Runs, in order: switchyard f32, switchyard bf16 (router, norms and loss in
-f32), PyTorch f32, PyTorch bf16 autocast. PyTorch is built at the shape
+Runs, in order: switchyard f32 with its GPU kernels, switchyard f32 on
+Burn's composed path (`train.gpu_kernels=false`), switchyard bf16 (router,
+norms and loss in f32), PyTorch f32, PyTorch bf16 autocast; with --dense
+also the dense twin (one MLP as wide as the two active experts), for the
+MoE step's cost over dense. The two f32 switchyard runs are profiled, and
+bench/pytorch_ops.py times PyTorch's equivalent of each fused operation at
+the same shape, for a second table: each operation with switchyard's kernel,
+on the composed path, and in PyTorch. PyTorch is built at the shape
 switchyard's f32 report resolved from the config, so the two cannot drift
 apart. MFU is model FLOPs per second (6 per active weight per token plus
 attention, the same count for every row) over --peak-tflops, by default the
@@ -19,7 +25,9 @@ to switchyard, so the script also runs on a machine without a GPU
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 from compare import ROOT, pytorch, switchyard
@@ -42,7 +50,10 @@ def main():
                     help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
     ap.add_argument("--profile", action="store_true",
                     help="also print switchyard's per-phase breakdown (bf16 run)")
-    ap.add_argument("--no-f32", action="store_true", help="skip the two f32 runs")
+    ap.add_argument("--no-f32", action="store_true",
+                    help="skip the f32 runs (and the per-operation table)")
+    ap.add_argument("--dense", action="store_true",
+                    help="also time the dense twin (f32; not with --no-f32)")
     args = ap.parse_args()
 
     base = ["--config", args.config, "--device", args.device, "--warmup", str(args.warmup),
@@ -54,7 +65,15 @@ def main():
 
     rows = {}
     if not args.no_f32:
-        rows["switchyard, f32"] = switchyard(args, base)
+        rows["switchyard, f32"] = switchyard(args, base + ["--profile"])
+        rows["switchyard, f32, composed path"] = switchyard(
+            args, base + ["--profile", "--set", "train.gpu_kernels=false"])
+    if args.dense and not args.no_f32:
+        # As wide as the active experts together.
+        moe = rows["switchyard, f32"]["moe"]
+        d_ff = moe["top_k"] * moe["d_expert"]
+        rows["switchyard dense twin, f32"] = switchyard(
+            args, base + ["--set", "moe.num_experts=0", "--set", f"model.d_ff={d_ff}"])
     rows["switchyard, bf16"] = switchyard(args, bf16)
     shape = rows.get("switchyard, f32") or rows["switchyard, bf16"]
     if not args.no_f32:
@@ -84,11 +103,46 @@ def main():
     if not args.no_f32:
         print(f"switchyard bf16 / f32 tokens/s: "
               f"{sy['tokens_per_s'] / rows['switchyard, f32']['tokens_per_s']:.2f}")
+    if "switchyard dense twin, f32" in rows:
+        moe, dense = rows["switchyard, f32"], rows["switchyard dense twin, f32"]
+        print(f"MoE step / dense twin step (f32): "
+              f"{moe['median_step_s'] / dense['median_step_s']:.2f}")
+    if not args.no_f32:
+        per_operation(args, shape, rows["switchyard, f32"], rows["switchyard, f32, composed path"])
     if sy.get("phases"):
         print("\nswitchyard bf16 phases (each alone, forward + backward, all layers):")
         for p in sy["phases"]:
             print(f"  {p['name']:<44} {p['seconds'] * 1e3:9.2f} ms "
                   f"{100 * p['seconds'] / sy['median_step_s']:5.1f}%")
+
+
+def per_operation(args, shape, kernels, composed):
+    """One table: each fused operation's time per step with switchyard's
+    kernel, on the composed path, and in PyTorch (bench/pytorch_ops.py)."""
+    m, moe = shape["model"], shape["moe"]
+    cmd = [args.python, os.path.join(ROOT, "bench/pytorch_ops.py"), "--device", args.torch_device,
+           "--batch", shape["batch_size"], "--seq", m["seq_len"], "--d-model", m["d_model"],
+           "--heads", m["n_heads"], "--kv-heads", m["n_kv_heads"], "--vocab", m["vocab_size"],
+           "--experts", max(moe["num_experts"], 1), "--top-k", moe["top_k"],
+           "--d-expert", moe["d_expert"], "--layers", m["n_layers"]]
+    out = subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
+    torch_ops = json.loads(out.strip().splitlines()[-1])
+    pairs = {"attention": "attention", "LM head + loss": "LM head + loss",
+             "expert matmuls": "expert matmuls (per-expert loop)",
+             "optimizer": "optimizer (fused AdamW + clip)"}
+    ms = lambda report, name: next(  # noqa: E731
+        (1e3 * p["seconds"] for p in report["phases"] if p["name"] == name), float("nan"))
+    print("\nper operation, f32, ms per training step (all layers), forward + backward:\n")
+    print("| operation | switchyard kernel | composed path | PyTorch | kernel / composed | kernel / PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for ours, theirs in pairs.items():
+        k, c = ms(kernels, ours), ms(composed, ours)
+        t = torch_ops[theirs]["ms"] * torch_ops[theirs]["calls"]
+        print(f"| {ours} | {k:.2f} | {c:.2f} | {t:.2f} | {k / c:.2f} | {k / t:.2f} |")
+    norm = torch_ops["RMSNorm"]
+    print(f"\nPyTorch RMSNorm: {norm['ms'] * norm['calls']:.2f} ms per step ({norm['calls']} calls); "
+          "switchyard's norms are inside 'other' of the phase breakdown.")
 
 
 if __name__ == "__main__":
