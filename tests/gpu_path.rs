@@ -436,3 +436,55 @@ fn gpu_norm_and_rope_kernels_match_their_compositions_and_gradients() {
         assert!(dg < 1e-5, "{at}: gradient of x differs by {dg} (relative)");
     }
 }
+
+/// The GPU AdamW kernel against the update composed from tensor operations
+/// on the same device, decayed and not, over a size that is not a multiple
+/// of the workgroup.
+#[test]
+fn gpu_adamw_kernel_matches_the_composed_update() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{adamw_update, served_on, AdamWStep, Op};
+    let gpu = Device::wgpu(Default::default());
+    assert!(served_on(Op::AdamW, &gpu, burn::tensor::DType::F32));
+    gpu.seed(9);
+    let n = 1000;
+    let r = |std: f64| Tensor::<1>::random([n], Distribution::Normal(0.0, std), &gpu);
+    let (param, grad, m) = (r(1.0), r(0.1), r(0.01));
+    let v = r(0.01).abs();
+    let scale = Tensor::<1>::from_floats([0.8], &gpu);
+    for weight_decay in [0.1, 0.0] {
+        let step = AdamWStep {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            bias_correction: (1.0 - 0.9f64.powi(3), 1.0 - 0.95f64.powi(3)),
+        };
+        let (p, m1, v1) = adamw_update(
+            param.clone(),
+            grad.clone(),
+            m.clone(),
+            v.clone(),
+            scale.clone(),
+            &step,
+        );
+        let g = grad.clone() * scale.clone();
+        let m2 = m.clone().mul_scalar(0.9) + g.clone().mul_scalar(0.1);
+        let v2 = v.clone().mul_scalar(0.95) + g.square().mul_scalar(0.05);
+        let update = m2.clone().div_scalar(step.bias_correction.0)
+            / (v2.clone().div_scalar(step.bias_correction.1).sqrt() + 1e-8);
+        let p2 = param.clone().mul_scalar(1.0 - 3e-3 * weight_decay) - update.mul_scalar(3e-3);
+        for (name, a, b) in [
+            ("parameter", p, p2),
+            ("first moment", m1, m2),
+            ("second moment", v1, v2),
+        ] {
+            let d = rel_diff(a, b);
+            assert!(
+                d < 1e-5,
+                "{name} differs by {d} (relative) at weight decay {weight_decay}"
+            );
+        }
+    }
+}

@@ -246,6 +246,8 @@ pub enum Op {
     RmsNorm,
     /// [`rope`].
     Rope,
+    /// [`adamw_update`].
+    AdamW,
 }
 
 /// The widest attention head the GPU attention kernel takes: each unit
@@ -274,7 +276,7 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         && dtype == DType::F32
         && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
     match op {
-        Op::CausalAttention | Op::LinearCrossEntropy | Op::RmsNorm | Op::Rope => gpu,
+        Op::CausalAttention | Op::LinearCrossEntropy | Op::RmsNorm | Op::Rope | Op::AdamW => gpu,
     }
 }
 
@@ -405,7 +407,8 @@ impl AdamWStep {
 
 /// One AdamW update of flat `[n]` tensors: the new parameter and moments,
 /// from the gradient times `scale` (`[1]`, the clipping factor). Fused into
-/// one pass on the CPU backend; composed from tensor operations elsewhere.
+/// one pass on the CPU and GPU backends in f32; composed from tensor
+/// operations elsewhere.
 pub fn adamw_update(
     param: Tensor<1>,
     grad: Tensor<1>,
@@ -416,7 +419,7 @@ pub fn adamw_update(
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let fused = [&param, &grad, &m, &v, &scale]
         .iter()
-        .all(|t| fused_on(&t.device(), t.dtype()));
+        .all(|t| served_on(Op::AdamW, &t.device(), t.dtype()));
     if fused {
         let (p, m, v) = <Dispatch as FusedOps>::adamw_update(
             param.into_dispatch(),

@@ -10,10 +10,11 @@
 //!
 //! Served on the GPU so far: causal grouped-query attention
 //! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
-//! and RoPE ([`norm`]). The other operations keep Burn's composed path there:
+//! and RoPE ([`norm`]), and AdamW ([`adamw`]). The other operations keep Burn's composed path there:
 //! [`super::served_on`] routes them, and says which operation a backend
 //! serves.
 
+pub mod adamw;
 pub mod attention;
 pub mod head;
 pub mod norm;
@@ -100,6 +101,18 @@ pub trait CubeKernels: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
+    /// One AdamW update of a flat parameter: the new parameter and moments
+    /// (see [`FusedOps::adamw_update`]).
+    #[fusion(meta = |param, _grad, m, v, _scale, _hyper| (param.clone(), m.clone(), v.clone()))]
+    fn gpu_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        hyper: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// RoPE on `[B, S, H, hd]` from `[S, hd]` tables, or (`inverse`) its
     /// transpose.
     #[fusion(meta = |x, _cos, _sin, _inverse| x.clone())]
@@ -174,6 +187,17 @@ impl CubeKernels for CubeBackend {
     ) -> FloatTensor<Self> {
         norm::rope(x, cos, sin, inverse)
     }
+
+    fn gpu_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        hyper: [f32; 7],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        adamw::update([param, grad, m, v, scale], hyper)
+    }
 }
 
 /// An operation [`super::served_on`] keeps off the Cube backends reached
@@ -214,14 +238,14 @@ impl FusedOps for Cube {
     }
 
     fn adamw_update(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: [f32; 7],
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        hyper: [f32; 7],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        not_served("adamw_update")
+        Self::gpu_adamw(param, grad, m, v, scale, hyper)
     }
 
     fn sum_squares(_: FloatTensor<Self>) -> FloatTensor<Self> {
