@@ -248,6 +248,8 @@ pub enum Op {
     Rope,
     /// [`adamw_update`].
     AdamW,
+    /// [`grouped_swiglu`] (the routed experts over grouped rows).
+    GroupedSwiglu,
 }
 
 /// The widest attention head the GPU attention kernel takes: each unit
@@ -276,7 +278,12 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         && dtype == DType::F32
         && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
     match op {
-        Op::CausalAttention | Op::LinearCrossEntropy | Op::RmsNorm | Op::Rope | Op::AdamW => gpu,
+        Op::CausalAttention
+        | Op::LinearCrossEntropy
+        | Op::RmsNorm
+        | Op::Rope
+        | Op::AdamW
+        | Op::GroupedSwiglu => gpu,
     }
 }
 
@@ -475,8 +482,9 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 }
 
 /// SwiGLU experts over rows grouped by expert, with one matmul per expert
-/// and projection over exactly its rows (CPU backend, f32 only: check
-/// [`fused_on`] first).
+/// and projection over exactly its rows (CPU and GPU backends, f32 only:
+/// check [`served_on`] first). On a GPU the row offsets are read to the
+/// host.
 ///
 /// # Shapes
 /// - `x`: `[N, d]`, rows `offsets[e]..offsets[e + 1]` for expert e
@@ -490,8 +498,8 @@ pub fn grouped_swiglu(
     offsets: Tensor<1, Int>,
 ) -> Tensor<2> {
     assert!(
-        fused_on(&x.device(), x.dtype()),
-        "grouped_swiglu runs on the CPU backend in f32"
+        served_on(Op::GroupedSwiglu, &x.device(), x.dtype()),
+        "grouped_swiglu runs on the CPU and GPU backends in f32"
     );
     let out = <Dispatch as FusedOps>::grouped_swiglu(
         x.into_dispatch(),

@@ -25,7 +25,7 @@
 
 use super::experts::Experts;
 use super::router::RoutingDecision;
-use crate::kernels::{self, fused_on, on_cpu};
+use crate::kernels::{self, fused_on, on_cpu, served_on, Op};
 use crate::nn::in_dtype;
 use burn::prelude::*;
 
@@ -253,8 +253,9 @@ pub fn granule(device: &Device) -> usize {
 }
 
 /// The kept assignments on their way through the experts, in the layout
-/// the backend runs best: grouped rows on the CPU backend in f32 (see
-/// [`group`]), padded capacity buffers elsewhere.
+/// the backend runs best: grouped rows in f32 on the CPU backend and on
+/// the GPU ones with their kernels (see [`group`]), padded capacity
+/// buffers elsewhere.
 #[derive(Debug, Clone)]
 pub enum Dispatched {
     /// Each expert's kept tokens as consecutive rows. `[N, d]`
@@ -266,7 +267,7 @@ pub enum Dispatched {
 impl Dispatched {
     /// Send the tokens `x: [T, d]` where `plan` puts them.
     pub fn new(x: Tensor<2>, plan: DispatchPlan, num_experts: usize) -> Self {
-        if fused_on(&x.device(), x.dtype()) {
+        if served_on(Op::GroupedSwiglu, &x.device(), x.dtype()) {
             let groups = plan
                 .grouping
                 .clone()
@@ -379,8 +380,8 @@ pub struct Grouping {
 }
 
 /// Compact `plan`'s slots into a [`Grouping`], for `t` tokens. Reads the
-/// plan back to the host, so it is for backends where that is not a device
-/// sync (the CPU).
+/// plan back to the host: free on the CPU, one device sync per layer on a
+/// GPU (as PyTorch's eager MoE layers make to find each expert's tokens).
 pub fn group(plan: &DispatchPlan, num_experts: usize, t: usize) -> Grouping {
     let device = plan.token_for_slot.device();
     let ints = |t: &Tensor<1, Int>| host_ints(t.clone());

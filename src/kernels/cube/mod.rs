@@ -10,17 +10,19 @@
 //!
 //! Served on the GPU so far: causal grouped-query attention
 //! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
-//! and RoPE ([`norm`]), and AdamW ([`adamw`]). The other operations keep Burn's composed path there:
+//! and RoPE ([`norm`]), AdamW ([`adamw`]) and the routed experts over rows
+//! grouped by expert ([`grouped`]). The other operations keep Burn's composed path there:
 //! [`super::served_on`] routes them, and says which operation a backend
 //! serves.
 
 pub mod adamw;
 pub mod attention;
+pub mod grouped;
 pub mod head;
 pub mod norm;
 
 use super::{FusedKernels, FusedOps, GroupedSaved};
-use burn::backend::ops::FloatTensorOps;
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Cube};
 use burn::tensor::Shape;
@@ -100,6 +102,52 @@ pub trait CubeKernels: Backend {
         inv_rms: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The routed experts' SwiGLU over rows grouped by expert (host row
+    /// offsets `[E + 1]`): the output `[N, d]` and the gate, up and SwiGLU
+    /// rows `[N, F]` for the backward.
+    #[fusion(meta = |x, gate, _up, _down, _offsets| {
+        let (n, f) = (x.shape.dims::<2>()[0], gate.shape.dims::<3>()[2]);
+        let rows = burn::backend::fusion::custom::TensorSpec::new(
+            burn::tensor::Shape::new([n, f]), x.dtype);
+        (x.clone(), rows.clone(), rows.clone(), rows)
+    })]
+    #[allow(clippy::type_complexity)]
+    fn gpu_grouped_swiglu(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        offsets: Vec<usize>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
+    /// The gradients of x, gate, up and down of
+    /// [`CubeKernels::gpu_grouped_swiglu`].
+    #[fusion(meta = |x, gate, up, down, _g, _u, _h, _grad, _offsets| {
+        (x.clone(), gate.clone(), up.clone(), down.clone())
+    })]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn gpu_grouped_swiglu_backward(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offsets: Vec<usize>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// One AdamW update of a flat parameter: the new parameter and moments
     /// (see [`FusedOps::adamw_update`]).
@@ -198,6 +246,56 @@ impl CubeKernels for CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         adamw::update([param, grad, m, v, scale], hyper)
     }
+
+    fn gpu_grouped_swiglu(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        offsets: Vec<usize>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (y, [g, u, h]) = grouped::forward(x, [gate, up, down], &offsets);
+        (y, g, u, h)
+    }
+
+    fn gpu_grouped_swiglu_backward(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offsets: Vec<usize>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let [dx, dgate, dup, ddown] =
+            grouped::backward(x, [gate, up, down], &offsets, [g, u, h], grad);
+        (dx, dgate, dup, ddown)
+    }
+}
+
+/// The row offsets of a grouping, read to the host (a device sync, like
+/// the dispatch plan's read that made them).
+fn host_offsets(offsets: IntTensor<Cube>) -> Vec<usize> {
+    let data = cubecl::future::block_on(Cube::int_into_data(offsets))
+        .unwrap_or_else(|e| panic!("reading the expert row offsets from the device failed: {e:?}"));
+    data.convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap_or_else(|e| panic!("expert row offsets: {e:?}"))
+        .into_iter()
+        .map(|o| o as usize)
+        .collect()
 }
 
 /// An operation [`super::served_on`] keeps off the Cube backends reached
@@ -273,13 +371,13 @@ impl FusedOps for Cube {
     }
 
     fn grouped_swiglu(
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
     ) -> FloatTensor<Self> {
-        not_served("grouped_swiglu")
+        Self::gpu_grouped_swiglu(x, gate, up, down, host_offsets(offsets)).0
     }
 
     fn combine_rows(
@@ -300,21 +398,25 @@ impl FusedKernels for Cube {
     }
 
     fn grouped_swiglu_forward(
-        _: FloatTensor<Self>,
-        _: [FloatTensor<Self>; 3],
-        _: IntTensor<Self>,
+        x: FloatTensor<Self>,
+        [gate, up, down]: [FloatTensor<Self>; 3],
+        offsets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, GroupedSaved<Self>) {
-        not_served("grouped_swiglu")
+        let (y, g, u, h) = Self::gpu_grouped_swiglu(x, gate, up, down, host_offsets(offsets));
+        (y, [g, u, h])
     }
 
     fn grouped_swiglu_backward(
-        _: FloatTensor<Self>,
-        _: [FloatTensor<Self>; 3],
-        _: IntTensor<Self>,
-        _: GroupedSaved<Self>,
-        _: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        [gate, up, down]: [FloatTensor<Self>; 3],
+        offsets: IntTensor<Self>,
+        [g, u, h]: GroupedSaved<Self>,
+        grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4] {
-        not_served("grouped_swiglu")
+        let offsets = host_offsets(offsets);
+        let (dx, dgate, dup, ddown) =
+            Self::gpu_grouped_swiglu_backward(x, gate, up, down, g, u, h, grad, offsets);
+        [dx, dgate, dup, ddown]
     }
 
     fn rms_norm_forward(
