@@ -32,12 +32,16 @@ mod autodiff;
 pub mod cpu;
 #[cfg(feature = "gpu-kernels")]
 pub mod cube;
+mod raw;
+mod routing;
+
+pub use raw::{FusedKernels, GroupedSaved};
+pub use routing::{fused_on, on_cpu, on_cube, served_on, use_gpu_kernels, Op, GPU_MAX_HEAD_DIM};
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::DType;
 
 /// The fused operations, as a backend extension.
 #[backend_extension(Flex, Autodiff, Cube: cfg(feature = "gpu-kernels"))]
@@ -111,180 +115,6 @@ pub trait FusedOps: Backend {
         index: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-}
-
-/// The raw kernels a backend provides for [`FusedOps`] under autodiff:
-/// forwards that also return what their backward needs, and the backwards.
-pub trait FusedKernels: Backend {
-    /// [`FusedOps::cross_entropy_rows`] and the rows' log-sum-exp.
-    fn cross_entropy_rows_lse(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// [`FusedOps::grouped_swiglu`] and what its backward needs.
-    fn grouped_swiglu_forward(
-        x: FloatTensor<Self>,
-        weights: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, GroupedSaved<Self>);
-    /// Gradients of x and the three weight stacks.
-    fn grouped_swiglu_backward(
-        x: FloatTensor<Self>,
-        weights: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
-        saved: GroupedSaved<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 4];
-    /// [`FusedOps::rms_norm`] and each row's `1 / rms`.
-    fn rms_norm_forward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        eps: f32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradients of x and gamma.
-    fn rms_norm_backward(
-        x: FloatTensor<Self>,
-        gamma: FloatTensor<Self>,
-        inv_rms: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// The transpose of [`FusedOps::rope`] applied to a gradient.
-    fn rope_backward(
-        grad: FloatTensor<Self>,
-        cos: FloatTensor<Self>,
-        sin: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
-    /// [`FusedOps::causal_attention`] and its probabilities `[B, H, S, S]`.
-    fn causal_attention_forward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradients of q, k and v from the inputs, the output, the
-    /// probabilities and the output gradient.
-    fn causal_attention_backward(
-        qkv: [FloatTensor<Self>; 3],
-        out: FloatTensor<Self>,
-        probs: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3];
-    /// Gradients of x and w of [`FusedOps::fused_linear`].
-    fn fused_linear_backward(
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 2];
-    /// [`FusedOps::linear_cross_entropy`] and its gradients with respect to
-    /// x and w (for a loss gradient of 1).
-    fn linear_cross_entropy_forward(
-        x: FloatTensor<Self>,
-        w: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        weights: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3];
-    /// The gradients of x and w for the loss gradient `grad` (`[1]`): the
-    /// forward's, scaled.
-    fn linear_cross_entropy_backward(
-        dx: FloatTensor<Self>,
-        dw: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 2];
-    /// Gradients of rows and weights of [`FusedOps::combine_rows`].
-    fn combine_rows_backward(
-        rows: FloatTensor<Self>,
-        index: IntTensor<Self>,
-        weights: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 2];
-    /// Gradient of the logits given each row's loss gradient.
-    fn cross_entropy_rows_backward(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        lse: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
-}
-
-/// The `[N, F]` gate and up projections and SwiGLU output a grouped
-/// forward keeps for its backward.
-pub type GroupedSaved<B> = [FloatTensor<B>; 3];
-
-/// Whether the fused kernels serve a float tensor on `device` of `dtype`:
-/// the CPU backend (with or without autodiff) in f32.
-pub fn fused_on(device: &Device, dtype: DType) -> bool {
-    on_cpu(device) && dtype == DType::F32
-}
-
-/// Whether `device` is the CPU backend (with or without autodiff).
-pub fn on_cpu(device: &Device) -> bool {
-    device.clone().without_autodiff() == Device::flex()
-}
-
-/// Whether `device` is a GPU (Cube) backend whose kernels this build has
-/// (the `wgpu` or `cuda` feature), with or without autodiff.
-pub fn on_cube(device: &Device) -> bool {
-    #[cfg(feature = "gpu-kernels")]
-    {
-        let inner = device.clone().without_autodiff();
-        matches!(inner.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
-    }
-    #[cfg(not(feature = "gpu-kernels"))]
-    {
-        let _ = device;
-        false
-    }
-}
-
-/// A fused operation that may have a GPU kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// [`causal_attention`].
-    CausalAttention,
-    /// [`linear_cross_entropy`] and [`linear_cross_entropy_rows`].
-    LinearCrossEntropy,
-    /// [`rms_norm`].
-    RmsNorm,
-    /// [`rope`].
-    Rope,
-    /// [`adamw_update`].
-    AdamW,
-    /// [`grouped_swiglu`] (the routed experts over grouped rows).
-    GroupedSwiglu,
-}
-
-/// The widest attention head the GPU attention kernel takes: each unit
-/// keeps a few rows of this width in registers.
-pub const GPU_MAX_HEAD_DIM: usize = 256;
-
-/// Whether the GPU backends run the CubeCL kernels (`train.gpu_kernels`):
-/// process-wide, set once at the start of a run or benchmark.
-static GPU_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Turn the GPU kernels on (the default) or off (Burn's composed path on
-/// every backend but the CPU's), for the whole process.
-pub fn use_gpu_kernels(on: bool) {
-    GPU_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether the fused `op` serves a float tensor on `device` of `dtype`:
-/// every operation on the CPU backend in f32 ([`fused_on`]), and on the
-/// GPU (Cube) backends in f32 those with a CubeCL kernel, unless
-/// [`use_gpu_kernels`] turned them off.
-pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
-    if fused_on(device, dtype) {
-        return true;
-    }
-    let gpu = on_cube(device)
-        && dtype == DType::F32
-        && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
-    match op {
-        Op::CausalAttention
-        | Op::LinearCrossEntropy
-        | Op::RmsNorm
-        | Op::Rope
-        | Op::AdamW
-        | Op::GroupedSwiglu => gpu,
-    }
 }
 
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`.

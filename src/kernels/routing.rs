@@ -1,0 +1,85 @@
+//! Which backend serves which fused operation: the CPU backend all of them
+//! in f32, the GPU (Cube) backends those with a CubeCL kernel, unless
+//! `train.gpu_kernels` turned them off; everything else takes the
+//! composed path.
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+/// Whether the fused kernels serve a float tensor on `device` of `dtype`:
+/// the CPU backend (with or without autodiff) in f32.
+pub fn fused_on(device: &Device, dtype: DType) -> bool {
+    on_cpu(device) && dtype == DType::F32
+}
+
+/// Whether `device` is the CPU backend (with or without autodiff).
+pub fn on_cpu(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
+/// Whether `device` is a GPU (Cube) backend whose kernels this build has
+/// (the `wgpu` or `cuda` feature), with or without autodiff.
+pub fn on_cube(device: &Device) -> bool {
+    #[cfg(feature = "gpu-kernels")]
+    {
+        let inner = device.clone().without_autodiff();
+        matches!(inner.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+    }
+    #[cfg(not(feature = "gpu-kernels"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// A fused operation that may have a GPU kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// [`causal_attention`].
+    CausalAttention,
+    /// [`linear_cross_entropy`] and [`linear_cross_entropy_rows`].
+    LinearCrossEntropy,
+    /// [`rms_norm`].
+    RmsNorm,
+    /// [`rope`].
+    Rope,
+    /// [`adamw_update`].
+    AdamW,
+    /// [`grouped_swiglu`] (the routed experts over grouped rows).
+    GroupedSwiglu,
+}
+
+/// The widest attention head the GPU attention kernel takes: each unit
+/// keeps a few rows of this width in registers.
+pub const GPU_MAX_HEAD_DIM: usize = 256;
+
+/// Whether the GPU backends run the CubeCL kernels (`train.gpu_kernels`):
+/// process-wide, set once at the start of a run or benchmark.
+static GPU_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the GPU kernels on (the default) or off (Burn's composed path on
+/// every backend but the CPU's), for the whole process.
+pub fn use_gpu_kernels(on: bool) {
+    GPU_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the fused `op` serves a float tensor on `device` of `dtype`:
+/// every operation on the CPU backend in f32 ([`fused_on`]), and on the
+/// GPU (Cube) backends in f32 those with a CubeCL kernel, unless
+/// [`use_gpu_kernels`] turned them off.
+pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
+    if fused_on(device, dtype) {
+        return true;
+    }
+    let gpu = on_cube(device)
+        && dtype == DType::F32
+        && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
+    match op {
+        Op::CausalAttention
+        | Op::LinearCrossEntropy
+        | Op::RmsNorm
+        | Op::Rope
+        | Op::AdamW
+        | Op::GroupedSwiglu => gpu,
+    }
+}

@@ -1,0 +1,313 @@
+//! Each GPU kernel against the operation composed from Burn's tensor
+//! operations on the same device, in value and in every input gradient.
+
+use super::rel_diff;
+use burn::prelude::*;
+
+/// Burn's attention on key/value heads repeated to the query heads, heads
+/// first: the composed reference for the GPU kernel.
+fn composed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (h, kv) = (q.dims()[2], k.dims()[2]);
+    let repeat = |x: Tensor<4>| {
+        let [b, s, _, hd] = x.dims();
+        x.unsqueeze_dim::<5>(3)
+            .expand([b, s, kv, h / kv, hd])
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2)
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    attention(q.swap_dims(1, 2), repeat(k), repeat(v), None, None, options).swap_dims(1, 2)
+}
+
+/// The GPU attention kernel (online softmax, no `[S, S]` tensor) against
+/// the composed attention on the same device, in value and in the
+/// gradients of q, k and v: grouped and ungrouped heads, one token,
+/// lengths that are not multiples of the workgroup (more than one
+/// workgroup per head at S = 300), and two head widths (each width
+/// compiles its own kernels, which llvmpipe does slowly).
+#[test]
+fn gpu_attention_kernel_matches_composed_attention_and_its_gradients() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(
+        Op::CausalAttention,
+        &gpu,
+        burn::tensor::DType::F32
+    ));
+    gpu.seed(11);
+    for (b, h, kv, s, hd) in [(2, 6, 2, 37, 8), (2, 2, 2, 1, 8), (1, 4, 1, 300, 32)] {
+        let r = |heads| {
+            Tensor::<4>::random([b, s, heads, hd], Distribution::Normal(0.0, 1.0), &gpu)
+                .require_grad()
+        };
+        let (q, k, v) = (r(h), r(kv), r(kv));
+        let w = Tensor::<4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &gpu);
+        let ours = kernels::causal_attention(q.clone(), k.clone(), v.clone());
+        let want = composed_attention(q.clone(), k.clone(), v.clone());
+        let at = format!("B = {b}, H = {h}, KV = {kv}, S = {s}, hd = {hd}");
+        let d = rel_diff(ours.clone(), want.clone());
+        assert!(d < 1e-5, "values differ by {d} (relative) at {at}");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let d = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+            assert!(
+                d < 1e-5,
+                "gradient of {name} differs by {d} (relative) at {at}"
+            );
+        }
+    }
+}
+
+/// The GPU LM head (chunked logits, gradients made in the forward) against
+/// the composed head on the same device, in the weighted loss, each row's
+/// loss and the gradients of x and the weight (with a loss gradient of 0.7,
+/// to check the backward scales them): a tied weight (a transposed view),
+/// one row, a masked row, and 2,100 rows over a 4,096 vocabulary, which
+/// takes three chunks.
+#[test]
+fn gpu_head_kernel_matches_composed_head_and_its_gradients() {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Distribution, Int};
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(
+        Op::LinearCrossEntropy,
+        &gpu,
+        burn::tensor::DType::F32
+    ));
+    gpu.seed(5);
+    for (n, d, v, tied) in [
+        (37, 16, 50, true),
+        (1, 8, 10, false),
+        (2100, 16, 4096, false),
+    ] {
+        let x = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &gpu).require_grad();
+        // The leaf the gradients are read from; each path takes its own
+        // [d, V] view of it (a graph's nodes serve one backward pass).
+        let shape = if tied { [v, d] } else { [d, v] };
+        let leaf = Tensor::<2>::random(shape, Distribution::Normal(0.0, 0.5), &gpu).require_grad();
+        let weight = || {
+            if tied {
+                leaf.clone().transpose()
+            } else {
+                leaf.clone()
+            }
+        };
+        let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 3) % v) as i64).collect();
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &gpu);
+        let mask: Vec<f32> = (0..n).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
+        let weights = Tensor::<1>::from_data(TensorData::new(mask, [n]), &gpu);
+        let at = format!("n = {n}, d = {d}, V = {v}");
+
+        let ours =
+            kernels::linear_cross_entropy(x.clone(), weight(), targets.clone(), weights.clone())
+                .expect("the GPU serves the head");
+        let logp = log_softmax(x.clone().matmul(weight()), 1);
+        let nll = logp
+            .gather(1, targets.clone().reshape([n, 1]))
+            .reshape([n])
+            .neg();
+        let want = (nll.clone() * weights).sum();
+        let d_loss = rel_diff(ours.clone(), want.clone());
+        assert!(d_loss < 1e-5, "loss differs by {d_loss} (relative) at {at}");
+        let rows = kernels::linear_cross_entropy_rows(
+            x.clone().detach(),
+            weight().detach(),
+            targets.clone(),
+        )
+        .expect("the GPU serves the head");
+        let d_rows = rel_diff(rows, nll.detach());
+        assert!(
+            d_rows < 1e-5,
+            "row losses differ by {d_rows} (relative) at {at}"
+        );
+
+        let g1 = ours.mul_scalar(0.7).backward();
+        let g2 = want.mul_scalar(0.7).backward();
+        let d_x = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        assert!(
+            d_x < 1e-5,
+            "gradient of x differs by {d_x} (relative) at {at}"
+        );
+        let d_w = rel_diff(leaf.grad(&g1).unwrap(), leaf.grad(&g2).unwrap());
+        assert!(
+            d_w < 1e-5,
+            "gradient of w differs by {d_w} (relative) at {at}"
+        );
+    }
+}
+
+/// The GPU RMSNorm and RoPE kernels against their compositions on the same
+/// device, in value and in the gradients of x (and gamma): rows not a
+/// multiple of the workgroup, a 3-d and a 4-d input, two head widths.
+#[test]
+fn gpu_norm_and_rope_kernels_match_their_compositions_and_gradients() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    for op in [Op::RmsNorm, Op::Rope] {
+        assert!(served_on(op, &gpu, burn::tensor::DType::F32), "{op:?}");
+    }
+    gpu.seed(7);
+    let normal = |std| Distribution::Normal(0.0, std);
+
+    for (b, s, d) in [(3, 37, 24), (1, 300, 64)] {
+        let x = Tensor::<3>::random([b, s, d], normal(2.0), &gpu).require_grad();
+        let gamma = Tensor::<1>::random([d], normal(1.0), &gpu).require_grad();
+        let w = Tensor::<3>::random([b, s, d], normal(1.0), &gpu);
+        let eps = 1e-5;
+        let ours = kernels::rms_norm(x.clone(), gamma.clone(), eps).expect("served");
+        let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
+        let want = x.clone() / rms * gamma.clone().reshape([1, 1, d]);
+        let at = format!("rms_norm [{b}, {s}, {d}]");
+        let dv = rel_diff(ours.clone(), want.clone());
+        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        let dx = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        assert!(dx < 1e-5, "{at}: gradient of x differs by {dx} (relative)");
+        let dg = rel_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap());
+        assert!(
+            dg < 1e-5,
+            "{at}: gradient of gamma differs by {dg} (relative)"
+        );
+    }
+
+    for (b, s, h, hd) in [(2, 37, 3, 8), (1, 130, 4, 32)] {
+        let x = Tensor::<4>::random([b, s, h, hd], normal(1.0), &gpu).require_grad();
+        let angles = Tensor::<2>::random([s, hd], Distribution::Uniform(-3.0, 3.0), &gpu);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let w = Tensor::<4>::random([b, s, h, hd], normal(1.0), &gpu);
+        let ours = kernels::rope(x.clone(), cos.clone(), sin.clone()).expect("served");
+        let half = hd / 2;
+        let rotated = Tensor::cat(
+            vec![
+                x.clone().slice([0..b, 0..s, 0..h, half..hd]).neg(),
+                x.clone().slice([0..b, 0..s, 0..h, 0..half]),
+            ],
+            3,
+        );
+        let table = |t: Tensor<2>| t.reshape([1, s, 1, hd]);
+        let want = x.clone() * table(cos) + rotated * table(sin);
+        let at = format!("rope [{b}, {s}, {h}, {hd}]");
+        let dv = rel_diff(ours.clone(), want.clone());
+        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w).sum().backward();
+        let dg = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+        assert!(dg < 1e-5, "{at}: gradient of x differs by {dg} (relative)");
+    }
+}
+
+/// The GPU AdamW kernel against the update composed from tensor operations
+/// on the same device, decayed and not, over a size that is not a multiple
+/// of the workgroup.
+#[test]
+fn gpu_adamw_kernel_matches_the_composed_update() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{adamw_update, served_on, AdamWStep, Op};
+    let gpu = Device::wgpu(Default::default());
+    assert!(served_on(Op::AdamW, &gpu, burn::tensor::DType::F32));
+    gpu.seed(9);
+    let n = 1000;
+    let r = |std: f64| Tensor::<1>::random([n], Distribution::Normal(0.0, std), &gpu);
+    let (param, grad, m) = (r(1.0), r(0.1), r(0.01));
+    let v = r(0.01).abs();
+    let scale = Tensor::<1>::from_floats([0.8], &gpu);
+    for weight_decay in [0.1, 0.0] {
+        let step = AdamWStep {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            bias_correction: (1.0 - 0.9f64.powi(3), 1.0 - 0.95f64.powi(3)),
+        };
+        let (p, m1, v1) = adamw_update(
+            param.clone(),
+            grad.clone(),
+            m.clone(),
+            v.clone(),
+            scale.clone(),
+            &step,
+        );
+        let g = grad.clone() * scale.clone();
+        let m2 = m.clone().mul_scalar(0.9) + g.clone().mul_scalar(0.1);
+        let v2 = v.clone().mul_scalar(0.95) + g.square().mul_scalar(0.05);
+        let update = m2.clone().div_scalar(step.bias_correction.0)
+            / (v2.clone().div_scalar(step.bias_correction.1).sqrt() + 1e-8);
+        let p2 = param.clone().mul_scalar(1.0 - 3e-3 * weight_decay) - update.mul_scalar(3e-3);
+        for (name, a, b) in [
+            ("parameter", p, p2),
+            ("first moment", m1, m2),
+            ("second moment", v1, v2),
+        ] {
+            let d = rel_diff(a, b);
+            assert!(
+                d < 1e-5,
+                "{name} differs by {d} (relative) at weight decay {weight_decay}"
+            );
+        }
+    }
+}
+
+/// The GPU grouped experts (exact rows per expert, no padding) against the
+/// SwiGLU composed expert by expert on the same device, in value and in
+/// the gradients of x and the three stacks: an expert with no rows (its
+/// gradients zero), one with a single row, and uneven others.
+#[test]
+fn gpu_grouped_experts_match_the_composed_experts_and_their_gradients() {
+    use burn::tensor::activation::silu;
+    use burn::tensor::{Distribution, Int};
+    use switchyard::kernels::{grouped_swiglu, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(Op::GroupedSwiglu, &gpu, burn::tensor::DType::F32));
+    gpu.seed(13);
+    let (d, f) = (24, 40);
+    let offsets = [0usize, 5, 5, 6, 20, 57];
+    let (e, n) = (offsets.len() - 1, offsets[offsets.len() - 1]);
+    let normal = |std| Distribution::Normal(0.0, std);
+    let x = Tensor::<2>::random([n, d], normal(1.0), &gpu).require_grad();
+    let gate = Tensor::<3>::random([e, d, f], normal(0.2), &gpu).require_grad();
+    let up = Tensor::<3>::random([e, d, f], normal(0.2), &gpu).require_grad();
+    let down = Tensor::<3>::random([e, f, d], normal(0.2), &gpu).require_grad();
+    let w = Tensor::<2>::random([n, d], normal(1.0), &gpu);
+    let offs: Vec<i64> = offsets.iter().map(|&o| o as i64).collect();
+    let offs = Tensor::<1, Int>::from_data(TensorData::new(offs, [e + 1]), &gpu);
+
+    let ours = grouped_swiglu(x.clone(), gate.clone(), up.clone(), down.clone(), offs);
+    let expert = |t: &Tensor<3>, i: usize| {
+        let [_, a, b] = t.dims();
+        t.clone().slice([i..i + 1, 0..a, 0..b]).reshape([a, b])
+    };
+    let parts: Vec<Tensor<2>> = (0..e)
+        .filter(|&i| offsets[i + 1] > offsets[i])
+        .map(|i| {
+            let xe = x.clone().slice([offsets[i]..offsets[i + 1], 0..d]);
+            let h = silu(xe.clone().matmul(expert(&gate, i))) * xe.matmul(expert(&up, i));
+            h.matmul(expert(&down, i))
+        })
+        .collect();
+    let want = Tensor::cat(parts, 0);
+    let dv = rel_diff(ours.clone(), want.clone());
+    assert!(dv < 1e-5, "values differ by {dv} (relative)");
+    let g1 = (ours * w.clone()).sum().backward();
+    let g2 = (want * w).sum().backward();
+    let dx = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+    assert!(dx < 1e-5, "gradient of x differs by {dx} (relative)");
+    for (name, p) in [("gate", &gate), ("up", &up), ("down", &down)] {
+        let (a, b) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
+        let empty = a.clone().slice([1..2]).abs().max().into_scalar::<f32>();
+        assert_eq!(empty, 0.0, "the expert with no rows has a {name} gradient");
+        let dg = rel_diff(a, b);
+        assert!(dg < 1e-5, "gradient of {name} differs by {dg} (relative)");
+    }
+}
