@@ -9,8 +9,37 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
-/// `g = grad · scale`; `m' = β1 m + (1 − β1) g`; `v' = β2 v + (1 − β2) g²`;
+/// The hyperparameters.
+#[derive(CubeType, CubeLaunch)]
+struct Hyper {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bc1: f32,
+    bc2: f32,
+}
+
+/// A moment's update `β m + (1 − β) x`.
+#[cube]
+fn decay<F: Float>(m: F, x: F, beta: f32) -> F {
+    let b = F::cast_from(beta);
+    m * b + x * (F::new(1.0) - b)
+}
+
+/// The new parameter from the old one and the new moments:
 /// `p' = p (1 − lr·wd) − lr · (m' / bc1) / (√(v' / bc2) + eps)`.
+#[cube]
+fn step<F: Float>(p: F, m: F, v: F, h: &Hyper) -> F {
+    let lr = F::cast_from(h.lr);
+    let decayed = p * (F::new(1.0) - lr * F::cast_from(h.weight_decay));
+    let denom = (v / F::cast_from(h.bc2)).sqrt() + F::cast_from(h.eps);
+    decayed - lr * (m / F::cast_from(h.bc1)) / denom
+}
+
+/// `g = grad · scale`; `m' = β1 m + (1 − β1) g`; `v' = β2 v + (1 − β2) g²`;
+/// the parameter by [`step`]; written to new buffers.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn adamw_kernel<F: Float>(
@@ -22,37 +51,48 @@ fn adamw_kernel<F: Float>(
     param_out: &mut Tensor<F>,
     m_out: &mut Tensor<F>,
     v_out: &mut Tensor<F>,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    bc1: f32,
-    bc2: f32,
+    h: Hyper,
     #[define(F)] _dtype: ElemType,
 ) {
     let i = ABSOLUTE_POS;
     if i >= param.len() {
         terminate!();
     }
-    let lr = F::cast_from(lr);
-    let b1 = F::cast_from(beta1);
-    let b2 = F::cast_from(beta2);
-    let eps = F::cast_from(eps);
-    let wd = F::cast_from(weight_decay);
-    let bc1 = F::cast_from(bc1);
-    let bc2 = F::cast_from(bc2);
-    let one = F::new(1.0);
     let g = grad[i] * scale[0];
-    let mi = m[i] * b1 + g * (one - b1);
-    let vi = v[i] * b2 + g * g * (one - b2);
-    param_out[i] = param[i] * (one - lr * wd) - lr * (mi / bc1) / ((vi / bc2).sqrt() + eps);
+    let mi = decay::<F>(m[i], g, h.beta1);
+    let vi = decay::<F>(v[i], g * g, h.beta2);
+    param_out[i] = step::<F>(param[i], mi, vi, &h);
     m_out[i] = mi;
     v_out[i] = vi;
 }
 
+/// [`adamw_kernel`] in place, for a parameter and moments no other tensor
+/// shares: no new buffers.
+#[cube(launch)]
+fn adamw_in_place_kernel<F: Float>(
+    param: &mut Tensor<F>,
+    grad: &Tensor<F>,
+    m: &mut Tensor<F>,
+    v: &mut Tensor<F>,
+    scale: &Tensor<F>,
+    h: Hyper,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= param.len() {
+        terminate!();
+    }
+    let g = grad[i] * scale[0];
+    let mi = decay::<F>(m[i], g, h.beta1);
+    let vi = decay::<F>(v[i], g * g, h.beta2);
+    param[i] = step::<F>(param[i], mi, vi, &h);
+    m[i] = mi;
+    v[i] = vi;
+}
+
 /// The new parameter and moments of flat `[n]` tensors; `scale` is `[1]`,
-/// `hyper` is (lr, β1, β2, eps, weight decay, bc1, bc2).
+/// `hyper` is (lr, β1, β2, eps, weight decay, bc1, bc2). Written over the
+/// old parameter and moments when no other tensor shares them.
 pub fn update(
     [param, grad, m, v, scale]: [CubeTensor; 5],
     hyper: [f32; 7],
@@ -78,15 +118,33 @@ pub fn update(
             param.dtype,
         )
     };
-    let (p_out, m_out, v_out) = (empty(), empty(), empty());
     let dim = CubeDim::new(&param.client, n.max(1));
     let count = calculate_cube_count_elemwise(&param.client, n.max(1), dim);
     let [lr, beta1, beta2, eps, weight_decay, bc1, bc2] = hyper;
+    let h = HyperLaunch::new(lr, beta1, beta2, eps, weight_decay, bc1, bc2);
+    let dtype = dtype_to_storage_type(param.dtype);
+    let client = param.client.clone();
+    if param.can_mut() && m.can_mut() && v.can_mut() {
+        adamw_in_place_kernel::launch(
+            &client,
+            count,
+            dim,
+            param.clone().into_tensor_arg(),
+            grad.into_tensor_arg(),
+            m.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            scale.into_tensor_arg(),
+            h,
+            dtype,
+        );
+        return (param, m, v);
+    }
+    let (p_out, m_out, v_out) = (empty(), empty(), empty());
     adamw_kernel::launch(
-        &param.client.clone(),
+        &client,
         count,
         dim,
-        param.clone().into_tensor_arg(),
+        param.into_tensor_arg(),
         grad.into_tensor_arg(),
         m.into_tensor_arg(),
         v.into_tensor_arg(),
@@ -94,14 +152,8 @@ pub fn update(
         p_out.clone().into_tensor_arg(),
         m_out.clone().into_tensor_arg(),
         v_out.clone().into_tensor_arg(),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        bc1,
-        bc2,
-        dtype_to_storage_type(param.dtype),
+        h,
+        dtype,
     );
     (p_out, m_out, v_out)
 }
