@@ -35,17 +35,17 @@ pub fn on_cube(device: &Device) -> bool {
 /// A fused operation that may have a GPU kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// [`causal_attention`].
+    /// [`super::causal_attention`].
     CausalAttention,
-    /// [`linear_cross_entropy`] and [`linear_cross_entropy_rows`].
+    /// [`super::linear_cross_entropy`] and [`super::linear_cross_entropy_rows`].
     LinearCrossEntropy,
-    /// [`rms_norm`].
+    /// [`super::rms_norm`].
     RmsNorm,
-    /// [`rope`].
+    /// [`super::rope`].
     Rope,
-    /// [`adamw_update`].
+    /// [`super::adamw_update`].
     AdamW,
-    /// [`grouped_swiglu`] (the routed experts over grouped rows).
+    /// [`super::grouped_swiglu`] (the routed experts over grouped rows).
     GroupedSwiglu,
 }
 
