@@ -283,9 +283,18 @@ pub fn adamw_update(
     (p, m, v)
 }
 
+/// Whether [`causal_attention`] serves queries `q: [B, S, H, hd]`: on the
+/// CPU backend in f32, and on the GPU backends in f32 for heads up to
+/// [`GPU_MAX_HEAD_DIM`] wide.
+pub fn attention_served(q: &Tensor<4>) -> bool {
+    let device = q.device();
+    served_on(Op::CausalAttention, &device, q.dtype())
+        && (on_cpu(&device) || q.dims()[3] <= GPU_MAX_HEAD_DIM)
+}
+
 /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads,
 /// fused on the CPU backend and on the GPU backends (f32 only: check
-/// [`served_on`] first). Key/value head j serves query heads
+/// [`attention_served`] first). Key/value head j serves query heads
 /// `j·H/KV .. (j+1)·H/KV`; nothing is repeated. On a GPU no `[S, S]` tensor
 /// is made, forward or backward ([`cube::attention`]); heads wider than
 /// [`GPU_MAX_HEAD_DIM`] are refused there.
@@ -295,13 +304,10 @@ pub fn adamw_update(
 ///   (sequence-major, as the projections produce them)
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     assert!(
-        served_on(Op::CausalAttention, &q.device(), q.dtype()),
-        "the fused causal_attention runs on the CPU and GPU backends in f32"
-    );
-    let hd = q.dims()[3];
-    assert!(
-        fused_on(&q.device(), q.dtype()) || hd <= GPU_MAX_HEAD_DIM,
-        "the GPU attention kernel takes heads up to {GPU_MAX_HEAD_DIM} wide, not {hd}"
+        attention_served(&q),
+        "the fused causal_attention runs on the CPU and GPU backends in f32, on a GPU for \
+         heads up to {GPU_MAX_HEAD_DIM} wide (these are {})",
+        q.dims()[3]
     );
     let out = <Dispatch as FusedOps>::causal_attention(
         q.into_dispatch(),

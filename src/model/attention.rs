@@ -8,7 +8,7 @@
 
 use super::rope::Rope;
 use crate::config::{ModelConfig, QkNorm};
-use crate::kernels::{self, on_cpu, served_on, Op};
+use crate::kernels;
 use crate::nn::{apply, linear, norm, rms_norm};
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
@@ -108,9 +108,7 @@ impl Attention {
         };
         let k = rope.apply(heads(project(&self.k_proj, &self.k_norm), kv, &self.k_norm)); // [B, S, KV, hd]
         let v = split(project(&self.v_proj, &None), kv); // [B, S, KV, hd]
-        let fused = served_on(Op::CausalAttention, &q.device(), q.dtype())
-            && (on_cpu(&q.device()) || hd <= kernels::GPU_MAX_HEAD_DIM);
-        let out = if fused {
+        let out = if kernels::attention_served(&q) {
             // f32 on the CPU or a GPU: one fused operation with its own
             // backward, reading the heads in place and each key/value head
             // for all its query heads without repeating it.
