@@ -130,8 +130,13 @@ fn fused_operations_run_without_autodiff_and_on_untracked_inputs() {
             values([1, 6, 5], 0.4, 0.5, &device),
         );
         let down = values([1, 5, 6], 0.5, 0.5, &device);
-        let offs = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 4], [2]), &device);
-        let ours = grouped_swiglu(x.clone(), gate.clone(), up.clone(), down.clone(), offs);
+        let ours = grouped_swiglu(
+            x.clone(),
+            gate.clone(),
+            up.clone(),
+            down.clone(),
+            vec![0, 4],
+        );
         let two = |w: Tensor<3>, r, c| w.reshape([r, c]);
         let want = (silu(x.clone().matmul(two(gate, 6, 5))) * x.matmul(two(up, 6, 5)))
             .matmul(two(down, 5, 6));
@@ -160,24 +165,29 @@ fn grouped_case(counts: &[usize]) {
     let device = autodiff();
     let (e, d, f) = (counts.len(), 24, 40);
     let n: usize = counts.iter().sum();
-    let mut offsets = vec![0i64];
+    let mut offsets = vec![0usize];
     for &c in counts {
-        offsets.push(offsets.last().unwrap() + c as i64);
+        offsets.push(offsets.last().unwrap() + c);
     }
     let x = values([n, d], 0.15, 1.0, &device).require_grad();
     let gate = values([e, d, f], 0.25, 0.3, &device).require_grad();
     let up = values([e, d, f], 0.35, 0.3, &device).require_grad();
     let down = values([e, f, d], 0.45, 0.3, &device).require_grad();
     let w = values([n, d], 0.55, 1.0, &device);
-    let offs = Tensor::<1, Int>::from_data(TensorData::new(offsets.clone(), [e + 1]), &device);
 
-    let ours = grouped_swiglu(x.clone(), gate.clone(), up.clone(), down.clone(), offs);
+    let ours = grouped_swiglu(
+        x.clone(),
+        gate.clone(),
+        up.clone(),
+        down.clone(),
+        offsets.clone(),
+    );
     // Composed: each expert's rows through its own slices of the stacks.
     let pick =
         |t: &Tensor<3>, i: usize, r: usize, c: usize| t.clone().slice([i..i + 1]).reshape([r, c]);
     let mut parts = Vec::new();
     for i in 0..e {
-        let (r0, r1) = (offsets[i] as usize, offsets[i + 1] as usize);
+        let (r0, r1) = (offsets[i], offsets[i + 1]);
         if r0 == r1 {
             continue;
         }

@@ -77,7 +77,7 @@ impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
     type State = (
         FloatTensor<B>,
         [FloatTensor<B>; 3],
-        IntTensor<B>,
+        Vec<usize>,
         GroupedSaved<B>,
     );
 
@@ -215,7 +215,7 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
     ) -> FloatTensor<Self> {
         let xi = x.primitive().clone();
         let weights = [&gate, &up, &down].map(|w| w.primitive().clone());

@@ -99,13 +99,14 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// SwiGLU experts over rows grouped by expert: rows
     /// `offsets[e]..offsets[e + 1]` of `x` (`[N, d]`) go through expert e of
-    /// the stacked `gate`, `up` (`[E, d, F]`) and `down` (`[E, F, d]`).
+    /// the stacked `gate`, `up` (`[E, d, F]`) and `down` (`[E, F, d]`). The
+    /// `E + 1` offsets are host values, so no backend reads them back.
     fn grouped_swiglu(
         x: FloatTensor<Self>,
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
     ) -> FloatTensor<Self>;
     /// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]` for `rows: [R, d]`,
     /// `index: [T·k]` and `weights: [T, k]`; an index outside the rows adds
@@ -319,19 +320,21 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 
 /// SwiGLU experts over rows grouped by expert, with one matmul per expert
 /// and projection over exactly its rows (CPU and GPU backends, f32 only:
-/// check [`served_on`] first). On a GPU the row offsets are read to the
-/// host.
+/// check [`served_on`] first). The row offsets are host values, known
+/// from the dispatch plan, so a GPU launches the experts without reading
+/// anything back.
 ///
 /// # Shapes
 /// - `x`: `[N, d]`, rows `offsets[e]..offsets[e + 1]` for expert e
-/// - `gate`, `up`: `[E, d, F]`; `down`: `[E, F, d]`; `offsets`: `[E + 1]`
+/// - `gate`, `up`: `[E, d, F]`; `down`: `[E, F, d]`; `offsets`: `E + 1`
+///   values rising from 0 to N
 /// - returns `[N, d]`
 pub fn grouped_swiglu(
     x: Tensor<2>,
     gate: Tensor<3>,
     up: Tensor<3>,
     down: Tensor<3>,
-    offsets: Tensor<1, Int>,
+    offsets: Vec<usize>,
 ) -> Tensor<2> {
     assert!(
         served_on(Op::GroupedSwiglu, &x.device(), x.dtype()),
@@ -342,7 +345,7 @@ pub fn grouped_swiglu(
         gate.into_dispatch(),
         up.into_dispatch(),
         down.into_dispatch(),
-        offsets.into_dispatch(),
+        offsets,
     );
     Tensor::from_dispatch(out)
 }

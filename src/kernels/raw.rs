@@ -17,13 +17,13 @@ pub trait FusedKernels: Backend {
     fn grouped_swiglu_forward(
         x: FloatTensor<Self>,
         weights: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
     ) -> (FloatTensor<Self>, GroupedSaved<Self>);
     /// Gradients of x and the three weight stacks.
     fn grouped_swiglu_backward(
         x: FloatTensor<Self>,
         weights: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
         saved: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4];

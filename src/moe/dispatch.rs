@@ -175,17 +175,17 @@ pub(crate) fn plan_from_queues(
     let mut slot_for_assignment = vec![(e * c) as i64; t * k];
     let mut row_for_assignment = vec![-1i64; t * k];
     let mut token_for_row = Vec::with_capacity(t * k);
-    let mut offsets = vec![0i64; e + 1];
+    let mut offsets = vec![0usize; e + 1];
     for (ex, queue) in kept.iter().enumerate() {
         for (i, &(tok, j)) in queue.iter().enumerate() {
             token_for_slot[ex * c + i] = tok as i64;
             slot_for_assignment[tok * k + j] = (ex * c + i) as i64;
-            row_for_assignment[tok * k + j] = offsets[ex] + i as i64;
+            row_for_assignment[tok * k + j] = (offsets[ex] + i) as i64;
             token_for_row.push(tok as i64);
         }
-        offsets[ex + 1] = offsets[ex] + queue.len() as i64;
+        offsets[ex + 1] = offsets[ex] + queue.len();
     }
-    let n = offsets[e];
+    let n = offsets[e] as i64;
     row_for_assignment
         .iter_mut()
         .filter(|r| **r < 0)
@@ -203,7 +203,7 @@ pub(crate) fn plan_from_queues(
         kept_per_expert: Tensor::from_data(TensorData::new(kept_per_expert, [e]), device),
         grouping: Some(Grouping {
             token_for_row: int(token_for_row),
-            offsets: int(offsets),
+            offsets,
             row_for_assignment: int(row_for_assignment),
         }),
         rerouted: None,
@@ -372,8 +372,8 @@ pub fn combine_rows(
 pub struct Grouping {
     /// Token index of each row. `[N]`
     pub token_for_row: Tensor<1, Int>,
-    /// Row offsets per expert. `[E + 1]`
-    pub offsets: Tensor<1, Int>,
+    /// Row offsets per expert, on the host (`E + 1` values).
+    pub offsets: Vec<usize>,
     /// Row of each assignment (token-major); dropped and padding
     /// assignments point at N. `[T * k]`
     pub row_for_assignment: Tensor<1, Int>,
@@ -387,25 +387,26 @@ pub fn group(plan: &DispatchPlan, num_experts: usize, t: usize) -> Grouping {
     let ints = |t: &Tensor<1, Int>| host_ints(t.clone());
     let (tokens, slots) = (ints(&plan.token_for_slot), ints(&plan.slot_for_assignment));
     let c = plan.capacity;
-    let mut offsets = vec![0i64; num_experts + 1];
+    let mut offsets = vec![0usize; num_experts + 1];
     let mut token_for_row = Vec::with_capacity(tokens.len());
     for e in 0..num_experts {
         let block = &tokens[e * c..(e + 1) * c];
         // Kept slots come first; empty ones point at the zero row T.
         let kept = block.iter().take_while(|&&tok| tok < t as i64).count();
         token_for_row.extend_from_slice(&block[..kept]);
-        offsets[e + 1] = offsets[e] + kept as i64;
+        offsets[e + 1] = offsets[e] + kept;
     }
-    let n = *offsets.last().unwrap();
+    let n = offsets[num_experts];
     let row_for_assignment = slots
         .iter()
         .map(|&s| {
             let s = s as usize;
-            if s >= num_experts * c {
+            let row = if s >= num_experts * c {
                 n
             } else {
-                offsets[s / c] + (s % c) as i64
-            }
+                offsets[s / c] + s % c
+            };
+            row as i64
         })
         .collect::<Vec<_>>();
     let int = |v: Vec<i64>| {
@@ -414,7 +415,7 @@ pub fn group(plan: &DispatchPlan, num_experts: usize, t: usize) -> Grouping {
     };
     Grouping {
         token_for_row: int(token_for_row),
-        offsets: int(offsets),
+        offsets,
         row_for_assignment: int(row_for_assignment),
     }
 }

@@ -56,8 +56,8 @@ impl Experts {
     /// (CPU backend, f32; see [`crate::kernels::grouped_swiglu`]).
     ///
     /// # Shapes
-    /// - `x`: `[N, d_model]` → `[N, d_model]`; `offsets`: `[E + 1]`
-    pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
+    /// - `x`: `[N, d_model]` → `[N, d_model]`; `offsets`: `E + 1` values
+    pub fn forward_grouped(&self, x: Tensor<2>, offsets: Vec<usize>) -> Tensor<2> {
         grouped_swiglu(
             x,
             self.gate_proj.val(),

@@ -9,7 +9,7 @@
 //! the results back; the origin combines them. The backward pass mirrors
 //! both exchanges ([`crate::dist::exchange`]).
 
-use super::dispatch::{host_ints, Dispatched};
+use super::dispatch::Dispatched;
 use super::experts::Experts;
 use crate::dist::exchange::{exchange_rows, RowLink, RowRoute};
 use burn::prelude::*;
@@ -62,13 +62,13 @@ impl ExpertShard {
         };
         // This rank's rows in the order of their destination ranks' stacks,
         // and the count per expert each destination gets.
-        let offsets = host_ints(grouping.offsets.clone()); // [E + 1]
+        let offsets = &grouping.offsets; // E + 1
         let (mut order, mut per_expert, mut send) = (Vec::new(), Vec::new(), vec![0usize; n]);
         for (j, experts) in self.by_rank.iter().enumerate() {
             for &e in experts {
-                order.extend(offsets[e]..offsets[e + 1]);
+                order.extend((offsets[e]..offsets[e + 1]).map(|r| r as i64));
                 per_expert.push((offsets[e + 1] - offsets[e]) as u64);
-                send[j] += (offsets[e + 1] - offsets[e]) as usize;
+                send[j] += offsets[e + 1] - offsets[e];
             }
         }
         let in_place = order.iter().enumerate().all(|(i, &r)| r == i as i64);
@@ -98,17 +98,17 @@ impl ExpertShard {
             start[i] = start[i - 1] + recv[i - 1];
         }
         let mut by_expert = Vec::with_capacity(arrived.dims()[0]);
-        let mut local_offsets = vec![0i64; l + 1];
+        let mut local_offsets = vec![0usize; l + 1];
         for e in 0..l {
             for i in 0..n {
                 let before: u64 = got[i * l..i * l + e].iter().sum();
                 let from = start[i] + before as usize;
                 by_expert.extend((from..from + got[i * l + e] as usize).map(|r| r as i64));
             }
-            local_offsets[e + 1] = by_expert.len() as i64;
+            local_offsets[e + 1] = by_expert.len();
         }
         let grouped = arrived.select(0, ints(by_expert.clone())); // [Σ recv, d], by local expert
-        let out = experts.forward_grouped(grouped, ints(local_offsets));
+        let out = experts.forward_grouped(grouped, local_offsets);
         let out = out.select(0, ints(inverse(&by_expert))); // by source rank again
         let back = exchange_rows(out, route.reversed()); // in `order`
         let back = if in_place {

@@ -7,7 +7,6 @@ use crate::kernels::{fused_on, grouped_swiglu};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::TensorData;
 
 /// A bias-free SwiGLU MLP.
 #[derive(Module, Debug)]
@@ -39,17 +38,13 @@ impl Mlp {
             let dims = x.dims();
             let d = dims[D - 1];
             let n = x.shape().num_elements() / d;
-            let offsets = Tensor::<1, Int>::from_data(
-                TensorData::new(vec![0i64, n as i64], [2]),
-                &x.device(),
-            );
             let w = |l: &Linear| l.weight.val().unsqueeze::<3>();
             let y = grouped_swiglu(
                 x.reshape([n, d]),
                 w(&self.gate_proj),
                 w(&self.up_proj),
                 w(&self.down_proj),
-                offsets,
+                vec![0, n],
             );
             return y.reshape(dims);
         }

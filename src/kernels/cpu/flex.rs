@@ -93,7 +93,7 @@ impl FusedOps for Flex {
         gate: FlexTensor,
         up: FlexTensor,
         down: FlexTensor,
-        offsets: FlexTensor,
+        offsets: Vec<usize>,
     ) -> FlexTensor {
         Self::grouped_swiglu_forward(x, [gate, up, down], offsets).0
     }
@@ -232,12 +232,8 @@ fn head_dims(
     (head::Dims { n, d, v, chunk }, t)
 }
 
-/// The grouping of a grouped call: its dimensions and row offsets.
-fn grouping(
-    x: &FlexTensor,
-    gate: &FlexTensor,
-    offsets: &FlexTensor,
-) -> (grouped::Dims, Vec<usize>) {
+/// The dimensions of a grouped call.
+fn grouping(x: &FlexTensor, gate: &FlexTensor) -> grouped::Dims {
     let [experts, d, f] = shape_of(gate)[..] else {
         panic!("grouped_swiglu: expert weights must be [E, d, F]")
     };
@@ -246,8 +242,7 @@ fn grouping(
         d,
         "grouped_swiglu: x width differs from the experts'"
     );
-    let offsets = indices(offsets).into_iter().map(|o| o as usize).collect();
-    (grouped::Dims { experts, d, f }, offsets)
+    grouped::Dims { experts, d, f }
 }
 
 /// An f32 tensor's values as an owned vector (no copy when the tensor is
@@ -281,9 +276,9 @@ impl FusedKernels for Flex {
     fn grouped_swiglu_forward(
         x: FlexTensor,
         weights: [FlexTensor; 3],
-        offsets: FlexTensor,
+        offsets: Vec<usize>,
     ) -> (FlexTensor, GroupedSaved<Self>) {
-        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let (dims, offs) = (grouping(&x, &weights[0]), offsets);
         let n = shape_of(&x)[0];
         let [gate, up, down] = weights.each_ref().map(values);
         let (y, saved) = grouped::forward(&values(&x), &gate, &up, &down, &offs, dims);
@@ -299,11 +294,11 @@ impl FusedKernels for Flex {
     fn grouped_swiglu_backward(
         x: FlexTensor,
         weights: [FlexTensor; 3],
-        offsets: FlexTensor,
+        offsets: Vec<usize>,
         saved: GroupedSaved<Self>,
         grad: FlexTensor,
     ) -> [FlexTensor; 4] {
-        let (dims, offs) = grouping(&x, &weights[0], &offsets);
+        let (dims, offs) = (grouping(&x, &weights[0]), offsets);
         let [gate, up, down] = weights.each_ref().map(values);
         let [g, u, h] = saved.each_ref().map(values);
         let saved = grouped::Saved {

@@ -25,23 +25,10 @@ pub mod norm;
 pub use extension::CubeKernels;
 
 use super::{FusedKernels, FusedOps, GroupedSaved};
-use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::Cube;
 use burn::tensor::Shape;
-
-/// The row offsets of a grouping, read to the host (a device sync, like
-/// the dispatch plan's read that made them).
-fn host_offsets(offsets: IntTensor<Cube>) -> Vec<usize> {
-    let data = cubecl::future::block_on(Cube::int_into_data(offsets))
-        .unwrap_or_else(|e| panic!("reading the expert row offsets from the device failed: {e:?}"));
-    data.convert::<i64>()
-        .try_to_vec::<i64>()
-        .unwrap_or_else(|e| panic!("expert row offsets: {e:?}"))
-        .into_iter()
-        .map(|o| o as usize)
-        .collect()
-}
 
 /// An operation [`super::served_on`] keeps off the Cube backends reached
 /// them anyway: a routing bug, reported as such.
@@ -120,9 +107,9 @@ impl FusedOps for Cube {
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
     ) -> FloatTensor<Self> {
-        Self::gpu_grouped_swiglu(x, gate, up, down, host_offsets(offsets)).0
+        Self::gpu_grouped_swiglu(x, gate, up, down, offsets).0
     }
 
     fn combine_rows(
@@ -145,20 +132,19 @@ impl FusedKernels for Cube {
     fn grouped_swiglu_forward(
         x: FloatTensor<Self>,
         [gate, up, down]: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
     ) -> (FloatTensor<Self>, GroupedSaved<Self>) {
-        let (y, g, u, h) = Self::gpu_grouped_swiglu(x, gate, up, down, host_offsets(offsets));
+        let (y, g, u, h) = Self::gpu_grouped_swiglu(x, gate, up, down, offsets);
         (y, [g, u, h])
     }
 
     fn grouped_swiglu_backward(
         x: FloatTensor<Self>,
         [gate, up, down]: [FloatTensor<Self>; 3],
-        offsets: IntTensor<Self>,
+        offsets: Vec<usize>,
         [g, u, h]: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4] {
-        let offsets = host_offsets(offsets);
         let (dx, dgate, dup, ddown) =
             Self::gpu_grouped_swiglu_backward(x, gate, up, down, g, u, h, grad, offsets);
         [dx, dgate, dup, ddown]
