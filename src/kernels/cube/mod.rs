@@ -17,6 +17,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_grad;
 mod extension;
 pub mod grouped;
 pub mod head;
