@@ -2,15 +2,16 @@
 //! with `--features wgpu`; any Vulkan driver runs it, the llvmpipe software
 //! rasteriser included (Debian's `mesa-vulkan-drivers`).
 //!
-//! On a GPU backend every layer takes the composed path: Burn's matmuls and
-//! attention instead of the fused CPU kernels, the MoE layer's padded
-//! capacity buffers instead of the grouped rows, the LM head's full logits
-//! instead of the chunked head. The same weights and tokens must give the
-//! same losses, routing and gradients on both.
+//! On a GPU backend the fused operations run as CubeCL kernels
+//! (`src/kernels/cube/`) where the CPU runs its own kernels, and the rest
+//! (the router, the combine, the losses' statistics) as Burn's composed
+//! operations. The same weights and tokens must give the same losses,
+//! routing and gradients on both.
 #![cfg(feature = "wgpu")]
 
 use burn::prelude::*;
 use switchyard::config::RunConfig;
+use switchyard::model::block::Ffn;
 use switchyard::model::LanguageModel;
 use switchyard::moe::Phase;
 use switchyard::train::step::{forward, BatchTensors};
@@ -144,6 +145,23 @@ fn compare(overrides: &[&str], drops: bool) {
         let d = rel_diff(a, g);
         assert!(d < 2e-5, "{overrides:?}: gradient of {name} differs by {d}");
     }
+    // A dense block, where the config has one: its MLP runs as the grouped
+    // kernel with a single expert.
+    let dense = |m: &LanguageModel| match &m.layers[0].mlp {
+        Ffn::Dense(mlp) => {
+            Some([&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj].map(|l| l.weight.val()))
+        }
+        Ffn::Moe(_) => None,
+    };
+    if let (Some(a), Some(g)) = (dense(&model), dense(&on_gpu)) {
+        for (i, (a, g)) in a.into_iter().zip(g).enumerate() {
+            let d = rel_diff(a.grad(&g1).unwrap(), g.grad(&g2).unwrap());
+            assert!(
+                d < 2e-5,
+                "{overrides:?}: gradient of dense projection {i} differs by {d}"
+            );
+        }
+    }
     let d = rel_diff(
         model.norm.gamma.val().grad(&g1).unwrap(),
         on_gpu.norm.gamma.val().grad(&g2).unwrap(),
@@ -180,6 +198,14 @@ fn gpu_path_matches_cpu_path_with_token_drops() {
 fn gpu_path_matches_cpu_path_dropless_with_tied_head() {
     compare(
         &["moe.drop_policy=\"dropless\"", "model.tie_embeddings=true"],
+        false,
+    );
+}
+
+#[test]
+fn gpu_path_matches_cpu_path_with_a_dense_first_block() {
+    compare(
+        &["moe.first_k_dense=1", "moe.drop_policy=\"dropless\""],
         false,
     );
 }

@@ -3,7 +3,7 @@
 //! shared experts. Field names follow the Hugging Face Qwen2/Llama keys.
 
 use super::linear::{apply, linear};
-use crate::kernels::{fused_on, grouped_swiglu};
+use crate::kernels::{grouped_swiglu, served_on, Op};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -32,9 +32,10 @@ impl Mlp {
     /// # Shapes
     /// - `x`: `[..., d_model]` → `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if fused_on(&x.device(), x.dtype()) {
-            // CPU: the three projections and SwiGLU as one fused operation
-            // (the grouped expert kernel with a single expert).
+        if served_on(Op::GroupedSwiglu, &x.device(), x.dtype()) {
+            // The three projections and SwiGLU as one fused operation (the
+            // grouped expert kernel with a single expert), on the CPU and
+            // on a GPU.
             let dims = x.dims();
             let d = dims[D - 1];
             let n = x.shape().num_elements() / d;
