@@ -352,17 +352,17 @@ pub fn grouped_swiglu(
 
 /// The weighted sum of each token's k expert-output rows,
 /// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]`, where an index of R
-/// (the row count) adds nothing (CPU backend, f32 only: check [`fused_on`]
-/// first). Forward and backward are one pass each; the backward assumes
-/// what the dispatch plans guarantee, that no row is read twice, and falls
-/// back to one thread otherwise.
+/// (the row count) adds nothing (CPU and GPU backends, f32 only: check
+/// [`served_on`] first). Forward and backward are one pass each; the
+/// backward assumes what the dispatch plans guarantee, that no row is read
+/// twice (the CPU falls back to one thread otherwise; the GPU requires it).
 ///
 /// # Shapes
 /// - `rows`: `[R, d]`; `index`: `[T * k]`; `weights`: `[T, k]`; returns `[T, d]`
 pub fn combine_rows(rows: Tensor<2>, index: Tensor<1, Int>, weights: Tensor<2>) -> Tensor<2> {
     assert!(
-        fused_on(&rows.device(), rows.dtype()),
-        "the fused combine_rows runs on the CPU backend in f32"
+        served_on(Op::Combine, &rows.device(), rows.dtype()),
+        "the fused combine_rows runs on the CPU and GPU backends in f32"
     );
     let out = <Dispatch as FusedOps>::combine_rows(
         rows.into_dispatch(),

@@ -47,6 +47,9 @@ pub enum Op {
     AdamW,
     /// [`super::grouped_swiglu`] (the routed experts over grouped rows).
     GroupedSwiglu,
+    /// [`super::combine_rows`] (the weighted sum of each token's expert
+    /// outputs).
+    Combine,
 }
 
 /// The widest attention head the GPU attention kernel takes: each unit
@@ -80,6 +83,7 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         | Op::RmsNorm
         | Op::Rope
         | Op::AdamW
-        | Op::GroupedSwiglu => gpu,
+        | Op::GroupedSwiglu
+        | Op::Combine => gpu,
     }
 }

@@ -25,7 +25,7 @@
 
 use super::experts::Experts;
 use super::router::RoutingDecision;
-use crate::kernels::{self, fused_on, on_cpu, served_on, Op};
+use crate::kernels::{self, on_cpu, served_on, Op};
 use crate::nn::in_dtype;
 use burn::prelude::*;
 
@@ -352,7 +352,7 @@ pub fn combine_rows(
     row_for_assignment: Tensor<1, Int>,
     weights: Tensor<2>,
 ) -> Tensor<2> {
-    if fused_on(&rows.device(), rows.dtype()) && weights.dtype() == rows.dtype() {
+    if served_on(Op::Combine, &rows.device(), rows.dtype()) && weights.dtype() == rows.dtype() {
         return kernels::combine_rows(rows, row_for_assignment, weights);
     }
     let [_, d] = rows.dims();

@@ -337,3 +337,53 @@ fn gpu_grouped_experts_match_the_composed_experts_and_their_gradients() {
         assert!(dg < 1e-5, "gradient of {name} differs by {dg} (relative)");
     }
 }
+
+/// The GPU combine (each token's weighted sum of its rows, read in place)
+/// against the gather-and-sum it replaces, in value and in the gradients of
+/// the rows and the weights: dropped assignments (index R) add nothing, and
+/// rows no assignment reads get a zero gradient.
+#[test]
+fn gpu_combine_matches_the_composed_combine_and_its_gradients() {
+    use burn::tensor::{Distribution, Int, TensorData};
+    use switchyard::kernels::{combine_rows, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(Op::Combine, &gpu, burn::tensor::DType::F32));
+    gpu.seed(17);
+    let (t, k, d) = (37, 3, 20);
+    let r = 2 * t * k; // even rows are read, odd rows never
+    let index: Vec<i64> = (0..t * k)
+        .map(|a| if a % 5 == 4 { r as i64 } else { 2 * a as i64 })
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [t * k]), &gpu);
+    let normal = |std| Distribution::Normal(0.0, std);
+    let rows = Tensor::<2>::random([r, d], normal(1.0), &gpu).require_grad();
+    let weights = Tensor::<2>::random([t, k], normal(0.5), &gpu).require_grad();
+    let w = Tensor::<2>::random([t, d], normal(1.0), &gpu);
+
+    let ours = combine_rows(rows.clone(), index.clone(), weights.clone());
+    let zero = Tensor::<2>::zeros([1, d], &gpu);
+    let want = (Tensor::cat(vec![rows.clone(), zero], 0).select(0, index)
+        * weights.clone().reshape([t * k, 1]))
+    .reshape([t, k, d])
+    .sum_dim(1)
+    .reshape([t, d]);
+    let dv = rel_diff(ours.clone(), want.clone());
+    assert!(dv < 1e-5, "values differ by {dv} (relative)");
+    let g1 = (ours * w.clone()).sum().backward();
+    let g2 = (want * w).sum().backward();
+    let (a, b) = (rows.grad(&g1).unwrap(), rows.grad(&g2).unwrap());
+    let unread = a
+        .clone()
+        .slice([1..2, 0..d])
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    assert_eq!(unread, 0.0, "a row no assignment reads has a gradient");
+    let dr = rel_diff(a, b);
+    assert!(dr < 1e-5, "gradient of the rows differs by {dr} (relative)");
+    let dw = rel_diff(weights.grad(&g1).unwrap(), weights.grad(&g2).unwrap());
+    assert!(
+        dw < 1e-5,
+        "gradient of the weights differs by {dw} (relative)"
+    );
+}

@@ -10,14 +10,16 @@
 //!
 //! Served on the GPU so far: causal grouped-query attention
 //! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
-//! and RoPE ([`norm`]), AdamW ([`adamw`]) and the routed experts over rows
-//! grouped by expert ([`grouped`]). The other operations keep Burn's
+//! and RoPE ([`norm`]), AdamW ([`adamw`]), the routed experts over rows
+//! grouped by expert ([`grouped`]) and the combine of their outputs
+//! ([`combine`]). The other operations keep Burn's
 //! composed path there: [`super::served_on`] says which operation a
 //! backend serves, and the callers route by it.
 
 pub mod adamw;
 pub mod attention;
 pub mod attention_grad;
+pub mod combine;
 mod extension;
 pub mod grouped;
 pub mod head;
@@ -114,11 +116,11 @@ impl FusedOps for Cube {
     }
 
     fn combine_rows(
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
-        _: FloatTensor<Self>,
+        rows: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        not_served("combine_rows")
+        Self::gpu_combine_rows(rows, index, weights)
     }
 }
 
@@ -224,12 +226,13 @@ impl FusedKernels for Cube {
     }
 
     fn combine_rows_backward(
-        _: FloatTensor<Self>,
-        _: IntTensor<Self>,
-        _: FloatTensor<Self>,
-        _: FloatTensor<Self>,
+        rows: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2] {
-        not_served("combine_rows")
+        let (d_rows, d_weights) = Self::gpu_combine_rows_backward(rows, index, weights, grad);
+        [d_rows, d_weights]
     }
 
     fn cross_entropy_rows_backward(
