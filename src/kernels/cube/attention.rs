@@ -55,6 +55,61 @@ pub(super) fn load_tile<F: Float>(
     }
 }
 
+/// Where a unit's query row is, in the kernels with one cube per tile of
+/// query rows of one (batch, head).
+#[derive(CubeType, Clone)]
+pub(super) struct QueryRow {
+    /// Sequence length.
+    pub s: usize,
+    /// Batch.
+    pub b: usize,
+    /// The query head's key/value head.
+    pub g: usize,
+    /// The query tile.
+    pub qt: usize,
+    /// The row; past the sequence (`live` false) for the last tile's spare
+    /// units, which still load tiles and wait at the barriers.
+    pub i: usize,
+    /// Whether the row exists.
+    pub live: bool,
+    /// Where the row starts in `q` (the last row for a spare unit).
+    pub at: usize,
+    /// Its index in the `[B, H, S]` statistics (the last row for a spare
+    /// unit).
+    pub stat: usize,
+}
+
+/// This unit's [`QueryRow`] for `q: [B, S, H, hd]` and `k: [B, S, KV, hd]`.
+#[cube]
+pub(super) fn query_row<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    #[comptime] tile: usize,
+    #[comptime] hd: usize,
+) -> QueryRow {
+    let s = q.shape(1);
+    let h = q.shape(2);
+    let qt = CUBE_POS_X as usize;
+    let head = CUBE_POS_Y as usize % h;
+    let b = CUBE_POS_Y as usize / h;
+    let i = qt * tile + UNIT_POS_X as usize;
+    let live = i < s;
+    let mut row = s - 1;
+    if live {
+        row = i;
+    }
+    QueryRow {
+        s,
+        b,
+        g: head / (h / k.shape(2)),
+        qt,
+        i,
+        live,
+        at: ((b * s + row) * h + head) * hd,
+        stat: (b * h + head) * s + row,
+    }
+}
+
 /// `x · tile row r` over one head's width.
 #[cube]
 pub(super) fn dot_tile<F: Float>(
@@ -88,21 +143,9 @@ fn forward_kernel<F: Float>(
     #[comptime] tile: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let s = q.shape(1);
-    let h = q.shape(2);
+    let row = query_row::<F>(q, k, tile, hd);
+    let (s, b, g, qt, i, live, q_at) = (row.s, row.b, row.g, row.qt, row.i, row.live, row.at);
     let kv = k.shape(2);
-    let qt = CUBE_POS_X as usize;
-    let head = CUBE_POS_Y as usize % h;
-    let b = CUBE_POS_Y as usize / h;
-    let g = head / (h / kv);
-    let i = qt * tile + UNIT_POS_X as usize;
-    let live = i < s;
-    // Units past the last row still load tiles and wait at the barriers.
-    let mut qi = s - 1;
-    if live {
-        qi = i;
-    }
-    let q_at = ((b * s + qi) * h + head) * hd;
     let scale = F::cast_from(scale);
     let mut qr = Array::<F>::new(hd);
     #[unroll]
@@ -154,7 +197,7 @@ fn forward_kernel<F: Float>(
         for d in 0..hd {
             out[q_at + d] = acc[d] * inv;
         }
-        lse[(b * h + head) * s + i] = m + l.ln();
+        lse[row.stat] = m + l.ln();
     }
 }
 

@@ -4,7 +4,7 @@
 //! output gradients, each recomputing the probabilities from the saved
 //! log-sum-exp.
 
-use super::attention::{dims, dot_tile, empty_like, launch_tiles, load_tile, tile_rows};
+use super::attention::{dims, dot_tile, empty_like, launch_tiles, load_tile, query_row, tile_rows};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
@@ -31,21 +31,9 @@ fn query_grad_kernel<F: Float>(
     #[comptime] tile: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let s = q.shape(1);
-    let h = q.shape(2);
-    let kv = k.shape(2);
-    let qt = CUBE_POS_X as usize;
-    let head = CUBE_POS_Y as usize % h;
-    let b = CUBE_POS_Y as usize / h;
-    let g = head / (h / kv);
-    let i = qt * tile + UNIT_POS_X as usize;
-    let live = i < s;
-    let mut qi = s - 1;
-    if live {
-        qi = i;
-    }
-    let q_at = ((b * s + qi) * h + head) * hd;
-    let stat = (b * h + head) * s + qi;
+    let row = query_row::<F>(q, k, tile, hd);
+    let (s, b, g, qt, i, live, q_at) = (row.s, row.b, row.g, row.qt, row.i, row.live, row.at);
+    let stat = row.stat;
     let scale = F::cast_from(scale);
     let mut qr = Array::<F>::new(hd);
     let mut gr = Array::<F>::new(hd);
