@@ -45,6 +45,8 @@ pub enum Op {
     Rope,
     /// [`super::adamw_update`].
     AdamW,
+    /// [`super::sum_squares`] (the gradient norm's sum).
+    SumSquares,
     /// [`super::grouped_swiglu`] (the routed experts over grouped rows).
     GroupedSwiglu,
     /// [`super::combine_rows`] (the weighted sum of each token's expert
@@ -83,6 +85,7 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
         | Op::RmsNorm
         | Op::Rope
         | Op::AdamW
+        | Op::SumSquares
         | Op::GroupedSwiglu
         | Op::Combine => gpu,
     }

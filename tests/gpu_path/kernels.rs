@@ -387,3 +387,24 @@ fn gpu_combine_matches_the_composed_combine_and_its_gradients() {
         "gradient of the weights differs by {dw} (relative)"
     );
 }
+
+/// The GPU sum of squares (the gradient norm's sum: strided shares per
+/// cube, reduced in shared memory) against the same sum taken in f64 on the
+/// host: one value, a size that is not a multiple of the block, and one
+/// larger than all the cubes cover in one stride.
+#[test]
+fn gpu_sum_of_squares_matches_a_host_sum_in_f64() {
+    use burn::tensor::Distribution;
+    use switchyard::kernels::{served_on, sum_squares, Op};
+    let gpu = Device::wgpu(Default::default());
+    assert!(served_on(Op::SumSquares, &gpu, burn::tensor::DType::F32));
+    gpu.seed(19);
+    for n in [1, 1000, 300_000] {
+        let x = Tensor::<1>::random([n], Distribution::Normal(0.0, 1.0), &gpu);
+        let host: Vec<f32> = x.clone().into_data().try_into_vec().unwrap();
+        let want: f64 = host.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let got = sum_squares(x).into_scalar::<f32>() as f64;
+        let d = (got - want).abs() / want;
+        assert!(d < 1e-5, "n = {n}: {got} against {want} (relative {d})");
+    }
+}

@@ -1,6 +1,7 @@
 //! One AdamW update for the Cube backends: one pass over a flat parameter,
 //! its gradient and its two moments, as on the CPU
-//! ([`super::super::cpu::adamw`]).
+//! ([`super::super::cpu::adamw`]); and the gradient norm's sum of squares,
+//! one read of each gradient.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::kernel::into_contiguous;
@@ -156,4 +157,66 @@ pub fn update(
         dtype,
     );
     (p_out, m_out, v_out)
+}
+
+/// Units per cube of [`sum_squares_kernel`].
+const SUM_BLOCK: usize = 256;
+/// The most cubes [`sum_squares`] launches; each adds a strided share.
+const SUM_CUBES: usize = 1024;
+
+/// Each cube's sum of squares over its strided share of `x`: each unit
+/// sums its own values, and the cube's first unit adds up the units' sums
+/// in shared memory: `partial[cube]`.
+#[cube(launch)]
+fn sum_squares_kernel<F: Float>(
+    x: &Tensor<F>,
+    partial: &mut Tensor<F>,
+    #[comptime] block: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let u = UNIT_POS_X as usize;
+    let cube = CUBE_POS_X as usize;
+    let step = CUBE_COUNT_X as usize * block;
+    let mut acc = F::new(0.0);
+    let mut i = cube * block + u;
+    while i < x.len() {
+        let value = x[i];
+        acc += value * value;
+        i += step;
+    }
+    let mut sums = Shared::<[F]>::new_slice(block);
+    sums[u] = acc;
+    sync_cube();
+    if u == 0 {
+        let mut total = F::new(0.0);
+        for j in 0..block {
+            total += sums[j];
+        }
+        partial[cube] = total;
+    }
+}
+
+/// The sum of the squared entries of `x` (`[1]`): one read of `x` by at
+/// most [`SUM_CUBES`] cubes, then the backend's sum of their partial sums.
+pub fn sum_squares(x: CubeTensor) -> CubeTensor {
+    use burn::backend::ops::FloatTensorOps;
+    let x = into_contiguous(x);
+    let n = x.meta.shape().num_elements();
+    let cubes = n.div_ceil(SUM_BLOCK).clamp(1, SUM_CUBES);
+    let partial = empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        burn::tensor::Shape::new([cubes]),
+        x.dtype,
+    );
+    sum_squares_kernel::launch(
+        &x.client.clone(),
+        CubeCount::Static(cubes as u32, 1, 1),
+        CubeDim::new_1d(SUM_BLOCK as u32),
+        x.clone().into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
+        SUM_BLOCK,
+        dtype_to_storage_type(x.dtype),
+    );
+    burn_cubecl::CubeBackend::float_sum(partial)
 }

@@ -150,6 +150,13 @@ pub trait CubeKernels: Backend {
         FloatTensor<Self>,
     );
 
+    /// The sum of the squared entries of `x`, `[1]`.
+    #[fusion(meta = |x| burn::backend::fusion::custom::TensorSpec::new(
+        burn::tensor::Shape::new([1]),
+        x.dtype,
+    ))]
+    fn gpu_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// One AdamW update of a flat parameter: the new parameter and moments
     /// (see [`FusedOps::adamw_update`]).
     #[fusion(meta = |param, _grad, m, v, _scale, _hyper| (param.clone(), m.clone(), v.clone()))]
@@ -252,6 +259,10 @@ impl CubeKernels for CubeBackend {
         inverse: bool,
     ) -> FloatTensor<Self> {
         norm::rope(x, cos, sin, inverse)
+    }
+
+    fn gpu_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        adamw::sum_squares(x)
     }
 
     fn gpu_adamw(

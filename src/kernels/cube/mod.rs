@@ -11,8 +11,9 @@
 //! Served on the GPU so far: causal grouped-query attention
 //! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
 //! and RoPE ([`norm`]), AdamW ([`adamw`]), the routed experts over rows
-//! grouped by expert ([`grouped`]) and the combine of their outputs
-//! ([`combine`]). The other operations keep Burn's
+//! grouped by expert ([`grouped`]), the combine of their outputs
+//! ([`combine`]) and the gradient norm's sum of squares ([`adamw`]). The
+//! other operations keep Burn's
 //! composed path there: [`super::served_on`] says which operation a
 //! backend serves, and the callers route by it.
 
@@ -81,8 +82,8 @@ impl FusedOps for Cube {
         Self::gpu_adamw(param, grad, m, v, scale, hyper)
     }
 
-    fn sum_squares(_: FloatTensor<Self>) -> FloatTensor<Self> {
-        not_served("sum_squares")
+    fn sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gpu_sum_squares(x)
     }
 
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
