@@ -3,12 +3,12 @@
 //! ([`super::super::cpu::adamw`]); and the gradient norm's sum of squares,
 //! one read of each gradient.
 
+use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
+use cubecl::CubeDim;
 
 /// The hyperparameters.
 #[derive(CubeType, CubeLaunch)]
@@ -111,16 +111,8 @@ pub fn update(
             "adamw: the {name} does not match the parameter's {n} values"
         );
     }
-    let empty = || {
-        empty_device_dtype(
-            param.client.clone(),
-            param.device.clone(),
-            param.meta.shape().clone(),
-            param.dtype,
-        )
-    };
-    let dim = CubeDim::new(&param.client, n.max(1));
-    let count = calculate_cube_count_elemwise(&param.client, n.max(1), dim);
+    let empty = || empty_like(&param, param.meta.shape().clone());
+    let (count, dim) = launch_elementwise(&param, n);
     let [lr, beta1, beta2, eps, weight_decay, bc1, bc2] = hyper;
     let h = HyperLaunch::new(lr, beta1, beta2, eps, weight_decay, bc1, bc2);
     let dtype = dtype_to_storage_type(param.dtype);
@@ -203,12 +195,7 @@ pub fn sum_squares(x: CubeTensor) -> CubeTensor {
     let x = into_contiguous(x);
     let n = x.meta.shape().num_elements();
     let cubes = n.div_ceil(SUM_BLOCK).clamp(1, SUM_CUBES);
-    let partial = empty_device_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        burn::tensor::Shape::new([cubes]),
-        x.dtype,
-    );
+    let partial = empty_like(&x, burn::tensor::Shape::new([cubes]));
     sum_squares_kernel::launch(
         &x.client.clone(),
         CubeCount::Static(cubes as u32, 1, 1),

@@ -20,10 +20,10 @@
 //! The forward is here; the backward's two kernels are in
 //! [`super::attention_grad`].
 
+use super::empty_like;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::CubeDim;
@@ -216,10 +216,6 @@ pub(super) fn dims(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor) -> [usize; 5]
         "attention: {h} query heads are not a multiple of {kv} key/value heads"
     );
     [b, s, h, kv, hd]
-}
-
-pub(super) fn empty_like(t: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
 }
 
 /// Rows per tile: the most, up to 64, whose tiles fit the device's shared

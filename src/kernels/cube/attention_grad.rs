@@ -4,7 +4,8 @@
 //! output gradients, each recomputing the probabilities from the saved
 //! log-sum-exp.
 
-use super::attention::{dims, dot_tile, empty_like, launch_tiles, load_tile, query_row, tile_rows};
+use super::attention::{dims, dot_tile, launch_tiles, load_tile, query_row, tile_rows};
+use super::empty_like;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;

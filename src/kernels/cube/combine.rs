@@ -9,13 +9,13 @@
 //! guarantees: no row is read by two assignments. Rows no assignment reads
 //! get a zero gradient; each weight's gradient is `rows[index] · grad[t]`.
 
+use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
+use burn_cubecl::ops::numeric::zeros_client;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 /// One output value `out[t, c]`.
 #[cube(launch)]
@@ -103,23 +103,13 @@ fn dims(rows: &CubeTensor, index: &CubeTensor, weights: &CubeTensor) -> [usize; 
     [t, k, d]
 }
 
-fn launch_dims(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, n.max(1));
-    (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
-}
-
 /// Each token's weighted sum of its rows: `rows: [R, d]`, `index: [T·k]`,
 /// `weights: [T, k]`; returns `[T, d]`.
 pub fn forward(rows: CubeTensor, index: CubeTensor, weights: CubeTensor) -> CubeTensor {
     let [rows, index, weights] = [rows, index, weights].map(into_contiguous);
     let [t, k, d] = dims(&rows, &index, &weights);
-    let out = empty_device_dtype(
-        rows.client.clone(),
-        rows.device.clone(),
-        Shape::new([t, d]),
-        rows.dtype,
-    );
-    let (count, dim) = launch_dims(&rows, t * d);
+    let out = empty_like(&rows, Shape::new([t, d]));
+    let (count, dim) = launch_elementwise(&rows, t * d);
     let dtypes = [
         dtype_to_storage_type(rows.dtype),
         dtype_to_storage_type(index.dtype),
@@ -159,7 +149,7 @@ pub fn backward(
         rows.meta.shape().clone(),
         rows.dtype,
     );
-    let (count, dim) = launch_dims(&rows, t * k * d);
+    let (count, dim) = launch_elementwise(&rows, t * k * d);
     rows_grad_kernel::launch(
         &client,
         count,
@@ -171,13 +161,8 @@ pub fn backward(
         k,
         dtypes,
     );
-    let d_weights = empty_device_dtype(
-        client.clone(),
-        rows.device.clone(),
-        weights.meta.shape().clone(),
-        rows.dtype,
-    );
-    let (count, dim) = launch_dims(&rows, t * k);
+    let d_weights = empty_like(&rows, weights.meta.shape().clone());
+    let (count, dim) = launch_elementwise(&rows, t * k);
     weights_grad_kernel::launch(
         &client,
         count,

@@ -8,16 +8,15 @@
 //! The row offsets are host values: the dispatch plan they come from is
 //! read to the host once per layer to lay the rows out.
 
+use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::Slice;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 /// `h = silu(g) · u`, element-wise.
 #[cube(launch)]
@@ -56,19 +55,10 @@ fn swiglu_backward_kernel<F: Float>(
     du[i] = dh[i] * x * s;
 }
 
-fn empty(t: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
-}
-
-fn launch_dims(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, n.max(1));
-    (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
-}
-
 fn swiglu(g: CubeTensor, u: CubeTensor) -> CubeTensor {
     let (g, u) = (into_contiguous(g), into_contiguous(u));
-    let h = empty(&g, g.meta.shape().clone());
-    let (count, dim) = launch_dims(&g, h.meta.shape().num_elements());
+    let h = empty_like(&g, g.meta.shape().clone());
+    let (count, dim) = launch_elementwise(&g, h.meta.shape().num_elements());
     swiglu_kernel::launch(
         &g.client.clone(),
         count,
@@ -84,10 +74,10 @@ fn swiglu(g: CubeTensor, u: CubeTensor) -> CubeTensor {
 fn swiglu_backward(g: CubeTensor, u: CubeTensor, dh: CubeTensor) -> (CubeTensor, CubeTensor) {
     let (g, u, dh) = (into_contiguous(g), into_contiguous(u), into_contiguous(dh));
     let (dg, du) = (
-        empty(&g, g.meta.shape().clone()),
-        empty(&g, g.meta.shape().clone()),
+        empty_like(&g, g.meta.shape().clone()),
+        empty_like(&g, g.meta.shape().clone()),
     );
-    let (count, dim) = launch_dims(&g, dg.meta.shape().num_elements());
+    let (count, dim) = launch_elementwise(&g, dg.meta.shape().num_elements());
     swiglu_backward_kernel::launch(
         &g.client.clone(),
         count,

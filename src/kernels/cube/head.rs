@@ -9,16 +9,15 @@
 //! matmuls are the backend's own (CubeCL's matmul, autotuned); the kernel
 //! is one unit per row.
 
+use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::Slice;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 /// The logits a chunk holds at most: 2^22 (16 MiB in f32).
 const CHUNK_LOGITS: usize = 1 << 22;
@@ -78,8 +77,7 @@ fn launch_rows(
     grad: bool,
 ) {
     let rows = logits.meta.shape().dims::<2>()[0];
-    let dim = CubeDim::new(&logits.client, rows);
-    let count = calculate_cube_count_elemwise(&logits.client, rows, dim);
+    let (count, dim) = launch_elementwise(logits, rows);
     rows_kernel::launch(
         &logits.client.clone(),
         count,
@@ -126,8 +124,7 @@ pub fn loss_and_grads(
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
     let [n, _, v] = dims(&x, &w, &targets);
     let (targets, weights) = (into_contiguous(targets), into_contiguous(weights));
-    let loss_rows =
-        empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), x.dtype);
+    let loss_rows = empty_like(&x, Shape::new([n]));
     let wt = CubeBackend::float_transpose(w.clone());
     let mut dx = Vec::new();
     let mut dw: Option<CubeTensor> = None;
@@ -160,8 +157,7 @@ pub fn loss_and_grads(
 pub fn row_losses(x: CubeTensor, w: CubeTensor, targets: CubeTensor) -> CubeTensor {
     let [n, _, v] = dims(&x, &w, &targets);
     let targets = into_contiguous(targets);
-    let loss_rows =
-        empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([n]), x.dtype);
+    let loss_rows = empty_like(&x, Shape::new([n]));
     let step = chunk_rows(v);
     for r0 in (0..n).step_by(step) {
         let (_, logits) = chunk_logits(&x, &w, r0, (r0 + step).min(n));

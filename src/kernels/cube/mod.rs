@@ -33,6 +33,22 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::Cube;
 use burn::tensor::Shape;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::CubeCount;
+use cubecl::{calculate_cube_count_elemwise, CubeDim};
+
+/// A new tensor of `shape` on `t`'s device and in its dtype, values unset.
+fn empty_like(t: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
+}
+
+/// The launch of one unit per element for `n` elements (at least one unit)
+/// on `t`'s device: the cube count and the cube size.
+fn launch_elementwise(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&t.client, n.max(1));
+    (calculate_cube_count_elemwise(&t.client, n.max(1), dim), dim)
+}
 
 /// An operation [`super::served_on`] keeps off the Cube backends reached
 /// them anyway: a routing bug, reported as such.

@@ -1,15 +1,14 @@
 //! RMSNorm and RoPE for the Cube backends: one unit per row, forward and
 //! backward, as on the CPU ([`super::super::cpu::norm`]).
 
+use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 /// `y = x / √(mean(x²) + eps) · gamma` over each row of width `d`, and each
 /// row's `1 / rms`.
@@ -102,18 +101,6 @@ fn rope_kernel<F: Float>(
     }
 }
 
-fn empty(t: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
-}
-
-fn launch_dims(t: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, units.max(1));
-    (
-        calculate_cube_count_elemwise(&t.client, units.max(1), dim),
-        dim,
-    )
-}
-
 /// The rows of x (`[.., d]`) and its last width, checked against gamma.
 fn rows(x: &CubeTensor, gamma: &CubeTensor) -> (usize, usize) {
     let shape = x.meta.shape();
@@ -127,9 +114,9 @@ fn rows(x: &CubeTensor, gamma: &CubeTensor) -> (usize, usize) {
 pub fn rms_norm_forward(x: CubeTensor, gamma: CubeTensor, eps: f32) -> (CubeTensor, CubeTensor) {
     let (x, gamma) = (into_contiguous(x), into_contiguous(gamma));
     let (n, _) = rows(&x, &gamma);
-    let y = empty(&x, x.meta.shape().clone());
-    let inv = empty(&x, Shape::new([n]));
-    let (count, dim) = launch_dims(&x, n);
+    let y = empty_like(&x, x.meta.shape().clone());
+    let inv = empty_like(&x, Shape::new([n]));
+    let (count, dim) = launch_elementwise(&x, n);
     rms_forward_kernel::launch(
         &x.client.clone(),
         count,
@@ -155,8 +142,8 @@ pub fn rms_norm_backward(
     let (x, gamma) = (into_contiguous(x), into_contiguous(gamma));
     let (inv, grad) = (into_contiguous(inv), into_contiguous(grad));
     let (n, d) = rows(&x, &gamma);
-    let dx = empty(&x, x.meta.shape().clone());
-    let (count, dim) = launch_dims(&x, n);
+    let dx = empty_like(&x, x.meta.shape().clone());
+    let (count, dim) = launch_elementwise(&x, n);
     rms_backward_kernel::launch(
         &x.client.clone(),
         count,
@@ -193,8 +180,8 @@ pub fn rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, inverse: bool) -> C
         "rope: x is [{b}, {s}, {h}, {hd}], the tables {:?}",
         cos.meta.shape()
     );
-    let y = empty(&x, x.meta.shape().clone());
-    let (count, dim) = launch_dims(&x, b * s * h);
+    let y = empty_like(&x, x.meta.shape().clone());
+    let (count, dim) = launch_elementwise(&x, b * s * h);
     rope_kernel::launch(
         &x.client.clone(),
         count,
