@@ -3,8 +3,9 @@
 //! with the whole batch; the ranks' parameters stay identical; a resume at
 //! the same world size is bit-identical; a resume at another world size
 //! carries on; two ranks holding half the experts each compute what two
-//! data-parallel ranks compute, with drops and dropless, and resume at
-//! another expert-parallel degree.
+//! data-parallel ranks compute, with drops and dropless, with dead experts
+//! revived, and with a placement from the planner that replicates the
+//! busiest expert, and resume at another expert-parallel degree.
 
 #![cfg(feature = "mpi")]
 
@@ -482,6 +483,57 @@ fn an_expert_parallel_run_resumes_at_another_degree() {
 }
 
 #[test]
+fn dead_experts_revive_across_an_expert_parallel_group_as_under_data_parallelism() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "ep-revive");
+    let cfg = write_config(&dir);
+    // No balance loss and a wide router init: experts starve within a few
+    // steps, and are revived two steps after they do.
+    for from in ["busiest", "init"] {
+        let set_from = format!("moe.revive_from=\"{from}\"");
+        let base = [
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "moe.aux_loss_coef=0.0",
+            "--set",
+            "moe.router_init_std=0.5",
+            "--set",
+            "moe.revive_dead_experts=true",
+            "--set",
+            &set_from,
+            "--set",
+            "log.dead_expert_steps=2",
+            "--set",
+            "optim.lr=1e-2",
+        ];
+        let (dp, ep) = (format!("dp-{from}"), format!("ep-{from}"));
+        train(2, &cfg, &dir, &dp, &base);
+        let ep_args = [&base[..], &["--set", "train.expert_parallel=2"]].concat();
+        train(2, &cfg, &dir, &ep, &ep_args);
+        let (dp, ep) = (dir.join(dp), dir.join(ep));
+        let revivals = |run: &Path| -> Vec<(u64, u64, u64, u64)> {
+            lines(run)
+                .iter()
+                .filter(|v| v["event"] == "revival")
+                .map(|v| {
+                    let n = |k: &str| v[k].as_u64().unwrap();
+                    (n("step"), n("layer"), n("expert"), n("donor"))
+                })
+                .collect()
+        };
+        let (a, b) = (revivals(&dp), revivals(&ep));
+        assert_eq!(a, b);
+        // At least one revival copies an expert held by the other rank
+        // (experts 0, 1 on rank 0; 2, 3 on rank 1).
+        assert!(a.iter().any(|r| (r.2 < 2) != (r.3 < 2)), "{a:?}");
+        same_losses(&losses(&dp), &losses(&ep));
+        same_weights(&dp, &ep);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn expert_parallel_settings_that_cannot_work_are_named() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("dist", "ep-bad");
@@ -564,14 +616,60 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
         "predicted {predicted}, counted {counted}"
     );
 
-    // Placements training cannot use are refused by name.
+    // The balanced placement with the busiest expert on both devices:
+    // one rank holds three experts and the other two, and each origin's
+    // rows for the busiest one are cut in half between its two copies.
+    // Still the same function, with the bytes the planner predicts up to
+    // the rounding of each cut (half a row per origin, replicated expert,
+    // layer and exchange, each way).
     let replicated = dir.join("plan-replicated.json");
-    plan_experts(&run, &replicated, &["--replicate-hottest"]);
+    let plan = plan_experts(&run, &replicated, &["--replicate-hottest"]);
+    let layer0 = plan["balanced"]["layers"][0].as_array().unwrap();
+    let copies = layer0
+        .iter()
+        .filter(|h| h.as_array().unwrap().len() == 2)
+        .count();
+    assert_eq!(copies, 1, "{layer0:?}");
+    let placement = format!(
+        "train.expert_placement=\"{}:balanced\"",
+        replicated.display()
+    );
+    train(
+        2,
+        &cfg,
+        &dir,
+        "rep",
+        &[&args[..], &["--set", &placement]].concat(),
+    );
+    let rep = dir.join("rep");
+    same_losses(&losses(&run), &losses(&rep));
+    same_weights(&run, &rep);
+    let plan = plan_experts(&rep, &dir.join("plan-rep.json"), &["--replicate-hottest"]);
+    let predicted = plan["balanced"]["devices"][0]["inter_bytes"]
+        .as_f64()
+        .unwrap();
+    let counted = counted_bytes(&rep);
+    let (layers, exchanges, row_bytes) = (2.0, 4.0, 32.0 * 4.0);
+    let rounding = layers * exchanges * (0.5 + 0.5) * row_bytes;
+    assert!(
+        (predicted - counted).abs() <= rounding,
+        "predicted {predicted}, counted {counted}"
+    );
+
+    // Placements training cannot use are refused by name.
+    let bad = dir.join("plan-bad.json");
+    let mut broken: Value =
+        serde_json::from_str(&std::fs::read_to_string(&replicated).unwrap()).unwrap();
+    let hottest = broken["balanced"]["layers"][0]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|h| h.as_array().unwrap().len() == 2)
+        .unwrap();
+    hottest[0][1] = serde_json::json!(0.7);
+    std::fs::write(&bad, broken.to_string()).unwrap();
     for (spec, needle) in [
-        (
-            format!("{}:balanced", replicated.display()),
-            "several devices",
-        ),
+        (format!("{}:balanced", bad.display()), "shares sum to"),
         ("/no/such/plan.json".to_string(), "/no/such/plan.json"),
     ] {
         let set = format!("train.expert_placement=\"{spec}\"");

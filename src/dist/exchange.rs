@@ -65,6 +65,11 @@ impl RowLink {
         self.comm().all_to_all_counts(send)
     }
 
+    /// Sum over the group (see [`Collective::all_reduce_sum`]).
+    pub fn all_reduce_sum(&self, buf: &mut [f32]) {
+        self.comm().all_reduce_sum(buf)
+    }
+
     /// Sum over the group (see [`Collective::all_reduce_sum_f64`]).
     pub fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
         self.comm().all_reduce_sum_f64(buf)

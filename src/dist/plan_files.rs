@@ -2,6 +2,7 @@
 //! (what `plan-experts` reads) and the placement a plan file holds (what
 //! `train.expert_placement` reads; [`super::plan::to_json`] writes it).
 
+use super::plan::Layout;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -96,11 +97,13 @@ pub fn read_counts(run: &Path, steps: usize) -> Result<Counts> {
     })
 }
 
-/// The rank of the group each expert lives on, per MoE layer, from
+/// The ranks of the group each expert lives on, per MoE layer, from
 /// `train.expert_placement`: "FILE" (its balanced placement) or
 /// "FILE:STRATEGY", a plan `plan-experts --out` wrote for `devices`
-/// devices; `experts` holds each MoE layer's expert count.
-pub fn read_placement(spec: &str, devices: usize, experts: &[usize]) -> Result<Vec<Vec<usize>>> {
+/// devices; `experts` holds each MoE layer's expert count. Per layer and
+/// expert: the devices holding it, each with its share of the expert's rows
+/// (one device with share 1, or several for a replicated expert).
+pub fn read_placement(spec: &str, devices: usize, experts: &[usize]) -> Result<Vec<Layout>> {
     let key = "train.expert_placement";
     let (file, name) = match spec.rsplit_once(':') {
         Some((f, n)) if ["contiguous", "round-robin", "balanced"].contains(&n) => (f, n),
@@ -149,30 +152,35 @@ pub fn read_placement(spec: &str, devices: usize, experts: &[usize]) -> Result<V
                 homes.len()
             );
         }
-        let mut layer_homes = Vec::with_capacity(e);
         for (x, h) in homes.iter().enumerate() {
-            match h.as_slice() {
-                [(d, share)] if *share == 1.0 && (*d as usize) < devices => {
-                    layer_homes.push(*d as usize)
-                }
-                [(d, _)] if (*d as usize) >= devices => bail!(
-                    "{key}: {file} puts expert {x} of MoE layer {l} on device {d}; \
-                     train.expert_parallel is {devices}"
-                ),
-                _ => bail!(
-                    "{key}: {file} splits expert {x} of MoE layer {l} over several devices; \
-                     training holds each expert once (plan without --replicate-hottest)"
-                ),
+            let what = format!("{key}: {file}: expert {x} of MoE layer {l}");
+            if h.is_empty() {
+                bail!("{what} has no device");
+            }
+            if let Some((d, _)) = h.iter().find(|(d, _)| *d as usize >= devices) {
+                bail!("{what} is put on device {d}; train.expert_parallel is {devices}");
+            }
+            if h.iter().any(|(_, s)| !(*s > 0.0 && s.is_finite())) {
+                bail!("{what} has a share that is not a positive number");
+            }
+            let total: f64 = h.iter().map(|p| p.1).sum();
+            if (total - 1.0).abs() > 1e-9 {
+                bail!("{what}: its shares sum to {total}, not 1");
+            }
+            let mut devs: Vec<u64> = h.iter().map(|p| p.0).collect();
+            devs.sort_unstable();
+            devs.dedup();
+            if devs.len() != h.len() {
+                bail!("{what} is put twice on one device");
             }
         }
+        let layer_homes: Layout = homes
+            .iter()
+            .map(|h| h.iter().map(|&(d, s)| (d as usize, s)).collect())
+            .collect();
         for dev in 0..devices {
-            let held = layer_homes.iter().filter(|&&d| d == dev).count();
-            if held * devices != e {
-                bail!(
-                    "{key}: {file} gives device {dev} {held} of MoE layer {l}'s {e} experts; \
-                     each device must hold {}",
-                    e / devices
-                );
+            if !layer_homes.iter().any(|h| h.iter().any(|p| p.0 == dev)) {
+                bail!("{key}: {file} gives device {dev} none of MoE layer {l}'s experts");
             }
         }
         out.push(layer_homes);

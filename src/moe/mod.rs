@@ -119,9 +119,10 @@ impl MoeLayer {
         &self.cfg
     }
 
-    /// Keep here only the experts whose home is `slot`; expert e lives on
-    /// rank `homes[e]` of `link`'s group (expert parallelism).
-    pub fn shard_experts(&mut self, homes: &[usize], slot: usize, link: RowLink) {
+    /// Keep here only the experts held by `slot`; expert e lives on the
+    /// ranks of `homes[e]` in `link`'s group, each computing its share of
+    /// e's rows (expert parallelism).
+    pub fn shard_experts(&mut self, homes: &[Vec<(usize, f64)>], slot: usize, link: RowLink) {
         let shard = shard::ExpertShard::new(homes, slot, link);
         self.experts = shard::select_experts(&self.experts, shard.held());
         self.shard = Some(shard);
@@ -130,6 +131,32 @@ impl MoeLayer {
     /// Under expert parallelism: the experts of each rank of the group.
     pub fn expert_ranks(&self) -> Option<&[Vec<usize>]> {
         self.shard.as_ref().map(|s| s.by_rank.as_slice())
+    }
+
+    /// The experts this layer's stack holds, in its order (all of them
+    /// unless expert parallelism spreads them).
+    pub fn held_experts(&self) -> Vec<usize> {
+        match &self.shard {
+            Some(s) => s.held().to_vec(),
+            None => (0..self.cfg.num_experts).collect(),
+        }
+    }
+
+    /// Under expert parallelism, sum the gradients of the experts held by
+    /// several ranks of the group (see [`shard::ExpertShard::sum_replica_grads`]).
+    pub fn sum_replica_grads(&self, grads: &mut burn::optim::GradientsParams) {
+        if let Some(s) = &self.shard {
+            s.sum_replica_grads(&self.experts, grads);
+        }
+    }
+
+    /// Under expert parallelism, the part of the gradient norm's sum of
+    /// squares this rank's second copies of replicated experts hold (see
+    /// [`shard::ExpertShard::copies_sq_norm`]).
+    pub fn copies_sq_norm(&self, grads: &burn::optim::GradientsParams) -> f64 {
+        self.shard
+            .as_ref()
+            .map_or(0.0, |s| s.copies_sq_norm(&self.experts, grads))
     }
 
     /// Change what happens to assignments beyond capacity.

@@ -10,6 +10,7 @@
 //! expert's tokens or none of them; orthogonal to μ, the split follows
 //! how the tokens differ from each other.
 
+use super::shard::ExpertShard;
 use super::MoeLayer;
 use crate::config::ReviveFrom;
 use burn::module::Param;
@@ -43,11 +44,15 @@ fn rewrite<const D: usize>(
     })
 }
 
-/// Expert `e` of a stacked `[E, a, b]` weight, rewritten from expert `donor`.
+/// Expert `e` of a stacked `[E, a, b]` weight, rewritten from expert
+/// `donor`. Under expert parallelism (`shard`) the stack holds this rank's
+/// experts only: the donor's weights come from the rank that holds it, the
+/// noise is drawn on every rank (so that the random stream stays the same
+/// everywhere), and the new weights are written where `e` is held.
 fn expert_slice(
     param: Param<Tensor<3>>,
-    e: usize,
-    donor: usize,
+    (e, donor): (usize, usize),
+    shard: Option<&ExpertShard>,
     from: ReviveFrom,
     rel: f64,
     init_std: f64,
@@ -55,13 +60,47 @@ fn expert_slice(
     rewrite(param, |w| {
         let [_, a, b] = w.dims();
         let new = match from {
-            ReviveFrom::Busiest => perturbed(w.clone().slice([donor..donor + 1, 0..a, 0..b]), rel),
+            ReviveFrom::Busiest => perturbed(expert_weights(&w, donor, shard), rel),
             ReviveFrom::Init => {
                 Tensor::random([1, a, b], Distribution::Normal(0.0, init_std), &w.device())
             }
         };
-        w.slice_assign([e..e + 1, 0..a, 0..b], new)
+        let at = match shard {
+            Some(s) => s.local(e),
+            None => Some(e),
+        };
+        match at {
+            Some(i) => w.slice_assign([i..i + 1, 0..a, 0..b], new),
+            None => w,
+        }
     })
+}
+
+/// Expert `x`'s slice `[1, a, b]` of a stack: read here, or, under expert
+/// parallelism, sent by the first rank of the group that holds it (every
+/// rank of the group calls this).
+fn expert_weights(w: &Tensor<3>, x: usize, shard: Option<&ExpertShard>) -> Tensor<3> {
+    let [_, a, b] = w.dims();
+    let Some(s) = shard else {
+        return w.clone().slice([x..x + 1, 0..a, 0..b]);
+    };
+    let owner = s.first_holder(x);
+    let mine = match s.local(x).filter(|_| owner == s.slot) {
+        Some(i) => w
+            .clone()
+            .slice([i..i + 1, 0..a, 0..b])
+            .into_data()
+            .convert::<f32>()
+            .as_bytes()
+            .to_vec(),
+        None => Vec::new(),
+    };
+    let parts = s.link.all_gather(&mine);
+    let values: Vec<f32> = parts[owner]
+        .chunks_exact(4)
+        .map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]]))
+        .collect();
+    Tensor::<3>::from_data(TensorData::new(values, [1, a, b]), &w.device()).cast(w.dtype())
 }
 
 /// δ for splitting a router column `w` (`[d, 1]`): Gaussian, with the
@@ -98,10 +137,11 @@ impl MoeLayer {
         center: Option<Tensor<1>>,
     ) {
         let rel = self.cfg.revive_noise;
-        let ex = &mut self.experts;
-        ex.gate_proj = expert_slice(ex.gate_proj.clone(), e, donor, from, rel, init_std);
-        ex.up_proj = expert_slice(ex.up_proj.clone(), e, donor, from, rel, init_std);
-        ex.down_proj = expert_slice(ex.down_proj.clone(), e, donor, from, rel, init_std);
+        let (ex, shard) = (&mut self.experts, self.shard.as_ref());
+        let pair = (e, donor);
+        ex.gate_proj = expert_slice(ex.gate_proj.clone(), pair, shard, from, rel, init_std);
+        ex.up_proj = expert_slice(ex.up_proj.clone(), pair, shard, from, rel, init_std);
+        ex.down_proj = expert_slice(ex.down_proj.clone(), pair, shard, from, rel, init_std);
         self.router.weight = rewrite(self.router.weight.clone(), |w| {
             let [d, _] = w.dims();
             let column = w.clone().slice([0..d, donor..donor + 1]); // [d, 1]

@@ -38,8 +38,8 @@ pub(super) fn agree_run_dir(opts: &RunOptions, comm: &mut dyn Collective) -> Res
 }
 
 /// Set expert parallelism up when `train.expert_parallel` > 1: check what
-/// it needs, then keep this rank's slot of every MoE layer's experts (and of
-/// their AdamW moments, on a resume).
+/// it needs, then keep this rank's experts of every MoE layer (and their
+/// AdamW moments, on a resume).
 pub(super) fn shard_experts(
     model: &mut LanguageModel,
     adam: &mut AdamW,
@@ -61,9 +61,6 @@ pub(super) fn shard_experts(
              (--device flex) in f32 (train.precision = \"f32\")"
         );
     }
-    if cfg.moe.revive_dead_experts {
-        bail!("train.expert_parallel = {n} cannot be combined with moe.revive_dead_experts yet");
-    }
     let experts: Vec<usize> = model.moe_layers().map(|l| l.config().num_experts).collect();
     if experts.is_empty() {
         bail!("train.expert_parallel = {n}: the model has no MoE layer");
@@ -71,11 +68,11 @@ pub(super) fn shard_experts(
     if let Some(e) = experts.iter().find(|&&e| e % n != 0) {
         bail!("train.expert_parallel = {n} must divide moe.num_experts ({e})");
     }
-    let homes: Vec<Vec<usize>> = match &cfg.train.expert_placement {
+    let homes: Vec<crate::dist::plan::Layout> = match &cfg.train.expert_placement {
         Some(spec) => crate::dist::plan::read_placement(spec, n, &experts)?,
         None => experts
             .iter()
-            .map(|&e| (0..e).map(|x| x / (e / n)).collect())
+            .map(|&e| (0..e).map(|x| vec![(x / (e / n), 1.0)]).collect())
             .collect(),
     };
     let mut ep = ExpertParallel::new(comm, n)?;
@@ -96,7 +93,7 @@ pub(super) fn shard_experts(
                 continue;
             }
             let held = &by_rank[ep.slot];
-            let e: usize = by_rank.iter().map(Vec::len).sum();
+            let e = experts_of(by_rank);
             let per = t.dims()[0] / e;
             let index: Vec<i64> = held.iter().map(|&x| x as i64).collect();
             let index =
@@ -109,6 +106,11 @@ pub(super) fn shard_experts(
         }
     }
     Ok(Some(ep))
+}
+
+/// How many experts a layer has, from the experts each rank holds.
+fn experts_of(by_rank: &[Vec<usize>]) -> usize {
+    by_rank.iter().flatten().max().map_or(0, |&x| x + 1)
 }
 
 /// The block index in a parameter path `…layers.{i}.…`.
@@ -140,7 +142,7 @@ pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, ep: &Ex
                     .collect()
             })
             .collect();
-        let e: usize = by_rank.iter().map(Vec::len).sum();
+        let e = experts_of(by_rank);
         let per = local.num_elements() / by_rank[ep.slot].len().max(1);
         let mut values = vec![0f32; e * per];
         for (part, experts) in parts.iter().zip(by_rank) {

@@ -118,7 +118,11 @@ pub fn apply(
     device: &Device,
 ) -> LanguageModel {
     device.seed(seed(cfg.train.seed, step, r));
+    // The experts this rank's stacks hold (some of them under expert
+    // parallelism), in stack order.
+    let mut held = Vec::new();
     if let Some(layer) = model.moe_layers_mut().nth(r.layer) {
+        held = layer.held_experts();
         let center = r.mean_input.as_ref().map(|m| {
             let v: Vec<f32> = m.iter().map(|&x| x as f32).collect();
             Tensor::<1>::from_data(TensorData::new(v, [m.len()]), &device.clone().inner())
@@ -146,13 +150,15 @@ pub fn apply(
         let zero_expert = |t: Tensor<1>| -> Tensor<1> {
             let n = t.dims()[0];
             match name {
-                // [E, a, b]: expert e's block of rows.
+                // [E, a, b]: expert e's block of rows, where it is held.
                 _ if name.starts_with("experts.") => {
-                    let per = n / e;
-                    let t = t.reshape([e, per]);
+                    let Some(i) = held.iter().position(|&x| x == r.expert) else {
+                        return t;
+                    };
+                    let per = n / held.len();
+                    let t = t.reshape([held.len(), per]);
                     let z = Tensor::zeros([1, per], &t.device());
-                    t.slice_assign([r.expert..r.expert + 1, 0..per], z)
-                        .reshape([n])
+                    t.slice_assign([i..i + 1, 0..per], z).reshape([n])
                 }
                 // [d, E]: column e.
                 "router.weight" => {

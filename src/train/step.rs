@@ -260,13 +260,23 @@ pub fn train_step(
     let replicas = ep
         .as_deref_mut()
         .map(|e| e.replicas.as_mut() as &mut dyn Collective);
-    let grads = dp::average_grads(&model, acc.grads(), comm, replicas, bucket);
+    let mut grads = acc.grads();
+    if replicas.is_some() {
+        // An expert held by several ranks of the group: sum its copies'
+        // gradients, so that the copies stay identical.
+        for layer in model.moe_layers() {
+            layer.sum_replica_grads(&mut grads);
+        }
+    }
+    let grads = dp::average_grads(&model, grads, comm, replicas, bucket);
     let sq_norm = match ep.filter(|e| e.degree > 1) {
         // The group's ranks hold the experts' slices: sum theirs, so that
         // every rank gets the same norm to the last bit.
         Some(ep) => {
             let [shared, mine] = dp::sq_norms(&model, &grads);
-            let mut experts = [mine];
+            // A replicated expert counts once, on its first holder.
+            let copies: f64 = model.moe_layers().map(|l| l.copies_sq_norm(&grads)).sum();
+            let mut experts = [mine - copies];
             ep.link.all_reduce_sum_f64(&mut experts);
             let total = (shared + experts[0]) as f32;
             Tensor::from_data(TensorData::new(vec![total], [1]), &device.clone().inner())
