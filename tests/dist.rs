@@ -533,6 +533,38 @@ fn dead_experts_revive_across_an_expert_parallel_group_as_under_data_parallelism
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The GPU path (the `wgpu` feature; without a GPU, Mesa's llvmpipe runs
+/// it on the CPU): the rows pass through host memory between the ranks'
+/// devices, and degree 2 computes what data parallelism on the same
+/// devices computes.
+#[cfg(feature = "wgpu")]
+#[test]
+fn expert_parallelism_on_the_gpu_path_equals_data_parallelism_there() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("dist", "ep-gpu");
+    let cfg = write_config(&dir);
+    let base = [
+        "--device",
+        "wgpu",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.checkpoint_every=4",
+    ];
+    train(2, &cfg, &dir, "dp", &base);
+    let ep_args = [&base[..], &["--set", "train.expert_parallel=2"]].concat();
+    let text = train(2, &cfg, &dir, "ep", &ep_args);
+    assert!(text.contains("device wgpu"), "{text}");
+    let (dp, ep) = (dir.join("dp"), dir.join("ep"));
+    assert_eq!(losses(&dp).len(), 4);
+    same_losses(&losses(&dp), &losses(&ep));
+    same_weights(&dp, &ep);
+    assert!(series(&ep, "comm/alltoall_bytes").iter().all(|&b| b > 0.0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn expert_parallel_settings_that_cannot_work_are_named() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -3,7 +3,8 @@
 //! experts, and the backward pass sends the rows' gradients back the way
 //! they came (the same exchange with the counts swapped).
 //!
-//! It is a backend extension for the CPU backend and for autodiff over it.
+//! It is a backend extension for the CPU backend, the GPU (Cube) backends
+//! and autodiff over them.
 //! Its backward runs inside Burn's backward pass; every rank's graph has the
 //! same operations, and the backward runs them deepest first, so every rank
 //! reaches each exchange in the same order.
@@ -113,31 +114,52 @@ impl RowRoute {
 }
 
 /// The exchange, as a backend extension.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Autodiff, Cube: cfg(feature = "gpu-kernels"))]
 pub trait ExchangeOps: Backend {
     /// Rows `[Σ send, d]` in rank order → rows `[Σ recv, d]` in rank order.
     fn exchange_rows(x: FloatTensor<Self>, route: RowRoute) -> FloatTensor<Self>;
 }
 
+/// The exchange of host rows: `data` holds `[Σ route.send, d]` rows.
+fn exchange_data(data: TensorData, route: &RowRoute) -> TensorData {
+    let values = data
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32");
+    let counts: Vec<usize> = route.send.iter().map(|r| r * route.width).collect();
+    let (out, got) = route.link.comm().all_to_all_v(&values, &counts);
+    let rows: usize = route.recv.iter().sum();
+    debug_assert_eq!(
+        got,
+        route
+            .recv
+            .iter()
+            .map(|r| r * route.width)
+            .collect::<Vec<_>>()
+    );
+    TensorData::new(out, [rows, route.width])
+}
+
 impl ExchangeOps for Flex {
     fn exchange_rows(x: FlexTensor, route: RowRoute) -> FlexTensor {
-        let values = x
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("converted to f32");
-        let counts: Vec<usize> = route.send.iter().map(|r| r * route.width).collect();
-        let (out, got) = route.link.comm().all_to_all_v(&values, &counts);
-        let rows: usize = route.recv.iter().sum();
-        debug_assert_eq!(
-            got,
-            route
-                .recv
-                .iter()
-                .map(|r| r * route.width)
-                .collect::<Vec<_>>()
-        );
-        FlexTensor::from_data(TensorData::new(out, [rows, route.width]))
+        FlexTensor::from_data(exchange_data(x.into_data(), &route))
+    }
+}
+
+/// On a GPU the rows pass through host memory: read, exchanged by the
+/// link's collective (MPI: an expert-parallel group does not exchange over
+/// NCCL yet), written back to the device.
+#[cfg(feature = "gpu-kernels")]
+impl ExchangeOps for burn::backend::Cube {
+    fn exchange_rows(x: FloatTensor<Self>, route: RowRoute) -> FloatTensor<Self> {
+        use burn::backend::ops::FloatTensorOps;
+        use burn::backend::TensorMetadata;
+        type C = burn::backend::Cube;
+        let device = x.device();
+        let data = burn::tensor::try_read_sync(C::float_into_data(x))
+            .expect("a synchronous read of the rows")
+            .expect("reading the rows to exchange from the device");
+        C::float_from_data(exchange_data(data, &route), &device)
     }
 }
 

@@ -103,7 +103,9 @@ impl ExpertShard {
     /// result holds their outputs in the same rows.
     pub fn through(&self, dispatched: Dispatched, experts: &Experts) -> Dispatched {
         let Dispatched::Rows(x, grouping) = dispatched else {
-            unreachable!("expert parallelism runs on the CPU backend in f32 (checked at setup)")
+            unreachable!(
+                "expert parallelism runs where the experts take grouped rows (checked at setup)"
+            )
         };
         let [_, d] = x.dims();
         let device = x.device();

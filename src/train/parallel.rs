@@ -10,7 +10,7 @@ use crate::config::RunConfig;
 use crate::data::stream::Cursor;
 use crate::dist::dp::{is_expert_param, param_checksums};
 use crate::dist::{Collective, ExpertParallel};
-use crate::kernels::fused_on;
+use crate::kernels::{served_on, Op};
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -55,10 +55,12 @@ pub(super) fn shard_experts(
     if size % n != 0 {
         bail!("train.expert_parallel = {n} must divide the number of processes ({size})");
     }
-    if !fused_on(device, DType::F32) || cfg.train.precision != crate::config::Precision::F32 {
+    let grouped = served_on(Op::GroupedSwiglu, device, DType::F32);
+    if !grouped || cfg.train.precision != crate::config::Precision::F32 {
         bail!(
-            "train.expert_parallel = {n}: expert parallelism runs on the CPU backend \
-             (--device flex) in f32 (train.precision = \"f32\")"
+            "train.expert_parallel = {n}: expert parallelism runs the experts over rows \
+             grouped by expert, in f32 (train.precision = \"f32\"): on the CPU backend \
+             (--device flex), or on a GPU with train.gpu_kernels = true"
         );
     }
     let experts: Vec<usize> = model.moe_layers().map(|l| l.config().num_experts).collect();
