@@ -70,18 +70,19 @@ pub fn use_gpu_kernels(on: bool) {
 
 /// Whether the fused `op` serves a float tensor on `device` of `dtype`:
 /// every operation on the CPU backend in f32 ([`fused_on`]), and on the
-/// GPU (Cube) backends in f32 those with a CubeCL kernel, unless
-/// [`use_gpu_kernels`] turned them off.
+/// GPU (Cube) backends those with a CubeCL kernel, unless
+/// [`use_gpu_kernels`] turned them off: in f32, and attention in f16 and
+/// bf16 too (its statistics and accumulators are f32 whatever the dtype).
 pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
     if fused_on(device, dtype) {
         return true;
     }
-    let gpu = on_cube(device)
-        && dtype == DType::F32
-        && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
+    let kernels = on_cube(device) && GPU_KERNELS.load(std::sync::atomic::Ordering::Relaxed);
+    let gpu = kernels && dtype == DType::F32;
+    let half = kernels && matches!(dtype, DType::F16 | DType::BF16);
     match op {
-        Op::CausalAttention
-        | Op::LinearCrossEntropy
+        Op::CausalAttention => gpu || half,
+        Op::LinearCrossEntropy
         | Op::RmsNorm
         | Op::Rope
         | Op::AdamW

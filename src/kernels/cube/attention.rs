@@ -17,10 +17,15 @@
 //! start there. The tile is the most rows, up to 64, whose tiles fit the
 //! device's shared memory.
 //!
+//! Precision: q, k, v, the output and the shared-memory tiles are in the
+//! tensors' dtype (f32, or f16/bf16 under `train.precision = "bf16"`);
+//! every score, running statistic and accumulator, and the saved
+//! log-sum-exp, are f32.
+//!
 //! The forward is here; the backward's two kernels are in
 //! [`super::attention_grad`].
 
-use super::empty_like;
+use super::{empty_f32_like, empty_like};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
@@ -110,18 +115,18 @@ pub(super) fn query_row<F: Float>(
     }
 }
 
-/// `x · tile row r` over one head's width.
+/// `x · tile row r` over one head's width, in f32.
 #[cube]
 pub(super) fn dot_tile<F: Float>(
-    x: &Array<F>,
+    x: &Array<f32>,
     rows: &Shared<[F]>,
     r: usize,
     #[comptime] hd: usize,
-) -> F {
-    let mut acc = F::new(0.0);
+) -> f32 {
+    let mut acc = f32::new(0.0);
     #[unroll]
     for d in 0..hd {
-        acc += x[d] * rows[r * hd + d];
+        acc += x[d] * f32::cast_from(rows[r * hd + d]);
     }
     acc
 }
@@ -137,7 +142,7 @@ fn forward_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &mut Tensor<F>,
-    lse: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] tile: usize,
@@ -146,24 +151,23 @@ fn forward_kernel<F: Float>(
     let row = query_row::<F>(q, k, tile, hd);
     let (s, b, g, qt, i, live, q_at) = (row.s, row.b, row.g, row.qt, row.i, row.live, row.at);
     let kv = k.shape(2);
-    let scale = F::cast_from(scale);
-    let mut qr = Array::<F>::new(hd);
+    let mut qr = Array::<f32>::new(hd);
     #[unroll]
     for d in 0..hd {
-        qr[d] = q[q_at + d] * scale;
+        qr[d] = f32::cast_from(q[q_at + d]) * scale;
     }
     // Key 0 is in every causal row: start the running statistics there.
     let first = (b * s * kv + g) * hd;
-    let mut m = F::new(0.0);
+    let mut m = f32::new(0.0);
     #[unroll]
     for d in 0..hd {
-        m += qr[d] * k[first + d];
+        m += qr[d] * f32::cast_from(k[first + d]);
     }
-    let mut l = F::new(1.0);
-    let mut acc = Array::<F>::new(hd);
+    let mut l = f32::new(1.0);
+    let mut acc = Array::<f32>::new(hd);
     #[unroll]
     for d in 0..hd {
-        acc[d] = v[first + d];
+        acc[d] = f32::cast_from(v[first + d]);
     }
     let mut ks = Shared::<[F]>::new_slice(comptime!(tile * hd));
     let mut vs = Shared::<[F]>::new_slice(comptime!(tile * hd));
@@ -177,13 +181,16 @@ fn forward_kernel<F: Float>(
                 let j = base + r;
                 if j >= 1 && j <= i {
                     let score = dot_tile::<F>(&qr, &ks, r, hd);
-                    let m_new = F::max(m, score);
+                    let mut m_new = m;
+                    if score > m {
+                        m_new = score;
+                    }
                     let rescale = (m - m_new).exp();
                     let p = (score - m_new).exp();
                     l = l * rescale + p;
                     #[unroll]
                     for d in 0..hd {
-                        acc[d] = acc[d] * rescale + p * vs[r * hd + d];
+                        acc[d] = acc[d] * rescale + p * f32::cast_from(vs[r * hd + d]);
                     }
                     m = m_new;
                 }
@@ -192,10 +199,10 @@ fn forward_kernel<F: Float>(
         sync_cube();
     }
     if live {
-        let inv = F::new(1.0) / l;
+        let inv = f32::new(1.0) / l;
         #[unroll]
         for d in 0..hd {
-            out[q_at + d] = acc[d] * inv;
+            out[q_at + d] = F::cast_from(acc[d] * inv);
         }
         lse[row.stat] = m + l.ln();
     }
@@ -239,13 +246,13 @@ pub(super) fn launch_tiles(s: usize, groups: usize, tile: usize) -> (CubeCount, 
     )
 }
 
-/// The attention output `[B, S, H, hd]` and each query row's log-sum-exp
-/// `[B, H, S]`.
+/// The attention output `[B, S, H, hd]` (in q's dtype) and each query
+/// row's log-sum-exp `[B, H, S]` (f32).
 pub fn forward(q: CubeTensor, k: CubeTensor, v: CubeTensor) -> (CubeTensor, CubeTensor) {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let [b, s, h, _, hd] = dims(&q, &k, &v);
     let out = empty_like(&q, q.meta.shape().clone());
-    let lse = empty_like(&q, Shape::new([b, h, s]));
+    let lse = empty_f32_like(&q, Shape::new([b, h, s]));
     let tile = tile_rows(&q, hd);
     let (count, dim) = launch_tiles(s, b * h, tile);
     let dtype = dtype_to_storage_type(q.dtype);

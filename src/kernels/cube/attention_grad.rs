@@ -2,10 +2,11 @@
 //! ([`super::attention`]): the query gradient over tiles of keys and
 //! values, then the key and value gradients over tiles of queries and
 //! output gradients, each recomputing the probabilities from the saved
-//! log-sum-exp.
+//! log-sum-exp. As in the forward, the tensors and tiles are in the
+//! inputs' dtype and every statistic and accumulator in f32.
 
 use super::attention::{dims, dot_tile, launch_tiles, load_tile, query_row, tile_rows};
-use super::empty_like;
+use super::{empty_f32_like, empty_like};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
@@ -23,10 +24,10 @@ fn query_grad_kernel<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     out: &Tensor<F>,
-    lse: &Tensor<F>,
+    lse: &Tensor<f32>,
     grad: &Tensor<F>,
     dq: &mut Tensor<F>,
-    delta: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
     scale: f32,
     #[comptime] hd: usize,
     #[comptime] tile: usize,
@@ -35,17 +36,16 @@ fn query_grad_kernel<F: Float>(
     let row = query_row::<F>(q, k, tile, hd);
     let (s, b, g, qt, i, live, q_at) = (row.s, row.b, row.g, row.qt, row.i, row.live, row.at);
     let stat = row.stat;
-    let scale = F::cast_from(scale);
-    let mut qr = Array::<F>::new(hd);
-    let mut gr = Array::<F>::new(hd);
-    let mut acc = Array::<F>::new(hd);
-    let mut dl = F::new(0.0);
+    let mut qr = Array::<f32>::new(hd);
+    let mut gr = Array::<f32>::new(hd);
+    let mut acc = Array::<f32>::new(hd);
+    let mut dl = f32::new(0.0);
     #[unroll]
     for d in 0..hd {
-        qr[d] = q[q_at + d] * scale;
-        gr[d] = grad[q_at + d];
-        dl += gr[d] * out[q_at + d];
-        acc[d] = F::new(0.0);
+        qr[d] = f32::cast_from(q[q_at + d]) * scale;
+        gr[d] = f32::cast_from(grad[q_at + d]);
+        dl += gr[d] * f32::cast_from(out[q_at + d]);
+        acc[d] = f32::new(0.0);
     }
     let row_lse = lse[stat];
     let mut ks = Shared::<[F]>::new_slice(comptime!(tile * hd));
@@ -62,7 +62,7 @@ fn query_grad_kernel<F: Float>(
                     let ds = p * (dot_tile::<F>(&gr, &vs, r, hd) - dl);
                     #[unroll]
                     for d in 0..hd {
-                        acc[d] += ds * ks[r * hd + d];
+                        acc[d] += ds * f32::cast_from(ks[r * hd + d]);
                     }
                 }
             }
@@ -72,7 +72,7 @@ fn query_grad_kernel<F: Float>(
     if live {
         #[unroll]
         for d in 0..hd {
-            dq[q_at + d] = acc[d] * scale;
+            dq[q_at + d] = F::cast_from(acc[d] * scale);
         }
         delta[stat] = dl;
     }
@@ -90,8 +90,8 @@ fn key_value_grad_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
-    lse: &Tensor<F>,
-    delta: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
     grad: &Tensor<F>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
@@ -115,23 +115,22 @@ fn key_value_grad_kernel<F: Float>(
         kj = j;
     }
     let at = ((b * s + kj) * kv + g) * hd;
-    let scale = F::cast_from(scale);
-    let mut kr = Array::<F>::new(hd);
-    let mut vr = Array::<F>::new(hd);
-    let mut dk_acc = Array::<F>::new(hd);
-    let mut dv_acc = Array::<F>::new(hd);
+    let mut kr = Array::<f32>::new(hd);
+    let mut vr = Array::<f32>::new(hd);
+    let mut dk_acc = Array::<f32>::new(hd);
+    let mut dv_acc = Array::<f32>::new(hd);
     #[unroll]
     for d in 0..hd {
-        kr[d] = k[at + d] * scale;
-        vr[d] = v[at + d];
-        dk_acc[d] = F::new(0.0);
-        dv_acc[d] = F::new(0.0);
+        kr[d] = f32::cast_from(k[at + d]) * scale;
+        vr[d] = f32::cast_from(v[at + d]);
+        dk_acc[d] = f32::new(0.0);
+        dv_acc[d] = f32::new(0.0);
     }
     let tiles = s.div_ceil(tile);
     let mut qs = Shared::<[F]>::new_slice(comptime!(tile * hd));
     let mut gs = Shared::<[F]>::new_slice(comptime!(tile * hd));
-    let mut lse_s = Shared::<[F]>::new_slice(tile);
-    let mut delta_s = Shared::<[F]>::new_slice(tile);
+    let mut lse_s = Shared::<[f32]>::new_slice(tile);
+    let mut delta_s = Shared::<[f32]>::new_slice(tile);
     for r in 0..group {
         let head = g * group + r;
         for qt in kt..tiles {
@@ -151,8 +150,8 @@ fn key_value_grad_kernel<F: Float>(
                         let ds = p * (dot_tile::<F>(&vr, &gs, rr, hd) - delta_s[rr]);
                         #[unroll]
                         for d in 0..hd {
-                            dv_acc[d] += p * gs[rr * hd + d];
-                            dk_acc[d] += ds * qs[rr * hd + d];
+                            dv_acc[d] += p * f32::cast_from(gs[rr * hd + d]);
+                            dk_acc[d] += ds * f32::cast_from(qs[rr * hd + d]);
                         }
                     }
                 }
@@ -163,8 +162,8 @@ fn key_value_grad_kernel<F: Float>(
     if live {
         #[unroll]
         for d in 0..hd {
-            dk[at + d] = dk_acc[d] * scale;
-            dv[at + d] = dv_acc[d];
+            dk[at + d] = F::cast_from(dk_acc[d] * scale);
+            dv[at + d] = F::cast_from(dv_acc[d]);
         }
     }
 }
@@ -187,7 +186,7 @@ pub fn backward(
     let scale = 1.0 / (hd as f32).sqrt();
     let dtype = dtype_to_storage_type(q.dtype);
     let dq = empty_like(&q, q.meta.shape().clone());
-    let delta = empty_like(&q, Shape::new([b, h, s]));
+    let delta = empty_f32_like(&q, Shape::new([b, h, s]));
     let tile = tile_rows(&q, hd);
     let (count, dim) = launch_tiles(s, b * h, tile);
     query_grad_kernel::launch(

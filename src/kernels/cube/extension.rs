@@ -12,11 +12,11 @@ use burn_cubecl::CubeBackend;
 pub trait CubeKernels: Backend {
     /// Causal grouped-query attention on `q: [B, S, H, hd]`,
     /// `k, v: [B, S, KV, hd]`: the output `[B, S, H, hd]` and each query
-    /// row's log-sum-exp `[B, H, S]`.
+    /// row's log-sum-exp `[B, H, S]` (f32, whatever the inputs' dtype).
     #[fusion(meta = |q, _k, _v| {
         let [b, s, h, _] = q.shape.dims::<4>();
         (q.clone(), burn::backend::fusion::custom::TensorSpec::new(
-            burn::tensor::Shape::new([b, h, s]), q.dtype))
+            burn::tensor::Shape::new([b, h, s]), burn::tensor::DType::F32))
     })]
     fn flash_attention_forward(
         q: FloatTensor<Self>,

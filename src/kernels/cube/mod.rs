@@ -43,6 +43,17 @@ fn empty_like(t: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
 }
 
+/// A new f32 tensor of `shape` on `t`'s device, values unset (the f32
+/// statistics of kernels whose tensors may be f16 or bf16).
+fn empty_f32_like(t: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_dtype(
+        t.client.clone(),
+        t.device.clone(),
+        shape,
+        burn::tensor::DType::F32,
+    )
+}
+
 /// The launch of one unit per element for `n` elements (at least one unit)
 /// on `t`'s device: the cube count and the cube size.
 fn launch_elementwise(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
