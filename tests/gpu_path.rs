@@ -262,3 +262,6 @@ fn bench_reports_device_memory_that_holds_weights_and_moments() {
 
 #[path = "gpu_path/kernels.rs"]
 mod kernels;
+
+#[path = "gpu_path/half.rs"]
+mod half;

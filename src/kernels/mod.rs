@@ -294,8 +294,8 @@ pub fn attention_served(q: &Tensor<4>) -> bool {
 }
 
 /// Causal attention `softmax(q kᵀ / √hd) v` with grouped key/value heads,
-/// fused on the CPU backend and on the GPU backends (f32 only: check
-/// [`attention_served`] first). Key/value head j serves query heads
+/// fused on the CPU backend (f32) and on the GPU backends (f32, f16, bf16:
+/// check [`attention_served`] first). Key/value head j serves query heads
 /// `j·H/KV .. (j+1)·H/KV`; nothing is repeated. On a GPU no `[S, S]` tensor
 /// is made, forward or backward ([`cube::attention`]); heads wider than
 /// [`GPU_MAX_HEAD_DIM`] are refused there.
@@ -319,8 +319,8 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 }
 
 /// SwiGLU experts over rows grouped by expert, with one matmul per expert
-/// and projection over exactly its rows (CPU and GPU backends, f32 only:
-/// check [`served_on`] first). The row offsets are host values, known
+/// and projection over exactly its rows (the CPU backend in f32, the GPU
+/// backends in f32, f16 and bf16: check [`served_on`] first). The row offsets are host values, known
 /// from the dispatch plan, so a GPU launches the experts without reading
 /// anything back.
 ///
@@ -338,7 +338,7 @@ pub fn grouped_swiglu(
 ) -> Tensor<2> {
     assert!(
         served_on(Op::GroupedSwiglu, &x.device(), x.dtype()),
-        "grouped_swiglu runs on the CPU and GPU backends in f32"
+        "grouped_swiglu runs on the CPU backend in f32 and the GPU backends (see served_on)"
     );
     let out = <Dispatch as FusedOps>::grouped_swiglu(
         x.into_dispatch(),
@@ -352,8 +352,8 @@ pub fn grouped_swiglu(
 
 /// The weighted sum of each token's k expert-output rows,
 /// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]`, where an index of R
-/// (the row count) adds nothing (CPU and GPU backends, f32 only: check
-/// [`served_on`] first). Forward and backward are one pass each; the
+/// (the row count) adds nothing (the CPU backend in f32, the GPU backends
+/// in f32, f16 and bf16: check [`served_on`] first). Forward and backward are one pass each; the
 /// backward assumes what the dispatch plans guarantee, that no row is read
 /// twice (the CPU falls back to one thread otherwise; the GPU requires it).
 ///
@@ -362,7 +362,7 @@ pub fn grouped_swiglu(
 pub fn combine_rows(rows: Tensor<2>, index: Tensor<1, Int>, weights: Tensor<2>) -> Tensor<2> {
     assert!(
         served_on(Op::Combine, &rows.device(), rows.dtype()),
-        "the fused combine_rows runs on the CPU and GPU backends in f32"
+        "the fused combine_rows runs on the CPU backend in f32 and the GPU backends (see served_on)"
     );
     let out = <Dispatch as FusedOps>::combine_rows(
         rows.into_dispatch(),

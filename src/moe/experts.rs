@@ -53,16 +53,19 @@ impl Experts {
 
     /// Run every expert on its rows of `x`, grouped by expert: rows
     /// `offsets[e]..offsets[e + 1]` go through expert e, with no padding
-    /// (CPU backend, f32; see [`crate::kernels::grouped_swiglu`]).
+    /// (see [`crate::kernels::grouped_swiglu`]); the weights run in x's
+    /// dtype.
     ///
     /// # Shapes
     /// - `x`: `[N, d_model]` → `[N, d_model]`; `offsets`: `E + 1` values
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Vec<usize>) -> Tensor<2> {
+        let dt = x.dtype();
+        let w = |p: &Param<Tensor<3>>| in_dtype(p.val(), dt);
         grouped_swiglu(
             x,
-            self.gate_proj.val(),
-            self.up_proj.val(),
-            self.down_proj.val(),
+            w(&self.gate_proj),
+            w(&self.up_proj),
+            w(&self.down_proj),
             offsets,
         )
     }

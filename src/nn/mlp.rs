@@ -2,7 +2,7 @@
 //! Transformer"): `down(silu(gate(x)) * up(x))`, used by dense blocks and by
 //! shared experts. Field names follow the Hugging Face Qwen2/Llama keys.
 
-use super::linear::{apply, linear};
+use super::linear::{apply, in_dtype, linear};
 use crate::kernels::{grouped_swiglu, served_on, Op};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -39,7 +39,8 @@ impl Mlp {
             let dims = x.dims();
             let d = dims[D - 1];
             let n = x.shape().num_elements() / d;
-            let w = |l: &Linear| l.weight.val().unsqueeze::<3>();
+            let dt = x.dtype();
+            let w = |l: &Linear| in_dtype(l.weight.val(), dt).unsqueeze::<3>();
             let y = grouped_swiglu(
                 x.reshape([n, d]),
                 w(&self.gate_proj),

@@ -8,6 +8,7 @@
 //! the row the assignment read, which needs what every dispatch plan
 //! guarantees: no row is read by two assignments. Rows no assignment reads
 //! get a zero gradient; each weight's gradient is `rows[index] · grad[t]`.
+//! The tensors may be f32, f16 or bf16; the sums are f32.
 
 use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
@@ -34,15 +35,15 @@ fn combine_kernel<F: Float, I: Numeric>(
     let d = out.shape(1);
     let r = rows.shape(0);
     let (t, c) = (pos / d, pos % d);
-    let mut acc = F::new(0.0);
+    let mut acc = f32::new(0.0);
     #[unroll]
     for j in 0..k {
         let row = u32::cast_from(index[t * k + j]) as usize;
         if row < r {
-            acc += weights[t * k + j] * rows[row * d + c];
+            acc += f32::cast_from(weights[t * k + j]) * f32::cast_from(rows[row * d + c]);
         }
     }
-    out[pos] = acc;
+    out[pos] = F::cast_from(acc);
 }
 
 /// One value of the rows' gradient per assignment and column:
@@ -64,7 +65,8 @@ fn rows_grad_kernel<F: Float, I: Numeric>(
     let (a, c) = (pos / d, pos % d);
     let row = u32::cast_from(index[a]) as usize;
     if row < d_rows.shape(0) {
-        d_rows[row * d + c] = weights[a] * grad[(a / k) * d + c];
+        let w = f32::cast_from(weights[a]);
+        d_rows[row * d + c] = F::cast_from(w * f32::cast_from(grad[(a / k) * d + c]));
     }
 }
 
@@ -84,14 +86,14 @@ fn weights_grad_kernel<F: Float, I: Numeric>(
     }
     let d = grad.shape(1);
     let row = u32::cast_from(index[a]) as usize;
-    let mut acc = F::new(0.0);
+    let mut acc = f32::new(0.0);
     if row < rows.shape(0) {
         let t = a / k;
         for c in 0..d {
-            acc += rows[row * d + c] * grad[t * d + c];
+            acc += f32::cast_from(rows[row * d + c]) * f32::cast_from(grad[t * d + c]);
         }
     }
-    d_weights[a] = acc;
+    d_weights[a] = F::cast_from(acc);
 }
 
 /// `(T, k, d)` of a combine, checked.

@@ -7,6 +7,9 @@
 //!
 //! The row offsets are host values: the dispatch plan they come from is
 //! read to the host once per layer to lay the rows out.
+//!
+//! In f16 or bf16 the matmuls run in that dtype (on CUDA, tensor cores
+//! with CubeCL's accumulation), and the SwiGLU kernels compute in f32.
 
 use super::{empty_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
@@ -18,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
 
-/// `h = silu(g) · u`, element-wise.
+/// `h = silu(g) · u`, element-wise, computed in f32.
 #[cube(launch)]
 fn swiglu_kernel<F: Float>(
     g: &Tensor<F>,
@@ -30,11 +33,12 @@ fn swiglu_kernel<F: Float>(
     if i >= h.len() {
         terminate!();
     }
-    let x = g[i];
-    h[i] = x / (F::new(1.0) + (-x).exp()) * u[i];
+    let x = f32::cast_from(g[i]);
+    h[i] = F::cast_from(x / (f32::new(1.0) + (-x).exp()) * f32::cast_from(u[i]));
 }
 
-/// The gradients of g and u of `h = silu(g) · u` for the gradient `dh`.
+/// The gradients of g and u of `h = silu(g) · u` for the gradient `dh`,
+/// computed in f32.
 #[cube(launch)]
 fn swiglu_backward_kernel<F: Float>(
     g: &Tensor<F>,
@@ -48,11 +52,12 @@ fn swiglu_backward_kernel<F: Float>(
     if i >= dg.len() {
         terminate!();
     }
-    let x = g[i];
-    let one = F::new(1.0);
+    let x = f32::cast_from(g[i]);
+    let dhi = f32::cast_from(dh[i]);
+    let one = f32::new(1.0);
     let s = one / (one + (-x).exp());
-    dg[i] = dh[i] * u[i] * s * (one + x * (one - s));
-    du[i] = dh[i] * x * s;
+    dg[i] = F::cast_from(dhi * f32::cast_from(u[i]) * s * (one + x * (one - s)));
+    du[i] = F::cast_from(dhi * x * s);
 }
 
 fn swiglu(g: CubeTensor, u: CubeTensor) -> CubeTensor {

@@ -1,0 +1,183 @@
+//! The GPU kernels that take f16 and bf16 tensors (attention, the grouped
+//! experts, the combine) in f16, the half type wgpu has (on CUDA, bf16
+//! takes the same kernels with another storage type): each against the f32
+//! operation on the same f16-rounded inputs, in value and in every input
+//! gradient, to within f16's rounding of the results.
+
+use super::kernels::composed_attention;
+use super::rel_diff;
+use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
+
+/// A leaf in `dtype` holding `x`'s values.
+fn leaf<const D: usize>(x: &Tensor<D>, dtype: DType) -> Tensor<D> {
+    x.clone().cast(dtype).require_grad()
+}
+
+/// A random tensor rounded to f16.
+fn half<const D: usize>(shape: [usize; D], std: f64, device: &Device) -> Tensor<D> {
+    Tensor::<D>::random(shape, Distribution::Normal(0.0, std), device).cast(DType::F16)
+}
+
+/// The attention kernel on f16 tensors (the path bf16 takes on CUDA: the
+/// same kernel with another storage type; wgpu has no bf16), with f32
+/// statistics and accumulators: against the composed attention in f32 on
+/// the same f16-rounded inputs, in value and in the gradients of q, k and
+/// v, to within f16's rounding of the results. Beside it, the composed
+/// attention run in f16 itself, whose error the kernel must beat.
+#[test]
+fn gpu_attention_kernel_in_f16_keeps_its_statistics_in_f32() {
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(
+        gpu.supports_dtype(DType::F16),
+        "this Vulkan driver has no f16"
+    );
+    assert!(served_on(Op::CausalAttention, &gpu, DType::F16));
+    gpu.seed(12);
+    for (b, h, kv, s, hd) in [(1, 4, 2, 150, 8), (2, 2, 1, 300, 32)] {
+        let r = |heads| half([b, s, heads, hd], 1.0, &gpu);
+        let (q, k, v) = (r(h), r(kv), r(kv));
+        let (q16, k16, v16) = (
+            leaf(&q, DType::F16),
+            leaf(&k, DType::F16),
+            leaf(&v, DType::F16),
+        );
+        let (q32, k32, v32) = (
+            leaf(&q, DType::F32),
+            leaf(&k, DType::F32),
+            leaf(&v, DType::F32),
+        );
+        let (qc, kc, vc) = (
+            leaf(&q, DType::F16),
+            leaf(&k, DType::F16),
+            leaf(&v, DType::F16),
+        );
+        let w = Tensor::<4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &gpu);
+        let ours = kernels::causal_attention(q16.clone(), k16.clone(), v16.clone());
+        assert_eq!(ours.dtype(), DType::F16);
+        let ours = ours.cast(DType::F32);
+        let want = composed_attention(q32.clone(), k32.clone(), v32.clone());
+        let half = composed_attention(qc.clone(), kc.clone(), vc.clone()).cast(DType::F32);
+        let at = format!("B = {b}, H = {h}, KV = {kv}, S = {s}, hd = {hd}");
+        let (d, dh) = (
+            rel_diff(ours.clone(), want.clone()),
+            rel_diff(half.clone(), want.clone()),
+        );
+        println!("{at}: values: kernel {d:.2e}, composed f16 {dh:.2e}");
+        assert!(d < 1e-3, "values differ by {d} (relative) at {at}");
+        assert!(d <= dh, "values: kernel {d}, composed f16 {dh} at {at}");
+        let g1 = (ours * w.clone()).sum().backward();
+        let g2 = (want * w.clone()).sum().backward();
+        let g3 = (half * w).sum().backward();
+        for (name, x16, x32, xc) in [
+            ("q", &q16, &q32, &qc),
+            ("k", &k16, &k32, &kc),
+            ("v", &v16, &v32, &vc),
+        ] {
+            let got = x16.grad(&g1).unwrap();
+            assert_eq!(got.dtype(), DType::F16);
+            let want = x32.grad(&g2).unwrap();
+            let d = rel_diff(got.cast(DType::F32), want.clone());
+            let dh = rel_diff(xc.grad(&g3).unwrap().cast(DType::F32), want);
+            println!("{at}: gradient of {name}: kernel {d:.2e}, composed f16 {dh:.2e}");
+            assert!(d < 1e-3, "gradient of {name}: {d} (relative) at {at}");
+            assert!(
+                d <= dh,
+                "gradient of {name}: kernel {d}, composed f16 {dh} at {at}"
+            );
+        }
+    }
+}
+
+/// The grouped experts in f16 (matmuls in f16, the SwiGLU in f32; an
+/// expert with no rows and one with a single row) and the combine in f16
+/// (f32 sums; dropped assignments), each against the f32 kernel on the
+/// same rounded inputs, itself held to the composed operation elsewhere.
+/// The bounds leave room for two f16 roundings (the incoming gradient and
+/// the result, each up to 2^-11 of a value) and, for the experts, the f16
+/// matmuls' own.
+#[test]
+fn gpu_grouped_experts_and_combine_in_f16_stay_within_f16_rounding() {
+    use burn::tensor::{Int, TensorData};
+    use switchyard::kernels::{combine_rows, grouped_swiglu, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    for op in [Op::GroupedSwiglu, Op::Combine] {
+        assert!(served_on(op, &gpu, DType::F16), "{op:?}");
+    }
+    gpu.seed(14);
+    let (d, f) = (24, 40);
+    let offsets = vec![0usize, 5, 5, 6, 20, 57];
+    let (e, n) = (offsets.len() - 1, offsets[offsets.len() - 1]);
+    let inputs = [
+        half([n, d], 1.0, &gpu).reshape([1, n, d]),
+        half([e, d, f], 0.2, &gpu),
+        half([e, d, f], 0.2, &gpu),
+        half([e, f, d], 0.2, &gpu),
+    ];
+    let w = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &gpu);
+    let run = |dtype: DType| {
+        let [x, g, u, dn] = inputs.clone().map(|t| leaf(&t, dtype));
+        let y = grouped_swiglu(
+            x.clone().reshape([n, d]),
+            g.clone(),
+            u.clone(),
+            dn.clone(),
+            offsets.clone(),
+        );
+        assert_eq!(y.dtype(), dtype);
+        let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
+        let all = [&x, &g, &u, &dn].map(|p| {
+            let g = p.grad(&grads).unwrap();
+            assert_eq!(g.dtype(), dtype);
+            g.cast(DType::F32).reshape([-1])
+        });
+        (y.cast(DType::F32), all)
+    };
+    let ((ours, g16), (want, g32)) = (run(DType::F16), run(DType::F32));
+    let dv = rel_diff(ours, want);
+    println!("grouped experts: values {dv:.2e}");
+    assert!(
+        dv < 3e-3,
+        "grouped experts: values differ by {dv} (relative)"
+    );
+    for (name, (a, b)) in ["x", "gate", "up", "down"]
+        .iter()
+        .zip(g16.into_iter().zip(g32))
+    {
+        let dg = rel_diff(a, b);
+        println!("grouped experts: gradient of {name} {dg:.2e}");
+        assert!(
+            dg < 3e-3,
+            "grouped experts: gradient of {name}: {dg} (relative)"
+        );
+    }
+
+    let (t, k) = (37, 3);
+    let r = 2 * t * k;
+    let index: Vec<i64> = (0..t * k)
+        .map(|a| if a % 5 == 4 { r as i64 } else { 2 * a as i64 })
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(index, [t * k]), &gpu);
+    let (rows, weights) = (half([r, d], 1.0, &gpu), half([t, k], 0.5, &gpu));
+    let w = Tensor::<2>::random([t, d], Distribution::Normal(0.0, 1.0), &gpu);
+    let run = |dtype: DType| {
+        let (rows, weights) = (leaf(&rows, dtype), leaf(&weights, dtype));
+        let y = combine_rows(rows.clone(), index.clone(), weights.clone());
+        assert_eq!(y.dtype(), dtype);
+        let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
+        let dr = rows.grad(&grads).unwrap().cast(DType::F32);
+        let dw = weights.grad(&grads).unwrap().cast(DType::F32);
+        (y.cast(DType::F32), dr, dw)
+    };
+    let ((y16, r16, w16), (y32, r32, w32)) = (run(DType::F16), run(DType::F32));
+    for (name, a, b) in [
+        ("values", y16, y32),
+        ("rows' gradient", r16, r32),
+        ("weights' gradient", w16, w32),
+    ] {
+        let dc = rel_diff(a, b);
+        println!("combine: {name} {dc:.2e}");
+        assert!(dc < 1.5e-3, "combine: {name} differ by {dc} (relative)");
+    }
+}
