@@ -385,8 +385,8 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Opt
 }
 
 /// RoPE with `rotate_half` pairing on `[B, S, H, hd]`, from `[S, hd]` cos
-/// and sin tables, fused on the CPU and GPU backends in f32 (`None`
-/// elsewhere).
+/// and sin tables (in x's dtype), fused on the CPU backend in f32 and the
+/// GPU backends in f32, f16 and bf16 (`None` elsewhere).
 pub fn rope(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Option<Tensor<4>> {
     if !served_on(Op::Rope, &x.device(), x.dtype()) || cos.dtype() != x.dtype() {
         return None;

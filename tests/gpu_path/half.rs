@@ -1,5 +1,5 @@
-//! The GPU kernels that take f16 and bf16 tensors (attention, the grouped
-//! experts, the combine) in f16, the half type wgpu has (on CUDA, bf16
+//! The GPU kernels that take f16 and bf16 tensors (attention, RoPE, the
+//! grouped experts, the combine) in f16, the half type wgpu has (on CUDA, bf16
 //! takes the same kernels with another storage type): each against the f32
 //! operation on the same f16-rounded inputs, in value and in every input
 //! gradient, to within f16's rounding of the results.
@@ -179,5 +179,40 @@ fn gpu_grouped_experts_and_combine_in_f16_stay_within_f16_rounding() {
         let dc = rel_diff(a, b);
         println!("combine: {name} {dc:.2e}");
         assert!(dc < 1.5e-3, "combine: {name} differ by {dc} (relative)");
+    }
+}
+
+/// RoPE in f16 (f32 arithmetic; tables in f16, as the model casts them)
+/// against the f32 kernel on the same rounded inputs, in value and in the
+/// gradient of x (its transpose): within two f16 roundings.
+#[test]
+fn gpu_rope_in_f16_stays_within_f16_rounding() {
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(Op::Rope, &gpu, DType::F16));
+    gpu.seed(15);
+    let (b, s, h, hd) = (2, 37, 3, 8);
+    let x = half([b, s, h, hd], 1.0, &gpu);
+    let angles = Tensor::<2>::random([s, hd], Distribution::Uniform(-3.0, 3.0), &gpu);
+    let (cos, sin) = (
+        angles.clone().cos().cast(DType::F16),
+        angles.sin().cast(DType::F16),
+    );
+    let w = Tensor::<4>::random([b, s, h, hd], Distribution::Normal(0.0, 1.0), &gpu);
+    let run = |dtype: DType| {
+        let x = leaf(&x, dtype);
+        let (c, sn) = (cos.clone().cast(dtype), sin.clone().cast(dtype));
+        let y = kernels::rope(x.clone(), c, sn).expect("served");
+        assert_eq!(y.dtype(), dtype);
+        let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
+        let dx = x.grad(&grads).unwrap();
+        assert_eq!(dx.dtype(), dtype);
+        (y.cast(DType::F32), dx.cast(DType::F32))
+    };
+    let ((y16, d16), (y32, d32)) = (run(DType::F16), run(DType::F32));
+    for (name, a, b) in [("values", y16, y32), ("gradient of x", d16, d32)] {
+        let d = rel_diff(a, b);
+        println!("rope: {name} {d:.2e}");
+        assert!(d < 1.5e-3, "rope: {name} differ by {d} (relative)");
     }
 }

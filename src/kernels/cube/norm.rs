@@ -89,14 +89,22 @@ fn rope_kernel<F: Float>(
     let base = r * hd;
     let t = ((r / heads) % s) * hd;
     for i in 0..half {
-        let a = x[base + i];
-        let b = x[base + i + half];
+        let a = f32::cast_from(x[base + i]);
+        let b = f32::cast_from(x[base + i + half]);
+        let (c0, c1) = (
+            f32::cast_from(cos[t + i]),
+            f32::cast_from(cos[t + i + half]),
+        );
+        let (s0, s1) = (
+            f32::cast_from(sin[t + i]),
+            f32::cast_from(sin[t + i + half]),
+        );
         if inverse {
-            y[base + i] = a * cos[t + i] + b * sin[t + i + half];
-            y[base + i + half] = b * cos[t + i + half] - a * sin[t + i];
+            y[base + i] = F::cast_from(a * c0 + b * s1);
+            y[base + i + half] = F::cast_from(b * c1 - a * s0);
         } else {
-            y[base + i] = a * cos[t + i] - b * sin[t + i];
-            y[base + i + half] = b * cos[t + i + half] + a * sin[t + i + half];
+            y[base + i] = F::cast_from(a * c0 - b * s0);
+            y[base + i + half] = F::cast_from(b * c1 + a * s1);
         }
     }
 }
