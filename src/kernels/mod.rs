@@ -42,6 +42,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use burn::tensor::DType;
 
 /// The fused operations, as a backend extension.
 #[backend_extension(Flex, Autodiff, Cube: cfg(feature = "gpu-kernels"))]
@@ -163,10 +164,11 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Option<Tensor<D>> {
 }
 
 /// The weighted sum of the per-row cross-entropies of the logits `x · w`,
-/// `Σ_i weights[i] · nll_i`, fused with the matmul on the CPU and GPU
-/// backends in f32, in chunks of rows that never make the full logits
-/// (`None` elsewhere: the caller makes the logits). The weights (the loss
-/// mask) carry no gradient.
+/// `Σ_i weights[i] · nll_i`, fused with the matmul in chunks of rows that
+/// never make the full logits, on the CPU backend in f32 and the GPU
+/// backends in f32, f16 and bf16 (`None` elsewhere: the caller makes the
+/// logits). The weights (the loss mask, f32) carry no gradient; the loss
+/// is f32.
 ///
 /// # Shapes
 /// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`, `weights`: `[n]`; returns `[1]`
@@ -176,7 +178,8 @@ pub fn linear_cross_entropy(
     targets: Tensor<1, Int>,
     weights: Tensor<1>,
 ) -> Option<Tensor<1>> {
-    let same_dtype = w.dtype() == x.dtype() && weights.dtype() == x.dtype();
+    // The row weights and the loss are f32 whatever x's dtype.
+    let same_dtype = w.dtype() == x.dtype() && weights.dtype() == DType::F32;
     if !served_on(Op::LinearCrossEntropy, &x.device(), x.dtype()) || !same_dtype {
         return None;
     }
@@ -189,9 +192,10 @@ pub fn linear_cross_entropy(
     Some(Tensor::from_dispatch(out))
 }
 
-/// Each row's cross-entropy of the logits `x · w`, with no gradient, on
-/// the CPU and GPU backends in f32 without the `[n, v]` logits (`None`
-/// elsewhere: the caller makes the logits).
+/// Each row's cross-entropy of the logits `x · w` (f32), with no gradient,
+/// without the `[n, v]` logits, on the CPU backend in f32 and the GPU
+/// backends in f32, f16 and bf16 (`None` elsewhere: the caller makes the
+/// logits).
 ///
 /// # Shapes
 /// - `x`: `[n, d]`; `w`: `[d, v]`; `targets`: `[n]`; returns `[n]`

@@ -72,8 +72,8 @@ pub fn use_gpu_kernels(on: bool) {
 /// every operation on the CPU backend in f32 ([`fused_on`]), and on the
 /// GPU (Cube) backends those with a CubeCL kernel, unless
 /// [`use_gpu_kernels`] turned them off: in f32, and attention, RoPE, the
-/// grouped experts and the combine in f16 and bf16 too (their arithmetic
-/// is f32 whatever the dtype).
+/// grouped experts, the combine and the LM head in f16 and bf16 too
+/// (their arithmetic is f32 whatever the dtype).
 pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
     if fused_on(device, dtype) {
         return true;
@@ -82,7 +82,11 @@ pub fn served_on(op: Op, device: &Device, dtype: DType) -> bool {
     let gpu = kernels && dtype == DType::F32;
     let half = kernels && matches!(dtype, DType::F16 | DType::BF16);
     match op {
-        Op::CausalAttention | Op::Rope | Op::GroupedSwiglu | Op::Combine => gpu || half,
-        Op::LinearCrossEntropy | Op::RmsNorm | Op::AdamW | Op::SumSquares => gpu,
+        Op::CausalAttention
+        | Op::Rope
+        | Op::GroupedSwiglu
+        | Op::Combine
+        | Op::LinearCrossEntropy => gpu || half,
+        Op::RmsNorm | Op::AdamW | Op::SumSquares => gpu,
     }
 }

@@ -229,7 +229,7 @@ impl LanguageModel {
         let fused = self.head_weight().and_then(|w| {
             crate::kernels::linear_cross_entropy(
                 h.clone().reshape([b * s, d]),
-                w,
+                in_dtype(w, h.dtype()),
                 targets.clone().reshape([b * s]),
                 mask_flat.clone(),
             )
@@ -260,7 +260,7 @@ impl LanguageModel {
         let fused = self.head_weight().and_then(|w| {
             crate::kernels::linear_cross_entropy_rows(
                 h.clone().reshape([b * s, d]),
-                w.detach(),
+                in_dtype(w.detach(), h.dtype()),
                 targets.clone(),
             )
         });

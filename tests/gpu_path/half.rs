@@ -1,5 +1,5 @@
 //! The GPU kernels that take f16 and bf16 tensors (attention, RoPE, the
-//! grouped experts, the combine) in f16, the half type wgpu has (on CUDA, bf16
+//! grouped experts, the combine, the LM head) in f16, the half type wgpu has (on CUDA, bf16
 //! takes the same kernels with another storage type): each against the f32
 //! operation on the same f16-rounded inputs, in value and in every input
 //! gradient, to within f16's rounding of the results.
@@ -214,5 +214,66 @@ fn gpu_rope_in_f16_stays_within_f16_rounding() {
         let d = rel_diff(a, b);
         println!("rope: {name} {d:.2e}");
         assert!(d < 1.5e-3, "rope: {name} differ by {d} (relative)");
+    }
+}
+
+/// The LM head in f16 (logits and gradients in f16, the row kernel in
+/// f32, the losses f32, the weight gradient summed over chunks in f32)
+/// against the f32 kernel on the same rounded inputs: the loss, each row's
+/// loss, and the gradients of x and the weight, with a masked row every
+/// five, and 2,100 rows over 4,096 logits, which takes three chunks. The
+/// loss gradient of 0.7 checks that the backward scales the f16 gradients
+/// by an f32 one.
+#[test]
+fn gpu_head_in_f16_keeps_its_loss_in_f32() {
+    use burn::tensor::{Int, TensorData};
+    use switchyard::kernels::{self, served_on, Op};
+    let gpu = Device::wgpu(Default::default()).autodiff();
+    assert!(served_on(Op::LinearCrossEntropy, &gpu, DType::F16));
+    gpu.seed(16);
+    for (n, d, v) in [(37, 16, 50), (2100, 16, 4096)] {
+        let x = half([n, d], 1.0, &gpu);
+        let w = half([d, v], 0.5, &gpu);
+        let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 3) % v) as i64).collect();
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &gpu);
+        let mask: Vec<f32> = (0..n).map(|i| if i % 5 == 4 { 0.0 } else { 1.0 }).collect();
+        let weights = Tensor::<1>::from_data(TensorData::new(mask, [n]), &gpu);
+        let run = |dtype: DType| {
+            let (x, w) = (leaf(&x, dtype), leaf(&w, dtype));
+            let loss = kernels::linear_cross_entropy(
+                x.clone(),
+                w.clone(),
+                targets.clone(),
+                weights.clone(),
+            )
+            .expect("the GPU serves the head");
+            assert_eq!(loss.dtype(), DType::F32);
+            let rows = kernels::linear_cross_entropy_rows(
+                x.clone().detach(),
+                w.clone().detach(),
+                targets.clone(),
+            )
+            .expect("the GPU serves the head");
+            assert_eq!(rows.dtype(), DType::F32);
+            let grads = (loss.clone() * 0.7).backward();
+            let [dx, dw] = [&x, &w].map(|p| {
+                let g = p.grad(&grads).unwrap();
+                assert_eq!(g.dtype(), dtype);
+                g.cast(DType::F32).reshape([-1])
+            });
+            (loss, rows, dx, dw)
+        };
+        let (a, b) = (run(DType::F16), run(DType::F32));
+        let at = format!("n = {n}, d = {d}, V = {v}");
+        for (name, x, y, bound) in [
+            ("loss", a.0.reshape([-1]), b.0.reshape([-1]), 1e-4),
+            ("row losses", a.1, b.1, 2e-3),
+            ("gradient of x", a.2, b.2, 3e-3),
+            ("gradient of w", a.3, b.3, 3e-3),
+        ] {
+            let diff = rel_diff(x, y);
+            println!("{at}: head {name} {diff:.2e}");
+            assert!(diff < bound, "{at}: {name} differ by {diff} (relative)");
+        }
     }
 }

@@ -39,7 +39,10 @@ pub trait CubeKernels: Backend {
     /// logits `x · w` (`x: [n, d]`, `w: [d, V]`) and its gradients of x and
     /// w, in chunks of rows.
     #[fusion(meta = |x, w, _targets, _weights| (
-        burn::backend::fusion::custom::TensorSpec::new(burn::tensor::Shape::new([1]), x.dtype),
+        burn::backend::fusion::custom::TensorSpec::new(
+            burn::tensor::Shape::new([1]),
+            burn::tensor::DType::F32,
+        ),
         x.clone(),
         w.clone(),
     ))]
@@ -53,7 +56,7 @@ pub trait CubeKernels: Backend {
     /// Each row's loss of the logits `x · w` (`[n]`), in chunks of rows.
     #[fusion(meta = |x, _w, _targets| burn::backend::fusion::custom::TensorSpec::new(
         burn::tensor::Shape::new([x.shape.dims::<2>()[0]]),
-        x.dtype,
+        burn::tensor::DType::F32,
     ))]
     fn head_row_losses(
         x: FloatTensor<Self>,

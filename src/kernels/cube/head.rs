@@ -8,12 +8,17 @@
 //! each row's loss, and two matmuls for its share of the gradients. The
 //! matmuls are the backend's own (CubeCL's matmul, autotuned); the kernel
 //! is one unit per row.
+//!
+//! x and the weight may be f32, f16 or bf16 (the logits and the gradients
+//! then are too); the row kernel computes in f32, the losses, the row
+//! weights and the weight gradient's sum over chunks are f32.
 
-use super::{empty_like, launch_elementwise};
+use super::{empty_f32_like, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::Slice;
 use burn::tensor::Shape;
+use burn::tensor::{DType, FloatDType};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
@@ -29,8 +34,8 @@ const CHUNK_LOGITS: usize = 1 << 22;
 fn rows_kernel<F: Float, I: Numeric>(
     logits: &mut Tensor<F>,
     targets: &Tensor<I>,
-    weights: &Tensor<F>,
-    loss: &mut Tensor<F>,
+    weights: &Tensor<f32>,
+    loss: &mut Tensor<f32>,
     row0: u32,
     #[comptime] grad: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
@@ -42,24 +47,28 @@ fn rows_kernel<F: Float, I: Numeric>(
         terminate!();
     }
     let base = r * v;
-    let mut m = logits[base];
+    let mut m = f32::cast_from(logits[base]);
     for c in 1..v {
-        m = F::max(m, logits[base + c]);
+        let x = f32::cast_from(logits[base + c]);
+        if x > m {
+            m = x;
+        }
     }
-    let mut sum = F::new(0.0);
+    let mut sum = f32::new(0.0);
     for c in 0..v {
-        sum += (logits[base + c] - m).exp();
+        sum += (f32::cast_from(logits[base + c]) - m).exp();
     }
     let lse = m + sum.ln();
     let row = r + row0 as usize;
     let t = u32::cast_from(targets[row]) as usize;
-    loss[row] = lse - logits[base + t];
+    let target = f32::cast_from(logits[base + t]);
+    loss[row] = lse - target;
     if grad {
         let w = weights[row];
         for c in 0..v {
-            logits[base + c] = (logits[base + c] - lse).exp() * w;
+            logits[base + c] = F::cast_from((f32::cast_from(logits[base + c]) - lse).exp() * w);
         }
-        logits[base + t] -= w;
+        logits[base + t] = F::cast_from((target - lse).exp() * w - w);
     }
 }
 
@@ -114,8 +123,8 @@ fn chunk_logits(x: &CubeTensor, w: &CubeTensor, r0: usize, r1: usize) -> (CubeTe
     (xc, logits)
 }
 
-/// `Σ_i weights[i] · nll_i` (`[1]`) and its gradients of x (`[n, d]`)
-/// and w (`[d, V]`).
+/// `Σ_i weights[i] · nll_i` (`[1]`, f32, with f32 `weights`) and its
+/// gradients of x (`[n, d]`) and w (`[d, V]`), in their dtype.
 pub fn loss_and_grads(
     x: CubeTensor,
     w: CubeTensor,
@@ -124,7 +133,8 @@ pub fn loss_and_grads(
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
     let [n, _, v] = dims(&x, &w, &targets);
     let (targets, weights) = (into_contiguous(targets), into_contiguous(weights));
-    let loss_rows = empty_like(&x, Shape::new([n]));
+    let loss_rows = empty_f32_like(&x, Shape::new([n]));
+    let half = x.dtype != DType::F32;
     let wt = CubeBackend::float_transpose(w.clone());
     let mut dx = Vec::new();
     let mut dw: Option<CubeTensor> = None;
@@ -134,7 +144,11 @@ pub fn loss_and_grads(
         let (xc, g) = chunk_logits(&x, &w, r0, r1);
         launch_rows(&g, &targets, &weights, &loss_rows, r0, true);
         dx.push(CubeBackend::float_matmul(g.clone(), wt.clone()));
-        let part = CubeBackend::float_matmul(CubeBackend::float_transpose(xc), g);
+        let mut part = CubeBackend::float_matmul(CubeBackend::float_transpose(xc), g);
+        if half {
+            // Summed over the chunks in f32.
+            part = CubeBackend::float_cast(part, FloatDType::F32);
+        }
         dw = Some(match dw {
             Some(acc) => CubeBackend::float_add(acc, part),
             None => part,
@@ -148,22 +162,27 @@ pub fn loss_and_grads(
         1 => dx.remove(0),
         _ => CubeBackend::float_cat(dx, 0),
     };
-    let dw = dw.unwrap_or_else(|| zeros(&w));
+    let dw = match dw {
+        Some(dw) if half => CubeBackend::float_cast(dw, w.dtype.into()),
+        Some(dw) => dw,
+        None => zeros(&w),
+    };
     let loss = CubeBackend::float_sum(CubeBackend::float_mul(loss_rows, weights));
     (CubeBackend::float_reshape(loss, Shape::new([1])), dx, dw)
 }
 
-/// Each row's `nll_i` (`[n]`), with no gradient.
+/// Each row's `nll_i` (`[n]`, f32), with no gradient.
 pub fn row_losses(x: CubeTensor, w: CubeTensor, targets: CubeTensor) -> CubeTensor {
     let [n, _, v] = dims(&x, &w, &targets);
     let targets = into_contiguous(targets);
-    let loss_rows = empty_like(&x, Shape::new([n]));
+    let loss_rows = empty_f32_like(&x, Shape::new([n]));
+    // The weights are not read without the gradient: any f32 tensor not
+    // bound otherwise.
+    let unread = empty_f32_like(&x, Shape::new([1]));
     let step = chunk_rows(v);
     for r0 in (0..n).step_by(step) {
         let (_, logits) = chunk_logits(&x, &w, r0, (r0 + step).min(n));
-        // The weights are not read without the gradient: any float tensor
-        // not bound otherwise.
-        launch_rows(&logits, &targets, &w, &loss_rows, r0, false);
+        launch_rows(&logits, &targets, &unread, &loss_rows, r0, false);
     }
     loss_rows
 }

@@ -243,13 +243,19 @@ impl FusedKernels for Cube {
         [loss, dx, dw]
     }
 
-    /// The forward's gradients times the loss gradient (`[1]`, broadcast).
+    /// The forward's gradients times the loss gradient (`[1]`, f32,
+    /// broadcast), in the gradients' dtype.
     fn linear_cross_entropy_backward(
         dx: FloatTensor<Self>,
         dw: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2] {
-        let g = Self::float_reshape(grad, Shape::new([1, 1]));
+        use burn::backend::TensorMetadata;
+        let mut g = Self::float_reshape(grad, Shape::new([1, 1]));
+        let dtype = dx.dtype();
+        if TensorMetadata::dtype(&g) != dtype {
+            g = Self::float_cast(g, dtype.into());
+        }
         [Self::float_mul(dx, g.clone()), Self::float_mul(dw, g)]
     }
 
