@@ -147,8 +147,8 @@ impl ExchangeOps for Flex {
 }
 
 /// On a GPU the rows pass through host memory: read, exchanged by the
-/// link's collective (MPI: an expert-parallel group does not exchange over
-/// NCCL yet), written back to the device.
+/// link's collective (on CUDA devices the group's NCCL communicator, which
+/// copies them to the device for the transfer), written back.
 #[cfg(feature = "gpu-kernels")]
 impl ExchangeOps for burn::backend::Cube {
     fn exchange_rows(x: FloatTensor<Self>, route: RowRoute) -> FloatTensor<Self> {

@@ -45,6 +45,27 @@ impl Mpi {
             _universe: Some(universe),
         })
     }
+
+    /// The processes that pass the same `color`, as a world of their own
+    /// (see [`Collective::split`]). Every rank calls it.
+    pub fn split_mpi(&mut self, color: usize) -> Mpi {
+        let color = i32::try_from(color).expect("a split colour below 2^31");
+        let comm = self
+            .comm
+            .split_by_color(Color::with_value(color))
+            .expect("every rank passes a colour");
+        let world = World {
+            rank: comm.rank() as usize,
+            size: comm.size() as usize,
+            local_rank: self.world.local_rank,
+        };
+        Mpi {
+            comm,
+            world,
+            traffic: Traffic::default(),
+            _universe: None,
+        }
+    }
 }
 
 /// Time one collective into `secs`.
@@ -156,28 +177,12 @@ impl Collective for Mpi {
     }
 
     fn split(&mut self, color: usize) -> Box<dyn Collective> {
-        let color = i32::try_from(color).expect("a split colour below 2^31");
-        let comm = self
-            .comm
-            .split_by_color(Color::with_value(color))
-            .expect("every rank passes a colour");
-        let world = World {
-            rank: comm.rank() as usize,
-            size: comm.size() as usize,
-            local_rank: self.world.local_rank,
-        };
-        Box::new(Mpi {
-            comm,
-            world,
-            traffic: Traffic::default(),
-            _universe: None,
-        })
+        Box::new(self.split_mpi(color))
     }
 
     fn take_traffic(&mut self) -> Traffic {
         std::mem::take(&mut self.traffic)
     }
-
     fn abort(&self, code: i32) -> ! {
         self.comm.abort(code)
     }

@@ -5,6 +5,10 @@
 //! checksums, counts) stay on MPI. The NCCL communicator is bootstrapped by
 //! broadcasting rank 0's unique id over MPI; rank r uses `cuda:{local rank}`.
 //!
+//! The parts of the world expert parallelism splits off (its groups, and
+//! the ranks holding the same experts) get NCCL communicators of their own
+//! the same way.
+//!
 //! The trainer hands the collectives host buffers, so each call copies its
 //! buffer to the device and back: the transfer between devices is NCCL's,
 //! the copies are extra. Not yet run on a GPU.
@@ -182,9 +186,19 @@ impl Collective for Nccl {
         self.mpi.all_to_all_counts(send)
     }
 
+    /// A part of the world (an expert-parallel group, or the ranks holding
+    /// the same experts) gets an NCCL communicator of its own, bootstrapped
+    /// over its own MPI communicator, so that its exchanges and all-reduces
+    /// go device to device too.
     fn split(&mut self, color: usize) -> Box<dyn Collective> {
-        // The parts (expert-parallel groups) exchange over MPI for now.
-        self.mpi.split(color)
+        let part = self.mpi.split_mpi(color);
+        match Nccl::init(part) {
+            Ok(nccl) => Box::new(nccl),
+            Err(e) => {
+                eprintln!("error: NCCL for a part of the world (colour {color}): {e:#}");
+                self.mpi.abort(1)
+            }
+        }
     }
 
     fn take_traffic(&mut self) -> Traffic {
