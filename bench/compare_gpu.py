@@ -6,9 +6,10 @@ GPU bench shape, and the README table with tokens/s, MFU and device memory.
 
 Runs, in order: switchyard f32 with its GPU kernels, switchyard f32 on
 Burn's composed path (`train.gpu_kernels=false`), switchyard bf16 (router,
-norms and loss in f32), PyTorch f32, PyTorch bf16 autocast; with --dense
-also the dense twin (one MLP as wide as the two active experts), for the
-MoE step's cost over dense. The two f32 switchyard runs are profiled, and
+norms, softmax statistics and loss in f32) with its kernels (and, with
+--bf16-composed, on the composed path), PyTorch f32, PyTorch bf16
+autocast; with --dense also the dense twin (one MLP as wide as the two
+active experts) in f32 and bf16, for the MoE step's cost over dense. The two f32 switchyard runs are profiled, and
 bench/pytorch_ops.py times PyTorch's equivalent of each fused operation at
 the same shape, for a second table: each operation with switchyard's kernel,
 on the composed path, and in PyTorch. PyTorch is built at the shape
@@ -52,8 +53,10 @@ def main():
                     help="also print switchyard's per-phase breakdown (bf16 run)")
     ap.add_argument("--no-f32", action="store_true",
                     help="skip the f32 runs (and the per-operation table)")
+    ap.add_argument("--bf16-composed", action="store_true",
+                    help="also time bf16 on the composed path (train.gpu_kernels=false)")
     ap.add_argument("--dense", action="store_true",
-                    help="also time the dense twin (f32; not with --no-f32)")
+                    help="also time the dense twin (in bf16, and in f32 unless --no-f32)")
     args = ap.parse_args()
 
     base = ["--config", args.config, "--device", args.device, "--warmup", str(args.warmup),
@@ -75,6 +78,14 @@ def main():
         rows["switchyard dense twin, f32"] = switchyard(
             args, base + ["--set", "moe.num_experts=0", "--set", f"model.d_ff={d_ff}"])
     rows["switchyard, bf16"] = switchyard(args, bf16)
+    if args.bf16_composed:
+        rows["switchyard, bf16, composed path"] = switchyard(
+            args, bf16 + ["--set", "train.gpu_kernels=false"])
+    if args.dense:
+        moe = rows["switchyard, bf16"]["moe"]
+        d_ff = moe["top_k"] * moe["d_expert"]
+        rows["switchyard dense twin, bf16"] = switchyard(
+            args, bf16 + ["--set", "moe.num_experts=0", "--set", f"model.d_ff={d_ff}"])
     shape = rows.get("switchyard, f32") or rows["switchyard, bf16"]
     if not args.no_f32:
         rows["PyTorch eager, f32"] = pytorch(args, shape, torch_common + ["--dtype", "f32"])
@@ -103,10 +114,15 @@ def main():
     if not args.no_f32:
         print(f"switchyard bf16 / f32 tokens/s: "
               f"{sy['tokens_per_s'] / rows['switchyard, f32']['tokens_per_s']:.2f}")
-    if "switchyard dense twin, f32" in rows:
-        moe, dense = rows["switchyard, f32"], rows["switchyard dense twin, f32"]
-        print(f"MoE step / dense twin step (f32): "
-              f"{moe['median_step_s'] / dense['median_step_s']:.2f}")
+    if args.bf16_composed:
+        composed = rows["switchyard, bf16, composed path"]
+        print(f"switchyard bf16, kernels / composed path tokens/s: "
+              f"{sy['tokens_per_s'] / composed['tokens_per_s']:.2f}")
+    for dtype in ["f32", "bf16"]:
+        if f"switchyard dense twin, {dtype}" in rows:
+            moe, dense = rows[f"switchyard, {dtype}"], rows[f"switchyard dense twin, {dtype}"]
+            print(f"MoE step / dense twin step ({dtype}): "
+                  f"{moe['median_step_s'] / dense['median_step_s']:.2f}")
     if not args.no_f32:
         per_operation(args, shape, rows["switchyard, f32"], rows["switchyard, f32, composed path"])
     if sy.get("phases"):
