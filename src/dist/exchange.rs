@@ -81,6 +81,20 @@ impl RowLink {
         self.comm().all_gather(local)
     }
 
+    /// Every rank's values, in rank order (an [`all_gather`](Self::all_gather)
+    /// of their little-endian bytes).
+    pub fn all_gather_f32(&self, local: &[f32]) -> Vec<Vec<f32>> {
+        let bytes: Vec<u8> = local.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.all_gather(&bytes)
+            .iter()
+            .map(|p| {
+                p.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The rows' traffic since the last call.
     pub fn take_traffic(&self) -> Traffic {
         self.comm().take_traffic()

@@ -91,15 +91,11 @@ fn expert_weights(w: &Tensor<3>, x: usize, shard: Option<&ExpertShard>) -> Tenso
             .slice([i..i + 1, 0..a, 0..b])
             .into_data()
             .convert::<f32>()
-            .as_bytes()
-            .to_vec(),
+            .try_into_vec::<f32>()
+            .unwrap_or_default(),
         None => Vec::new(),
     };
-    let parts = s.link.all_gather(&mine);
-    let values: Vec<f32> = parts[owner]
-        .chunks_exact(4)
-        .map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]]))
-        .collect();
+    let values = s.link.all_gather_f32(&mine).swap_remove(owner);
     Tensor::<3>::from_data(TensorData::new(values, [1, a, b]), &w.device()).cast(w.dtype())
 }
 

@@ -134,16 +134,9 @@ pub(super) fn gather_experts(tensors: &mut BTreeMap<String, TensorData>, ep: &Ex
             continue;
         }
         let local = data.clone().convert::<f32>();
-        let parts: Vec<Vec<f32>> = ep
+        let parts = ep
             .link
-            .all_gather(local.as_bytes())
-            .iter()
-            .map(|p| {
-                p.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            })
-            .collect();
+            .all_gather_f32(local.as_slice::<f32>().unwrap_or_default());
         let e = experts_of(by_rank);
         let per = local.num_elements() / by_rank[ep.slot].len().max(1);
         let mut values = vec![0f32; e * per];
