@@ -18,6 +18,11 @@ mod plan_files;
 
 use anyhow::Result;
 
+/// One MoE layer's placement: each expert's devices and its share of the
+/// expert's tokens on each (what `plan-experts` proposes and
+/// `train.expert_placement` reads).
+pub type Layout = Vec<Vec<(usize, f64)>>;
+
 /// Where this process stands among the processes of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct World {

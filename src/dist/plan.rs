@@ -22,6 +22,7 @@
 //! counts.
 
 pub use super::plan_files::{read_counts, read_placement, Counts};
+pub use super::Layout;
 use crate::config::RunConfig;
 use anyhow::{bail, Result};
 
@@ -66,9 +67,6 @@ pub struct PlanOptions {
     /// Split each layer's busiest expert over two devices.
     pub replicate_hottest: bool,
 }
-
-/// Each expert's devices and its share of the expert's tokens on each.
-pub type Layout = Vec<Vec<(usize, f64)>>;
 
 /// Place one layer's `load.len()` experts on `n` devices.
 pub fn place(strategy: Strategy, load: &[f64], n: usize, replicate_hottest: bool) -> Layout {

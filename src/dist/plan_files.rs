@@ -2,7 +2,7 @@
 //! (what `plan-experts` reads) and the placement a plan file holds (what
 //! `train.expert_placement` reads; [`super::plan::to_json`] writes it).
 
-use super::plan::Layout;
+use super::Layout;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
