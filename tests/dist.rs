@@ -79,7 +79,10 @@ fn launch(ranks: usize, config: &Path, runs: &Path, extra: &[&str]) -> Output {
         let mut c = Command::new("mpirun");
         c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
             .arg(ranks.to_string())
-            .args(["-x", "RAYON_NUM_THREADS=1", exe]);
+            .args(["-x", "RAYON_NUM_THREADS=1"])
+            // CubeCL's on-disk autotune cache is one database per machine:
+            // two ranks writing it at once can crash it (wgpu runs).
+            .args(["-x", "CUBECL_AUTOTUNE_CACHE=0", exe]);
         c
     } else {
         Command::new(exe)
