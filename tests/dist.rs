@@ -74,18 +74,29 @@ fn write_config(dir: &Path) -> PathBuf {
 
 /// `switchyard train` on `ranks` processes (`mpirun` when more than one).
 fn launch(ranks: usize, config: &Path, runs: &Path, extra: &[&str]) -> Output {
+    launch_with(ranks, config, runs, extra, &[])
+}
+
+/// [`launch`] with environment variables `vars` (`NAME=value`) set in every
+/// rank.
+fn launch_with(ranks: usize, config: &Path, runs: &Path, extra: &[&str], vars: &[&str]) -> Output {
     let exe = env!("CARGO_BIN_EXE_switchyard");
     let mut cmd = if ranks > 1 {
         let mut c = Command::new("mpirun");
         c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
             .arg(ranks.to_string())
-            .args(["-x", "RAYON_NUM_THREADS=1"])
-            // CubeCL's on-disk autotune cache is one database per machine:
-            // two ranks writing it at once can crash it (wgpu runs).
-            .args(["-x", "CUBECL_AUTOTUNE_CACHE=0", exe]);
+            .args(["-x", "RAYON_NUM_THREADS=1"]);
+        for v in vars {
+            c.args(["-x", v]);
+        }
+        c.arg(exe);
         c
     } else {
-        Command::new(exe)
+        let mut c = Command::new(exe);
+        for (k, v) in vars.iter().filter_map(|v| v.split_once('=')) {
+            c.env(k, v);
+        }
+        c
     };
     cmd.arg("train")
         .arg("--config")
@@ -556,7 +567,33 @@ fn expert_parallelism_on_the_gpu_path_equals_data_parallelism_there() {
         "--set",
         "train.checkpoint_every=4",
     ];
-    train(2, &cfg, &dir, "dp", &base);
+    // Each rank keeps CubeCL's cache database (autotune results) in an
+    // environment of its own: two ranks writing one database at once can
+    // crash CubeCL.
+    let env = format!("sy-dist-test-{}", std::process::id());
+    let var = format!("CUBECL_ENVIRONMENT={env}");
+    let args = [&base[..], &["--name", "dp"]].concat();
+    let out = launch_with(2, &cfg, &dir, &args, &[&var]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dbs = here("target/environment");
+    let made: Vec<bool> = (0..2)
+        .map(|rank| dbs.join(format!("{env}-rank{rank}.db")).exists())
+        .collect();
+    for f in std::fs::read_dir(&dbs).into_iter().flatten().flatten() {
+        if f.file_name().to_string_lossy().starts_with(&env) {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+    assert_eq!(
+        made,
+        [true, true],
+        "one database per rank in {}",
+        dbs.display()
+    );
     let ep_args = [&base[..], &["--set", "train.expert_parallel=2"]].concat();
     let text = train(2, &cfg, &dir, "ep", &ep_args);
     assert!(text.contains("device wgpu"), "{text}");

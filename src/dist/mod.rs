@@ -158,6 +158,11 @@ pub fn init(device: &str) -> Result<Box<dyn Collective>> {
     #[cfg(feature = "mpi")]
     if launched.is_some() {
         let mpi = mpi::Mpi::init()?;
+        #[cfg(feature = "gpu-kernels")]
+        if mpi.world().size > 1 && (device.starts_with("cuda") || device.starts_with("wgpu")) {
+            // Before the device is made: one cache database per rank.
+            crate::kernels::cube::own_cache_per_rank(mpi.world().rank);
+        }
         #[cfg(feature = "cuda")]
         if device.starts_with("cuda") {
             return Ok(Box::new(nccl::Nccl::init(mpi)?));

@@ -38,6 +38,21 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::CubeCount;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
+/// Give this process its own CubeCL environment, `<name>-rank<rank>`: the
+/// on-disk database in which CubeCL keeps autotune results and compiled
+/// kernels. Processes of one run that share a machine (or a home directory)
+/// would otherwise write one database at once, which CubeCL does not
+/// survive. Call before any Cube device is made; later, CubeCL's settings
+/// are fixed and this returns false. The environment's name comes from
+/// CubeCL's own settings (`cubecl.toml`, `CUBECL_ENVIRONMENT`), so a run
+/// that names one keeps it, per rank.
+pub fn own_cache_per_rank(rank: usize) -> bool {
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    config.environment.name = format!("{}-rank{rank}", config.environment.name);
+    CubeClRuntimeConfig::try_set(config)
+}
+
 /// A new tensor of `shape` on `t`'s device and in its dtype, values unset.
 fn empty_like(t: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_dtype(t.client.clone(), t.device.clone(), shape, t.dtype)
