@@ -6,7 +6,7 @@
 //!
 //! One module per operation ([`grouped`], [`attention`], [`head`],
 //! [`norm`], [`adamw`]), the shared helpers here, and the CPU backend's
-//! implementation of the extension in `flex.rs`.
+//! implementation of the extension in `flex.rs` (and `flex/kernels.rs`).
 
 pub mod adamw;
 pub mod attention;
