@@ -112,7 +112,26 @@ fn launch_with(ranks: usize, config: &Path, runs: &Path, extra: &[&str], vars: &
 
 /// Train run `name` on `ranks` processes; panics with the output on failure.
 fn train(ranks: usize, config: &Path, runs: &Path, name: &str, extra: &[&str]) -> String {
-    let out = launch(ranks, config, runs, &[&["--name", name], extra].concat());
+    train_with(ranks, config, runs, name, extra, &[])
+}
+
+/// [`train`] with environment variables `vars` (`NAME=value`) set in every
+/// rank.
+fn train_with(
+    ranks: usize,
+    config: &Path,
+    runs: &Path,
+    name: &str,
+    extra: &[&str],
+    vars: &[&str],
+) -> String {
+    let out = launch_with(
+        ranks,
+        config,
+        runs,
+        &[&["--name", name], extra].concat(),
+        vars,
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -572,13 +591,7 @@ fn expert_parallelism_on_the_gpu_path_equals_data_parallelism_there() {
     // crash CubeCL.
     let env = format!("sy-dist-test-{}", std::process::id());
     let var = format!("CUBECL_ENVIRONMENT={env}");
-    let args = [&base[..], &["--name", "dp"]].concat();
-    let out = launch_with(2, &cfg, &dir, &args, &[&var]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_with(2, &cfg, &dir, "dp", &base, &[&var]);
     let dbs = here("target/environment");
     let made: Vec<bool> = (0..2)
         .map(|rank| dbs.join(format!("{env}-rank{rank}.db")).exists())

@@ -161,7 +161,12 @@ pub fn init(device: &str) -> Result<Box<dyn Collective>> {
         #[cfg(feature = "gpu-kernels")]
         if mpi.world().size > 1 && (device.starts_with("cuda") || device.starts_with("wgpu")) {
             // Before the device is made: one cache database per rank.
-            crate::kernels::cube::own_cache_per_rank(mpi.world().rank);
+            if !crate::kernels::cube::own_cache_per_rank(mpi.world().rank) {
+                eprintln!(
+                    "warning: CubeCL's settings were fixed before this rank could take a \
+                     cache of its own; ranks sharing one cache database can crash CubeCL"
+                );
+            }
         }
         #[cfg(feature = "cuda")]
         if device.starts_with("cuda") {
