@@ -10,6 +10,7 @@
 //! - [`ranks`]: each rank's part of the training stream in a run of several
 //!   processes, and its cursors across a change of world size.
 
+mod batch;
 pub mod files;
 mod parquet;
 pub mod ranks;

@@ -1,16 +1,12 @@
-//! Sweep plots as PNG: eval loss and load imbalance against each swept axis
-//! (a heat map when there are two axes), and the per-expert token share over
-//! training for the best point and the worst-balanced one.
-//!
-//! Text uses the DejaVu Sans font shipped in `assets/` through plotters'
-//! pure-Rust `ab_glyph` renderer, so no system font library is needed.
+//! Drawing: the line, share and heat-map charts the sweep plots are made
+//! of, in one house layout, and the embedded font their text uses.
 
-use super::show_value;
-use super::summary::PointResult;
+use super::super::show_value;
+use super::super::summary::PointResult;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 
 static FONT: Once = Once::new();
@@ -18,7 +14,7 @@ static FONT: Once = Once::new();
 /// Register the embedded font (once per process).
 pub(crate) fn init_font() {
     FONT.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+        let bytes: &'static [u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
         // The embedded font is valid; a failure would only lose the labels.
         let _ = register_font("sans-serif", FontStyle::Normal, bytes);
     });
@@ -63,7 +59,7 @@ const PALETTE: [RGBColor; 8] = [
 ];
 
 /// A categorical x axis (the axis values in order), one line per series.
-fn line_chart(
+pub(super) fn line_chart(
     path: &Path,
     title: &str,
     x_name: &str,
@@ -142,7 +138,7 @@ fn line_chart(
 }
 
 /// Per-expert token share over training steps.
-fn share_chart(path: &Path, title: &str, history: &[(u64, Vec<f64>)]) -> Result<()> {
+pub(super) fn share_chart(path: &Path, title: &str, history: &[(u64, Vec<f64>)]) -> Result<()> {
     let Some(e) = history.first().map(|h| h.1.len()) else {
         return Ok(());
     };
@@ -193,7 +189,7 @@ fn share_chart(path: &Path, title: &str, history: &[(u64, Vec<f64>)]) -> Result<
 }
 
 /// Two axes: a grid of cells coloured by final eval loss (darker is lower).
-fn heatmap(path: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
+pub(super) fn heatmap(path: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
     let vals = |a: &str| -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
         for r in rows {
@@ -279,169 +275,6 @@ pub(crate) fn label_at(list: &[String], v: f64) -> String {
     }
 }
 
-/// Every plot of a sweep; returns the files written.
-pub fn write_all(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<Vec<PathBuf>> {
-    init_font();
-    let mut out = Vec::new();
-    for axis in axes {
-        // x: this axis's values in order of appearance; one line per combination of the others.
-        let mut xs: Vec<String> = Vec::new();
-        let mut groups: Vec<String> = Vec::new();
-        for r in rows {
-            let x = axis_value(r, axis);
-            if !xs.contains(&x) {
-                xs.push(x);
-            }
-            let g = group_name(r, axis);
-            if !groups.contains(&g) {
-                groups.push(g);
-            }
-        }
-        for (metric, file, ylabel) in [
-            (
-                "eval",
-                format!("eval_loss_vs_{}.png", slug(axis)),
-                "final eval loss",
-            ),
-            (
-                "imbalance",
-                format!("imbalance_vs_{}.png", slug(axis)),
-                "mean max/mean expert load",
-            ),
-        ] {
-            let series: Vec<(String, Vec<Option<f64>>)> = groups
-                .iter()
-                .map(|g| {
-                    let ys = xs
-                        .iter()
-                        .map(|x| {
-                            rows.iter()
-                                .find(|r| group_name(r, axis) == *g && axis_value(r, axis) == *x)
-                                .and_then(|r| {
-                                    if metric == "eval" {
-                                        r.final_eval_loss
-                                    } else {
-                                        r.mean_max_over_mean
-                                    }
-                                })
-                        })
-                        .collect();
-                    (g.clone(), ys)
-                })
-                .collect();
-            let path = dir.join(&file);
-            line_chart(
-                &path,
-                &format!("{ylabel} vs {axis}"),
-                axis,
-                &xs,
-                ylabel,
-                &series,
-            )?;
-            if path.exists() {
-                out.push(path);
-            }
-        }
-    }
-    // Validation loss against steps, one line per point (the seeds of one
-    // variant in one colour): how the gaps open or close with training.
-    let mut steps: Vec<u64> = rows
-        .iter()
-        .flat_map(|r| r.eval_history.iter().map(|e| e.0))
-        .collect();
-    steps.sort_unstable();
-    steps.dedup();
-    if !steps.is_empty() {
-        let series: Vec<(String, Vec<Option<f64>>)> = rows
-            .iter()
-            .filter(|r| !r.eval_history.is_empty())
-            .map(|r| {
-                let ys = steps
-                    .iter()
-                    .map(|s| r.eval_history.iter().find(|e| e.0 == *s).map(|e| e.1))
-                    .collect();
-                (group_name(r, "train.seed"), ys)
-            })
-            .collect();
-        let labels: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
-        let path = dir.join("eval_loss_curves.png");
-        line_chart(
-            &path,
-            "eval loss over training (one colour per variant, one line per seed)",
-            "step",
-            &labels,
-            "eval loss",
-            &series,
-        )?;
-        if path.exists() {
-            out.push(path);
-        }
-    }
-    if axes.len() == 2 {
-        let path = dir.join("eval_loss_heatmap.png");
-        heatmap(&path, axes, rows)?;
-        if path.exists() {
-            out.push(path);
-        }
-    }
-    let ok: Vec<&PointResult> = rows
-        .iter()
-        .filter(|r| !r.share_history.is_empty())
-        .collect();
-    if let Some(best) = ok
-        .iter()
-        .find(|r| r.final_eval_loss.is_some())
-        .or(ok.first())
-    {
-        let path = dir.join("token_share_best.png");
-        share_chart(
-            &path,
-            &format!("token share per expert: best point {}", best.id),
-            &best.share_history,
-        )?;
-        out.push(path);
-    }
-    // Worst-balanced by the mean load ratio: the single worst step saturates
-    // at E/k early in almost every run, so it does not tell points apart.
-    if let Some(worst) = ok.iter().max_by(|a, b| {
-        let key = |r: &PointResult| r.mean_max_over_mean.unwrap_or(0.0);
-        key(a).total_cmp(&key(b))
-    }) {
-        let path = dir.join("token_share_worst_balanced.png");
-        share_chart(
-            &path,
-            &format!("token share per expert: worst-balanced point {}", worst.id),
-            &worst.share_history,
-        )?;
-        out.push(path);
-    }
-    Ok(out)
-}
-
-/// The point's value on `axis`, shown; "-" where an explicit point does
-/// not set that axis (points of a `[[points]]` sweep may set different keys).
-fn axis_value(r: &PointResult, axis: &str) -> String {
-    r.values
-        .iter()
-        .find(|(k, _)| k == axis)
-        .map(|(_, v)| show_value(v))
-        .unwrap_or_else(|| "-".into())
-}
-
-/// A name for the point's values on every axis but the one plotted.
-fn group_name(r: &PointResult, skip: &str) -> String {
-    r.values
-        .iter()
-        .filter(|(k, _)| k != skip)
-        .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), show_value(v)))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn slug(axis: &str) -> String {
-    axis.replace('.', "_")
-}
-
 /// Smallest and largest finite value; `None` when there is none.
 fn finite_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     values
@@ -450,82 +283,4 @@ fn finite_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
             None => Some((v, v)),
             Some((lo, hi)) => Some((f64::min(lo, v), f64::max(hi, v))),
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sweep::summary::Status;
-
-    fn point(id: &str, values: &[(&str, i64)], evals: &[(u64, f64)]) -> PointResult {
-        PointResult {
-            id: id.into(),
-            values: values
-                .iter()
-                .map(|(k, v)| (k.to_string(), toml::Value::Integer(*v)))
-                .collect(),
-            status: Status::Finished,
-            steps: 300,
-            final_eval_loss: evals.last().map(|e| e.1),
-            best_eval_loss: None,
-            tokens_per_s: None,
-            mean_drop_rate: None,
-            mean_reroute_rate: None,
-            mean_max_over_mean: Some(1.2),
-            worst_max_over_mean: None,
-            dead_experts: None,
-            revivals: 0,
-            mean_router_entropy: None,
-            collapse: false,
-            share_history: Vec::new(),
-            eval_history: evals.to_vec(),
-        }
-    }
-
-    /// Explicit points may set different keys (a dense point sets no
-    /// expert width): every plot is still drawn, with "-" for an unset axis.
-    #[test]
-    fn points_that_set_different_keys_are_plotted() {
-        let dir = std::env::temp_dir().join(format!("sy-plots-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let axes: Vec<String> = [
-            "moe.num_experts",
-            "model.d_ff",
-            "moe.d_expert",
-            "train.seed",
-        ]
-        .map(String::from)
-        .to_vec();
-        let rows = [
-            point(
-                "dense",
-                &[
-                    ("moe.num_experts", 0),
-                    ("model.d_ff", 256),
-                    ("train.seed", 1),
-                ],
-                &[(100, 5.6), (200, 5.2), (300, 5.1)],
-            ),
-            point(
-                "moe",
-                &[
-                    ("moe.num_experts", 8),
-                    ("moe.d_expert", 128),
-                    ("train.seed", 1),
-                ],
-                &[(100, 5.5), (200, 5.2), (300, 5.0)],
-            ),
-        ];
-        let written = write_all(&dir, &axes, &rows).unwrap();
-        for name in ["eval_loss_vs_moe_d_expert.png", "eval_loss_curves.png"] {
-            let path = dir.join(name);
-            assert!(written.contains(&path), "{name} not written: {written:?}");
-            assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
-        }
-        assert_eq!(axis_value(&rows[0], "moe.d_expert"), "-");
-        assert_eq!(
-            group_name(&rows[1], "train.seed"),
-            "num_experts=8,d_expert=128"
-        );
-    }
 }
