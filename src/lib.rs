@@ -9,6 +9,12 @@
 //! - [`params`]: named access to a model's parameters.
 //! - [`upcycle`]: a dense model's MLPs turned into routed experts, same function.
 
+// Checks are written `!(x > 0.0)` so that a NaN fails them too.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+// `tensor.slice([a..b])` is Burn's slicing of the first dimension, not a
+// vector holding one range by mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

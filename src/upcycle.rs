@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 pub fn moe_config(up: &UpcycleConfig, d_ff: usize, layers: Vec<usize>) -> Result<MoeConfig> {
     up.validate()?;
     let g = up.granularity;
-    if d_ff % g != 0 {
+    if !d_ff.is_multiple_of(g) {
         bail!("upcycle.granularity = {g} does not divide the dense MLP's width d_ff = {d_ff}");
     }
     Ok(MoeConfig {

@@ -71,8 +71,8 @@ fn fixtures_export_as_transformers_wrote_them() {
         for (k, t) in &theirs {
             assert_eq!(ours[k].shape(), t.shape(), "{path}: {k}");
             let d = max_diff(
-                &ours[k].as_slice::<f32>().unwrap(),
-                &t.as_slice::<f32>().unwrap(),
+                ours[k].as_slice::<f32>().unwrap(),
+                t.as_slice::<f32>().unwrap(),
             );
             assert_eq!(d, 0.0, "{path}: {k} differs by {d}");
         }

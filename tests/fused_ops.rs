@@ -3,6 +3,9 @@
 //! chosen so that the kernels split their work across several parallel
 //! tasks (the row index of a task's first row matters to RoPE's position).
 
+// `tensor.slice([a..b])` is Burn's slicing of the first dimension.
+#![allow(clippy::single_range_in_vec_init)]
+
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::TensorData;

@@ -3,6 +3,9 @@
 //! the two expert layouts against each other, and inference without
 //! capacity.
 
+// `tensor.slice([a..b])` is Burn's slicing of the first dimension.
+#![allow(clippy::single_range_in_vec_init)]
+
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};

@@ -195,8 +195,8 @@ fn the_report_equals_a_recomputation_from_inspect_traces() {
             "domain {d}: {mean} vs {}",
             loss / tokens
         );
-        for l in 0..2 {
-            assert_eq!(got.layers[l].routed[d], routed[l], "domain {d} layer {l}");
+        for (l, want) in routed.iter().enumerate().take(2) {
+            assert_eq!(got.layers[l].routed[d], *want, "domain {d} layer {l}");
         }
         // report.md lists the same numbers.
         let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();

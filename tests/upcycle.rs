@@ -171,7 +171,7 @@ fn a_run_upcycles_its_init_from_model_and_trains() {
             .replace("eval_every = 60", "eval_every = 40")
             .replace("lr = 1e-2", "lr = 3e-3")
             .replace("warmup_steps = 2", "warmup_steps = 0");
-        run(&options(&dir, &text, name, &[from.clone()])).unwrap()
+        run(&options(&dir, &text, name, std::slice::from_ref(&from))).unwrap()
     };
     let dense_cont = cont("dense-continued", "");
     let moe = cont("upcycled", "[upcycle]\nexperts = 4\ntop_k = 2\n");

@@ -107,7 +107,7 @@ impl ModelConfig {
                 return Err(err(key, "must be a positive integer"));
             }
         }
-        if self.n_kv_heads > self.n_heads || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(
                 "model.n_kv_heads",
                 format!(
@@ -121,7 +121,7 @@ impl ModelConfig {
             Some(h) if h % 2 == 1 => {
                 return Err(err("model.head_dim", "must be even for RoPE"));
             }
-            None if self.d_model % self.n_heads != 0 => {
+            None if !self.d_model.is_multiple_of(self.n_heads) => {
                 return Err(err(
                     "model.head_dim",
                     format!(

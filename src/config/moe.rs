@@ -195,7 +195,10 @@ impl MoeConfig {
         }
         match &self.layers {
             Some(list) => list.contains(&layer),
-            None => layer >= self.first_k_dense && (layer + 1) % self.every_n_layers.max(1) == 0,
+            None => {
+                layer >= self.first_k_dense
+                    && (layer + 1).is_multiple_of(self.every_n_layers.max(1))
+            }
         }
     }
 
@@ -284,7 +287,7 @@ impl MoeConfig {
                 "\"topk_then_softmax\" needs moe.score = \"softmax\"",
             ));
         }
-        if self.n_group == 0 || self.num_experts % self.n_group != 0 {
+        if self.n_group == 0 || !self.num_experts.is_multiple_of(self.n_group) {
             return Err(err(
                 "moe.n_group",
                 format!(

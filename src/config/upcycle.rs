@@ -69,7 +69,7 @@ impl UpcycleConfig {
             ));
         }
         let n = self.routed_slices();
-        if self.experts % n != 0 {
+        if !self.experts.is_multiple_of(n) {
             return Err(err(
                 "upcycle.experts",
                 format!(

@@ -211,7 +211,7 @@ impl ExpertParallel {
     /// Every rank calls it.
     pub fn new(comm: &mut dyn Collective, degree: usize) -> Result<Self> {
         let world = comm.world();
-        if degree == 0 || world.size % degree != 0 {
+        if degree == 0 || !world.size.is_multiple_of(degree) {
             anyhow::bail!(
                 "train.expert_parallel = {degree} must divide the number of processes ({})",
                 world.size

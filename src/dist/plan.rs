@@ -139,9 +139,9 @@ pub fn layer_cost(
     // rows[i][j]: rows device i sends device j per exchange.
     let mut rows = vec![vec![0.0; n]; n];
     for (e, homes) in layout.iter().enumerate() {
-        for i in 0..n {
+        for (i, row) in rows.iter_mut().enumerate() {
             for &(j, share) in homes {
-                rows[i][j] += from(i, e) * share;
+                row[j] += from(i, e) * share;
             }
         }
     }

@@ -87,7 +87,7 @@ fn refuses(m: &ModelConfig, moe: &MoeConfig) -> Option<String> {
         }),
         (moe.shared_width() > 0 && moe.shared_expert_gate)
             .then(|| "moe.shared_expert_gate (GLM-4.5's shared experts are ungated)".into()),
-        (moe.shared_width() % moe.d_expert != 0).then(|| {
+        (!moe.shared_width().is_multiple_of(moe.d_expert)).then(|| {
             format!(
                 "a shared-expert width of {} (GLM-4.5's is a multiple of moe.d_expert = {})",
                 moe.shared_width(),

@@ -65,7 +65,7 @@ impl Progress {
                 bar.set_message(msg);
             }
             None => {
-                if r.step % self.print_every == 0
+                if r.step.is_multiple_of(self.print_every)
                     || r.step == self.total
                     || r.step == self.first_step + 1
                 {

@@ -310,7 +310,7 @@ impl LanguageModel {
     fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
         let h = norm(&self.norm, x);
         match self.cfg.logits_scaling {
-            s if s == 1.0 => h,
+            1.0 => h,
             s => h.div_scalar(s),
         }
     }

@@ -256,6 +256,9 @@ pub fn granule(device: &Device) -> usize {
 /// the backend runs best: grouped rows in f32 on the CPU backend and on
 /// the GPU ones with their kernels (see [`group`]), padded capacity
 /// buffers elsewhere.
+// One per MoE layer and step, moved a few times: boxing the plan would
+// only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Dispatched {
     /// Each expert's kept tokens as consecutive rows. `[N, d]`

@@ -73,7 +73,7 @@ pub fn halve(scores: &[(usize, Option<f64>)]) -> Vec<usize> {
 
 /// Budgets (cumulative steps) of the halving rungs for `n` points and `steps`.
 pub fn halving_budgets(n: usize, steps: u64) -> Vec<u64> {
-    let rungs = (usize::BITS - n.max(1).leading_zeros()) as u32; // floor(log2 n) + 1
+    let rungs = usize::BITS - n.max(1).leading_zeros(); // floor(log2 n) + 1
     let mut b: Vec<u64> = (0..rungs)
         .map(|r| (steps >> (rungs - 1 - r)).max(1))
         .collect();
@@ -234,7 +234,7 @@ fn last_eval(run_dir: &Path) -> Option<f64> {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v.get("eval/loss").and_then(|e| e.as_f64()))
-        .last()
+        .next_back()
 }
 
 /// Run a sweep to the end and write its summary and plots.

@@ -52,7 +52,7 @@ pub(super) fn shard_experts(
         return Ok(None);
     }
     let size = comm.world().size;
-    if size % n != 0 {
+    if !size.is_multiple_of(n) {
         bail!("train.expert_parallel = {n} must divide the number of processes ({size})");
     }
     let grouped = served_on(Op::GroupedSwiglu, device, DType::F32);

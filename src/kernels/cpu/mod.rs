@@ -66,7 +66,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5.0e-1;
     let er = p * r * r + r + 1.0;
     // 2^n from the integer in k's bits: integer adds and a shift, which
     // vectorise (a float-to-int cast does not, with Rust's saturating `as`).
