@@ -270,6 +270,47 @@ fn bad_config_values_name_the_key() {
     refused(&["train", "--config", c, "--runs-dir", r], &["TOML"]);
 }
 
+/// A step larger than the machine's memory is refused with what it needs
+/// and the keys to lower, before anything is allocated: an allocation that
+/// large would abort the process instead of returning an error.
+#[test]
+fn a_step_too_large_for_the_machine_is_refused() {
+    let dir = scratch("mem");
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let c = cfg.to_str().unwrap();
+    let r = dir.join("runs");
+    let r = r.to_str().unwrap();
+    // 1 layer × 2 rows × 2 heads × (10^6)² × 4 bytes: 14.6 TiB of attention.
+    let needles = ["needs at least", "model.seq_len", "train.batch_size"];
+    let set = "model.seq_len=1000000";
+    let text = refused(
+        &["train", "--config", c, "--runs-dir", r, "--set", set],
+        &needles,
+    );
+    assert!(text.contains("14901.2 GiB"), "{text}");
+    refused(
+        &["bench", "--config", c, "--set", set, "--steps", "1"],
+        &needles,
+    );
+    // The embedding table (and its gradient and moments) counts too.
+    let set = "model.vocab_size=100000000000";
+    refused(
+        &[
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--set",
+            set,
+            "--set",
+            "model.d_model=1024",
+        ],
+        &["needs at least", "model.vocab_size"],
+    );
+}
+
 #[test]
 fn damaged_checkpoints_are_named() {
     let dir = scratch("damaged");

@@ -108,6 +108,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let cfg = RunConfig::load(&opts.config, &opts.overrides)?;
     let base = crate::train::parse_device(&opts.device)?;
     crate::train::check_precision(&base, &opts.device, cfg.train.precision)?;
+    if let Some(warning) = crate::train::check_host_memory(&opts.device, &cfg)? {
+        eprintln!("{warning}");
+    }
     crate::kernels::use_gpu_kernels(cfg.train.gpu_kernels);
     let device = base.clone().autodiff();
     base.seed(cfg.train.seed);

@@ -21,7 +21,7 @@ mod setup;
 mod start;
 pub mod step;
 
-pub use setup::{check_precision, parse_device};
+pub use setup::{check_host_memory, check_precision, parse_device, step_memory_floor};
 
 use crate::checkpoint::{self, Checkpoint, SaveOptions, TrainState};
 use crate::config::{NonFinitePolicy, RunConfig};
@@ -271,7 +271,7 @@ impl<'c> Trainer<'c> {
     fn eval_due(&self) -> bool {
         let step = self.state.step;
         self.cfg.train.eval_every > 0
-            && (step % self.cfg.train.eval_every == 0
+            && (step.is_multiple_of(self.cfg.train.eval_every)
                 || step == self.cfg.train.steps
                 || step == self.stop_at)
     }

@@ -56,6 +56,83 @@ pub fn check_precision(device: &Device, spec: &str, precision: Precision) -> Res
     Ok(())
 }
 
+/// The least host memory a training step takes on the CPU backend, in
+/// bytes, by its two parts that grow without bound with the config:
+/// `(weights, attention)`. The weights are the embedding table alone, four
+/// times over (the values, their gradients and AdamW's two moments); the
+/// attention part is the probabilities each layer keeps for the backward,
+/// `n_layers × batch × heads × seq_len² × 4` bytes. Everything else a step
+/// holds comes on top, so a run above this cannot fit.
+pub fn step_memory_floor(cfg: &RunConfig) -> (f64, f64) {
+    let m = &cfg.model;
+    let f32_bytes = 4.0;
+    let weights = 4.0 * f32_bytes * m.vocab_size as f64 * m.d_model as f64;
+    let s = m.seq_len as f64;
+    let attention =
+        f32_bytes * m.n_layers as f64 * cfg.train.batch_size as f64 * m.n_heads as f64 * s * s;
+    (weights, attention)
+}
+
+/// This machine's memory in bytes, `(total with swap, available)`, from
+/// `/proc/meminfo`; none where that file does not exist.
+fn host_memory() -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<f64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: f64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024.0)
+    };
+    let total = field("MemTotal:")? + field("SwapTotal:").unwrap_or(0.0);
+    Some((total, field("MemAvailable:").unwrap_or(total)))
+}
+
+fn gib(bytes: f64) -> String {
+    let mib = bytes / (1u64 << 20) as f64;
+    if mib < 1024.0 {
+        format!("{mib:.0} MiB")
+    } else {
+        format!("{:.1} GiB", mib / 1024.0)
+    }
+}
+
+/// Refuse, before anything is allocated, a run on the CPU backend whose
+/// step cannot fit in this machine's memory (an allocation that large
+/// would abort the process, not return an error); say so when it exceeds
+/// the memory free now. Returns the warning, if any.
+pub fn check_host_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> {
+    if spec != "flex" {
+        return Ok(None);
+    }
+    let Some((total, available)) = host_memory() else {
+        return Ok(None);
+    };
+    let (weights, attention) = step_memory_floor(cfg);
+    let need = weights + attention;
+    let what = format!(
+        "a training step needs at least {} ({} for the attention probabilities kept for \
+         the backward: model.n_layers × train.batch_size × model.n_heads × model.seq_len² \
+         × 4 bytes; {} for the embedding table, its gradient and its AdamW moments)",
+        gib(need),
+        gib(attention),
+        gib(weights)
+    );
+    if need > total {
+        bail!(
+            "{what}, and this machine has {} with swap: lower model.seq_len or \
+             train.batch_size (train.grad_accum keeps the tokens per step), or \
+             model.vocab_size or model.d_model; on a GPU with its kernels \
+             (--device cuda) attention keeps no seq_len² buffer",
+            gib(total)
+        );
+    }
+    Ok((need > available).then(|| format!("warning: {what}; {} is free now", gib(available))))
+}
+
 pub(crate) fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
     let stem = opts
         .config
@@ -211,5 +288,28 @@ pub(crate) fn stream_options(cfg: &RunConfig, split: Split) -> StreamOptions {
         split,
         seed: cfg.train.seed,
         shard: crate::data::stream::Shard::WHOLE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiny config's floor by hand: 4,096 × 128 embedding values four
+    /// times over, and 4 layers × 16 rows × 4 heads × 128² probabilities.
+    #[test]
+    fn the_memory_floor_of_the_tiny_config() {
+        let mut cfg = RunConfig::default();
+        cfg.model.vocab_size = 4096;
+        cfg.model.d_model = 128;
+        cfg.model.n_layers = 4;
+        cfg.model.n_heads = 4;
+        cfg.model.seq_len = 128;
+        cfg.train.batch_size = 16;
+        let (weights, attention) = step_memory_floor(&cfg);
+        assert_eq!(weights, 4.0 * 4.0 * 524_288.0); // 8 MiB
+        assert_eq!(attention, 4.0 * 4.0 * 16.0 * 4.0 * 16_384.0); // 16 MiB
+        assert_eq!(gib(attention), "16 MiB");
+        assert_eq!(gib(3.0 * (1u64 << 30) as f64), "3.0 GiB");
     }
 }

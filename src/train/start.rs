@@ -6,7 +6,8 @@
 use super::optim::AdamW;
 use super::parallel;
 use super::setup::{
-    check_precision, hparams, init_from, parse_device, resume_point, stream_options,
+    check_host_memory, check_precision, hparams, init_from, parse_device, resume_point,
+    stream_options,
 };
 use super::{RunOptions, Sinks, Trainer};
 use crate::checkpoint::{self, TrainState};
@@ -51,6 +52,13 @@ impl<'c> Trainer<'c> {
                 .with_context(|| format!("creating {}", run_dir.display()))?;
         }
         device.seed(cfg.train.seed);
+        // The architecture is known here, except under init_from, where it
+        // comes from the source checkpoint (checked once that is read).
+        let mut memory_checked = false;
+        if resume.is_some() || cfg.train.init_from.is_none() {
+            warn_memory(&device_spec, &cfg, world.is_writer())?;
+            memory_checked = true;
+        }
         let mut notes = Vec::new();
         let model = match (&resume, cfg.train.init_from.clone()) {
             // Architecture from the checkpoint, routing knobs from this invocation.
@@ -68,6 +76,9 @@ impl<'c> Trainer<'c> {
             (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
         }
         .with_precision(cfg.train.precision);
+        if !memory_checked {
+            warn_memory(&device_spec, &cfg, world.is_writer())?;
+        }
         // The resolved config; a comment header records what init_from
         // took (kept as it is on a resume).
         let config_path = run_dir.join("config.toml");
@@ -187,4 +198,14 @@ impl<'c> Trainer<'c> {
             started: Instant::now(),
         })
     }
+}
+
+/// [`check_host_memory`], its warning printed by the writing rank.
+fn warn_memory(spec: &str, cfg: &RunConfig, writer: bool) -> Result<()> {
+    if let Some(warning) = check_host_memory(spec, cfg)? {
+        if writer {
+            eprintln!("{warning}");
+        }
+    }
+    Ok(())
 }
