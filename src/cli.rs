@@ -63,13 +63,13 @@ pub struct PlanExpertsArgs {
     #[arg(long, default_value_t = 8)]
     pub per_node: usize,
     /// Inter-node bandwidth per device, Gbit/s.
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = positive_number)]
     pub link_gbps: f64,
     /// Intra-node bandwidth per device, Gbit/s.
-    #[arg(long, default_value_t = 900.0)]
+    #[arg(long, default_value_t = 900.0, value_parser = positive_number)]
     pub intra_node_gbps: f64,
     /// Expert FLOP/s per device (default: the rate the run reached).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_number)]
     pub flops: Option<f64>,
     /// Average the logged counts over this many last steps.
     #[arg(long, default_value_t = 100)]
@@ -273,7 +273,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative_number)]
     pub temperature: f64,
     /// Sample among the k most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
@@ -419,4 +419,20 @@ pub struct TrainArgs {
     /// with a fresh optimizer; the same as `--set train.init_from=DIR`.
     #[arg(long, value_name = "DIR")]
     pub init_from: Option<String>,
+}
+
+/// A flag's value that must be a finite number > 0.
+fn positive_number(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("must be a finite number > 0, got `{text}`")),
+    }
+}
+
+/// A flag's value that must be a finite number >= 0.
+fn non_negative_number(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("must be a finite number >= 0, got `{text}`")),
+    }
 }

@@ -200,6 +200,13 @@ fn generate_handles_empty_and_long_prompts() {
         "3",
     ]);
     assert!(ok && !text.contains("panicked"), "{text}");
+    // A temperature that is not a finite number >= 0 is refused.
+    for t in ["--temperature=nan", "--temperature=-1", "--temperature=inf"] {
+        refused(
+            &["generate", "--checkpoint", &run_dir, "--prompt", "To be", t],
+            &["--temperature", "finite number >= 0"],
+        );
+    }
 }
 
 #[test]
@@ -457,6 +464,13 @@ fn bad_plan_experts_arguments_are_named() {
         ],
         &["--link-gbps"],
     );
+    for flag in ["--link-gbps=nan", "--intra-node-gbps=-1", "--flops=inf"] {
+        let name = flag.split('=').next().unwrap();
+        refused(
+            &["plan-experts", "--run", &dir, "--devices", "2", flag],
+            &[name, "finite number > 0"],
+        );
+    }
     let (ok, text) = run(&["plan-experts", "--run", &dir, "--devices", "2"]);
     assert!(ok, "{text}");
     assert!(text.contains("| balanced |"), "{text}");
