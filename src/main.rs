@@ -308,6 +308,7 @@ fn load_for_eval(
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
+    anyhow::ensure!(args.max_batches >= 1, "--max-batches must be at least 1");
     let device = burn::prelude::Device::flex();
     let (dir, mut cfg, model) = load_for_eval(
         &args.checkpoint,

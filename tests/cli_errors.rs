@@ -175,7 +175,7 @@ fn a_tokenizer_larger_than_the_model_vocabulary_is_refused() {
 }
 
 #[test]
-fn generate_handles_empty_and_long_prompts() {
+fn generate_and_eval_take_edge_values_or_refuse_them() {
     let run_dir = trained_run().to_string_lossy().into_owned();
     // An empty prompt starts a new document.
     let (ok, text) = run(&[
@@ -200,6 +200,10 @@ fn generate_handles_empty_and_long_prompts() {
         "3",
     ]);
     assert!(ok && !text.contains("panicked"), "{text}");
+    refused(
+        &["eval", "--checkpoint", &run_dir, "--max-batches", "0"],
+        &["--max-batches"],
+    );
     // A temperature that is not a finite number >= 0 is refused.
     for t in ["--temperature=nan", "--temperature=-1", "--temperature=inf"] {
         refused(

@@ -187,6 +187,9 @@ pub fn evaluate(
                 .collect()
         };
     }
+    if tokens == 0 {
+        anyhow::bail!("nothing to evaluate: the validation batches hold no target tokens");
+    }
     // One read for the whole evaluation.
     let mut tx = Transaction::default().register(loss_sum);
     for l in &layers {
@@ -239,7 +242,7 @@ pub fn evaluate(
         },
     };
     Ok(EvalReport {
-        loss: sum / tokens.max(1) as f64,
+        loss: sum / tokens as f64,
         experts,
         domains,
     })
