@@ -19,11 +19,21 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run(cmd):
+    """Run a command from the repository root and return its stdout; on
+    failure raise with the command and the end of what it printed."""
+    # The error itself, not a backtrace, is what the tail must hold.
+    env = dict(os.environ, RUST_BACKTRACE="0")
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n{tail}")
+    return proc.stdout
+
+
 def switchyard(args, extra):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [args.binary, "bench", "--json", f.name,
-               "--steps", str(args.steps)] + extra
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run([args.binary, "bench", "--json", f.name, "--steps", str(args.steps)] + extra)
         return json.load(open(f.name))
 
 
@@ -59,8 +69,7 @@ def pytorch(args, report, extra=()):
     cmd = [args.python, os.path.join(ROOT, "bench/pytorch_reference.py"),
            "--threads", str(args.threads), "--steps", str(args.steps)]
     cmd += shape_args(report) + list(extra)
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(run(cmd).strip().splitlines()[-1])
 
 
 def main():

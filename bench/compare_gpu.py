@@ -20,6 +20,13 @@ H100 SXM's 989 dense bf16 TFLOP/s; f32 rows are read against the same peak.
 Device memory is what the allocator reserved: switchyard's most after a
 step, PyTorch's max_memory_reserved.
 
+Each run is tried on its own, in this order: the headline pair (switchyard
+bf16, PyTorch bf16), then f32, then the optional rows. A run that fails
+costs its row, not the table; --budget-s stops starting runs after that
+many seconds; each finished report goes to --out at once (rows.json,
+default $OUT/compare-gpu), and the tables last (tables.md).
+scripts/gpu-bench.sh wraps this for a lent GPU.
+
 --device and --torch-device change the devices, and --set passes overrides
 to switchyard, so the script also runs on a machine without a GPU
 (`--device flex --torch-device cpu`, a small config) to check it.
@@ -28,10 +35,10 @@ to switchyard, so the script also runs on a machine without a GPU
 import argparse
 import json
 import os
-import subprocess
 import sys
+import time
 
-from compare import ROOT, pytorch, switchyard
+from compare import ROOT, pytorch, run, switchyard
 
 
 def main():
@@ -57,7 +64,17 @@ def main():
                     help="also time bf16 on the composed path (train.gpu_kernels=false)")
     ap.add_argument("--dense", action="store_true",
                     help="also time the dense twin (in bf16, and in f32 unless --no-f32)")
+    ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "compare-gpu")
+                    if os.environ.get("OUT") else None,
+                    help="folder for each run's report as soon as it completes (rows.json) "
+                         "and the tables (tables.md); default $OUT/compare-gpu when OUT is set")
+    ap.add_argument("--budget-s", type=float, default=0,
+                    help="start no run after this many seconds (0: no limit); the tables "
+                         "then show what finished")
     args = ap.parse_args()
+    started = time.time()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
 
     base = ["--config", args.config, "--device", args.device, "--warmup", str(args.warmup),
             "--no-sgemm"]
@@ -66,99 +83,159 @@ def main():
     bf16 = base + ["--set", "train.precision=bf16"] + (["--profile"] if args.profile else [])
     torch_common = ["--device", args.torch_device, "--warmup", str(args.warmup)]
 
-    rows = {}
-    if not args.no_f32:
-        rows["switchyard, f32"] = switchyard(args, base + ["--profile"])
-        rows["switchyard, f32, composed path"] = switchyard(
-            args, base + ["--profile", "--set", "train.gpu_kernels=false"])
-    if args.dense and not args.no_f32:
-        # As wide as the active experts together.
-        moe = rows["switchyard, f32"]["moe"]
-        d_ff = moe["top_k"] * moe["d_expert"]
-        rows["switchyard dense twin, f32"] = switchyard(
-            args, base + ["--set", "moe.num_experts=0", "--set", f"model.d_ff={d_ff}"])
-    rows["switchyard, bf16"] = switchyard(args, bf16)
-    if args.bf16_composed:
-        rows["switchyard, bf16, composed path"] = switchyard(
-            args, bf16 + ["--set", "train.gpu_kernels=false"])
-    if args.dense:
-        moe = rows["switchyard, bf16"]["moe"]
-        d_ff = moe["top_k"] * moe["d_expert"]
-        rows["switchyard dense twin, bf16"] = switchyard(
-            args, bf16 + ["--set", "moe.num_experts=0", "--set", f"model.d_ff={d_ff}"])
-    shape = rows.get("switchyard, f32") or rows["switchyard, bf16"]
-    if not args.no_f32:
-        rows["PyTorch eager, f32"] = pytorch(args, shape, torch_common + ["--dtype", "f32"])
-    rows["PyTorch eager, bf16 autocast"] = pytorch(args, shape, torch_common + ["--dtype", "bf16"])
+    # Each run is tried on its own: a failure or the budget costs its row,
+    # not the table. Every finished report is saved at once, so a lease
+    # that ends early still leaves them under --out.
+    rows, missing = {}, {}
 
+    def attempt(name, fn):
+        clock = time.time()
+        if args.budget_s and clock - started > args.budget_s:
+            missing[name] = f"not started: {clock - started:.0f} s is past --budget-s"
+            print(f"{name}: {missing[name]}", flush=True)
+            return None
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - any failure costs this row only
+            missing[name] = f"failed: {e}"
+            print(f"{name}: FAILED after {time.time() - clock:.0f} s\n{e}", flush=True)
+            return None
+        rows[name] = res
+        print(f"[{time.time() - started:4.0f} s] {name}: {res['tokens_per_s']:.0f} tokens/s, "
+              f"{res['median_step_s']:.3f} s/step (the run took {time.time() - clock:.0f} s)",
+              flush=True)
+        if args.out:
+            with open(os.path.join(args.out, "rows.json"), "w") as f:
+                json.dump({"rows": rows, "missing": missing}, f, indent=1)
+        return res
+
+    def shape():
+        """The shape switchyard resolved, for PyTorch to build the same model."""
+        for name in ["switchyard, bf16", "switchyard, f32"]:
+            if name in rows:
+                return rows[name]
+        raise RuntimeError("no switchyard run finished, so the shape is unknown")
+
+    def dense_twin(extra):
+        # As wide as the active experts together.
+        moe = shape()["moe"]
+        return switchyard(args, extra + ["--set", "moe.num_experts=0",
+                                         "--set", f"model.d_ff={moe['top_k'] * moe['d_expert']}"])
+
+    # The headline pair first, then f32, then the optional rows.
+    attempt("switchyard, bf16", lambda: switchyard(args, bf16))
+    attempt("PyTorch eager, bf16 autocast",
+            lambda: pytorch(args, shape(), torch_common + ["--dtype", "bf16"]))
+    if not args.no_f32:
+        attempt("switchyard, f32", lambda: switchyard(args, base + ["--profile"]))
+        attempt("switchyard, f32, composed path", lambda: switchyard(
+            args, base + ["--profile", "--set", "train.gpu_kernels=false"]))
+        attempt("PyTorch eager, f32", lambda: pytorch(args, shape(), torch_common + ["--dtype", "f32"]))
+    if args.bf16_composed:
+        attempt("switchyard, bf16, composed path",
+                lambda: switchyard(args, bf16 + ["--set", "train.gpu_kernels=false"]))
+    if args.dense:
+        if not args.no_f32:
+            attempt("switchyard dense twin, f32", lambda: dense_twin(base))
+        attempt("switchyard dense twin, bf16", lambda: dense_twin(bf16))
+    operations = None
+    if not args.no_f32 and {"switchyard, f32", "switchyard, f32, composed path"} <= rows.keys():
+        try:
+            operations = per_operation(args, shape(), rows["switchyard, f32"],
+                                       rows["switchyard, f32, composed path"])
+        except Exception as e:  # noqa: BLE001
+            missing["per-operation table"] = f"failed: {e}"
+
+    text = tables(args, rows, missing, operations)
+    print("\n" + text)
+    if args.out:
+        with open(os.path.join(args.out, "tables.md"), "w") as f:
+            f.write(text)
+
+
+def tables(args, rows, missing, operations):
+    """The README tables from whatever rows finished."""
+    out = []
+    say = out.append
+    if not rows:
+        return "no run finished:\n" + "\n".join(f"- {k}: {v}" for k, v in missing.items())
+    shape = rows.get("switchyard, bf16") or rows.get("switchyard, f32") or next(iter(rows.values()))
     flops = shape["flops_per_step"]
     for name, res in rows.items():
         if abs(res["flops_per_step"] / flops - 1) > 0.01:
-            print(f"note: {name} counts {res['flops_per_step'] / 1e12:.3f} TFLOP/step, "
-                  f"switchyard {flops / 1e12:.3f}; the table uses switchyard's", file=sys.stderr)
+            say(f"note: {name} counts {res['flops_per_step'] / 1e12:.3f} TFLOP/step, "
+                f"switchyard {flops / 1e12:.3f}; the table uses switchyard's")
     m = shape["model"]
-    print(f"shape: {args.config}, d_model {m['d_model']}, {m['n_layers']} layers, seq {m['seq_len']}, "
-          f"batch {shape['batch_size']}, {shape['moe']['num_experts']} experts top-{shape['moe']['top_k']}; "
-          f"{shape['params'] / 1e6:.0f}M parameters, {shape['active_params'] / 1e6:.0f}M active, "
-          f"{flops / 1e12:.2f} TFLOP/step\n")
-    print(f"| run | tokens/s | s/step | model TFLOP/s | MFU (of {args.peak_tflops:g}) | device memory MiB |")
-    print("|---|---|---|---|---|---|")
+    say(f"shape: {args.config}, d_model {m['d_model']}, {m['n_layers']} layers, seq {m['seq_len']}, "
+        f"batch {shape['batch_size']}, {shape['moe']['num_experts']} experts top-{shape['moe']['top_k']}; "
+        f"{shape['params'] / 1e6:.0f}M parameters, {shape['active_params'] / 1e6:.0f}M active, "
+        f"{flops / 1e12:.2f} TFLOP/step\n")
+    say(f"| run | tokens/s | s/step | model TFLOP/s | MFU (of {args.peak_tflops:g}) | device memory MiB |")
+    say("|---|---|---|---|---|---|")
     for name, res in rows.items():
         tflops = flops / res["median_step_s"] / 1e12
         mem = res.get("device_reserved_mb") or res.get("peak_gpu_reserved_mb")
         mem = f"{mem:.0f}" if mem else f"({res['peak_rss_mb']:.0f} RSS)"
-        print(f"| {name} | {res['tokens_per_s']:.0f} | {res['median_step_s']:.3f} | {tflops:.2f} | "
-              f"{100 * tflops / args.peak_tflops:.2f}% | {mem} |")
-    sy, pt = rows["switchyard, bf16"], rows["PyTorch eager, bf16 autocast"]
-    print(f"\nswitchyard bf16 / PyTorch bf16 tokens/s: {sy['tokens_per_s'] / pt['tokens_per_s']:.2f}")
-    if not args.no_f32:
-        print(f"switchyard bf16 / f32 tokens/s: "
-              f"{sy['tokens_per_s'] / rows['switchyard, f32']['tokens_per_s']:.2f}")
-    if args.bf16_composed:
-        composed = rows["switchyard, bf16, composed path"]
-        print(f"switchyard bf16, kernels / composed path tokens/s: "
-              f"{sy['tokens_per_s'] / composed['tokens_per_s']:.2f}")
+        say(f"| {name} | {res['tokens_per_s']:.0f} | {res['median_step_s']:.3f} | {tflops:.2f} | "
+            f"{100 * tflops / args.peak_tflops:.2f}% | {mem} |")
+    say("")
+
+    def ratio(label, a, b, key="tokens_per_s"):
+        if a in rows and b in rows:
+            say(f"{label}: {rows[a][key] / rows[b][key]:.2f}")
+
+    ratio("switchyard bf16 / PyTorch bf16 tokens/s", "switchyard, bf16", "PyTorch eager, bf16 autocast")
+    ratio("switchyard f32 / PyTorch f32 tokens/s", "switchyard, f32", "PyTorch eager, f32")
+    ratio("switchyard bf16 / f32 tokens/s", "switchyard, bf16", "switchyard, f32")
+    ratio("switchyard f32, kernels / composed path tokens/s", "switchyard, f32",
+          "switchyard, f32, composed path")
+    ratio("switchyard bf16, kernels / composed path tokens/s", "switchyard, bf16",
+          "switchyard, bf16, composed path")
     for dtype in ["f32", "bf16"]:
-        if f"switchyard dense twin, {dtype}" in rows:
-            moe, dense = rows[f"switchyard, {dtype}"], rows[f"switchyard dense twin, {dtype}"]
-            print(f"MoE step / dense twin step ({dtype}): "
-                  f"{moe['median_step_s'] / dense['median_step_s']:.2f}")
-    if not args.no_f32:
-        per_operation(args, shape, rows["switchyard, f32"], rows["switchyard, f32, composed path"])
-    if sy.get("phases"):
-        print("\nswitchyard bf16 phases (each alone, forward + backward, all layers):")
+        ratio(f"MoE step / dense twin step ({dtype})", f"switchyard, {dtype}",
+              f"switchyard dense twin, {dtype}", key="median_step_s")
+    if operations:
+        say("\n" + operations)
+    sy = rows.get("switchyard, bf16")
+    if sy and sy.get("phases"):
+        say("\nswitchyard bf16 phases (each alone, forward + backward, all layers):")
         for p in sy["phases"]:
-            print(f"  {p['name']:<44} {p['seconds'] * 1e3:9.2f} ms "
-                  f"{100 * p['seconds'] / sy['median_step_s']:5.1f}%")
+            say(f"  {p['name']:<44} {p['seconds'] * 1e3:9.2f} ms "
+                f"{100 * p['seconds'] / sy['median_step_s']:5.1f}%")
+    if missing:
+        say("\nnot in the tables:")
+        for k, v in missing.items():
+            say(f"- {k}: {v.splitlines()[0]}")
+    return "\n".join(out) + "\n"
 
 
 def per_operation(args, shape, kernels, composed):
-    """One table: each fused operation's time per step with switchyard's
-    kernel, on the composed path, and in PyTorch (bench/pytorch_ops.py)."""
+    """One table, as text: each fused operation's time per step with
+    switchyard's kernel, on the composed path, and in PyTorch
+    (bench/pytorch_ops.py)."""
     m, moe = shape["model"], shape["moe"]
     cmd = [args.python, os.path.join(ROOT, "bench/pytorch_ops.py"), "--device", args.torch_device,
            "--batch", shape["batch_size"], "--seq", m["seq_len"], "--d-model", m["d_model"],
            "--heads", m["n_heads"], "--kv-heads", m["n_kv_heads"], "--vocab", m["vocab_size"],
            "--experts", max(moe["num_experts"], 1), "--top-k", moe["top_k"],
            "--d-expert", moe["d_expert"], "--layers", m["n_layers"]]
-    out = subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout
-    torch_ops = json.loads(out.strip().splitlines()[-1])
+    torch_ops = json.loads(run(cmd).strip().splitlines()[-1])
     pairs = {"attention": "attention", "LM head + loss": "LM head + loss",
              "expert matmuls": "expert matmuls (per-expert loop)",
              "optimizer": "optimizer (fused AdamW + clip)"}
     ms = lambda report, name: next(  # noqa: E731
         (1e3 * p["seconds"] for p in report["phases"] if p["name"] == name), float("nan"))
-    print("\nper operation, f32, ms per training step (all layers), forward + backward:\n")
-    print("| operation | switchyard kernel | composed path | PyTorch | kernel / composed | kernel / PyTorch |")
-    print("|---|---|---|---|---|---|")
+    out = ["per operation, f32, ms per training step (all layers), forward + backward:\n",
+           "| operation | switchyard kernel | composed path | PyTorch | kernel / composed | kernel / PyTorch |",
+           "|---|---|---|---|---|---|"]
     for ours, theirs in pairs.items():
         k, c = ms(kernels, ours), ms(composed, ours)
         t = torch_ops[theirs]["ms"] * torch_ops[theirs]["calls"]
-        print(f"| {ours} | {k:.2f} | {c:.2f} | {t:.2f} | {k / c:.2f} | {k / t:.2f} |")
+        out.append(f"| {ours} | {k:.2f} | {c:.2f} | {t:.2f} | {k / c:.2f} | {k / t:.2f} |")
     norm = torch_ops["RMSNorm"]
-    print(f"\nPyTorch RMSNorm: {norm['ms'] * norm['calls']:.2f} ms per step ({norm['calls']} calls); "
-          "switchyard's norms are inside 'other' of the phase breakdown.")
+    out.append(f"\nPyTorch RMSNorm: {norm['ms'] * norm['calls']:.2f} ms per step ({norm['calls']} calls); "
+               "switchyard's norms are inside 'other' of the phase breakdown.")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
