@@ -29,26 +29,9 @@ fi
   echo "card:   $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 } | tee "$out/machine.txt"
 
-# cudarc loads NVRTC by name at run time (libnvrtc.so, or .so.<major>),
-# and NVRTC loads its builtins library from the same folder: put the
-# folder of the newest one found on the loader's path, with an
-# unversioned name beside it.
-links=$(mktemp -d)
 python=${PYTHON:-python3}
-site=$("$python" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
-for lib in libnvrtc libnccl; do
-  # shellcheck disable=SC2086 # $site is a list of folders
-  found=$(find /usr/local/cuda*/ /usr/lib/x86_64-linux-gnu /usr/lib64 $site \
-    -name "$lib.so*" ! -name "*builtins*" 2>/dev/null | sort -V | tail -n 1)
-  if [ -n "$found" ]; then
-    echo "$lib: $found"
-    ln -sf "$found" "$links/$lib.so"
-    export LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
-  else
-    echo "$lib: not found (needed: libnvrtc always, libnccl for several processes)"
-  fi
-done
-export LD_LIBRARY_PATH="$links:${LD_LIBRARY_PATH:-}"
+# shellcheck source=scripts/cuda-libs.sh
+. scripts/cuda-libs.sh
 
 "$python" bench/compare_gpu.py --python "$python" --out "$out/compare-gpu" \
   --budget-s "${BUDGET_S:-300}" --dense "$@"

@@ -16,6 +16,8 @@ ranks=${1:-1}
 if [ -z "${SKIP_BUILD:-}" ]; then
   FEATURES=cuda,mpi scripts/build-cuda-offline.sh
 fi
+# shellcheck source=scripts/cuda-libs.sh
+. scripts/cuda-libs.sh
 out=${OUT:-/tmp}/nccl-check
 rm -rf "$out"
 mpirun --allow-run-as-root --oversubscribe -np "$ranks" ./target/release/switchyard train \
