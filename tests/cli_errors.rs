@@ -322,6 +322,68 @@ fn a_step_too_large_for_the_machine_is_refused() {
     );
 }
 
+/// Evaluations with no validation split are refused before the first
+/// step: at 0 by the config check, and when no document falls in a tiny
+/// share by a look at the split at start, so no training is lost to it.
+#[test]
+fn an_empty_validation_split_is_refused_before_training() {
+    let dir = scratch("val");
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    let c = cfg.to_str().unwrap();
+    let runs = dir.join("runs");
+    let r = runs.to_str().unwrap();
+    let every = "train.eval_every=1";
+    refused(
+        &[
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--set",
+            every,
+            "--set",
+            "data.val_fraction=0",
+        ],
+        &["data.val_fraction", "train.eval_every"],
+    );
+    // The first evaluation would come after step 2, and step 1 would have
+    // written a checkpoint (checkpoint_every = 1): none may be there.
+    let text = refused(
+        &[
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--name",
+            "tiny-share",
+            "--set",
+            "train.eval_every=2",
+            "--set",
+            "data.val_fraction=1e-12",
+        ],
+        &["no tokens for the validation split", "data.val_fraction"],
+    );
+    assert!(!runs.join("tiny-share/checkpoints").exists(), "{text}");
+    // Without evaluations a run needs no validation split.
+    let (ok, text) = run(&[
+        "train",
+        "--config",
+        c,
+        "--runs-dir",
+        r,
+        "--name",
+        "no-eval",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "data.val_fraction=0",
+    ]);
+    assert!(ok, "{text}");
+}
+
 #[test]
 fn damaged_checkpoints_are_named() {
     let dir = scratch("damaged");

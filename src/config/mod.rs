@@ -117,6 +117,17 @@ impl RunConfig {
         self.optim.validate()?;
         self.train.validate()?;
         self.log.validate()?;
+        if self.data.val_fraction == 0.0 && self.train.eval_every > 0 {
+            return Err(err(
+                "data.val_fraction",
+                format!(
+                    "is 0, so no document is held out for the evaluations every \
+                     train.eval_every = {} steps: set data.val_fraction above 0 (e.g. 0.05), \
+                     or train.eval_every = 0",
+                    self.train.eval_every
+                ),
+            ));
+        }
         if let Some(up) = &self.upcycle {
             up.validate()?;
             if self.train.init_from.is_none() {

@@ -266,10 +266,19 @@ impl DataStream {
         }
         if rows.is_empty() {
             if self.batches == 0 {
-                bail!(
-                    "the corpus produced no tokens for the {:?} split",
-                    self.opts.split
-                );
+                match self.opts.split {
+                    Split::Validation => bail!(
+                        "the corpus produced no tokens for the validation split: no document \
+                         fell in its share (data.val_fraction, drawn by a hash of each \
+                         document's text); raise data.val_fraction, cut the corpus into more \
+                         documents, or evaluate nothing (train.eval_every = 0)"
+                    ),
+                    Split::Train => bail!(
+                        "the corpus produced no tokens for the training split: every document \
+                         fell in the validation share (data.val_fraction); lower it, or cut \
+                         the corpus into more documents"
+                    ),
+                }
             }
             return Ok(None);
         }

@@ -13,7 +13,7 @@ use super::{RunOptions, Sinks, Trainer};
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
 use crate::data::ranks::RankStream;
-use crate::data::stream::Split;
+use crate::data::stream::{DataStream, Split};
 use crate::data::tokenizer;
 use crate::dist::Collective;
 use crate::metrics::console::Progress;
@@ -133,6 +133,18 @@ impl<'c> Trainer<'c> {
             world,
             saved_cursors,
         )?;
+
+        // An empty validation split fails now, not at the first
+        // evaluation after steps that would be lost with it.
+        if cfg.train.eval_every > 0 && (world.is_writer() || ep.is_some()) {
+            let mut val = DataStream::open(
+                &cfg.data,
+                tok.clone(),
+                stream_options(&cfg, Split::Validation),
+                None,
+            )?;
+            val.next_batch()?;
+        }
 
         let (total, first_step) = (cfg.train.steps, state.step);
         let sinks = if world.is_writer() {
