@@ -13,6 +13,7 @@
 //! still identical.
 
 pub mod eval;
+pub mod interrupt;
 pub mod optim;
 mod parallel;
 mod reading;
@@ -128,11 +129,19 @@ pub struct Trainer<'c> {
 impl<'c> Trainer<'c> {
     /// Train to the last step of this invocation.
     pub fn run(mut self) -> Result<RunOutcome> {
+        let signals = (self.world.size == 1).then(interrupt::StopOnSignal::install);
+        let mut interrupted = false;
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
+            if signals.is_some() && interrupt::requested() {
+                // Ctrl-C or SIGTERM: this step is the last, checkpointed
+                // below, without the evaluation it may have been due.
+                interrupted = true;
+                self.stop_at = self.state.step;
+            }
             // Rank 0 evaluates; under expert parallelism every rank takes
             // part (the experts are spread over them) and rank 0 logs.
-            if self.eval_due() && (self.world.is_writer() || self.ep.is_some()) {
+            if !interrupted && self.eval_due() && (self.world.is_writer() || self.ep.is_some()) {
                 let eval = self.evaluate()?;
                 if let Some(ep) = &self.ep {
                     // The comm/ counters are the training step's.
@@ -148,6 +157,23 @@ impl<'c> Trainer<'c> {
             if self.checkpoint_due() {
                 self.save_checkpoint()?;
             }
+        }
+        drop(signals);
+        if interrupted {
+            let (step, total) = (self.state.step, self.cfg.train.steps);
+            let name = self
+                .run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            let runs = self.runs_dir.display().to_string();
+            self.finish()?;
+            bail!(
+                "interrupted: stopped after step {step} of {total} and saved a checkpoint of it; \
+                 continue with `switchyard train --config <the same config> --runs-dir {} \
+                 --name {} --resume`",
+                runs,
+                name.unwrap_or_default()
+            );
         }
         self.finish()
     }

@@ -1,0 +1,135 @@
+//! Ctrl-C (SIGINT) or SIGTERM stops a training run after the step under
+//! way, with a checkpoint of that step, and `--resume` continues from it.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A run far too long to end by itself, with no checkpoint before the end
+/// and one JSON line per step.
+const CONFIG: &str = r#"
+[model]
+vocab_size = 4096
+d_model = 16
+n_layers = 1
+n_heads = 2
+n_kv_heads = 1
+seq_len = 16
+[moe]
+num_experts = 2
+top_k = 1
+d_expert = 16
+[data]
+tokenizer = "data/tokenizer.json"
+shuffle_buffer = 4
+[[data.sources]]
+paths = ["data/shakespeare/shakespeare_complete_works.txt"]
+blank_lines = 2
+[train]
+steps = 1000000
+batch_size = 2
+eval_every = 0
+checkpoint_every = 0
+[log]
+progress = "json"
+"#;
+
+fn checkpoints(run: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("step-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
+    let dir = std::env::temp_dir().join(format!("sy-interrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("long.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let runs = dir.join("runs");
+    for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+        let train = |extra: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+            cmd.args(["train", "--config"])
+                .arg(&cfg)
+                .arg("--runs-dir")
+                .arg(&runs)
+                .args(["--name", name])
+                .args(extra)
+                .current_dir(root())
+                .env("RAYON_NUM_THREADS", "1")
+                .env("RUST_BACKTRACE", "0");
+            cmd
+        };
+        let mut child = train(&[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Signal once the run has made a few steps.
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Ok(serde_json::Value::Object(p)) = serde_json::from_str(&line) {
+                seen = p["step"].as_u64().unwrap();
+                if seen >= 3 {
+                    break;
+                }
+            }
+        }
+        assert!(seen >= 3, "the run printed no step");
+        // SAFETY: signals a child process this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        // An error exit, not death by the signal.
+        assert_eq!(status.code(), Some(1), "{name}: {status:?}\n{err}");
+        let last = rest
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|p| p.get("step").and_then(|s| s.as_u64()))
+            .max()
+            .unwrap_or(seen);
+        assert!(
+            err.contains(&format!("stopped after step {last} of 1000000"))
+                && err.contains(&format!("--name {name} --resume")),
+            "{name}: {err}"
+        );
+        let run = runs.join(name);
+        assert_eq!(checkpoints(&run), [format!("step-{last:07}")], "{name}");
+
+        let out = train(&["--resume", "--stop-after", "2"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            checkpoints(&run).contains(&format!("step-{:07}", last + 2)),
+            "{name}: {:?}",
+            checkpoints(&run)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
