@@ -52,10 +52,17 @@ def main():
     def leaf(*shape, std=1.0):
         return (torch.randn(*shape, device=device, dtype=dtype) * std).requires_grad_()
 
+    def fresh(*tensors):
+        # Each call makes new gradients, as a training step after
+        # zero_grad(set_to_none=True) does, instead of adding to the last.
+        for t in tensors:
+            t.grad = None
+
     q, k, v = leaf(b, h, s, hd), leaf(b, kv, s, hd), leaf(b, kv, s, hd)
     g_attn = torch.randn(b, h, s, hd, device=device, dtype=dtype)
 
     def attention():
+        fresh(q, k, v)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         out.backward(g_attn)
 
@@ -63,12 +70,14 @@ def main():
     targets = torch.randint(0, args.vocab, (n,), device=device)
 
     def head():
+        fresh(x, w)
         F.cross_entropy((x @ w).float(), targets).backward()
 
     xn, gamma = leaf(n, d), leaf(d)
     g_norm = torch.randn(n, d, device=device, dtype=dtype)
 
     def rms_norm():
+        fresh(xn, gamma)
         F.rms_norm(xn, (d,), gamma, eps=1e-5).backward(g_norm)
 
     # The experts: each expert's SwiGLU over an equal share of the k·n
@@ -80,6 +89,7 @@ def main():
     g_exp = torch.randn(per, d, device=device, dtype=dtype)
 
     def experts():
+        fresh(*xe, gate, up, down)
         for i in range(e):
             y = (F.silu(xe[i] @ gate[i]) * (xe[i] @ up[i])) @ down[i]
             y.backward(g_exp)
