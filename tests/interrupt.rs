@@ -133,3 +133,95 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The step numbers of the JSON progress lines a sweep point logged.
+fn logged_steps(train_log: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(train_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|p| p.get("step").and_then(|s| s.as_u64()))
+        .collect()
+}
+
+/// A SIGTERM sent to a sweep alone reaches the point under way, which
+/// stops after its step with a checkpoint of it; no point starts after it.
+#[test]
+fn a_signal_stops_a_sweep_and_its_point() {
+    let dir = std::env::temp_dir().join(format!("sy-interrupt-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("long.toml");
+    std::fs::write(&base, CONFIG).unwrap();
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "base = \"{}\"\nname = \"stop\"\n[grid]\n\"train.seed\" = [1, 2]\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let runs = dir.join("runs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["sweep", "--config"])
+        .arg(&file)
+        .arg("--runs-dir")
+        .arg(&runs)
+        .current_dir(root())
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first point to log a few steps.
+    let sweep_dir = runs.join("stop");
+    let started = std::time::Instant::now();
+    let point = loop {
+        let logs: Vec<PathBuf> = std::fs::read_dir(&sweep_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path().join("train.log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(l) = logs.iter().find(|l| logged_steps(l).len() >= 3) {
+            break l.parent().unwrap().to_path_buf();
+        }
+        assert!(started.elapsed().as_secs() < 120, "no point logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // SAFETY: signals a child process this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}\n{out}\n{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("--resume"),
+        "{err}"
+    );
+    let last = *logged_steps(&point.join("train.log")).last().unwrap();
+    assert!(last < 1_000_000);
+    assert_eq!(checkpoints(&point), [format!("step-{last:07}")]);
+    // The other point never started.
+    let started_points = std::fs::read_dir(&sweep_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("train.log").exists())
+        .count();
+    assert_eq!(started_points, 1, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

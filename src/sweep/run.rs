@@ -9,10 +9,16 @@
 //! continues to twice the budget, and so on until one point trains in full.
 //! The learning-rate schedule is that of the full run throughout, so a
 //! survivor's curve is exactly the one a full run would have drawn.
+//!
+//! Ctrl-C or SIGTERM stops the sweep: no point starts after it, each point
+//! under way is passed a SIGTERM (it gets the terminal's Ctrl-C itself) and
+//! stops after its current step with a checkpoint, and `--resume` carries
+//! on from there.
 
 use super::summary::{self, PointResult, Status};
 use super::{Point, Sweep};
 use crate::checkpoint;
+use crate::train::interrupt::{self, StopOnSignal};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{BufRead, BufReader, Write};
@@ -163,10 +169,17 @@ impl Runner<'_> {
                 .map_while(Result::ok)
                 .collect::<Vec<_>>()
         });
+        let mut passed_on = false;
         for line in BufReader::new(child.stdout.take().unwrap())
             .lines()
             .map_while(Result::ok)
         {
+            if interrupt::requested() && !passed_on {
+                // A SIGTERM sent to the sweep alone reaches the point this
+                // way; the point checkpoints its step and stops.
+                pass_on_stop(&child);
+                passed_on = true;
+            }
             let _ = writeln!(log, "{line}");
             // {"step": 12, "loss": ...} lines drive the point's bar.
             let Ok(serde_json::Value::Object(p)) = serde_json::from_str(&line) else {
@@ -206,6 +219,9 @@ impl Runner<'_> {
         std::thread::scope(|s| {
             for _ in 0..self.opts.jobs.min(idx.len()).max(1) {
                 s.spawn(|| loop {
+                    if interrupt::requested() {
+                        break;
+                    }
                     let Some(i) = next.lock().unwrap().next() else {
                         break;
                     };
@@ -225,6 +241,30 @@ impl Runner<'_> {
         });
         failed.into_inner().unwrap()
     }
+}
+
+/// Ask a point's process to stop after its current step.
+fn pass_on_stop(child: &std::process::Child) {
+    #[cfg(unix)]
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: signals a child process this sweep started and has not
+        // yet waited for.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = child;
+}
+
+/// The error a stopped sweep ends with.
+fn interrupted(opts: &SweepOptions) -> anyhow::Error {
+    anyhow::anyhow!(
+        "interrupted: the points under way stopped after their current step with a \
+         checkpoint; continue with `switchyard sweep --config {} --runs-dir {} --resume`",
+        opts.file.display(),
+        opts.runs_dir.display()
+    )
 }
 
 /// Last validation loss in a run's metrics, if any.
@@ -249,6 +289,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
     }
     std::fs::create_dir_all(&dir)?;
     std::fs::copy(&opts.file, dir.join("sweep.toml")).context("copying the sweep file")?;
+    let _signals = StopOnSignal::install();
 
     // Validate every point up front; an invalid one is a failed point, not a stopped sweep.
     let mut failures: Vec<Option<String>> = vec![None; sweep.points.len()];
@@ -303,6 +344,9 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
             for (i, why) in runner.run_all(&valid, &steps, None) {
                 failures[i] = Some(why);
             }
+            if interrupt::requested() {
+                return Err(interrupted(opts));
+            }
         }
         Search::Halving => {
             let total = valid.iter().map(|&i| steps[i]).max().unwrap_or(0);
@@ -317,6 +361,9 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
                 ));
                 for (i, why) in runner.run_all(&alive, &steps, (!last).then_some(budget)) {
                     failures[i] = Some(why);
+                }
+                if interrupt::requested() {
+                    return Err(interrupted(opts));
                 }
                 alive.retain(|&i| failures[i].is_none());
                 if last {
