@@ -300,6 +300,8 @@ fn a_step_too_large_for_the_machine_is_refused() {
         &needles,
     );
     assert!(text.contains("14901.2 GiB"), "{text}");
+    // Refused before the run directory is made.
+    assert!(!dir.join("runs/tiny").exists());
     refused(
         &["bench", "--config", c, "--set", set, "--steps", "1"],
         &needles,

@@ -133,9 +133,10 @@ impl<'c> Trainer<'c> {
         let mut interrupted = false;
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
-            if signals.is_some() && interrupt::requested() {
+            if signals.is_some() && interrupt::requested() && self.state.step < self.stop_at {
                 // Ctrl-C or SIGTERM: this step is the last, checkpointed
-                // below, without the evaluation it may have been due.
+                // below, without the evaluation it may have been due (a
+                // signal during the last step lets the run end as usual).
                 interrupted = true;
                 self.stop_at = self.state.step;
             }

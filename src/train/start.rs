@@ -47,18 +47,19 @@ impl<'c> Trainer<'c> {
         } else {
             None
         };
-        if world.is_writer() {
-            std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("creating {}", run_dir.display()))?;
-        }
-        device.seed(cfg.train.seed);
-        // The architecture is known here, except under init_from, where it
-        // comes from the source checkpoint (checked once that is read).
+        // Before the run directory is made. The architecture is known here,
+        // except under init_from, where it comes from the source checkpoint
+        // (checked once that is read).
         let mut memory_checked = false;
         if resume.is_some() || cfg.train.init_from.is_none() {
             warn_memory(&device_spec, &cfg, world.is_writer())?;
             memory_checked = true;
         }
+        if world.is_writer() {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("creating {}", run_dir.display()))?;
+        }
+        device.seed(cfg.train.seed);
         let mut notes = Vec::new();
         let model = match (&resume, cfg.train.init_from.clone()) {
             // Architecture from the checkpoint, routing knobs from this invocation.
