@@ -3,8 +3,12 @@
 #![cfg(unix)]
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -39,6 +43,49 @@ checkpoint_every = 0
 progress = "json"
 "#;
 
+/// `switchyard` with SIGINT and SIGTERM at their default actions, whatever
+/// the test process inherited (a job started in the background by a
+/// non-interactive shell ignores SIGINT, and the binary keeps an ignored
+/// signal ignored).
+fn switchyard() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd.current_dir(root()).env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+/// Kill `pid` if it is still running after two minutes, so that a run the
+/// signal did not stop fails the test instead of hanging it; set the flag
+/// once the process has been waited for.
+fn watchdog(pid: u32) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if flag.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !flag.load(Ordering::SeqCst) {
+            // SAFETY: kills a child process of this test that has not been
+            // waited for.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    });
+    done
+}
+
 fn checkpoints(run: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .map(|d| {
@@ -62,16 +109,14 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
     let runs = dir.join("runs");
     for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
         let train = |extra: &[&str]| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+            let mut cmd = switchyard();
             cmd.args(["train", "--config"])
                 .arg(&cfg)
                 .arg("--runs-dir")
                 .arg(&runs)
                 .args(["--name", name])
                 .args(extra)
-                .current_dir(root())
-                .env("RAYON_NUM_THREADS", "1")
-                .env("RUST_BACKTRACE", "0");
+                .env("RAYON_NUM_THREADS", "1");
             cmd
         };
         let mut child = train(&[])
@@ -79,6 +124,7 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let done = watchdog(child.id());
         // Signal once the run has made a few steps.
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;
@@ -103,6 +149,7 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
             .read_to_string(&mut err)
             .unwrap();
         let status = child.wait().unwrap();
+        done.store(true, Ordering::SeqCst);
         // An error exit, not death by the signal.
         assert_eq!(status.code(), Some(1), "{name}: {status:?}\n{err}");
         let last = rest
@@ -163,17 +210,16 @@ fn a_signal_stops_a_sweep_and_its_point() {
     )
     .unwrap();
     let runs = dir.join("runs");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let mut child = switchyard()
         .args(["sweep", "--config"])
         .arg(&file)
         .arg("--runs-dir")
         .arg(&runs)
-        .current_dir(root())
-        .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let done = watchdog(child.id());
     // Wait for the first point to log a few steps.
     let sweep_dir = runs.join("stop");
     let started = std::time::Instant::now();
@@ -208,6 +254,7 @@ fn a_signal_stops_a_sweep_and_its_point() {
         .read_to_string(&mut err)
         .unwrap();
     let status = child.wait().unwrap();
+    done.store(true, Ordering::SeqCst);
     assert_eq!(status.code(), Some(1), "{status:?}\n{out}\n{err}");
     assert!(
         err.contains("interrupted") && err.contains("--resume"),
