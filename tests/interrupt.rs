@@ -2,17 +2,15 @@
 //! way, with a checkpoint of that step, and `--resume` continues from it.
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A run far too long to end by itself, with no checkpoint before the end
 /// and one JSON line per step.
@@ -57,52 +55,84 @@ fn switchyard() -> Command {
             Ok(())
         });
     }
-    cmd.current_dir(root()).env("RUST_BACKTRACE", "0");
+    cmd.current_dir(common::here("")).env("RUST_BACKTRACE", "0");
     cmd
 }
 
-/// Kill `pid` if it is still running after two minutes, so that a run the
-/// signal did not stop fails the test instead of hanging it; set the flag
-/// once the process has been waited for.
-fn watchdog(pid: u32) -> Arc<AtomicBool> {
-    let done = Arc::new(AtomicBool::new(false));
-    let flag = done.clone();
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(120) {
-            if flag.load(Ordering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !flag.load(Ordering::SeqCst) {
-            // SAFETY: kills a child process of this test that has not been
-            // waited for.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-        }
-    });
-    done
+/// A `switchyard` process with its output piped, under a watchdog that
+/// kills it if it is still running after two minutes, so that a run the
+/// signal did not stop fails the test instead of hanging it.
+struct Running {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    done: Arc<AtomicBool>,
 }
 
-fn checkpoints(run: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("step-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+impl Running {
+    fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let (flag, pid) = (done.clone(), child.id() as i32);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(120) {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !flag.load(Ordering::SeqCst) {
+                // SAFETY: kills a child process of this test that has not
+                // been waited for.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        });
+        Self {
+            child,
+            stdout,
+            done,
+        }
+    }
+
+    /// Send `signal`, then read the rest of stdout and all of stderr, and
+    /// wait for the process.
+    fn stop(mut self, signal: libc::c_int) -> (ExitStatus, String, String) {
+        // SAFETY: signals a child process this test started.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        let (mut out, mut err) = (String::new(), String::new());
+        self.stdout.read_to_string(&mut out).unwrap();
+        let mut stderr = self.child.stderr.take().unwrap();
+        stderr.read_to_string(&mut err).unwrap();
+        let status = self.child.wait().unwrap();
+        self.done.store(true, Ordering::SeqCst);
+        (status, out, err)
+    }
+}
+
+/// The step of a JSON progress line.
+fn step_of(line: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(line)
+        .ok()?
+        .get("step")?
+        .as_u64()
+}
+
+/// The steps a run has checkpointed.
+fn checkpoints(run: &Path) -> Vec<u64> {
+    let list = switchyard::checkpoint::list(run).unwrap();
+    list.into_iter().map(|(step, _)| step).collect()
 }
 
 #[test]
 fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
-    let dir = std::env::temp_dir().join(format!("sy-interrupt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("interrupt", "run");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("long.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
@@ -119,52 +149,26 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
                 .env("RAYON_NUM_THREADS", "1");
             cmd
         };
-        let mut child = train(&[])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let done = watchdog(child.id());
+        let mut running = Running::start(&mut train(&[]));
         // Signal once the run has made a few steps.
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Ok(serde_json::Value::Object(p)) = serde_json::from_str(&line) {
-                seen = p["step"].as_u64().unwrap();
-                if seen >= 3 {
-                    break;
-                }
-            }
+        let mut line = String::new();
+        while seen < 3 && running.stdout.read_line(&mut line).unwrap() > 0 {
+            seen = step_of(&line).unwrap_or(seen);
+            line.clear();
         }
         assert!(seen >= 3, "the run printed no step");
-        // SAFETY: signals a child process this test started.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-        let rest: Vec<String> = lines.map_while(Result::ok).collect();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        let status = child.wait().unwrap();
-        done.store(true, Ordering::SeqCst);
+        let (status, out, err) = running.stop(signal);
         // An error exit, not death by the signal.
         assert_eq!(status.code(), Some(1), "{name}: {status:?}\n{err}");
-        let last = rest
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|p| p.get("step").and_then(|s| s.as_u64()))
-            .max()
-            .unwrap_or(seen);
+        let last = out.lines().filter_map(step_of).max().unwrap_or(seen);
         assert!(
             err.contains(&format!("stopped after step {last} of 1000000"))
                 && err.contains(&format!("--name {name} --resume")),
             "{name}: {err}"
         );
         let run = runs.join(name);
-        assert_eq!(checkpoints(&run), [format!("step-{last:07}")], "{name}");
+        assert_eq!(checkpoints(&run), [last], "{name}");
 
         let out = train(&["--resume", "--stop-after", "2"]).output().unwrap();
         assert!(
@@ -173,7 +177,7 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            checkpoints(&run).contains(&format!("step-{:07}", last + 2)),
+            checkpoints(&run).contains(&(last + 2)),
             "{name}: {:?}",
             checkpoints(&run)
         );
@@ -182,12 +186,11 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
 }
 
 /// The step numbers of the JSON progress lines a sweep point logged.
-fn logged_steps(train_log: &std::path::Path) -> Vec<u64> {
+fn logged_steps(train_log: &Path) -> Vec<u64> {
     std::fs::read_to_string(train_log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|p| p.get("step").and_then(|s| s.as_u64()))
+        .filter_map(step_of)
         .collect()
 }
 
@@ -195,8 +198,7 @@ fn logged_steps(train_log: &std::path::Path) -> Vec<u64> {
 /// stops after its step with a checkpoint of it; no point starts after it.
 #[test]
 fn a_signal_stops_a_sweep_and_its_point() {
-    let dir = std::env::temp_dir().join(format!("sy-interrupt-sweep-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("interrupt", "sweep");
     std::fs::create_dir_all(&dir).unwrap();
     let base = dir.join("long.toml");
     std::fs::write(&base, CONFIG).unwrap();
@@ -210,19 +212,16 @@ fn a_signal_stops_a_sweep_and_its_point() {
     )
     .unwrap();
     let runs = dir.join("runs");
-    let mut child = switchyard()
+    let mut sweep = switchyard();
+    sweep
         .args(["sweep", "--config"])
         .arg(&file)
         .arg("--runs-dir")
-        .arg(&runs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let done = watchdog(child.id());
+        .arg(&runs);
+    let running = Running::start(&mut sweep);
     // Wait for the first point to log a few steps.
     let sweep_dir = runs.join("stop");
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let point = loop {
         let logs: Vec<PathBuf> = std::fs::read_dir(&sweep_dir)
             .map(|d| {
@@ -235,26 +234,9 @@ fn a_signal_stops_a_sweep_and_its_point() {
             break l.parent().unwrap().to_path_buf();
         }
         assert!(started.elapsed().as_secs() < 120, "no point logged a step");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     };
-    // SAFETY: signals a child process this test started.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let status = child.wait().unwrap();
-    done.store(true, Ordering::SeqCst);
+    let (status, out, err) = running.stop(libc::SIGTERM);
     assert_eq!(status.code(), Some(1), "{status:?}\n{out}\n{err}");
     assert!(
         err.contains("interrupted") && err.contains("--resume"),
@@ -262,7 +244,7 @@ fn a_signal_stops_a_sweep_and_its_point() {
     );
     let last = *logged_steps(&point.join("train.log")).last().unwrap();
     assert!(last < 1_000_000);
-    assert_eq!(checkpoints(&point), [format!("step-{last:07}")]);
+    assert_eq!(checkpoints(&point), [last]);
     // The other point never started.
     let started_points = std::fs::read_dir(&sweep_dir)
         .unwrap()
