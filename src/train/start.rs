@@ -48,12 +48,11 @@ impl<'c> Trainer<'c> {
             None
         };
         // Before the run directory is made. The architecture is known here,
-        // except under init_from, where it comes from the source checkpoint
-        // (checked once that is read).
-        let mut memory_checked = false;
-        if resume.is_some() || cfg.train.init_from.is_none() {
+        // except when a fresh run takes it from init_from's source
+        // checkpoint (checked once that is read).
+        let from_source = resume.is_none() && cfg.train.init_from.is_some();
+        if !from_source {
             warn_memory(&device_spec, &cfg, world.is_writer())?;
-            memory_checked = true;
         }
         if world.is_writer() {
             std::fs::create_dir_all(&run_dir)
@@ -77,7 +76,7 @@ impl<'c> Trainer<'c> {
             (None, None) => LanguageModel::new(&cfg.model, &cfg.moe, cfg.train.seed, &device),
         }
         .with_precision(cfg.train.precision);
-        if !memory_checked {
+        if from_source {
             warn_memory(&device_spec, &cfg, world.is_writer())?;
         }
         // The resolved config; a comment header records what init_from
