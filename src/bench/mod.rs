@@ -254,20 +254,12 @@ pub fn sgemm(device: &Device, n: usize) -> Result<f64> {
 
 /// Parameters one token passes through, the embedding excluded.
 pub fn active_params(cfg: &RunConfig) -> usize {
-    let m = &cfg.model;
-    let hd = m.head_dim();
-    let d = m.d_model;
-    let attn = d * m.n_heads * hd * 2 + d * m.n_kv_heads * hd * 2;
+    let (m, moe) = (&cfg.model, &cfg.moe);
     let mut total = m.d_model * m.vocab_size; // LM head (tied or not, it is a matmul)
     for l in 0..m.n_layers {
-        total += attn;
-        if cfg.moe.is_moe_layer(l) {
-            let moe = &cfg.moe;
-            total += d * moe.num_experts; // router
-            total += moe.top_k * 3 * d * moe.d_expert;
-            total += 3 * d * moe.shared_width();
-        } else {
-            total += 3 * d * m.d_ff;
+        total += cfg.block_weights(l, moe.top_k);
+        if moe.is_moe_layer(l) {
+            total += m.d_model * moe.num_experts; // router
         }
     }
     total

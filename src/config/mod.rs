@@ -160,6 +160,27 @@ impl RunConfig {
         out
     }
 
+    /// The weights of block `layer`'s matrices a token passes through when
+    /// `routed` of the routed experts take it: the attention projections,
+    /// and the dense MLP or the shared experts and `routed` routed experts
+    /// (norms and router left out). `top_k` counts the active weights,
+    /// `num_experts` all of them.
+    /// Saturates instead of overflowing, so that the memory check refuses
+    /// an absurd config rather than wrapping around.
+    pub fn block_weights(&self, layer: usize, routed: usize) -> usize {
+        let (m, moe) = (&self.model, &self.moe);
+        let product = |xs: &[usize]| xs.iter().fold(1, |p: usize, &x| p.saturating_mul(x));
+        let (d, hd) = (m.d_model, m.head_dim());
+        let attention = product(&[2, d, hd, m.n_heads.saturating_add(m.n_kv_heads)]);
+        let ffn = if moe.is_moe_layer(layer) {
+            let width = product(&[routed, moe.d_expert]).saturating_add(moe.shared_width());
+            product(&[3, d, width])
+        } else {
+            product(&[3, d, m.d_ff])
+        };
+        attention.saturating_add(ffn)
+    }
+
     /// The resolved config as TOML, every key written out.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serialises")

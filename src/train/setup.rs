@@ -65,23 +65,12 @@ pub fn check_precision(device: &Device, spec: &str, precision: Precision) -> Res
 /// backward, `n_layers × batch × heads × seq_len² × 4` bytes. Everything
 /// else a step holds comes on top, so a run above this cannot fit.
 pub fn step_memory_floor(cfg: &RunConfig) -> (f64, f64) {
-    let (m, moe) = (&cfg.model, &cfg.moe);
+    let m = &cfg.model;
     let f32_bytes = 4.0;
-    let d = m.d_model as f64;
-    let hd = m.head_dim() as f64;
-    let heads = |n: usize| n as f64 * hd;
-    let attention_weights = d * (2.0 * heads(m.n_heads) + 2.0 * heads(m.n_kv_heads));
-    let ffn = |layer: usize| {
-        if moe.is_moe_layer(layer) {
-            3.0 * d * (moe.num_experts * moe.d_expert + moe.shared_width()) as f64
-        } else {
-            3.0 * d * m.d_ff as f64
-        }
-    };
     let tables = if m.tie_embeddings { 1.0 } else { 2.0 };
-    let values = tables * m.vocab_size as f64 * d
+    let values = tables * m.vocab_size as f64 * m.d_model as f64
         + (0..m.n_layers)
-            .map(|l| attention_weights + ffn(l))
+            .map(|l| cfg.block_weights(l, cfg.moe.num_experts) as f64)
             .sum::<f64>();
     let weights = 4.0 * f32_bytes * values;
     let s = m.seq_len as f64;
