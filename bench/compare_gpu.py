@@ -111,10 +111,10 @@ def main():
 
     def shape():
         """The shape switchyard resolved, for PyTorch to build the same model."""
-        for name in ["switchyard, bf16", "switchyard, f32"]:
-            if name in rows:
-                return rows[name]
-        raise RuntimeError("no switchyard run finished, so the shape is unknown")
+        report = resolved(rows)
+        if report is None:
+            raise RuntimeError("no switchyard run finished, so the shape is unknown")
+        return report
 
     def dense_twin(extra):
         # As wide as the active experts together.
@@ -153,13 +153,19 @@ def main():
             f.write(text)
 
 
+def resolved(rows):
+    """The report of the switchyard run whose shape the others share: the
+    bf16 run's, else the f32 run's; None before either finished."""
+    return rows.get("switchyard, bf16") or rows.get("switchyard, f32")
+
+
 def tables(args, rows, missing, operations):
     """The README tables from whatever rows finished."""
     out = []
     say = out.append
     if not rows:
         return "no run finished:\n" + "\n".join(f"- {k}: {v}" for k, v in missing.items())
-    shape = rows.get("switchyard, bf16") or rows.get("switchyard, f32") or next(iter(rows.values()))
+    shape = resolved(rows) or next(iter(rows.values()))
     flops = shape["flops_per_step"]
     for name, res in rows.items():
         if abs(res["flops_per_step"] / flops - 1) > 0.01:
