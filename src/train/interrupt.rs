@@ -14,6 +14,7 @@
 //! The request is a process-wide flag because a signal handler can reach
 //! nothing else; the training loop reads it between steps.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by the handler, read by the training loop between steps.
@@ -22,6 +23,19 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// Whether a stop was asked for since the handlers were installed.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// The error a run stopped by a signal ends with: where it stopped, and
+/// the command that continues it from `run_dir`.
+pub fn stopped(step: u64, total: u64, run_dir: &Path) -> anyhow::Error {
+    let name = run_dir.file_name().unwrap_or_default().to_string_lossy();
+    let runs = run_dir.parent().unwrap_or(Path::new("."));
+    anyhow::anyhow!(
+        "interrupted: stopped after step {step} of {total} and saved a checkpoint of it; \
+         continue with `switchyard train --config <the same config> --runs-dir {} \
+         --name {name} --resume`",
+        runs.display()
+    )
 }
 
 /// The handlers, installed while this lives.

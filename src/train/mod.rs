@@ -161,20 +161,9 @@ impl<'c> Trainer<'c> {
         }
         drop(signals);
         if interrupted {
-            let (step, total) = (self.state.step, self.cfg.train.steps);
-            let name = self
-                .run_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned());
-            let runs = self.runs_dir.display().to_string();
+            let stopped = interrupt::stopped(self.state.step, self.cfg.train.steps, &self.run_dir);
             self.finish()?;
-            bail!(
-                "interrupted: stopped after step {step} of {total} and saved a checkpoint of it; \
-                 continue with `switchyard train --config <the same config> --runs-dir {} \
-                 --name {} --resume`",
-                runs,
-                name.unwrap_or_default()
-            );
+            return Err(stopped);
         }
         self.finish()
     }
