@@ -15,6 +15,10 @@
 #
 #   scripts/build-cuda-offline.sh            # → target/release/switchyard
 #   FEATURES=cuda,mpi scripts/build-cuda-offline.sh   # with MPI and NCCL
+#
+# It also writes target/switchyard-cuda.xz, the binary stripped and
+# compressed (about 19 MB, where the binary is about 140 MB) for copying to
+# a GPU machine; scripts/gpu-bench.sh unpacks it there. PACK=0 skips it.
 set -euo pipefail
 features=${FEATURES:-cuda}
 cd "$(dirname "$0")/.."
@@ -47,3 +51,12 @@ touch src/main.rs
 cargo rustc --release --features "$features" --bin switchyard -- \
   -C link-arg="$PWD/$stub_dir/llvm_stubs.o"
 echo "built target/release/switchyard with features $features ($(wc -l <"$stub_dir/symbols.txt") LLVM symbols stubbed)"
+
+# 4. A copy small enough to send: symbols stripped, xz-compressed.
+if [ "${PACK:-1}" != 0 ]; then
+  strip -o "$stub_dir/switchyard" target/release/switchyard
+  xz -T0 -6 -c "$stub_dir/switchyard" >target/switchyard-cuda.xz.tmp
+  mv target/switchyard-cuda.xz.tmp target/switchyard-cuda.xz
+  rm -f "$stub_dir/switchyard"
+  echo "packed target/switchyard-cuda.xz ($(du -h target/switchyard-cuda.xz | cut -f1)): copy it to the GPU machine; scripts/gpu-bench.sh unpacks it"
+fi

@@ -21,4 +21,4 @@ for lib in libnvrtc libnccl; do
     echo "$lib: not found (needed: libnvrtc always, libnccl for several processes)"
   fi
 done
-export LD_LIBRARY_PATH="$links:$LD_LIBRARY_PATH"
+export LD_LIBRARY_PATH="$links:${LD_LIBRARY_PATH:-}"

@@ -5,9 +5,10 @@
 # dense twin, and the per-operation table) with a time budget, saving each
 # run's report under $OUT as soon as it finishes.
 #
-# Build here first (no GPU needed), then carry the binary:
+# Build here first (no GPU needed), then bring the packed binary along
+# (about 19 MB; the binary itself is about 140 MB), which this unpacks:
 #
-#   scripts/build-cuda-offline.sh                 # → target/release/switchyard
+#   scripts/build-cuda-offline.sh     # → target/release/switchyard, target/switchyard-cuda.xz
 #   COMMIT=$(git rev-parse HEAD) scripts/gpu-bench.sh [compare_gpu.py flags]
 #
 # BUDGET_S (default 300): no run starts after this many seconds, so the
@@ -18,8 +19,23 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/switchyard-gpu}
 mkdir -p "$out"
 bin=target/release/switchyard
+packed=target/switchyard-cuda.xz
+# The packed binary (scripts/build-cuda-offline.sh), when it is what was
+# brought along or is newer than the binary here.
+if [ -f "$packed" ] && { [ ! -x "$bin" ] || [ "$packed" -nt "$bin" ]; }; then
+  mkdir -p "$(dirname "$bin")"
+  if command -v xz >/dev/null 2>&1; then
+    xz -dc "$packed" >"$bin.tmp"
+  else
+    "${PYTHON:-python3}" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$bin.tmp"
+  fi && chmod +x "$bin.tmp" && mv "$bin.tmp" "$bin" || {
+    echo "could not unpack $packed" >&2
+    exit 2
+  }
+  echo "unpacked $packed"
+fi
 if [ ! -x "$bin" ]; then
-  echo "no $bin: build it with scripts/build-cuda-offline.sh and bring it along" >&2
+  echo "no $bin: build it with scripts/build-cuda-offline.sh and bring it along (or $packed)" >&2
   exit 2
 fi
 
@@ -28,6 +44,14 @@ fi
   echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   echo "card:   $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
 } | tee "$out/machine.txt"
+
+# Each run is a new process: CubeCL's compilation cache (under
+# target/environment, beside its autotune results) lets a run reuse the
+# kernels NVRTC compiled for an earlier one instead of compiling them again.
+if [ ! -e cubecl.toml ]; then
+  printf '[compilation]\ncache = true\n' >cubecl.toml
+  trap 'rm -f cubecl.toml' EXIT
+fi
 
 python=${PYTHON:-python3}
 # shellcheck source=scripts/cuda-libs.sh

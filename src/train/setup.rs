@@ -29,7 +29,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match kind {
         "flex" | "cpu" => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(index.unwrap_or(0))),
+        "cuda" => {
+            let index = index.unwrap_or(0);
+            check_cuda(spec, index)?;
+            Ok(Device::cuda(index))
+        }
         #[cfg(feature = "wgpu")]
         "wgpu" => Ok(Device::wgpu(Default::default())),
         #[cfg(not(feature = "cuda"))]
@@ -41,6 +45,43 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             bail!("unknown device `{other}` (allowed: flex, wgpu, cuda, cuda:N)")
         }
     }
+}
+
+/// Refuse `--device cuda[:N]` with the reason, where the CUDA backend
+/// would otherwise panic on its device thread at the first tensor: no
+/// NVIDIA driver library, no NVRTC (which compiles the kernels), a driver
+/// that does not start, or no device `index`.
+#[cfg(feature = "cuda")]
+fn check_cuda(spec: &str, index: usize) -> Result<()> {
+    use cudarc::driver::result as driver;
+    // SAFETY: each only tries to open the library by its usual names.
+    let (has_driver, has_nvrtc) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+        )
+    };
+    if !has_driver {
+        bail!(
+            "--device {spec}: the NVIDIA driver library (libcuda.so) is not on this machine; \
+             CUDA needs an NVIDIA GPU and its driver (use --device flex on the CPU)"
+        );
+    }
+    if !has_nvrtc {
+        bail!(
+            "--device {spec}: NVRTC (libnvrtc.so), which compiles switchyard's CUDA kernels, was \
+             not found; put its folder on LD_LIBRARY_PATH (scripts/cuda-libs.sh finds it in the \
+             CUDA toolkit or a Python package such as nvidia-cuda-nvrtc)"
+        );
+    }
+    driver::init()
+        .map_err(|e| anyhow::anyhow!("--device {spec}: the CUDA driver did not start: {e}"))?;
+    let count = driver::device::get_count()
+        .map_err(|e| anyhow::anyhow!("--device {spec}: could not count CUDA devices: {e}"))?;
+    if index >= count.max(0) as usize {
+        bail!("--device {spec}: this machine has {count} CUDA device(s), numbered from 0");
+    }
+    Ok(())
 }
 
 /// Refuse a compute precision the device cannot hold, before anything is
