@@ -10,8 +10,9 @@
 # scripts skip it) and links stubs in place of the LLVM symbols; a stub that
 # is somehow called aborts with a message instead of misbehaving.
 #
-# Needs: a Rust toolchain, gcc, nm. Does not need the CUDA toolkit; running
-# the binary needs the NVIDIA driver and NVRTC (libnvrtc) on the GPU machine.
+# Needs: a Rust toolchain, gcc, nm, strip and xz. Does not need the CUDA
+# toolkit; running the binary needs the NVIDIA driver and NVRTC (libnvrtc)
+# on the GPU machine.
 #
 #   scripts/build-cuda-offline.sh            # → target/release/switchyard
 #   FEATURES=cuda,mpi scripts/build-cuda-offline.sh   # with MPI and NCCL
@@ -23,6 +24,11 @@ set -euo pipefail
 features=${FEATURES:-cuda}
 cd "$(dirname "$0")/.."
 export DOCS_RS=1
+# The CUDA API that cudarc binds, as major0minor0. With no toolkit here it
+# would bind the newest it knows (13.4); 13.0 is what an R580 driver (CUDA
+# 13.0) provides, and newer drivers run it too. Set it to the CUDA version
+# of the oldest driver the binary is for (for example 12080 for 12.8).
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 stub_dir=target/cuda-offline
 mkdir -p "$stub_dir"
 
