@@ -18,6 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/switchyard-gpu}
 mkdir -p "$out"
+python=${PYTHON:-python3}
 bin=target/release/switchyard
 packed=target/switchyard-cuda.xz
 # The packed binary (scripts/build-cuda-offline.sh), when it is what was
@@ -27,7 +28,7 @@ if [ -f "$packed" ] && { [ ! -x "$bin" ] || [ "$packed" -nt "$bin" ]; }; then
   if command -v xz >/dev/null 2>&1; then
     xz -dc "$packed" >"$bin.tmp"
   else
-    "${PYTHON:-python3}" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$bin.tmp"
+    "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$bin.tmp"
   fi && chmod +x "$bin.tmp" && mv "$bin.tmp" "$bin" || {
     echo "could not unpack $packed" >&2
     exit 2
@@ -53,7 +54,6 @@ if [ ! -e cubecl.toml ]; then
   trap 'rm -f cubecl.toml' EXIT
 fi
 
-python=${PYTHON:-python3}
 # shellcheck source=scripts/cuda-libs.sh
 . scripts/cuda-libs.sh
 
