@@ -1,5 +1,6 @@
 # Sourced by the GPU scripts: put NVRTC and NCCL where switchyard's CUDA
-# backend finds them at run time.
+# backend finds them at run time, and the CUDA headers NVRTC compiles
+# against where CubeCL looks for them.
 #
 # cudarc loads each library by name (libnvrtc.so or libnvrtc.so.<CUDA
 # major>, libnccl.so), NVRTC loads its builtins library from its own
@@ -22,3 +23,18 @@ for lib in libnvrtc libnccl; do
   fi
 done
 export LD_LIBRARY_PATH="$links:${LD_LIBRARY_PATH:-}"
+
+# CubeCL passes NVRTC $CUDA_PATH/include, else /usr/local/cuda's, /opt/cuda's
+# or (with /usr/bin/nvcc) /usr/include. Where none of those exists, the
+# folder above the newest cuda_bf16.h found (a Python package's include/).
+if [ -z "${CUDA_PATH:-}" ] && [ ! -e /usr/local/cuda ] && [ ! -e /opt/cuda ] && [ ! -e /usr/bin/nvcc ]; then
+  # shellcheck disable=SC2086 # $site is a list of folders
+  header=$(find /usr/local/cuda*/ /usr/include $site -name cuda_bf16.h 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$header" ]; then
+    CUDA_PATH=$(dirname "$(dirname "$header")")
+    export CUDA_PATH
+    echo "CUDA headers: $CUDA_PATH/include"
+  else
+    echo "CUDA headers: not found (needed: NVRTC compiles the kernels against them; set CUDA_PATH)"
+  fi
+fi

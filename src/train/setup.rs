@@ -49,8 +49,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// Refuse `--device cuda[:N]` with the reason, where the CUDA backend
 /// would otherwise panic on its device thread at the first tensor: no
-/// NVIDIA driver library, no NVRTC (which compiles the kernels), a driver
-/// that does not start, or no device `index`.
+/// NVIDIA driver library, no NVRTC (which compiles the kernels) or no
+/// CUDA headers for it, a driver that does not start, or no device `index`.
 #[cfg(feature = "cuda")]
 fn check_cuda(spec: &str, index: usize) -> Result<()> {
     use cudarc::driver::result as driver;
@@ -73,6 +73,17 @@ fn check_cuda(spec: &str, index: usize) -> Result<()> {
              not found; put its folder on LD_LIBRARY_PATH (scripts/cuda-libs.sh finds it in the \
              CUDA toolkit or a Python package such as nvidia-cuda-nvrtc)"
         );
+    }
+    // CubeCL hands NVRTC the toolkit's include folder (for the f16/bf16 and
+    // matrix headers) and panics where it finds no toolkit.
+    match cubecl_cuda::install::cuda_path() {
+        Some(root) if root.join("include").is_dir() => {}
+        found => bail!(
+            "--device {spec}: no CUDA headers{}; NVRTC compiles switchyard's kernels against \
+             them: set CUDA_PATH to a CUDA toolkit (the folder holding include/cuda_bf16.h; \
+             scripts/cuda-libs.sh also looks in the Python packages)",
+            found.map_or(String::new(), |r| format!(" in {}", r.join("include").display()))
+        ),
     }
     driver::init()
         .map_err(|e| anyhow::anyhow!("--device {spec}: the CUDA driver did not start: {e}"))?;
