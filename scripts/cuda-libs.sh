@@ -24,17 +24,26 @@ for lib in libnvrtc libnccl; do
 done
 export LD_LIBRARY_PATH="$links:${LD_LIBRARY_PATH:-}"
 
-# CubeCL passes NVRTC $CUDA_PATH/include, else /usr/local/cuda's, /opt/cuda's
-# or (with /usr/bin/nvcc) /usr/include. Where none of those exists, the
-# folder above the newest cuda_bf16.h found (a Python package's include/).
-if [ -z "${CUDA_PATH:-}" ] && [ ! -e /usr/local/cuda ] && [ ! -e /opt/cuda ] && [ ! -e /usr/bin/nvcc ]; then
-  # shellcheck disable=SC2086 # $site is a list of folders
-  header=$(find /usr/local/cuda*/ /usr/include $site -name cuda_bf16.h 2>/dev/null | sort -V | tail -n 1)
-  if [ -n "$header" ]; then
-    CUDA_PATH=$(dirname "$(dirname "$header")")
-    export CUDA_PATH
-    echo "CUDA headers: $CUDA_PATH/include"
-  else
-    echo "CUDA headers: not found (needed: NVRTC compiles the kernels against them; set CUDA_PATH)"
+# CubeCL passes NVRTC the include/ folder of $CUDA_PATH, else of the first of
+# /usr/local/cuda, /opt/cuda or (with /usr/bin/nvcc) /usr that exists, and
+# switchyard refuses to start where that folder is missing. With CUDA_PATH
+# unset and no such folder, CUDA_PATH becomes the folder above the newest
+# cuda_bf16.h found (a Python package's include/).
+if [ -z "${CUDA_PATH:-}" ]; then
+  root=""
+  for dir in /usr/local/cuda /opt/cuda; do
+    if [ -e "$dir" ]; then root=$dir; break; fi
+  done
+  if [ -z "$root" ] && [ -e /usr/bin/nvcc ]; then root=/usr; fi
+  if [ -z "$root" ] || [ ! -d "$root/include" ]; then
+    # shellcheck disable=SC2086 # $site is a list of folders
+    header=$(find /usr/local/cuda*/ /usr/include $site -name cuda_bf16.h 2>/dev/null | sort -V | tail -n 1)
+    if [ -n "$header" ]; then
+      CUDA_PATH=$(dirname "$(dirname "$header")")
+      export CUDA_PATH
+      echo "CUDA headers: $CUDA_PATH/include"
+    else
+      echo "CUDA headers: not found (needed: NVRTC compiles the kernels against them; set CUDA_PATH)"
+    fi
   fi
 fi

@@ -82,7 +82,10 @@ fn check_cuda(spec: &str, index: usize) -> Result<()> {
             "--device {spec}: no CUDA headers{}; NVRTC compiles switchyard's kernels against \
              them: set CUDA_PATH to a CUDA toolkit (the folder holding include/cuda_bf16.h; \
              scripts/cuda-libs.sh also looks in the Python packages)",
-            found.map_or(String::new(), |r| format!(" in {}", r.join("include").display()))
+            found.map_or(String::new(), |r| format!(
+                " in {}",
+                r.join("include").display()
+            ))
         ),
     }
     driver::init()
