@@ -9,7 +9,10 @@ Burn's composed path (`train.gpu_kernels=false`), switchyard bf16 (router,
 norms, softmax statistics and loss in f32) with its kernels (and, with
 --bf16-composed, on the composed path), PyTorch f32, PyTorch bf16
 autocast; with --dense also the dense twin (one MLP as wide as the two
-active experts) in f32 and bf16, for the MoE step's cost over dense. The two f32 switchyard runs are profiled, and
+active experts) in f32 and bf16, for the MoE step's cost over dense; last,
+unless --no-fused, switchyard bf16 and f32 with the experts' SwiGLU fused
+into its own tiled matmul (`train.gpu_fused_swiglu=true`) instead of
+CubeCL's matmuls and a separate pass. The f32 switchyard runs are profiled, and
 bench/pytorch_ops.py times PyTorch's equivalent of each fused operation at
 the same shape, for a second table: each operation with switchyard's kernel,
 on the composed path, and in PyTorch. PyTorch is built at the shape
@@ -64,6 +67,9 @@ def main():
                     help="also time bf16 on the composed path (train.gpu_kernels=false)")
     ap.add_argument("--dense", action="store_true",
                     help="also time the dense twin (in bf16, and in f32 unless --no-f32)")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="skip the runs with the SwiGLU fused into the experts' matmul "
+                         "(train.gpu_fused_swiglu=true)")
     ap.add_argument("--out", default=os.path.join(os.environ["OUT"], "compare-gpu")
                     if os.environ.get("OUT") else None,
                     help="folder for each run's report as soon as it completes (rows.json) "
@@ -138,11 +144,18 @@ def main():
         if not args.no_f32:
             attempt("switchyard dense twin, f32", lambda: dense_twin(base))
         attempt("switchyard dense twin, bf16", lambda: dense_twin(bf16))
+    if not args.no_fused:
+        fused = ["--set", "train.gpu_fused_swiglu=true"]
+        attempt("switchyard, bf16, fused SwiGLU", lambda: switchyard(args, bf16 + fused))
+        if not args.no_f32:
+            attempt("switchyard, f32, fused SwiGLU",
+                    lambda: switchyard(args, base + ["--profile"] + fused))
     operations = None
     if not args.no_f32 and {"switchyard, f32", "switchyard, f32, composed path"} <= rows.keys():
         try:
             operations = per_operation(args, shape(), rows["switchyard, f32"],
-                                       rows["switchyard, f32, composed path"])
+                                       rows["switchyard, f32, composed path"],
+                                       rows.get("switchyard, f32, fused SwiGLU"))
         except Exception as e:  # noqa: BLE001
             missing["per-operation table"] = f"failed: {e}"
 
@@ -200,6 +213,9 @@ def tables(args, rows, missing, operations):
     for dtype in ["f32", "bf16"]:
         ratio(f"MoE step / dense twin step ({dtype})", f"switchyard, {dtype}",
               f"switchyard dense twin, {dtype}", key="median_step_s")
+    for dtype in ["f32", "bf16"]:
+        ratio(f"fused SwiGLU / CubeCL matmuls and a SwiGLU pass tokens/s ({dtype})",
+              f"switchyard, {dtype}, fused SwiGLU", f"switchyard, {dtype}")
     if operations:
         say("\n" + operations)
     sy = rows.get("switchyard, bf16")
@@ -215,10 +231,12 @@ def tables(args, rows, missing, operations):
     return "\n".join(out) + "\n"
 
 
-def per_operation(args, shape, kernels, composed):
+def per_operation(args, shape, kernels, composed, fused=None):
     """One table, as text: each fused operation's time per step with
     switchyard's kernel, on the composed path, and in PyTorch
-    (bench/pytorch_ops.py)."""
+    (bench/pytorch_ops.py); with `fused` (the f32 run with
+    train.gpu_fused_swiglu), the expert matmuls with the SwiGLU fused into
+    switchyard's tiled matmul as one more row."""
     m, moe = shape["model"], shape["moe"]
     cmd = [args.python, os.path.join(ROOT, "bench/pytorch_ops.py"), "--device", args.torch_device,
            "--batch", shape["batch_size"], "--seq", m["seq_len"], "--d-model", m["d_model"],
@@ -238,6 +256,10 @@ def per_operation(args, shape, kernels, composed):
         k, c = ms(kernels, ours), ms(composed, ours)
         t = torch_ops[theirs]["ms"] * torch_ops[theirs]["calls"]
         out.append(f"| {ours} | {k:.2f} | {c:.2f} | {t:.2f} | {k / c:.2f} | {k / t:.2f} |")
+        if fused and ours == "expert matmuls":
+            k = ms(fused, ours)
+            out.append(f"| {ours}, fused SwiGLU | {k:.2f} | {c:.2f} | {t:.2f} | {k / c:.2f} | "
+                       f"{k / t:.2f} |")
     norm = torch_ops["RMSNorm"]
     out.append(f"\nPyTorch RMSNorm: {norm['ms'] * norm['calls']:.2f} ms per step ({norm['calls']} calls); "
                "switchyard's norms are inside 'other' of the phase breakdown.")

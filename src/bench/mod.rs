@@ -112,6 +112,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         eprintln!("{warning}");
     }
     crate::kernels::use_gpu_kernels(cfg.train.gpu_kernels);
+    crate::kernels::use_fused_swiglu(cfg.train.gpu_fused_swiglu);
     let device = base.clone().autodiff();
     base.seed(cfg.train.seed);
     let (b, s, v) = (

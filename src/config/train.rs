@@ -149,6 +149,13 @@ pub struct TrainConfig {
     /// that have one (causal attention so far); false keeps Burn's composed
     /// path everywhere, for comparison. No effect on the CPU. Default true.
     pub gpu_kernels: bool,
+    /// On a GPU backend with `gpu_kernels`, run the grouped experts' SwiGLU
+    /// in the epilogue of switchyard's own tiled matmul (gate and up
+    /// projections in one kernel, and in the backward the gradient through
+    /// the down projection with the SwiGLU's derivative) instead of
+    /// CubeCL's matmuls with a separate SwiGLU pass. No effect on the CPU.
+    /// Default false.
+    pub gpu_fused_swiglu: bool,
     /// In a run of several processes, the gradients are averaged in
     /// all-reduces of at most this many megabytes (10^6 bytes) each.
     /// Default 25.
@@ -181,6 +188,7 @@ impl Default for TrainConfig {
             init_from: None,
             precision: Precision::F32,
             gpu_kernels: true,
+            gpu_fused_swiglu: false,
             allreduce_bucket_mb: 25.0,
             expert_parallel: 1,
             expert_placement: None,

@@ -73,18 +73,20 @@ impl<B: Backend + FusedKernels> Backward<B, 2> for LinearCrossEntropyBackward {
 struct GroupedSwigluBackward;
 
 impl<B: Backend + FusedKernels> Backward<B, 4> for GroupedSwigluBackward {
-    /// x, the three weight stacks, the offsets and the saved projections.
+    /// x, the three weight stacks, the offsets, the GPU's choice of
+    /// kernel and the saved projections.
     type State = (
         FloatTensor<B>,
         [FloatTensor<B>; 3],
         Vec<usize>,
+        bool,
         GroupedSaved<B>,
     );
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        let (x, weights, offsets, saved) = ops.state;
-        let all = B::grouped_swiglu_backward(x, weights, offsets, saved, grad);
+        let (x, weights, offsets, fused, saved) = ops.state;
+        let all = B::grouped_swiglu_backward(x, weights, offsets, fused, saved, grad);
         register_all::<B, 4>(grads, ops.parents.map(|p| p.map(|n| n.id)), all);
     }
 }
@@ -216,6 +218,7 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> FloatTensor<Self> {
         let xi = x.primitive().clone();
         let weights = [&gate, &up, &down].map(|w| w.primitive().clone());
@@ -226,12 +229,12 @@ impl<B: Backend + FusedOps + FusedKernels, C: CheckpointStrategy> FusedOps for A
         {
             OpsKind::Tracked(prep) => {
                 let (y, saved) =
-                    B::grouped_swiglu_forward(xi.clone(), weights.clone(), offsets.clone());
-                prep.finish((xi, weights, offsets, saved), y)
+                    B::grouped_swiglu_forward(xi.clone(), weights.clone(), offsets.clone(), fused);
+                prep.finish((xi, weights, offsets, fused, saved), y)
             }
             OpsKind::UnTracked(prep) => {
                 let [g, u, d] = weights;
-                prep.finish(B::grouped_swiglu(xi, g, u, d, offsets))
+                prep.finish(B::grouped_swiglu(xi, g, u, d, offsets, fused))
             }
         }
     }

@@ -36,7 +36,10 @@ mod raw;
 mod routing;
 
 pub use raw::{FusedKernels, GroupedSaved};
-pub use routing::{fused_on, on_cpu, on_cube, served_on, use_gpu_kernels, Op, GPU_MAX_HEAD_DIM};
+pub use routing::{
+    fused_on, fused_swiglu, on_cpu, on_cube, served_on, use_fused_swiglu, use_gpu_kernels, Op,
+    GPU_MAX_HEAD_DIM,
+};
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, Dispatch};
@@ -102,12 +105,16 @@ pub trait FusedOps: Backend {
     /// `offsets[e]..offsets[e + 1]` of `x` (`[N, d]`) go through expert e of
     /// the stacked `gate`, `up` (`[E, d, F]`) and `down` (`[E, F, d]`). The
     /// `E + 1` offsets are host values, so no backend reads them back.
+    /// `fused`: on the GPU, the SwiGLU in the epilogue of switchyard's own
+    /// tiled matmul (forward and backward) rather than CubeCL's matmuls
+    /// and a separate pass; the CPU kernel ignores it.
     fn grouped_swiglu(
         x: FloatTensor<Self>,
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> FloatTensor<Self>;
     /// `out[t] = Σ_j weights[t, j] · rows[index[t·k + j]]` for `rows: [R, d]`,
     /// `index: [T·k]` and `weights: [T, k]`; an index outside the rows adds
@@ -333,12 +340,32 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 /// - `gate`, `up`: `[E, d, F]`; `down`: `[E, F, d]`; `offsets`: `E + 1`
 ///   values rising from 0 to N
 /// - returns `[N, d]`
+///
+/// On a GPU backend the SwiGLU runs fused into the matmuls' epilogue
+/// where [`use_fused_swiglu`] (`train.gpu_fused_swiglu`) says so; see
+/// [`grouped_swiglu_with`].
 pub fn grouped_swiglu(
     x: Tensor<2>,
     gate: Tensor<3>,
     up: Tensor<3>,
     down: Tensor<3>,
     offsets: Vec<usize>,
+) -> Tensor<2> {
+    grouped_swiglu_with(x, gate, up, down, offsets, fused_swiglu())
+}
+
+/// [`grouped_swiglu`] with the GPU's choice given: `fused` runs the gate
+/// and up projections with their SwiGLU, and in the backward the gradient
+/// through the down projection with the SwiGLU's derivative, each as one
+/// tiled kernel over all experts (`src/kernels/cube/grouped_fused.rs`); otherwise
+/// CubeCL's matmuls with a separate SwiGLU pass. The CPU ignores it.
+pub fn grouped_swiglu_with(
+    x: Tensor<2>,
+    gate: Tensor<3>,
+    up: Tensor<3>,
+    down: Tensor<3>,
+    offsets: Vec<usize>,
+    fused: bool,
 ) -> Tensor<2> {
     assert!(
         served_on(Op::GroupedSwiglu, &x.device(), x.dtype()),
@@ -350,6 +377,7 @@ pub fn grouped_swiglu(
         up.into_dispatch(),
         down.into_dispatch(),
         offsets,
+        fused,
     );
     Tensor::from_dispatch(out)
 }

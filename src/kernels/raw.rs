@@ -18,12 +18,14 @@ pub trait FusedKernels: Backend {
         x: FloatTensor<Self>,
         weights: [FloatTensor<Self>; 3],
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (FloatTensor<Self>, GroupedSaved<Self>);
     /// Gradients of x and the three weight stacks.
     fn grouped_swiglu_backward(
         x: FloatTensor<Self>,
         weights: [FloatTensor<Self>; 3],
         offsets: Vec<usize>,
+        fused: bool,
         saved: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4];

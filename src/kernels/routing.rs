@@ -68,6 +68,23 @@ pub fn use_gpu_kernels(on: bool) {
     GPU_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the GPU's grouped experts run the SwiGLU in their matmuls'
+/// epilogue (`train.gpu_fused_swiglu`): process-wide, set once at the start
+/// of a run or benchmark. Default off.
+static FUSED_SWIGLU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Run the GPU's grouped experts with the SwiGLU fused into switchyard's
+/// tiled matmul (true) or with CubeCL's matmuls and a separate SwiGLU pass
+/// (false, the default), for the whole process. No effect on the CPU.
+pub fn use_fused_swiglu(on: bool) {
+    FUSED_SWIGLU.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`use_fused_swiglu`] last set.
+pub fn fused_swiglu() -> bool {
+    FUSED_SWIGLU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether the fused `op` serves a float tensor on `device` of `dtype`:
 /// every operation on the CPU backend in f32 ([`fused_on`]), and on the
 /// GPU (Cube) backends those with a CubeCL kernel, unless

@@ -40,6 +40,7 @@ impl<'c> Trainer<'c> {
         let base_device = parse_device(&device_spec)?;
         check_precision(&base_device, &device_spec, cfg.train.precision)?;
         crate::kernels::use_gpu_kernels(cfg.train.gpu_kernels);
+        crate::kernels::use_fused_swiglu(cfg.train.gpu_fused_swiglu);
         let device = base_device.clone().autodiff();
 
         let resume = if opts.resume {

@@ -100,7 +100,7 @@ fn gpu_attention_kernel_in_f16_keeps_its_statistics_in_f32() {
 #[test]
 fn gpu_grouped_experts_and_combine_in_f16_stay_within_f16_rounding() {
     use burn::tensor::{Int, TensorData};
-    use switchyard::kernels::{combine_rows, grouped_swiglu, served_on, Op};
+    use switchyard::kernels::{combine_rows, grouped_swiglu_with, served_on, Op};
     let gpu = Device::wgpu(Default::default()).autodiff();
     for op in [Op::GroupedSwiglu, Op::Combine] {
         assert!(served_on(op, &gpu, DType::F16), "{op:?}");
@@ -116,14 +116,15 @@ fn gpu_grouped_experts_and_combine_in_f16_stay_within_f16_rounding() {
         half([e, f, d], 0.2, &gpu),
     ];
     let w = Tensor::<2>::random([n, d], Distribution::Normal(0.0, 1.0), &gpu);
-    let run = |dtype: DType| {
+    let run = |dtype: DType, fused: bool| {
         let [x, g, u, dn] = inputs.clone().map(|t| leaf(&t, dtype));
-        let y = grouped_swiglu(
+        let y = grouped_swiglu_with(
             x.clone().reshape([n, d]),
             g.clone(),
             u.clone(),
             dn.clone(),
             offsets.clone(),
+            fused,
         );
         assert_eq!(y.dtype(), dtype);
         let grads = (y.clone().cast(DType::F32) * w.clone()).sum().backward();
@@ -134,23 +135,28 @@ fn gpu_grouped_experts_and_combine_in_f16_stay_within_f16_rounding() {
         });
         (y.cast(DType::F32), all)
     };
-    let ((ours, g16), (want, g32)) = (run(DType::F16), run(DType::F32));
-    let dv = rel_diff(ours, want);
-    println!("grouped experts: values {dv:.2e}");
-    assert!(
-        dv < 3e-3,
-        "grouped experts: values differ by {dv} (relative)"
-    );
-    for (name, (a, b)) in ["x", "gate", "up", "down"]
-        .iter()
-        .zip(g16.into_iter().zip(g32))
-    {
-        let dg = rel_diff(a, b);
-        println!("grouped experts: gradient of {name} {dg:.2e}");
+    let (want, g32) = run(DType::F32, false);
+    // Both GPU kernels: CubeCL's f16 matmuls with the SwiGLU pass, and the
+    // SwiGLU fused into switchyard's tiled matmul (f32 accumulators).
+    for fused in [false, true] {
+        let (ours, g16) = run(DType::F16, fused);
+        let dv = rel_diff(ours, want.clone());
+        println!("grouped experts (fused {fused}): values {dv:.2e}");
         assert!(
-            dg < 3e-3,
-            "grouped experts: gradient of {name}: {dg} (relative)"
+            dv < 3e-3,
+            "grouped experts (fused {fused}): values differ by {dv} (relative)"
         );
+        for (name, (a, b)) in ["x", "gate", "up", "down"]
+            .iter()
+            .zip(g16.into_iter().zip(g32.clone()))
+        {
+            let dg = rel_diff(a, b);
+            println!("grouped experts (fused {fused}): gradient of {name} {dg:.2e}");
+            assert!(
+                dg < 3e-3,
+                "grouped experts (fused {fused}): gradient of {name}: {dg} (relative)"
+            );
+        }
     }
 
     let (t, k) = (37, 3);

@@ -94,8 +94,9 @@ impl FusedOps for Flex {
         up: FlexTensor,
         down: FlexTensor,
         offsets: Vec<usize>,
+        _fused: bool,
     ) -> FlexTensor {
-        Self::grouped_swiglu_forward(x, [gate, up, down], offsets).0
+        Self::grouped_swiglu_forward(x, [gate, up, down], offsets, false).0
     }
 
     fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {

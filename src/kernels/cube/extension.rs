@@ -110,7 +110,7 @@ pub trait CubeKernels: Backend {
     /// The routed experts' SwiGLU over rows grouped by expert (host row
     /// offsets `[E + 1]`): the output `[N, d]` and the gate, up and SwiGLU
     /// rows `[N, F]` for the backward.
-    #[fusion(meta = |x, gate, _up, _down, _offsets| {
+    #[fusion(meta = |x, gate, _up, _down, _offsets, _fused| {
         let (n, f) = (x.shape.dims::<2>()[0], gate.shape.dims::<3>()[2]);
         let rows = burn::backend::fusion::custom::TensorSpec::new(
             burn::tensor::Shape::new([n, f]), x.dtype);
@@ -123,6 +123,7 @@ pub trait CubeKernels: Backend {
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -132,7 +133,7 @@ pub trait CubeKernels: Backend {
 
     /// The gradients of x, gate, up and down of
     /// [`CubeKernels::gpu_grouped_swiglu`].
-    #[fusion(meta = |x, gate, up, down, _g, _u, _h, _grad, _offsets| {
+    #[fusion(meta = |x, gate, up, down, _g, _u, _h, _grad, _offsets, _fused| {
         (x.clone(), gate.clone(), up.clone(), down.clone())
     })]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -146,6 +147,7 @@ pub trait CubeKernels: Backend {
         h: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -285,13 +287,14 @@ impl CubeKernels for CubeBackend {
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let (y, [g, u, h]) = grouped::forward(x, [gate, up, down], &offsets);
+        let (y, [g, u, h]) = grouped::forward(x, [gate, up, down], &offsets, fused);
         (y, g, u, h)
     }
 
@@ -305,6 +308,7 @@ impl CubeKernels for CubeBackend {
         h: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -312,7 +316,7 @@ impl CubeKernels for CubeBackend {
         FloatTensor<Self>,
     ) {
         let [dx, dgate, dup, ddown] =
-            grouped::backward(x, [gate, up, down], &offsets, [g, u, h], grad);
+            grouped::backward(x, [gate, up, down], &offsets, [g, u, h], grad, fused);
         (dx, dgate, dup, ddown)
     }
 }

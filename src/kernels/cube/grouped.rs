@@ -10,8 +10,14 @@
 //!
 //! In f16 or bf16 the matmuls run in that dtype (on CUDA, tensor cores
 //! with CubeCL's accumulation), and the SwiGLU kernels compute in f32.
+//!
+//! With `fused` (`train.gpu_fused_swiglu`), the gate and up matmuls and
+//! their SwiGLU, and in the backward the matmul through the down
+//! projection and the SwiGLU's derivative, are each one tiled kernel of
+//! switchyard's own over all experts ([`super::grouped_fused`]); the
+//! other four matmuls stay CubeCL's.
 
-use super::{empty_like, launch_elementwise};
+use super::{empty_like, grouped_fused, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::Slice;
@@ -137,18 +143,25 @@ fn dims(x: &CubeTensor, gate: &CubeTensor, offsets: &[usize]) -> [usize; 3] {
 }
 
 /// The experts' output `[N, d]` and the gate, up and SwiGLU rows `[N, F]`
-/// the backward needs.
+/// the backward needs; `fused`: the gate and up projections and their
+/// SwiGLU in one tiled kernel ([`super::grouped_fused`]).
 pub fn forward(
     x: CubeTensor,
     [gate, up, down]: [CubeTensor; 3],
     offsets: &[usize],
+    fused: bool,
 ) -> (CubeTensor, [CubeTensor; 3]) {
     let [_, d, f] = dims(&x, &gate, offsets);
+    let spans = || offsets.windows(2).enumerate().filter(|(_, s)| s[1] > s[0]);
+    if fused {
+        let [g, u, h] = grouped_fused::gate_up_swiglu(x.clone(), gate, up, offsets);
+        let ys = spans()
+            .map(|(e, s)| CubeBackend::float_matmul(rows(&h, s[0], s[1]), expert(&down, e)))
+            .collect();
+        return (cat_rows(ys, &x, d), [g, u, h]);
+    }
     let (mut ys, mut gs, mut us, mut hs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (e, span) in offsets.windows(2).enumerate() {
-        if span[1] == span[0] {
-            continue;
-        }
+    for (e, span) in spans() {
         let xe = rows(&x, span[0], span[1]);
         let g = CubeBackend::float_matmul(xe.clone(), expert(&gate, e));
         let u = CubeBackend::float_matmul(xe, expert(&up, e));
@@ -163,13 +176,16 @@ pub fn forward(
     (y, saved)
 }
 
-/// The gradients of x and of the three stacks.
+/// The gradients of x and of the three stacks; `fused`: the gradients of
+/// the gate and up projections in one tiled kernel from `dy · downᵀ`
+/// ([`super::grouped_fused`]).
 pub fn backward(
     x: CubeTensor,
     [gate, up, down]: [CubeTensor; 3],
     offsets: &[usize],
     [g, u, h]: [CubeTensor; 3],
     grad: CubeTensor,
+    fused: bool,
 ) -> [CubeTensor; 4] {
     let [_, d, f] = dims(&x, &gate, offsets);
     let zeros = |a: usize, b: usize| {
@@ -177,6 +193,10 @@ pub fn backward(
     };
     let stacked =
         |t: CubeTensor, a: usize, b: usize| CubeBackend::float_reshape(t, Shape::new([1, a, b]));
+    // Every expert's gradients of g and u at once, where fused.
+    let both = fused.then(|| {
+        grouped_fused::down_swiglu_grad(grad.clone(), down.clone(), g.clone(), u.clone(), offsets)
+    });
     let mut dx = Vec::new();
     let (mut dgate, mut dup, mut ddown) = (Vec::new(), Vec::new(), Vec::new());
     for (e, span) in offsets.windows(2).enumerate() {
@@ -188,13 +208,18 @@ pub fn backward(
         }
         let (r0, r1) = (span[0], span[1]);
         let (xe, dy) = (rows(&x, r0, r1), rows(&grad, r0, r1));
-        let dh = CubeBackend::float_matmul(dy.clone(), transpose(expert(&down, e)));
+        let (dg, du) = match &both {
+            Some([dg, du]) => (rows(dg, r0, r1), rows(du, r0, r1)),
+            None => {
+                let dh = CubeBackend::float_matmul(dy.clone(), transpose(expert(&down, e)));
+                swiglu_backward(rows(&g, r0, r1), rows(&u, r0, r1), dh)
+            }
+        };
         ddown.push(stacked(
             CubeBackend::float_matmul(transpose(rows(&h, r0, r1)), dy),
             f,
             d,
         ));
-        let (dg, du) = swiglu_backward(rows(&g, r0, r1), rows(&u, r0, r1), dh);
         dx.push(CubeBackend::float_add(
             CubeBackend::float_matmul(dg.clone(), transpose(expert(&gate, e))),
             CubeBackend::float_matmul(du.clone(), transpose(expert(&up, e))),

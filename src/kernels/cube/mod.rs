@@ -11,7 +11,8 @@
 //! Served on the GPU so far: causal grouped-query attention
 //! ([`attention`]), the LM head with its cross-entropy ([`head`]), RMSNorm
 //! and RoPE ([`norm`]), AdamW ([`adamw`]), the routed experts over rows
-//! grouped by expert ([`grouped`]), the combine of their outputs
+//! grouped by expert ([`grouped`], with the SwiGLU fused into a tiled
+//! matmul as an option: [`grouped_fused`]), the combine of their outputs
 //! ([`combine`]) and the gradient norm's sum of squares ([`adamw`]). The
 //! other operations keep Burn's
 //! composed path there: [`super::served_on`] says which operation a
@@ -23,6 +24,7 @@ pub mod attention_grad;
 pub mod combine;
 mod extension;
 pub mod grouped;
+pub mod grouped_fused;
 pub mod head;
 pub mod norm;
 
@@ -154,8 +156,9 @@ impl FusedOps for Cube {
         up: FloatTensor<Self>,
         down: FloatTensor<Self>,
         offsets: Vec<usize>,
+        fused: bool,
     ) -> FloatTensor<Self> {
-        Self::gpu_grouped_swiglu(x, gate, up, down, offsets).0
+        Self::gpu_grouped_swiglu(x, gate, up, down, offsets, fused).0
     }
 
     fn combine_rows(
@@ -179,8 +182,9 @@ impl FusedKernels for Cube {
         x: FloatTensor<Self>,
         [gate, up, down]: [FloatTensor<Self>; 3],
         offsets: Vec<usize>,
+        fused: bool,
     ) -> (FloatTensor<Self>, GroupedSaved<Self>) {
-        let (y, g, u, h) = Self::gpu_grouped_swiglu(x, gate, up, down, offsets);
+        let (y, g, u, h) = Self::gpu_grouped_swiglu(x, gate, up, down, offsets, fused);
         (y, [g, u, h])
     }
 
@@ -188,11 +192,12 @@ impl FusedKernels for Cube {
         x: FloatTensor<Self>,
         [gate, up, down]: [FloatTensor<Self>; 3],
         offsets: Vec<usize>,
+        fused: bool,
         [g, u, h]: GroupedSaved<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 4] {
         let (dx, dgate, dup, ddown) =
-            Self::gpu_grouped_swiglu_backward(x, gate, up, down, g, u, h, grad, offsets);
+            Self::gpu_grouped_swiglu_backward(x, gate, up, down, g, u, h, grad, offsets, fused);
         [dx, dgate, dup, ddown]
     }
 

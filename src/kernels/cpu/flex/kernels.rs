@@ -26,6 +26,7 @@ impl FusedKernels for Flex {
         x: FlexTensor,
         weights: [FlexTensor; 3],
         offsets: Vec<usize>,
+        _fused: bool,
     ) -> (FlexTensor, GroupedSaved<Self>) {
         let (dims, offs) = (grouping(&x, &weights[0]), offsets);
         let n = shape_of(&x)[0];
@@ -44,6 +45,7 @@ impl FusedKernels for Flex {
         x: FlexTensor,
         weights: [FlexTensor; 3],
         offsets: Vec<usize>,
+        _fused: bool,
         saved: GroupedSaved<Self>,
         grad: FlexTensor,
     ) -> [FlexTensor; 4] {
