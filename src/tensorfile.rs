@@ -192,5 +192,6 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         let err = TensorFile::open(&path).err().unwrap().to_string();
         assert!(err.contains("t.safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

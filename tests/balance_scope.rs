@@ -2,6 +2,8 @@
 //! takes its token fractions f_e from every micro-batch of the optimizer
 //! step so far, while P_e stays the micro-batch's own.
 
+mod common;
+
 use burn::prelude::*;
 use std::path::Path;
 use switchyard::config::RunConfig;
@@ -186,9 +188,7 @@ fn global_batch_gradients_flow_through_the_micro_batch_probabilities() {
 
 #[test]
 fn balance_scope_is_a_sweep_axis() {
-    let dir = std::env::temp_dir().join(format!("sy-balance-scope-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("balance-scope", "sweep");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = format!(
         "{MODEL}[data]\ntokenizer = \"{}\"\nshuffle_buffer = 8\n[[data.sources]]\npaths = [\"{}\"]\n\

@@ -1,6 +1,8 @@
 //! The `switchyard` binary on bad input, as a user would meet it: every case
 //! exits non-zero with a message that names the culprit, and none panics.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -9,11 +11,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("cli", name)
 }
 
 /// Run the binary from the project root; returns (success, stdout + stderr).
@@ -84,7 +83,7 @@ progress = "lines"
 fn trained_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = scratch("run");
+        let dir = scratch("run").keep();
         let cfg = dir.join("tiny.toml");
         std::fs::write(&cfg, TINY).unwrap();
         let runs = dir.join("runs");
@@ -649,7 +648,8 @@ fn bad_upcycle_flags_are_named() {
 #[test]
 fn eval_reads_a_hugging_face_directory() {
     let run_dir = trained_run().to_str().unwrap().to_string();
-    let out = scratch("eval-hf").join("hf");
+    let scratch_dir = scratch("eval-hf");
+    let out = scratch_dir.join("hf");
     let out = out.to_str().unwrap();
     let (ok, text) = run(&["export", "--checkpoint", &run_dir, "--out", out]);
     assert!(ok, "{text}");

@@ -1,6 +1,8 @@
 //! The data pipeline on the real bundled corpora: every source kind, the
 //! tokenizers, mixing, the split, exact cursor resume and every bad-input case.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,11 +32,8 @@ fn shipped_tokenizer() -> Arc<Tokenizer> {
 }
 
 /// A fresh scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-data-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("data", name)
 }
 
 fn source(kind: SourceKind, paths: &[&str]) -> SourceConfig {

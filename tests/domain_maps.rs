@@ -3,6 +3,8 @@
 //! evaluation's counts and losses equal a recomputation from the stream's
 //! sources, the routers' choices and the full logits.
 
+mod common;
+
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
@@ -59,13 +61,13 @@ struct Setup {
     tok: Arc<Tokenizer>,
     /// Token ids only the words corpus has, only the digits corpus has.
     only: [HashSet<u32>; 2],
+    /// Where the two corpora are, removed with the setup.
+    _dir: common::Scratch,
 }
 
 fn setup(name: &str) -> Setup {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("sy-domains-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("domains", name);
     // Distinct documents (the split hashes each one; they differ at their
     // start), letters only in one corpus and digits only in the other.
     let letters = |i: usize| -> String {
@@ -102,7 +104,12 @@ fn setup(name: &str) -> Setup {
         a.difference(&b).copied().collect(),
         b.difference(&a).copied().collect(),
     ];
-    Setup { cfg, tok, only }
+    Setup {
+        cfg,
+        tok,
+        only,
+        _dir: dir,
+    }
 }
 
 /// A model whose embedding puts −1 on dimension 0 for the tokens only the
@@ -282,9 +289,7 @@ fn a_two_source_run_logs_domain_maps_to_every_sink() {
     use switchyard::train::{run, RunOptions};
     let _g = lock();
     let s = setup("sinks");
-    let dir = std::env::temp_dir().join(format!("sy-domains-{}-run", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("domains", "run");
     let text = toml::to_string(&s.cfg).unwrap();
     std::fs::write(dir.join("cfg.toml"), text).unwrap();
     let out = run(&RunOptions {

@@ -22,11 +22,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const VOCAB: usize = 4096;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-initfrom-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("initfrom", name)
 }
 
 /// A copy of an HF fixture whose vocabulary is widened to the bundled

@@ -3,6 +3,8 @@
 //! is 1). Started from the same weights, the two must give the same loss,
 //! gradients and updates step after step through the real training step.
 
+mod common;
+
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use std::collections::BTreeMap;
@@ -184,9 +186,7 @@ fn one_expert_moe_trains_exactly_like_the_dense_mlp() {
 #[test]
 fn one_expert_run_logs_the_dense_twins_losses() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("sy-one-expert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("one-expert", "twins");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         r#"

@@ -2,9 +2,11 @@
 //! the layer, that it leaves fewer dead experts in a collapsing run, and
 //! that a resume across a revival repeats the run exactly.
 
+mod common;
+
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use switchyard::checkpoint;
 use switchyard::config::{MoeConfig, ReviveFrom};
@@ -139,11 +141,8 @@ progress = "lines"
 dead_expert_steps = 5
 "#;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-revive-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("revive", name)
 }
 
 fn options(dir: &Path, name: &str, set: &[&str]) -> RunOptions {

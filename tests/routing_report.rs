@@ -2,6 +2,8 @@
 //! domains, reported on both, against a recomputation from `inspect`
 //! traces of the same windows; and its refusals.
 
+mod common;
+
 use burn::prelude::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,11 +87,8 @@ fn trained(dir: &Path) -> (PathBuf, [PathBuf; 2]) {
     (out.run_dir, files)
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-report-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("report", name)
 }
 
 fn report(args: &[&str]) -> std::process::Output {

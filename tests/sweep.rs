@@ -1,6 +1,8 @@
 //! `switchyard sweep` end to end: a 2×2 grid with 2 jobs, the summary against
 //! each run's metrics, the plots, resume, a failing point, and halving.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use switchyard::sweep::run::{run_sweep, Search, SweepOptions};
 use switchyard::sweep::summary::Status;
@@ -28,11 +30,8 @@ batch_size = 4
 eval_batches = 2
 "#;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-sweep-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("sweep", name)
 }
 
 /// Write the base config and a sweep file into `dir`; returns the sweep path.

@@ -2,6 +2,8 @@
 //! and JSONL logs agree, resume is bit-identical, interrupted checkpoint
 //! writes are harmless, export/import round-trips, and bad input is refused.
 
+mod common;
+
 use burn::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -60,11 +62,8 @@ eval_batches = 2
 progress = "lines"
 "#;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn scratch(name: &str) -> common::Scratch {
+    common::Scratch::new("e2e", name)
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
@@ -496,7 +495,8 @@ fn inspect_on_hf_fixtures_gives_their_logits() {
         let ids: Vec<i64> = expected["input_ids"].try_to_vec().unwrap();
         let row: Vec<u32> = ids[..16].iter().map(|&i| i as u32).collect();
         let trace = switchyard::inspect::trace(&model, &row, &device).unwrap();
-        let out = scratch(name).join("trace.safetensors");
+        let dir = scratch(name);
+        let out = dir.join("trace.safetensors");
         trace.save(&out).unwrap();
         let back = hf::read_safetensors(&out).unwrap();
         let got: Vec<f32> = back["logits"].try_to_vec().unwrap();

@@ -13,11 +13,61 @@ pub fn here(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-/// An empty scratch directory `sy-{tag}-{pid}-{name}` (not created).
-pub fn scratch(tag: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sy-{tag}-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A scratch directory under the system's temporary directory, removed
+/// with everything in it when dropped, unless the test is failing: then it
+/// stays, to be looked at.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// `sy-{tag}-{pid}-{name}`, emptied of what an earlier run left there
+    /// and created.
+    pub fn new(tag: &str, name: &str) -> Self {
+        let d = Self::empty(tag, name);
+        std::fs::create_dir_all(&d.0).unwrap();
+        d
+    }
+
+    /// The path, kept after the guard is gone: for a directory the whole
+    /// test process shares from a static.
+    pub fn keep(self) -> PathBuf {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        path
+    }
+
+    /// The same path, emptied but not created.
+    pub fn empty(tag: &str, name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("sy-{tag}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Self(d)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// An empty scratch directory `sy-{tag}-{pid}-{name}` (not created),
+/// removed when dropped (see [`Scratch`]).
+pub fn scratch(tag: &str, name: &str) -> Scratch {
+    Scratch::empty(tag, name)
 }
 
 /// The logits of `ids`, with every assignment computed (no capacity).

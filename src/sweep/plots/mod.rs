@@ -252,5 +252,6 @@ mod tests {
             group_name(&rows[1], "train.seed"),
             "num_experts=8,d_expert=128"
         );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
