@@ -1,5 +1,5 @@
 //! Command-line definitions. Raw values are turned into resolved settings by
-//! the subcommand functions in `main.rs`.
+//! the subcommand functions in `main.rs` and `read_commands.rs`.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
