@@ -260,6 +260,69 @@ fn bench_reports_device_memory_that_holds_weights_and_moments() {
     assert!(run(&opts("flex")).unwrap().device_reserved_mb.is_none());
 }
 
+/// `train.gpu_fused_swiglu`, end to end through the command line (its own
+/// process, since the setting is process-wide): with the SwiGLU fused into
+/// the tiled matmul (routed experts, the shared expert and a dense first
+/// block) a run logs the losses and gradient norms of a run with CubeCL's
+/// matmuls and the separate SwiGLU pass, step after step.
+#[test]
+fn a_run_with_the_fused_swiglu_logs_the_losses_of_one_without() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("sy-gpu-fused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "{MODEL}first_k_dense = 1\n[data]\ntokenizer = \"{}\"\n[[data.sources]]\npaths = [\"{}\"]\n\
+         [train]\nsteps = 4\nbatch_size = 2\neval_every = 0\ncheckpoint_every = 4\n\
+         [log]\nprogress = \"lines\"\n",
+        root.join("data/tokenizer.json").display(),
+        root.join("data/shakespeare/shakespeare_complete_works.txt")
+            .display()
+    )
+    .replace("vocab_size = 512", "vocab_size = 4096");
+    let cfg = dir.join("fused.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let train = |name: &str, fused: bool| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["train", "--device", "wgpu", "--config"])
+            .arg(&cfg)
+            .arg("--runs-dir")
+            .arg(&dir)
+            .args(["--name", name, "--set"])
+            .arg(format!("train.gpu_fused_swiglu={fused}"))
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {log}");
+        std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss/total").is_some())
+            .map(|v| {
+                [
+                    v["loss/total"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                ]
+            })
+            .collect::<Vec<_>>()
+    };
+    let (plain, fused) = (train("plain", false), train("fused", true));
+    assert_eq!(plain.len(), 4);
+    assert_eq!(plain.len(), fused.len());
+    for (step, (a, b)) in plain.iter().zip(&fused).enumerate() {
+        for (what, x, y) in [("loss", a[0], b[0]), ("grad norm", a[1], b[1])] {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs(),
+                "step {}: {what} {x} without the fused SwiGLU, {y} with it",
+                step + 1
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[path = "gpu_path/kernels.rs"]
 mod kernels;
 
