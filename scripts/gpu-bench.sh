@@ -2,8 +2,8 @@
 # On a GPU machine, in one call: say which card, driver and commit, make
 # NVRTC findable, then run bench/compare_gpu.py (switchyard in bf16 and f32,
 # with its kernels and on the composed path, PyTorch eager beside it, the
-# dense twin, and the per-operation table) with a time budget, saving each
-# run's report under $OUT as soon as it finishes.
+# dense twin, the fused SwiGLU, and the per-operation table) with a time
+# budget, saving each run's report under $OUT as soon as it finishes.
 #
 # Build here first (no GPU needed), then bring the packed binary along
 # (about 19 MB; the binary itself is about 140 MB), which this unpacks:
