@@ -27,6 +27,32 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
 
+/// `silu(g) · u`, in f32: the SwiGLU of one value, here and in the fused
+/// kernels' epilogue ([`super::grouped_fused`]).
+#[cube]
+pub(super) fn swiglu_value(g: f32, u: f32) -> f32 {
+    g / (f32::new(1.0) + (-g).exp()) * u
+}
+
+/// The gradients of g and u of `silu(g) · u` for the gradient `dh`.
+#[derive(CubeType, Clone)]
+pub(super) struct SwigluGrads {
+    pub dg: f32,
+    pub du: f32,
+}
+
+/// [`SwigluGrads`] of one value, in f32: `dg = dh · u · σ(g)(1 + g(1 − σ(g)))`
+/// and `du = dh · silu(g)`.
+#[cube]
+pub(super) fn swiglu_grads(g: f32, u: f32, dh: f32) -> SwigluGrads {
+    let one = f32::new(1.0);
+    let s = one / (one + (-g).exp());
+    SwigluGrads {
+        dg: dh * u * s * (one + g * (one - s)),
+        du: dh * g * s,
+    }
+}
+
 /// `h = silu(g) · u`, element-wise, computed in f32.
 #[cube(launch)]
 fn swiglu_kernel<F: Float>(
@@ -39,8 +65,7 @@ fn swiglu_kernel<F: Float>(
     if i >= h.len() {
         terminate!();
     }
-    let x = f32::cast_from(g[i]);
-    h[i] = F::cast_from(x / (f32::new(1.0) + (-x).exp()) * f32::cast_from(u[i]));
+    h[i] = F::cast_from(swiglu_value(f32::cast_from(g[i]), f32::cast_from(u[i])));
 }
 
 /// The gradients of g and u of `h = silu(g) · u` for the gradient `dh`,
@@ -58,12 +83,13 @@ fn swiglu_backward_kernel<F: Float>(
     if i >= dg.len() {
         terminate!();
     }
-    let x = f32::cast_from(g[i]);
-    let dhi = f32::cast_from(dh[i]);
-    let one = f32::new(1.0);
-    let s = one / (one + (-x).exp());
-    dg[i] = F::cast_from(dhi * f32::cast_from(u[i]) * s * (one + x * (one - s)));
-    du[i] = F::cast_from(dhi * x * s);
+    let grads = swiglu_grads(
+        f32::cast_from(g[i]),
+        f32::cast_from(u[i]),
+        f32::cast_from(dh[i]),
+    );
+    dg[i] = F::cast_from(grads.dg);
+    du[i] = F::cast_from(grads.du);
 }
 
 fn swiglu(g: CubeTensor, u: CubeTensor) -> CubeTensor {

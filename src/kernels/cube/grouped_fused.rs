@@ -23,6 +23,7 @@
 //! the default).
 
 use super::empty_like;
+use super::grouped::{swiglu_grads, swiglu_value};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::IntTensorOps;
 use burn::tensor::{Shape, TensorData};
@@ -123,13 +124,13 @@ fn gate_up_swiglu_kernel<F: Float, I: Numeric>(
         let out = row * f + col;
         g[out] = F::cast_from(acc_g);
         u[out] = F::cast_from(acc_u);
-        h[out] = F::cast_from(acc_g / (f32::new(1.0) + (-acc_g).exp()) * acc_u);
+        h[out] = F::cast_from(swiglu_value(acc_g, acc_u));
     }
 }
 
 /// The gradients of g and u for each expert's rows: `dh = dy · down_eᵀ`
-/// in tiles, and from it, in the epilogue, `dg = dh · u · σ(g)(1 + g(1 − σ(g)))`
-/// and `du = dh · silu(g)`.
+/// in tiles, and from it, in the epilogue, those of the SwiGLU
+/// ([`swiglu_grads`]).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn down_swiglu_grad_kernel<F: Float, I: Numeric>(
@@ -172,11 +173,9 @@ fn down_swiglu_grad_kernel<F: Float, I: Numeric>(
     }
     if row < at.r1 && col < f {
         let at_out = row * f + col;
-        let x = f32::cast_from(g[at_out]);
-        let one = f32::new(1.0);
-        let s = one / (one + (-x).exp());
-        dg[at_out] = F::cast_from(acc * f32::cast_from(u[at_out]) * s * (one + x * (one - s)));
-        du[at_out] = F::cast_from(acc * x * s);
+        let grads = swiglu_grads(f32::cast_from(g[at_out]), f32::cast_from(u[at_out]), acc);
+        dg[at_out] = F::cast_from(grads.dg);
+        du[at_out] = F::cast_from(grads.du);
     }
 }
 
@@ -191,9 +190,9 @@ fn tile_size(t: &CubeTensor) -> usize {
     }
 }
 
-/// The table of row tiles `[T · 3]` (expert, first row, end row) for these
-/// offsets, on `like`'s device, and T.
-fn row_tiles(offsets: &[usize], tile: usize, like: &CubeTensor) -> (CubeTensor, usize) {
+/// The table of row tiles, three values each (expert, first row, end
+/// row), for these offsets.
+fn row_tiles(offsets: &[usize], tile: usize) -> Vec<i32> {
     let mut table = Vec::new();
     for (e, span) in offsets.windows(2).enumerate() {
         let mut r = span[0];
@@ -203,17 +202,42 @@ fn row_tiles(offsets: &[usize], tile: usize, like: &CubeTensor) -> (CubeTensor, 
             r = end;
         }
     }
-    let count = table.len() / 3;
-    let len = table.len();
-    let data = TensorData::new(table, [len]);
-    (CubeBackend::int_from_data(data, &like.device), count)
+    table
 }
 
-fn launch(rows: usize, cols: usize, tile: usize) -> (CubeCount, CubeDim) {
-    (
-        CubeCount::Static(rows as u32, cols.div_ceil(tile) as u32, 1),
-        CubeDim::new_2d(tile as u32, tile as u32),
-    )
+/// One launch of a fused kernel: the table of row tiles on the device,
+/// one cube per row tile and column tile, and the storage types of the
+/// tensors and of the table.
+struct TiledLaunch {
+    tiles: CubeTensor,
+    cubes: CubeCount,
+    dim: CubeDim,
+    tile: usize,
+    dtypes: [ElemType; 2],
+}
+
+/// The launch over the row tiles of `offsets` and `f` output columns, for
+/// tensors like `like`; None when there is no value to compute.
+fn tiled_launch(like: &CubeTensor, offsets: &[usize], f: usize) -> Option<TiledLaunch> {
+    let tile = tile_size(like);
+    let table = row_tiles(offsets, tile);
+    let count = table.len() / 3;
+    if count == 0 || f == 0 {
+        return None;
+    }
+    let len = table.len();
+    let tiles = CubeBackend::int_from_data(TensorData::new(table, [len]), &like.device);
+    let dtypes = [
+        dtype_to_storage_type(like.dtype),
+        dtype_to_storage_type(tiles.dtype),
+    ];
+    Some(TiledLaunch {
+        tiles,
+        cubes: CubeCount::Static(count as u32, f.div_ceil(tile) as u32, 1),
+        dim: CubeDim::new_2d(tile as u32, tile as u32),
+        tile,
+        dtypes,
+    })
 }
 
 /// The gate and up projections and their SwiGLU `[N, F]` each, for
@@ -233,29 +257,22 @@ pub fn gate_up_swiglu(
     let f = gate.meta.shape().dims::<3>()[2];
     let out = || empty_like(&x, Shape::new([n, f]));
     let (g, u, h) = (out(), out(), out());
-    let tile = tile_size(&x);
-    let (tiles, count) = row_tiles(offsets, tile, &x);
-    if count == 0 || f == 0 {
+    let Some(at) = tiled_launch(&x, offsets, f) else {
         return [g, u, h];
-    }
-    let (cubes, dim) = launch(count, f, tile);
-    let dtypes = [
-        dtype_to_storage_type(x.dtype),
-        dtype_to_storage_type(tiles.dtype),
-    ];
+    };
     gate_up_swiglu_kernel::launch(
         &x.client.clone(),
-        cubes,
-        dim,
+        at.cubes,
+        at.dim,
         x.into_tensor_arg(),
         gate.into_tensor_arg(),
         up.into_tensor_arg(),
-        tiles.into_tensor_arg(),
+        at.tiles.into_tensor_arg(),
         g.clone().into_tensor_arg(),
         u.clone().into_tensor_arg(),
         h.clone().into_tensor_arg(),
-        tile,
-        dtypes,
+        at.tile,
+        at.dtypes,
     );
     [g, u, h]
 }
@@ -278,29 +295,22 @@ pub fn down_swiglu_grad(
     let shape = g.meta.shape().clone();
     let f = shape.dims::<2>()[1];
     let (dg, du) = (empty_like(&g, shape.clone()), empty_like(&g, shape));
-    let tile = tile_size(&dy);
-    let (tiles, count) = row_tiles(offsets, tile, &dy);
-    if count == 0 || f == 0 {
+    let Some(at) = tiled_launch(&dy, offsets, f) else {
         return [dg, du];
-    }
-    let (cubes, dim) = launch(count, f, tile);
-    let dtypes = [
-        dtype_to_storage_type(dy.dtype),
-        dtype_to_storage_type(tiles.dtype),
-    ];
+    };
     down_swiglu_grad_kernel::launch(
         &dy.client.clone(),
-        cubes,
-        dim,
+        at.cubes,
+        at.dim,
         dy.into_tensor_arg(),
         down.into_tensor_arg(),
         g.into_tensor_arg(),
         u.into_tensor_arg(),
-        tiles.into_tensor_arg(),
+        at.tiles.into_tensor_arg(),
         dg.clone().into_tensor_arg(),
         du.clone().into_tensor_arg(),
-        tile,
-        dtypes,
+        at.tile,
+        at.dtypes,
     );
     [dg, du]
 }
