@@ -276,7 +276,6 @@ fn two_ranks_with_half_the_batch_each_are_one_process_with_the_whole_batch() {
     // The losses moved: ten updates happened.
     assert!(one[9].1 < one[0].1 - 0.1, "{one:?}");
     same_weights(&dir.join("one"), &dir.join("two"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Two runs' newest checkpoints hold the same weights, each tensor to 1e-5
@@ -395,7 +394,6 @@ fn ranks_stay_identical_and_a_resume_at_the_same_world_size_is_bit_identical() {
         bytes < 4.0 * params + 4096.0,
         "{bytes} bytes for {params} parameters"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -435,7 +433,6 @@ fn a_run_resumes_at_another_world_size() {
     let (_, last) = sums.last().unwrap();
     assert_eq!(last.len(), 2);
     assert_eq!(last[0], last[1]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -490,7 +487,6 @@ fn two_ranks_holding_half_the_experts_each_equal_two_data_parallel_ranks() {
         assert!(series(&dp, "comm/alltoall_bytes").iter().all(|&b| b == 0.0));
         assert!(series(&ep, "comm/alltoall_bytes").iter().all(|&b| b > 0.0));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -512,7 +508,6 @@ fn an_expert_parallel_run_resumes_at_another_degree() {
     train(2, &cfg, &dir, "split", &[&b[..], &["--resume"]].concat());
     same_losses(&losses(&dir.join("straight")), &losses(&dir.join("split")));
     same_weights(&dir.join("straight"), &dir.join("split"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -563,7 +558,6 @@ fn dead_experts_revive_across_an_expert_parallel_group_as_under_data_parallelism
         same_losses(&losses(&dp), &losses(&ep));
         same_weights(&dp, &ep);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The GPU path (the `wgpu` feature; without a GPU, Mesa's llvmpipe runs
@@ -615,7 +609,6 @@ fn expert_parallelism_on_the_gpu_path_equals_data_parallelism_there() {
     same_losses(&losses(&dp), &losses(&ep));
     same_weights(&dp, &ep);
     assert!(series(&ep, "comm/alltoall_bytes").iter().all(|&b| b > 0.0));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -638,7 +631,6 @@ fn expert_parallel_settings_that_cannot_work_are_named() {
             &[needle],
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -761,5 +753,4 @@ fn the_planner_predicts_the_bytes_an_expert_parallel_run_counts() {
         let extra = [&args[..], &["--set", &set]].concat();
         refused(&cfg, &dir, &extra, &["train.expert_placement", needle]);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

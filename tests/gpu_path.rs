@@ -268,9 +268,7 @@ fn bench_reports_device_memory_that_holds_weights_and_moments() {
 #[test]
 fn a_run_with_the_fused_swiglu_logs_the_losses_of_one_without() {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("sy-gpu-fused-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("gpu-fused", "runs");
     let text = format!(
         "{MODEL}first_k_dense = 1\n[data]\ntokenizer = \"{}\"\n[[data.sources]]\npaths = [\"{}\"]\n\
          [train]\nsteps = 4\nbatch_size = 2\neval_every = 0\ncheckpoint_every = 4\n\
@@ -287,7 +285,7 @@ fn a_run_with_the_fused_swiglu_logs_the_losses_of_one_without() {
             .args(["train", "--device", "wgpu", "--config"])
             .arg(&cfg)
             .arg("--runs-dir")
-            .arg(&dir)
+            .arg(dir.as_os_str())
             .args(["--name", name, "--set"])
             .arg(format!("train.gpu_fused_swiglu={fused}"))
             .output()
@@ -320,8 +318,9 @@ fn a_run_with_the_fused_swiglu_logs_the_losses_of_one_without() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod common;
 
 #[path = "gpu_path/kernels.rs"]
 mod kernels;

@@ -182,7 +182,6 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
             checkpoints(&run)
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The step numbers of the JSON progress lines a sweep point logged.
@@ -252,5 +251,4 @@ fn a_signal_stops_a_sweep_and_its_point() {
         .filter(|e| e.path().join("train.log").exists())
         .count();
     assert_eq!(started_points, 1, "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
