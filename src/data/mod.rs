@@ -11,6 +11,7 @@
 //!   processes, and its cursors across a change of world size.
 
 mod batch;
+mod cursor;
 pub mod files;
 mod parquet;
 pub mod ranks;

@@ -20,6 +20,7 @@
 
 use super::batch::push_span;
 pub use super::batch::{Batch, Window, UNKNOWN_SOURCE};
+pub use super::cursor::{Cursor, SourceCursor};
 use super::files::resolve_files;
 pub use super::rng::SplitMix64;
 use super::sources::DocPos;
@@ -27,53 +28,12 @@ pub use super::split::{is_validation, Shard, Split};
 use super::workers::{reader_thread, Msg, TokDoc};
 use super::{tokenizer, DataConfig};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokenizers::Tokenizer;
-
-/// Where one source stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceCursor {
-    /// Start of the first document not fully consumed.
-    pub resume: DocPos,
-    /// Tokens of that document already consumed (EOS included in the count).
-    pub skip_tokens: u64,
-    /// Tokens this source has contributed so far (drives the mixing).
-    pub emitted_tokens: u64,
-    /// The source has ended (validation split only).
-    pub exhausted: bool,
-}
-
-/// Everything needed to continue a stream exactly.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cursor {
-    /// Window length minus one, to refuse a resume at another length.
-    pub seq_len: usize,
-    /// The split this cursor belongs to.
-    pub split: Split,
-    /// One per source, in config order.
-    pub sources: Vec<SourceCursor>,
-    /// The source whose document is part-consumed, if any.
-    pub active: Option<usize>,
-    /// The partially filled window.
-    pub window: Vec<u32>,
-    /// Its tokens' sources, as runs (see [`Window::sources`]).
-    #[serde(default)]
-    pub window_sources: Vec<(u16, u32)>,
-    /// The shuffle buffer's windows.
-    pub shuffle: Vec<Window>,
-    /// Shuffle RNG state.
-    pub rng: SplitMix64,
-    /// Batches produced so far.
-    pub batches: u64,
-    /// The share of the documents this cursor's stream reads.
-    #[serde(default)]
-    pub shard: Shard,
-}
 
 /// Options of one stream.
 #[derive(Debug, Clone)]

@@ -15,6 +15,7 @@
 //! "moe.capacity_factor" = [1.0, 1.25, 2.0]
 //! ```
 
+mod halving;
 pub mod plots;
 pub mod run;
 pub mod summary;

@@ -12,8 +12,10 @@
 //! checkpoints, and every checkpoint checks that the ranks' parameters are
 //! still identical.
 
+mod device;
 pub mod eval;
 pub mod interrupt;
+mod memory;
 pub mod optim;
 mod parallel;
 mod reading;
@@ -23,7 +25,8 @@ mod setup;
 mod start;
 pub mod step;
 
-pub use setup::{check_host_memory, check_precision, parse_device, step_memory_floor};
+pub use device::{check_precision, parse_device};
+pub use memory::{check_host_memory, step_memory_floor};
 
 use crate::checkpoint::TrainState;
 use crate::config::{NonFinitePolicy, RunConfig};

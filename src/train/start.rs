@@ -3,12 +3,11 @@
 //! rank's experts under expert parallelism) → tokenizer → this rank's data
 //! stream → sinks (rank 0).
 
+use super::device::{check_precision, parse_device};
+use super::memory::check_host_memory;
 use super::optim::AdamW;
 use super::parallel;
-use super::setup::{
-    check_host_memory, check_precision, hparams, init_from, parse_device, resume_point,
-    stream_options,
-};
+use super::setup::{hparams, init_from, resume_point, stream_options};
 use super::{RunOptions, Sinks, Trainer};
 use crate::checkpoint::{self, TrainState};
 use crate::config::RunConfig;
