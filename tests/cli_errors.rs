@@ -266,6 +266,19 @@ fn bad_config_values_name_the_key() {
         ("train.expert_parallel=2", "train.expert_parallel"),
         ("data.sharding=\"pages\"", "sharding"),
         ("train.steps", "key=value"),
+        // Values that passed validation and then panicked, aborted or hung.
+        ("model.init_std=inf", "model.init_std"),
+        ("model.rms_norm_eps=inf", "model.rms_norm_eps"),
+        ("model.n_layers=9223372036854775807", "model.n_layers"),
+        (
+            "moe.num_shared_experts=9223372036854775807",
+            "moe.num_shared_experts",
+        ),
+        ("moe.num_experts=4294967297", "moe.num_experts"),
+        ("data.workers=4294967297", "data.workers"),
+        ("data.shuffle_buffer=4294967297", "data.shuffle_buffer"),
+        ("train.grad_accum=4294967297", "train.grad_accum"),
+        ("optim.weight_decay=inf", "optim.weight_decay"),
     ] {
         refused(
             &["train", "--config", c, "--runs-dir", r, "--set", set],
@@ -305,8 +318,9 @@ fn a_step_too_large_for_the_machine_is_refused() {
         &["bench", "--config", c, "--set", set, "--steps", "1"],
         &needles,
     );
-    // The embedding table (and its gradient and moments) counts too.
-    let set = "model.vocab_size=100000000000";
+    // The embedding table (and its gradient and moments) counts too: at the
+    // vocabulary's ceiling, 2 tables × 2^24 × 1,024 × 16 bytes = 512 GiB.
+    let set = "model.vocab_size=16777216";
     refused(
         &[
             "train",

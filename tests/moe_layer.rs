@@ -311,6 +311,25 @@ fn eval_is_deterministic_and_train_is_seeded() {
     assert_ne!(t1.1, e1.1, "training mode must add noise");
 }
 
+/// A jitter too small to move 1.0 in f32 (1e-30) multiplies by exactly 1:
+/// training-mode router logits equal the eval ones, where the sampler
+/// would otherwise be handed the empty range [1, 1).
+#[test]
+fn a_jitter_below_f32_resolution_changes_nothing() {
+    let device = Device::flex();
+    let _rng = seeded(&device, 7);
+    let d = 8;
+    let moe_cfg = MoeConfig {
+        jitter_eps: 1e-30,
+        ..cfg(8, 2)
+    };
+    let moe = MoeLayer::new(d, &moe_cfg, 0.5, &device);
+    let x = randn3([2, 16, d], &device);
+    let valid = Tensor::<2>::ones([2, 16], &device);
+    let logits = |phase| vec2(moe.forward(x.clone(), valid.clone(), phase).1.router_logits);
+    assert_eq!(logits(Phase::Train), logits(Phase::Eval));
+}
+
 #[test]
 fn expert_dropout_keeps_at_least_k_experts() {
     let device = Device::flex();

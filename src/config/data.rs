@@ -1,6 +1,6 @@
 //! The `[data]` section: corpus sources, tokenizer, split and workers.
 
-use super::ConfigError;
+use super::{at_most, limit, ConfigError};
 use serde::{Deserialize, Serialize};
 
 /// What to do with a record that cannot be read (bad UTF-8, malformed JSON,
@@ -166,6 +166,8 @@ impl DataConfig {
         if self.workers == 0 {
             return err("data.workers".into(), "must be at least 1".into());
         }
+        at_most("data.workers", self.workers, limit::WORKERS)?;
+        at_most("data.shuffle_buffer", self.shuffle_buffer, limit::SHUFFLE)?;
         for (i, s) in self.sources.iter().enumerate() {
             let key = |k: &str| format!("data.sources.{i}.{k}");
             if !(s.weight > 0.0) || !s.weight.is_finite() {

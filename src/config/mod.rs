@@ -38,6 +38,39 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The ceilings of the size keys: far above any model or batch this trainer
+/// can hold, and low enough that no product of sizes it computes leaves 64
+/// bits (in a release build such a product would wrap silently).
+pub(crate) mod limit {
+    /// Widths: `model.d_model`, `model.d_ff`, `model.head_dim`,
+    /// `moe.d_expert`, `moe.d_shared_expert`.
+    pub const WIDTH: usize = 1 << 20;
+    /// `model.vocab_size`.
+    pub const VOCAB: usize = 1 << 24;
+    /// `model.n_layers`, `model.n_heads`, `model.n_kv_heads`.
+    pub const COUNT: usize = 1 << 12;
+    /// `model.seq_len`.
+    pub const SEQ_LEN: usize = 1 << 22;
+    /// `moe.num_experts`.
+    pub const EXPERTS: usize = 1 << 16;
+    /// `moe.num_shared_experts`.
+    pub const SHARED: usize = 1 << 10;
+    /// `train.batch_size`, `train.grad_accum`.
+    pub const BATCH: usize = 1 << 16;
+    /// `data.shuffle_buffer` (windows held on the host).
+    pub const SHUFFLE: usize = 1 << 20;
+    /// `data.workers` (tokenizer threads).
+    pub const WORKERS: usize = 1 << 10;
+}
+
+/// Refuse a size key above its ceiling in [`limit`].
+pub(crate) fn at_most(key: &str, value: usize, max: usize) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(err(key, format!("must be at most {max}, got {value}")));
+    }
+    Ok(())
+}
+
 pub(crate) fn err(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),

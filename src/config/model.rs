@@ -1,7 +1,7 @@
 //! The `[model]` section: plain serialisable data with documented
 //! defaults, unknown keys rejected, one `validate()`.
 
-use super::{err, ConfigError};
+use super::{at_most, err, limit, ConfigError};
 use serde::{Deserialize, Serialize};
 
 /// The transformer skeleton: attention, dense FFN, norms and embeddings.
@@ -107,6 +107,18 @@ impl ModelConfig {
                 return Err(err(key, "must be a positive integer"));
             }
         }
+        for (key, v, max) in [
+            ("model.vocab_size", self.vocab_size, limit::VOCAB),
+            ("model.d_model", self.d_model, limit::WIDTH),
+            ("model.n_layers", self.n_layers, limit::COUNT),
+            ("model.n_heads", self.n_heads, limit::COUNT),
+            ("model.n_kv_heads", self.n_kv_heads, limit::COUNT),
+            ("model.d_ff", self.d_ff, limit::WIDTH),
+            ("model.seq_len", self.seq_len, limit::SEQ_LEN),
+            ("model.head_dim", self.head_dim.unwrap_or(0), limit::WIDTH),
+        ] {
+            at_most(key, v, max)?;
+        }
         if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(
                 "model.n_kv_heads",
@@ -138,16 +150,10 @@ impl ModelConfig {
             }
             _ => {}
         }
-        if !(self.rope_theta > 0.0) {
-            return Err(err("model.rope_theta", "must be > 0"));
-        }
-        if !(self.rms_norm_eps > 0.0) {
-            return Err(err("model.rms_norm_eps", "must be > 0"));
-        }
-        if !(self.init_std > 0.0) {
-            return Err(err("model.init_std", "must be > 0"));
-        }
         let scalars = [
+            ("model.rope_theta", Some(self.rope_theta)),
+            ("model.rms_norm_eps", Some(self.rms_norm_eps)),
+            ("model.init_std", Some(self.init_std)),
             (
                 "model.embedding_multiplier",
                 Some(self.embedding_multiplier),

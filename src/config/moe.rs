@@ -3,7 +3,7 @@
 //! revival. Plain serialisable data with documented defaults, unknown keys
 //! rejected, one `validate()`.
 
-use super::{err, ConfigError, ModelConfig};
+use super::{at_most, err, limit, ConfigError, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 /// How router scores are computed from logits.
@@ -221,8 +221,24 @@ impl MoeConfig {
 
     /// Check every field against the model it will be placed in.
     pub fn validate(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        at_most("moe.num_experts", self.num_experts, limit::EXPERTS)?;
         if self.num_experts == 0 {
             return Ok(());
+        }
+        for (key, v, max) in [
+            ("moe.d_expert", self.d_expert, limit::WIDTH),
+            (
+                "moe.num_shared_experts",
+                self.num_shared_experts,
+                limit::SHARED,
+            ),
+            (
+                "moe.d_shared_expert",
+                self.d_shared_expert.unwrap_or(0),
+                limit::WIDTH,
+            ),
+        ] {
+            at_most(key, v, max)?;
         }
         if self.top_k == 0 || self.top_k > self.num_experts {
             return Err(err(

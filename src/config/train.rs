@@ -1,6 +1,6 @@
 //! The `[optim]`, `[train]` and `[log]` sections.
 
-use super::{err, ConfigError};
+use super::{at_most, err, limit, ConfigError};
 use serde::{Deserialize, Serialize};
 
 /// AdamW with linear warmup and cosine decay (Loshchilov & Hutter 2019).
@@ -68,11 +68,11 @@ impl OptimConfig {
                 return Err(err(k, format!("must be in [0, 1), got {v}")));
             }
         }
-        if !(self.eps > 0.0) {
-            return Err(err("optim.eps", "must be > 0"));
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(err("optim.eps", "must be a finite number > 0"));
         }
-        if !(self.weight_decay >= 0.0) {
-            return Err(err("optim.weight_decay", "must be >= 0"));
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(err("optim.weight_decay", "must be a finite number >= 0"));
         }
         if !(self.grad_clip >= 0.0) {
             return Err(err("optim.grad_clip", "must be >= 0 (0 disables clipping)"));
@@ -211,6 +211,8 @@ impl TrainConfig {
                 return Err(err(k, "must be a positive integer"));
             }
         }
+        at_most("train.batch_size", self.batch_size, limit::BATCH)?;
+        at_most("train.grad_accum", self.grad_accum, limit::BATCH)?;
         if !(self.allreduce_bucket_mb.is_finite() && self.allreduce_bucket_mb >= 1e-6) {
             return Err(err(
                 "train.allreduce_bucket_mb",

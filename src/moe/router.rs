@@ -149,8 +149,10 @@ impl Router {
 
         // Router maths in f32 whatever the model dtype.
         let mut x = x.cast(DType::F32);
-        if train && cfg.jitter_eps > 0.0 {
-            let eps = cfg.jitter_eps;
+        // A jitter too small to move 1.0 in f32 multiplies by exactly 1
+        // (and would leave the sampler an empty range): skipped.
+        let eps = cfg.jitter_eps;
+        if train && ((1.0 - eps) as f32) < ((1.0 + eps) as f32) {
             x = x.clone() * x.random_like(Distribution::Uniform(1.0 - eps, 1.0 + eps));
         }
         let mut logits = x.matmul(self.weight.val().cast(DType::F32)); // [T, E]
