@@ -195,6 +195,7 @@ pub(crate) fn eval(args: EvalArgs) -> Result<()> {
 
 pub(crate) fn routing_report(args: RoutingReportArgs) -> Result<()> {
     use switchyard::metrics::routing_report as report;
+    anyhow::ensure!(args.max_batches >= 1, "--max-batches must be at least 1");
     let named = report::parse_named(&args.data)?;
     let device = burn::prelude::Device::flex();
     let (dir, mut cfg, model) = load_for_eval(&args.checkpoint, args.tokenizer, true, &device)?;

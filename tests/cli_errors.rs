@@ -203,6 +203,21 @@ fn generate_and_eval_take_edge_values_or_refuse_them() {
         &["eval", "--checkpoint", &run_dir, "--max-batches", "0"],
         &["--max-batches"],
     );
+    let out = format!("{run_dir}-report");
+    refused(
+        &[
+            "routing-report",
+            "--checkpoint",
+            &run_dir,
+            "--data",
+            "plays=data/shakespeare",
+            "--out",
+            &out,
+            "--max-batches",
+            "0",
+        ],
+        &["--max-batches must be at least 1"],
+    );
     // A temperature that is not a finite number >= 0 is refused.
     for t in ["--temperature=nan", "--temperature=-1", "--temperature=inf"] {
         refused(
