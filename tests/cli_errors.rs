@@ -308,6 +308,87 @@ fn bad_config_values_name_the_key() {
     refused(&["train", "--config", c, "--runs-dir", r], &["TOML"]);
 }
 
+/// A training state edited by hand (or damaged without breaking its JSON,
+/// which no checksum covers) is refused on resume with what does not fit:
+/// a pending revival of an expert the model does not have, a data cursor
+/// naming a source it does not have, optimizer moments of another model.
+#[test]
+fn a_training_state_that_does_not_fit_is_refused_on_resume() {
+    let dir = scratch("state");
+    copy_dir(trained_run(), &dir.join("run"));
+    let state = dir.join("run/checkpoints/step-0000002/state.json");
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let config = dir.join("run/config.toml");
+    let (c, r) = (config.to_str().unwrap(), dir.to_str().unwrap());
+    for (field, value, needle) in [
+        (
+            "pending_revivals",
+            serde_json::json!([{"layer": 0, "expert": 9, "donor": 0}]),
+            "pending revival",
+        ),
+        (
+            "pending_revivals",
+            serde_json::json!([{"layer": 0, "expert": 1, "donor": 0, "mean_input": [1.0]}]),
+            "width 1",
+        ),
+        ("cursor", serde_json::json!(9), "active source 9"),
+    ] {
+        let mut edited = good.clone();
+        if field == "cursor" {
+            edited["cursor"]["active"] = value;
+        } else {
+            edited[field] = value;
+        }
+        std::fs::write(&state, serde_json::to_string(&edited).unwrap()).unwrap();
+        let args = [
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--name",
+            "run",
+            "--resume",
+        ];
+        let text = refused(
+            &[&args[..], &["--set", "train.steps=3"]].concat(),
+            &[needle],
+        );
+        assert!(!text.contains("step 3/3"), "{text}");
+    }
+    // AdamW moments of another model, in a checkpoint whose state keeps no
+    // checksums (as those written before checksums were kept).
+    let mut no_sums = good.clone();
+    no_sums["files"] = serde_json::json!({});
+    std::fs::write(&state, serde_json::to_string(&no_sums).unwrap()).unwrap();
+    let optimizer = dir.join("run/checkpoints/step-0000002/optimizer.safetensors");
+    for (name, needle) in [
+        ("m.embed_tokens.weight", "holds 3 values"),
+        ("v.no.such.weight", "does not have"),
+    ] {
+        let header = format!(r#"{{"{name}":{{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend([0u8; 12]);
+        std::fs::write(&optimizer, bytes).unwrap();
+        let args = [
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--name",
+            "run",
+            "--resume",
+        ];
+        refused(
+            &[&args[..], &["--set", "train.steps=3"]].concat(),
+            &[needle],
+        );
+    }
+}
+
 /// A step larger than the machine's memory is refused with what it needs
 /// and the keys to lower, before anything is allocated: an allocation that
 /// large would abort the process instead of returning an error.

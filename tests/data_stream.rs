@@ -419,6 +419,40 @@ fn cursor_resume_gives_the_same_batches() {
     assert!(err.to_string().contains("seq_len"), "{err}");
 }
 
+/// A cursor that a damaged or hand-edited checkpoint holds is refused with
+/// what is wrong, where it used to index past a list, underflow or feed
+/// token ids past the vocabulary to the model.
+#[test]
+fn a_damaged_cursor_is_refused_with_what_is_wrong() {
+    let cfg = data_cfg(vec![source(SourceKind::Text, &[&shakespeare_txt()])]);
+    let tok = shipped_tokenizer();
+    let o = || opts(Split::Train, 32, 2);
+    let mut s = DataStream::open(&cfg, tok.clone(), o(), None).unwrap();
+    take(&mut s, 3);
+    let good = s.cursor();
+    drop(s);
+    assert!(!good.window.is_empty() && !good.shuffle.is_empty());
+    type Edit = fn(&mut Cursor);
+    let cases: [(Edit, &str); 7] = [
+        (|c| c.active = Some(5), "active source 5"),
+        (|c| c.window = vec![1; 100], "holds 100 tokens"),
+        (|c| c.window[0] = 999_999, "token id 999999"),
+        (|c| c.window_sources = vec![(7, 1)], "names source 7"),
+        (|c| c.shuffle[0].tokens.truncate(2), "holds 2 tokens"),
+        (|c| c.shuffle[1].tokens[3] = 4096, "token id 4096"),
+        (|c| c.sources[0].resume.file = 9, "resumes at file 9"),
+    ];
+    for (edit, needle) in cases {
+        let mut c = good.clone();
+        edit(&mut c);
+        let err = DataStream::open(&cfg, tok.clone(), o(), Some(c))
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains(needle), "{needle}: {err:#}");
+    }
+    DataStream::open(&cfg, tok, o(), Some(good)).unwrap();
+}
+
 #[test]
 fn training_stream_cycles_past_the_end_of_the_corpus() {
     let dir = scratch("cycle");

@@ -118,6 +118,36 @@ pub fn decode_optimizer(
     Ok((m, v))
 }
 
+/// Refuse AdamW moments that do not belong to a model with these parameter
+/// `shapes` (from `params::shapes`): a moment of a parameter the model does
+/// not have, or of another size. A parameter with no moments starts from
+/// zero ones, as in a fresh run.
+pub fn check_moments(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    m: &Moments,
+    v: &Moments,
+) -> Result<()> {
+    for (which, moments) in [("m", m), ("v", v)] {
+        for (path, t) in moments {
+            let Some(shape) = shapes.get(path) else {
+                bail!(
+                    "optimizer.safetensors holds moments (`{which}.{path}`) of a parameter this \
+                     model does not have: the optimizer state belongs to another model"
+                );
+            };
+            let want: usize = shape.iter().product();
+            let got = t.dims()[0];
+            if got != want {
+                bail!(
+                    "optimizer.safetensors: `{which}.{path}` holds {got} values for a parameter \
+                     of {want} ({shape:?}): the optimizer state belongs to another model"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Read the loop state and optimizer tensors of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<(TrainState, BTreeMap<String, TensorData>)> {
     let state = read_state_file(dir)?;

@@ -13,8 +13,8 @@
 mod load;
 
 pub use load::{
-    decode_optimizer, encode_optimizer, load_any, load_model, load_weights, locate, read_config,
-    read_state, Location, Moments,
+    check_moments, decode_optimizer, encode_optimizer, load_any, load_model, load_weights, locate,
+    read_config, read_state, Location, Moments,
 };
 
 use crate::config::RunConfig;

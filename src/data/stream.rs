@@ -119,6 +119,7 @@ impl DataStream {
                     opts.shard.count
                 );
             }
+            c.check(tok.get_vocab_size(true))?;
         }
         let pool = Arc::new(
             rayon::ThreadPoolBuilder::new()
@@ -140,6 +141,14 @@ impl DataStream {
                     emitted_tokens: 0,
                     exhausted: false,
                 });
+            if !state.exhausted && state.resume.file >= files.len() {
+                bail!(
+                    "data source {i}: the cursor resumes at file {} of its {} (corpus changed \
+                     since it was saved?)",
+                    state.resume.file,
+                    files.len()
+                );
+            }
             let (tx, rx) = sync_channel(4);
             let handle = (!state.exhausted).then(|| {
                 let (tok, pool, stop) = (tok.clone(), pool.clone(), stop.clone());

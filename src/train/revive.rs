@@ -27,6 +27,31 @@ pub struct Revival {
 }
 
 impl Revival {
+    /// Refuse a revival a checkpoint holds that does not fit `cfg`'s model:
+    /// a layer, expert or donor that does not exist, or a mean router
+    /// input of another width. Only a damaged or hand-edited checkpoint
+    /// (or one from another architecture) fails.
+    pub fn check(&self, cfg: &RunConfig) -> anyhow::Result<()> {
+        let layers = (0..cfg.model.n_layers)
+            .filter(|&i| cfg.moe.is_moe_layer(i))
+            .count();
+        let e = cfg.moe.num_experts;
+        let width = self.mean_input.as_ref().map_or(cfg.model.d_model, Vec::len);
+        if self.layer >= layers || self.expert >= e || self.donor >= e || width != cfg.model.d_model
+        {
+            anyhow::bail!(
+                "the checkpoint's pending revival (MoE layer {}, expert {} from expert {}, mean \
+                 input of width {width}) does not fit this model ({layers} MoE layers of {e} \
+                 experts, d_model {}): the state file is damaged",
+                self.layer,
+                self.expert,
+                self.donor,
+                cfg.model.d_model
+            );
+        }
+        Ok(())
+    }
+
     /// One line for the console and TensorBoard.
     pub fn describe(&self, from: ReviveFrom) -> String {
         format!(

@@ -109,7 +109,12 @@ impl<'c> Trainer<'c> {
         let (state, adam) = match &resume {
             Some(dir) => {
                 let (state, tensors) = checkpoint::read_state(dir)?;
+                for r in &state.pending_revivals {
+                    r.check(&cfg)?;
+                }
                 let (m, v) = checkpoint::decode_optimizer(tensors, &base_device)?;
+                checkpoint::check_moments(&crate::params::shapes(&model), &m, &v)
+                    .with_context(|| format!("resuming from {}", dir.display()))?;
                 let adam = AdamW {
                     t: state.adam_t,
                     m,
