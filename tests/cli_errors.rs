@@ -83,7 +83,7 @@ progress = "lines"
 fn trained_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = scratch("run").keep();
+        let dir = common::process_dir("cli-run");
         let cfg = dir.join("tiny.toml");
         std::fs::write(&cfg, TINY).unwrap();
         let runs = dir.join("runs");

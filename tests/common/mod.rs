@@ -27,14 +27,6 @@ impl Scratch {
         d
     }
 
-    /// The path, kept after the guard is gone: for a directory the whole
-    /// test process shares from a static.
-    pub fn keep(self) -> PathBuf {
-        let path = self.0.clone();
-        std::mem::forget(self);
-        path
-    }
-
     /// The same path, emptied but not created.
     pub fn empty(tag: &str, name: &str) -> Self {
         let d = std::env::temp_dir().join(format!("sy-{tag}-{}-{name}", std::process::id()));
@@ -62,6 +54,29 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+/// A directory for what a whole test process shares from a static, which
+/// is never dropped: `{name}-{pid}` in cargo's folder for test files
+/// (`target/tmp`), created empty. Those that ended processes left are
+/// removed first, so they do not pile up.
+pub fn process_dir(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{name}-");
+    for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let file = entry.file_name();
+        let pid = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = root.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// An empty scratch directory `sy-{tag}-{pid}-{name}` (not created),
