@@ -174,6 +174,7 @@ fn export(args: ExportArgs) -> Result<()> {
 
 fn sweep(args: SweepArgs) -> Result<()> {
     use switchyard::sweep::run::{run_sweep, Search, SweepOptions};
+    anyhow::ensure!(args.jobs >= 1, "--jobs must be at least 1");
     let out = run_sweep(&SweepOptions {
         file: args.config,
         jobs: args.jobs,

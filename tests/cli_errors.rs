@@ -612,6 +612,12 @@ fn bad_sweep_files_are_named() {
             needles,
         );
     }
+    let f = root().join("configs/sweep-moe-vs-dense.toml");
+    let f = f.to_str().unwrap();
+    refused(
+        &["sweep", "--config", f, "--runs-dir", r, "--jobs", "0"],
+        &["--jobs must be at least 1"],
+    );
 }
 
 #[test]
