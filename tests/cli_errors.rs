@@ -560,6 +560,9 @@ fn damaged_hugging_face_directories_are_named() {
     refused(&["info", "--hf", &h], &["mlp_only_layers"]);
     with(&[("num_local_experts", json!(-4))]);
     refused(&["info", "--hf", &h], &["num_local_experts"]);
+    // Sized by before the model's checks ran: an allocation that aborted.
+    with(&[("num_hidden_layers", json!(1_000_000_000_000u64))]);
+    refused(&["info", "--hf", &h], &["model.n_layers", "at most"]);
     with(&[("tie_word_embeddings", json!("no"))]);
     refused(&["info", "--hf", &h], &["tie_word_embeddings"]);
     with(&[("hidden_act", json!(["silu"]))]);

@@ -91,6 +91,24 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
     }
 
+    /// Refuse a size above its ceiling (see `config::limit`), before
+    /// anything is sized by it.
+    pub fn check_ceilings(&self) -> Result<(), ConfigError> {
+        for (key, v, max) in [
+            ("model.vocab_size", self.vocab_size, limit::VOCAB),
+            ("model.d_model", self.d_model, limit::WIDTH),
+            ("model.n_layers", self.n_layers, limit::COUNT),
+            ("model.n_heads", self.n_heads, limit::COUNT),
+            ("model.n_kv_heads", self.n_kv_heads, limit::COUNT),
+            ("model.d_ff", self.d_ff, limit::WIDTH),
+            ("model.seq_len", self.seq_len, limit::SEQ_LEN),
+            ("model.head_dim", self.head_dim.unwrap_or(0), limit::WIDTH),
+        ] {
+            at_most(key, v, max)?;
+        }
+        Ok(())
+    }
+
     /// Check every field and cross-field constraint; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
@@ -107,18 +125,7 @@ impl ModelConfig {
                 return Err(err(key, "must be a positive integer"));
             }
         }
-        for (key, v, max) in [
-            ("model.vocab_size", self.vocab_size, limit::VOCAB),
-            ("model.d_model", self.d_model, limit::WIDTH),
-            ("model.n_layers", self.n_layers, limit::COUNT),
-            ("model.n_heads", self.n_heads, limit::COUNT),
-            ("model.n_kv_heads", self.n_kv_heads, limit::COUNT),
-            ("model.d_ff", self.d_ff, limit::WIDTH),
-            ("model.seq_len", self.seq_len, limit::SEQ_LEN),
-            ("model.head_dim", self.head_dim.unwrap_or(0), limit::WIDTH),
-        ] {
-            at_most(key, v, max)?;
-        }
+        self.check_ceilings()?;
         if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err(
                 "model.n_kv_heads",

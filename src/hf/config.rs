@@ -60,6 +60,7 @@ pub fn parse_config(cfg: &Value) -> Result<(HfArch, ModelConfig, MoeConfig)> {
         attention_multiplier: None,
         logits_scaling: 1.0,
     };
+    shared.check_ceilings()?;
     let (model, moe) = (family.read)(cfg, shared)?;
     model.validate()?;
     moe.validate(&model)?;
