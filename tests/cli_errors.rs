@@ -389,6 +389,39 @@ fn a_training_state_that_does_not_fit_is_refused_on_resume() {
     }
 }
 
+/// `tokenizer train` refuses a vocabulary it cannot build (below the byte
+/// tokens and the EOS token, or past the ceiling: that one panicked in the
+/// trainer's hash table), an empty EOS token, and an input with no text.
+#[test]
+fn tokenizer_training_refuses_what_it_cannot_build() {
+    let dir = scratch("tok");
+    let corpus = dir.join("c.txt");
+    std::fs::write(&corpus, "the cat sat on the mat.\n\nthe dog sat.\n").unwrap();
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = dir.join("tok.json");
+    let (c, e, o) = (
+        corpus.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let train = ["tokenizer", "train", "--out", o, "--input"];
+    for (extra, needle) in [
+        (vec![c, "--vocab-size", "0"], "--vocab-size"),
+        (
+            vec![c, "--vocab-size", "9223372036854775807"],
+            "--vocab-size",
+        ),
+        (vec![c, "--eos-token", ""], "--eos-token"),
+        (vec![e, "--vocab-size", "300"], "no documents"),
+    ] {
+        refused(&[&train[..], &extra[..]].concat(), &[needle]);
+        assert!(!out.exists());
+    }
+    let (ok, text) = run(&[&train[..], &[c, "--vocab-size", "257"]].concat());
+    assert!(ok && out.exists(), "{text}");
+}
+
 /// A step larger than the machine's memory is refused with what it needs
 /// and the keys to lower, before anything is allocated: an allocation that
 /// large would abort the process instead of returning an error.

@@ -82,6 +82,20 @@ pub fn train_bpe(
     opts: &TrainOptions,
     out: &Path,
 ) -> Result<Tokenizer> {
+    if let Some(t) = opts.special_tokens.iter().find(|t| t.is_empty()) {
+        anyhow::bail!("special tokens (--eos-token) must not be empty (got {t:?})");
+    }
+    // The 256 byte tokens and the special ones come before any merge.
+    let least = 256 + opts.special_tokens.len();
+    let most = crate::config::limit::VOCAB;
+    if !(least..=most).contains(&opts.vocab_size) {
+        anyhow::bail!(
+            "the vocabulary size (--vocab-size) must be in {least}..={most} (the 256 byte tokens and {} \
+             special token(s) come first), got {}",
+            opts.special_tokens.len(),
+            opts.vocab_size
+        );
+    }
     let total: u64 = files
         .iter()
         .map(|(f, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
@@ -110,9 +124,12 @@ pub fn train_bpe(
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let fail = failure.clone();
     let progress = bar.clone();
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = read.clone();
     let docs = std::iter::from_fn(move || match reader.next_doc() {
         Ok(Some(doc)) => {
             progress.inc(doc.text.len() as u64 + 1);
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Some(doc.text)
         }
         Ok(None) => None,
@@ -147,6 +164,9 @@ pub fn train_bpe(
     bar.finish_and_clear();
     if let Some(e) = failure.lock().unwrap().take() {
         return Err(e);
+    }
+    if read.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        anyhow::bail!("the input holds no documents to train the tokenizer on");
     }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
