@@ -304,6 +304,14 @@ fn bad_config_values_name_the_key() {
         &["train", "--config", c, "--runs-dir", r, "--device", "tpu"],
         &["tpu"],
     );
+    // A run name that would put the run beside or over the runs directory.
+    for name in ["", "../beside", "/tmp/sy-absolute-run", "..", "a/../b"] {
+        refused(
+            &["train", "--config", c, "--runs-dir", r, "--name", name],
+            &["--name", "not absolute"],
+        );
+    }
+    assert!(!dir.join("beside").exists() && !Path::new("/tmp/sy-absolute-run").exists());
     std::fs::write(&cfg, "[model\nd_model = 3").unwrap();
     refused(&["train", "--config", c, "--runs-dir", r], &["TOML"]);
 }

@@ -292,7 +292,8 @@ pub struct TrainArgs {
     /// Override a config key, e.g. `--set train.steps=100`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Run name: the run goes to runs/NAME (default: the config's file name).
+    /// Run name: the run goes to runs/NAME (default: the config's file name); a
+    /// relative path such as `ablations/lr-3e-3` nests it.
     #[arg(long)]
     pub name: Option<String>,
     /// Continue the run from its last checkpoint.

@@ -13,6 +13,26 @@ use burn::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Refuse a run name that would put the run outside the runs directory or
+/// on top of it: empty, absolute, or with a `.` or `..` component. A
+/// relative path such as `ablations/lr-3e-3` nests the run.
+fn check_run_name(name: &str) -> Result<()> {
+    use std::path::Component;
+    let path = Path::new(name);
+    let inside = path.components().next().is_some()
+        && path.components().all(|c| matches!(c, Component::Normal(_)))
+        && !name
+            .split(['/', '\\'])
+            .any(|part| part == "." || part == "..");
+    if !inside {
+        bail!(
+            "--name {name:?}: a run name is a folder under the runs directory (--runs-dir): \
+             not empty, not absolute, and without `.` or `..` parts"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
     let stem = opts
         .config
@@ -21,6 +41,7 @@ pub(crate) fn pick_run_dir(opts: &RunOptions) -> Result<PathBuf> {
         .unwrap_or("run")
         .to_string();
     if let Some(name) = &opts.name {
+        check_run_name(name)?;
         let dir = opts.runs_dir.join(name);
         if !opts.resume && !checkpoint::list(&dir)?.is_empty() {
             bail!(
