@@ -2,7 +2,7 @@
 //! a Hugging Face directory): `inspect`, `generate`, `eval` and
 //! `routing-report`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use switchyard::checkpoint::{self, Location};
 use switchyard::cli::*;
@@ -61,7 +61,9 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<()> {
     let trace = switchyard::inspect::trace(&model, &ids, &device)?;
     print!("{}", trace.describe(&pieces));
     if let Some(out) = args.out {
-        trace.save(&out)?;
+        trace
+            .save(&out)
+            .with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {}", out.display());
     }
     Ok(())

@@ -121,6 +121,8 @@ pub fn expand_path(p: &str) -> Result<Vec<PathBuf>> {
         Ok(out)
     } else if path.is_file() {
         Ok(vec![path.to_path_buf()])
+    } else if path.exists() {
+        bail!("`{p}` is neither a file nor a directory")
     } else {
         bail!("`{p}` does not exist")
     }
