@@ -17,6 +17,7 @@
 //! switchyard's own over all experts ([`super::grouped_fused`]); the
 //! other four matmuls stay CubeCL's.
 
+use super::swiglu::{swiglu_grads, swiglu_value};
 use super::{empty_like, grouped_fused, launch_elementwise};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
@@ -26,32 +27,6 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
-
-/// `silu(g) · u`, in f32: the SwiGLU of one value, here and in the fused
-/// kernels' epilogue ([`super::grouped_fused`]).
-#[cube]
-pub(super) fn swiglu_value(g: f32, u: f32) -> f32 {
-    g / (f32::new(1.0) + (-g).exp()) * u
-}
-
-/// The gradients of g and u of `silu(g) · u` for the gradient `dh`.
-#[derive(CubeType, Clone)]
-pub(super) struct SwigluGrads {
-    pub dg: f32,
-    pub du: f32,
-}
-
-/// [`SwigluGrads`] of one value, in f32: `dg = dh · u · σ(g)(1 + g(1 − σ(g)))`
-/// and `du = dh · silu(g)`.
-#[cube]
-pub(super) fn swiglu_grads(g: f32, u: f32, dh: f32) -> SwigluGrads {
-    let one = f32::new(1.0);
-    let s = one / (one + (-g).exp());
-    SwigluGrads {
-        dg: dh * u * s * (one + g * (one - s)),
-        du: dh * g * s,
-    }
-}
 
 /// `h = silu(g) · u`, element-wise, computed in f32.
 #[cube(launch)]

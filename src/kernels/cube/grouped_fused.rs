@@ -23,7 +23,7 @@
 //! the default).
 
 use super::empty_like;
-use super::grouped::{swiglu_grads, swiglu_value};
+use super::swiglu::{swiglu_grads, swiglu_value};
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::IntTensorOps;
 use burn::tensor::{Shape, TensorData};

@@ -27,6 +27,7 @@ pub mod grouped;
 pub mod grouped_fused;
 pub mod head;
 pub mod norm;
+mod swiglu;
 
 pub use extension::CubeKernels;
 
