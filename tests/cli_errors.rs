@@ -329,6 +329,22 @@ fn a_training_state_that_does_not_fit_is_refused_on_resume() {
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     let config = dir.join("run/config.toml");
     let (c, r) = (config.to_str().unwrap(), dir.to_str().unwrap());
+    let resume = |needle: &str| {
+        let args = [
+            "train",
+            "--config",
+            c,
+            "--runs-dir",
+            r,
+            "--name",
+            "run",
+            "--resume",
+        ];
+        refused(
+            &[&args[..], &["--set", "train.steps=3"]].concat(),
+            &[needle],
+        )
+    };
     for (field, value, needle) in [
         (
             "pending_revivals",
@@ -349,20 +365,7 @@ fn a_training_state_that_does_not_fit_is_refused_on_resume() {
             edited[field] = value;
         }
         std::fs::write(&state, serde_json::to_string(&edited).unwrap()).unwrap();
-        let args = [
-            "train",
-            "--config",
-            c,
-            "--runs-dir",
-            r,
-            "--name",
-            "run",
-            "--resume",
-        ];
-        let text = refused(
-            &[&args[..], &["--set", "train.steps=3"]].concat(),
-            &[needle],
-        );
+        let text = resume(needle);
         assert!(!text.contains("step 3/3"), "{text}");
     }
     // AdamW moments of another model, in a checkpoint whose state keeps no
@@ -380,20 +383,7 @@ fn a_training_state_that_does_not_fit_is_refused_on_resume() {
         bytes.extend(header.as_bytes());
         bytes.extend([0u8; 12]);
         std::fs::write(&optimizer, bytes).unwrap();
-        let args = [
-            "train",
-            "--config",
-            c,
-            "--runs-dir",
-            r,
-            "--name",
-            "run",
-            "--resume",
-        ];
-        refused(
-            &[&args[..], &["--set", "train.steps=3"]].concat(),
-            &[needle],
-        );
+        resume(needle);
     }
 }
 

@@ -7,6 +7,7 @@ use super::OnBadRecord;
 use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -124,12 +125,12 @@ pub fn train_bpe(
     let failure: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     let fail = failure.clone();
     let progress = bar.clone();
-    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read = Arc::new(AtomicU64::new(0));
     let counted = read.clone();
     let docs = std::iter::from_fn(move || match reader.next_doc() {
         Ok(Some(doc)) => {
             progress.inc(doc.text.len() as u64 + 1);
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            counted.fetch_add(1, Ordering::Relaxed);
             Some(doc.text)
         }
         Ok(None) => None,
@@ -165,7 +166,7 @@ pub fn train_bpe(
     if let Some(e) = failure.lock().unwrap().take() {
         return Err(e);
     }
-    if read.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    if read.load(Ordering::Relaxed) == 0 {
         anyhow::bail!("the input holds no documents to train the tokenizer on");
     }
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -32,9 +32,7 @@ impl Revival {
     /// input of another width. Only a damaged or hand-edited checkpoint
     /// (or one from another architecture) fails.
     pub fn check(&self, cfg: &RunConfig) -> anyhow::Result<()> {
-        let layers = (0..cfg.model.n_layers)
-            .filter(|&i| cfg.moe.is_moe_layer(i))
-            .count();
+        let layers = crate::hf::family::moe_layers(&cfg.model, &cfg.moe).len();
         let e = cfg.moe.num_experts;
         let width = self.mean_input.as_ref().map_or(cfg.model.d_model, Vec::len);
         if self.layer >= layers || self.expert >= e || self.donor >= e || width != cfg.model.d_model
