@@ -1,11 +1,12 @@
-//! Ctrl-C (SIGINT) or SIGTERM stops a training run after the step under
-//! way, with a checkpoint of that step, and `--resume` continues from it.
+//! Ctrl-C (SIGINT), SIGTERM or SIGHUP stops a training run after the step
+//! under way, with a checkpoint of that step, and `--resume` continues from
+//! it; so does the death of the sweep that started it.
 #![cfg(unix)]
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,7 @@ checkpoint_every = 0
 progress = "json"
 "#;
 
-/// `switchyard` with SIGINT and SIGTERM at their default actions, whatever
+/// `switchyard` with SIGINT, SIGTERM and SIGHUP at their default actions, whatever
 /// the test process inherited (a job started in the background by a
 /// non-interactive shell ignores SIGINT, and the binary keeps an ignored
 /// signal ignored).
@@ -52,6 +53,7 @@ fn switchyard() -> Command {
         cmd.pre_exec(|| {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
             Ok(())
         });
     }
@@ -137,7 +139,11 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
     let cfg = dir.join("long.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let runs = dir.join("runs");
-    for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+    for (signal, name) in [
+        (libc::SIGINT, "int"),
+        (libc::SIGTERM, "term"),
+        (libc::SIGHUP, "hup"),
+    ] {
         let train = |extra: &[&str]| {
             let mut cmd = switchyard();
             cmd.args(["train", "--config"])
@@ -193,12 +199,10 @@ fn logged_steps(train_log: &Path) -> Vec<u64> {
         .collect()
 }
 
-/// A SIGTERM sent to a sweep alone reaches the point under way, which
-/// stops after its step with a checkpoint of it; no point starts after it.
-#[test]
-fn a_signal_stops_a_sweep_and_its_point() {
-    let dir = common::scratch("interrupt", "sweep");
-    std::fs::create_dir_all(&dir).unwrap();
+/// A two-point sweep of the endless run, started, with the directory of
+/// the first point once it has logged a few steps.
+fn start_sweep(dir: &Path) -> (Running, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
     let base = dir.join("long.toml");
     std::fs::write(&base, CONFIG).unwrap();
     let file = dir.join("sweep.toml");
@@ -235,6 +239,15 @@ fn a_signal_stops_a_sweep_and_its_point() {
         assert!(started.elapsed().as_secs() < 120, "no point logged a step");
         std::thread::sleep(Duration::from_millis(50));
     };
+    (running, sweep_dir, point)
+}
+
+/// A SIGTERM sent to a sweep alone reaches the point under way, which
+/// stops after its step with a checkpoint of it; no point starts after it.
+#[test]
+fn a_signal_stops_a_sweep_and_its_point() {
+    let dir = common::scratch("interrupt", "sweep");
+    let (running, sweep_dir, point) = start_sweep(&dir);
     let (status, out, err) = running.stop(libc::SIGTERM);
     assert_eq!(status.code(), Some(1), "{status:?}\n{out}\n{err}");
     assert!(
@@ -251,4 +264,46 @@ fn a_signal_stops_a_sweep_and_its_point() {
         .filter(|e| e.path().join("train.log").exists())
         .count();
     assert_eq!(started_points, 1, "{out}");
+}
+
+/// The processes whose command line mentions `needle`.
+#[cfg(target_os = "linux")]
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            text.contains(needle).then_some(pid)
+        })
+        .collect()
+}
+
+/// A sweep killed outright (SIGKILL: no handler runs) leaves no point
+/// training on unwatched: the point under way checkpoints a step and ends.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_sweep_leaves_its_point_checkpointed_and_stopped() {
+    let dir = common::scratch("interrupt", "killed-sweep");
+    let (running, _, point) = start_sweep(&dir);
+    let needle = point.parent().unwrap().display().to_string();
+    assert_eq!(processes_naming(&needle).len(), 1, "one point is running");
+    let (status, _, _) = running.stop(libc::SIGKILL);
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let logged = *logged_steps(&point.join("train.log")).last().unwrap();
+    let started = Instant::now();
+    while !processes_naming(&needle).is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the point still runs a minute after its sweep was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It stopped after a step at least as late as the last one the sweep
+    // saw (the pipe to the sweep may have held a few more lines).
+    let saved = checkpoints(&point);
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert!(saved[0] >= logged, "{saved:?} after {logged}");
 }

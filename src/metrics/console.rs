@@ -4,7 +4,8 @@
 use super::StepReport;
 use crate::config::ProgressMode;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Step progress for one run.
@@ -15,6 +16,8 @@ pub struct Progress {
     print_every: u64,
     start: Instant,
     first_step: u64,
+    /// A line could not be written: stdout's reader is gone.
+    lost: AtomicBool,
 }
 
 impl Progress {
@@ -43,13 +46,26 @@ impl Progress {
             print_every,
             start: Instant::now(),
             first_step,
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a line failed to reach stdout (a closed pipe): nobody is
+    /// following the run any more.
+    pub fn output_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn say(&self, line: &str) {
+        if !say(line) {
+            self.lost.store(true, Ordering::Relaxed);
         }
     }
 
     /// Show one step.
     pub fn step(&mut self, r: &StepReport) {
         if self.json {
-            println!("{}", progress_json(r, self.total));
+            self.say(&progress_json(r, self.total).to_string());
             return;
         }
         let msg = format!(
@@ -72,7 +88,7 @@ impl Progress {
                     let done = (r.step - self.first_step) as f64;
                     let per_step = self.start.elapsed().as_secs_f64() / done.max(1.0);
                     let eta = per_step * (self.total - r.step) as f64;
-                    println!(
+                    self.say(&format!(
                         "step {}/{} | {msg} | lm {:.4} | z {:.3} | lr {:.2e} | eta {}",
                         r.step,
                         self.total,
@@ -80,7 +96,7 @@ impl Progress {
                         r.loss_z,
                         r.lr,
                         format_secs(eta)
-                    );
+                    ));
                 }
             }
         }
@@ -90,7 +106,7 @@ impl Progress {
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => println!("{line}"),
+            None => self.say(line),
         }
     }
 
@@ -100,6 +116,12 @@ impl Progress {
             bar.finish();
         }
     }
+}
+
+/// Write one line to stdout; false when it could not be written (its pipe
+/// has closed). Never panics, unlike `println!`.
+pub fn say(line: &str) -> bool {
+    writeln!(std::io::stdout().lock(), "{line}").is_ok()
 }
 
 /// The machine-readable progress line of one step.

@@ -121,6 +121,7 @@ impl Runner<'_> {
         cmd.env("RAYON_NUM_THREADS", self.threads.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        stop_with_parent(&mut cmd);
         std::fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
         let mut child = cmd
             .spawn()
@@ -234,6 +235,38 @@ fn pass_on_stop(child: &std::process::Child) {
     }
     #[cfg(not(unix))]
     let _ = child;
+}
+
+/// Make a point's process stop when this thread of the sweep ends, even
+/// when the sweep itself is killed with a signal it cannot catch (SIGKILL,
+/// an out-of-memory kill): the point gets a SIGHUP, checkpoints the step
+/// under way and exits, instead of training on unwatched. On Linux the
+/// signal follows the thread that started the process (each point's thread
+/// waits for its process before it ends), and a dying sweep may send it
+/// once per thread, which is why it is SIGHUP: a run stops on the first and
+/// ignores the rest, where a second SIGTERM would end it at once.
+fn stop_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and
+        // makes only async-signal-safe system calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The sweep may have died between fork and prctl.
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    libc::_exit(129);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// The error a stopped sweep ends with.

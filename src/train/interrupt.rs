@@ -13,6 +13,14 @@
 //!
 //! The request is a process-wide flag because a signal handler can reach
 //! nothing else; the training loop reads it between steps.
+//!
+//! SIGHUP (the terminal closed, or the sweep that started the run died)
+//! stops the run the same way, however often it comes.
+//!
+//! For the same length SIGPIPE is ignored, and the console asks for a stop
+//! when its output pipe has closed (`switchyard train | tee log` with the
+//! `tee` gone, or a sweep killed under its points): the run checkpoints its
+//! step and ends instead of dying at its next line of output.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +31,12 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// Whether a stop was asked for since the handlers were installed.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Ask the training loop to stop after the step under way, as a signal
+/// does (the console, when its output has nowhere to go).
+pub fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
 }
 
 /// The error a run stopped by a signal ends with: where it stopped, and
@@ -51,13 +65,23 @@ extern "C" fn on_signal(_signal: libc::c_int) {
 }
 
 impl StopOnSignal {
-    /// Catch SIGINT and SIGTERM until dropped.
+    /// Catch SIGINT, SIGTERM and SIGHUP, and ignore SIGPIPE, until dropped.
     pub fn install() -> Self {
         REQUESTED.store(false, Ordering::SeqCst);
         #[cfg(unix)]
         {
             let mut previous = Vec::new();
-            for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: sigaction with a zeroed, then filled, struct.
+            unsafe {
+                let mut ignore: libc::sigaction = std::mem::zeroed();
+                ignore.sa_sigaction = libc::SIG_IGN;
+                libc::sigemptyset(&mut ignore.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGPIPE, &ignore, &mut old) == 0 {
+                    previous.push((libc::SIGPIPE, old));
+                }
+            }
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
                 // SAFETY: sigaction with zeroed, then filled, structs; the
                 // handler only stores to an atomic.
                 unsafe {
@@ -69,7 +93,14 @@ impl StopOnSignal {
                     }
                     let mut new: libc::sigaction = std::mem::zeroed();
                     new.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-                    new.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+                    // A second SIGHUP asks for nothing more: the kernel
+                    // may send a sweep's point several when the sweep dies
+                    // (one as each of its threads goes).
+                    new.sa_flags = if signal == libc::SIGHUP {
+                        libc::SA_RESTART
+                    } else {
+                        libc::SA_RESETHAND | libc::SA_RESTART
+                    };
                     libc::sigemptyset(&mut new.sa_mask);
                     if libc::sigaction(signal, &new, std::ptr::null_mut()) == 0 {
                         previous.push((signal, old));

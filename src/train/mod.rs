@@ -32,7 +32,7 @@ use crate::checkpoint::TrainState;
 use crate::config::{NonFinitePolicy, RunConfig};
 use crate::data::ranks::RankStream;
 use crate::dist::{Collective, ExpertParallel, Single, World};
-use crate::metrics::console::{format_secs, Progress};
+use crate::metrics::console::{self, format_secs, Progress};
 use crate::metrics::domains::write_maps;
 use crate::metrics::tensorboard::text;
 use crate::metrics::tensorboard::EventWriter;
@@ -159,17 +159,28 @@ impl<'c> Trainer<'c> {
                 }
             }
             self.log(&report)?;
+            if signals.is_some()
+                && self
+                    .sinks
+                    .as_ref()
+                    .is_some_and(|s| s.progress.output_lost())
+            {
+                // stdout's reader is gone: stop after the next step, as
+                // for a signal.
+                interrupt::request();
+            }
             if self.checkpoint_due() {
                 self.save_checkpoint()?;
             }
         }
-        drop(signals);
-        if interrupted {
+        let outcome = if interrupted {
             let stopped = interrupt::stopped(self.state.step, self.cfg.train.steps, &self.run_dir);
-            self.finish()?;
-            return Err(stopped);
-        }
-        self.finish()
+            self.finish().and(Err(stopped))
+        } else {
+            self.finish()
+        };
+        drop(signals);
+        outcome
     }
 
     fn model(&self) -> &LanguageModel {
@@ -359,7 +370,7 @@ impl<'c> Trainer<'c> {
             s.tb.write_hparams_end(true)?;
         }
         let skipped = self.train_stream.bad_records_skipped();
-        println!(
+        console::say(&format!(
             "done: {} steps in {} | final loss {:.4}{}{}{}",
             self.state.step - self.first_step,
             format_secs(self.started.elapsed().as_secs_f64()),
@@ -377,8 +388,11 @@ impl<'c> Trainer<'c> {
             } else {
                 String::new()
             },
-        );
-        println!("logs: tensorboard --logdir {}", self.runs_dir.display());
+        ));
+        console::say(&format!(
+            "logs: tensorboard --logdir {}",
+            self.runs_dir.display()
+        ));
         Ok(RunOutcome {
             run_dir: self.run_dir,
             final_step: self.state.step,
