@@ -190,6 +190,56 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
     }
 }
 
+/// A run whose stdout reader goes away (`switchyard train | head`) stops
+/// after its next step with a checkpoint, instead of dying on SIGPIPE.
+#[test]
+fn a_closed_output_pipe_stops_the_run_with_a_checkpoint() {
+    let dir = common::scratch("interrupt", "pipe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("long.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let runs = dir.join("runs");
+    let mut cmd = switchyard();
+    cmd.args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--runs-dir")
+        .arg(&runs)
+        .args(["--name", "pipe"])
+        .env("RAYON_NUM_THREADS", "1");
+    let mut running = Running::start(&mut cmd);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 3 && running.stdout.read_line(&mut line).unwrap() > 0 {
+        seen = step_of(&line).unwrap_or(seen);
+        line.clear();
+    }
+    assert!(seen >= 3, "the run printed no step");
+    // Close the read end, as `head` does when it has its lines.
+    let Running {
+        mut child,
+        stdout,
+        done,
+    } = running;
+    drop(stdout);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    done.store(true, Ordering::SeqCst);
+    assert_eq!(status.code(), Some(1), "{status:?}\n{err}");
+    let saved = checkpoints(&runs.join("pipe"));
+    assert_eq!(saved.len(), 1, "{saved:?}\n{err}");
+    assert!(saved[0] > seen, "{saved:?} after {seen}");
+    assert!(
+        err.contains(&format!("stopped after step {} of 1000000", saved[0])),
+        "{err}"
+    );
+}
+
 /// The step numbers of the JSON progress lines a sweep point logged.
 fn logged_steps(train_log: &Path) -> Vec<u64> {
     std::fs::read_to_string(train_log)

@@ -17,10 +17,11 @@
 //! SIGHUP (the terminal closed, or the sweep that started the run died)
 //! stops the run the same way, however often it comes.
 //!
-//! For the same length SIGPIPE is ignored, and the console asks for a stop
-//! when its output pipe has closed (`switchyard train | tee log` with the
-//! `tee` gone, or a sweep killed under its points): the run checkpoints its
-//! step and ends instead of dying at its next line of output.
+//! A training process also ignores SIGPIPE from its first step on, and the
+//! console asks for a stop when its output pipe has closed (`switchyard
+//! train | tee log` with the `tee` gone, or a sweep killed under its
+//! points): the run checkpoints its step and ends instead of dying at its
+//! next line of output.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,18 @@ pub fn requested() -> bool {
 /// does (the console, when its output has nowhere to go).
 pub fn request() {
     REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Ignore SIGPIPE for the rest of the process, so that a write to a closed
+/// pipe fails instead of killing it. A training process writes its lines
+/// through the console, which notices the failure, and ends with its error
+/// through `main`'s return, which ignores one.
+pub fn survive_closed_output() {
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 }
 
 /// The error a run stopped by a signal ends with: where it stopped, and
@@ -65,22 +78,12 @@ extern "C" fn on_signal(_signal: libc::c_int) {
 }
 
 impl StopOnSignal {
-    /// Catch SIGINT, SIGTERM and SIGHUP, and ignore SIGPIPE, until dropped.
+    /// Catch SIGINT, SIGTERM and SIGHUP until dropped.
     pub fn install() -> Self {
         REQUESTED.store(false, Ordering::SeqCst);
         #[cfg(unix)]
         {
             let mut previous = Vec::new();
-            // SAFETY: sigaction with a zeroed, then filled, struct.
-            unsafe {
-                let mut ignore: libc::sigaction = std::mem::zeroed();
-                ignore.sa_sigaction = libc::SIG_IGN;
-                libc::sigemptyset(&mut ignore.sa_mask);
-                let mut old: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(libc::SIGPIPE, &ignore, &mut old) == 0 {
-                    previous.push((libc::SIGPIPE, old));
-                }
-            }
             for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
                 // SAFETY: sigaction with zeroed, then filled, structs; the
                 // handler only stores to an atomic.

@@ -134,6 +134,9 @@ impl<'c> Trainer<'c> {
     /// Train to the last step of this invocation.
     pub fn run(mut self) -> Result<RunOutcome> {
         let signals = (self.world.size == 1).then(interrupt::StopOnSignal::install);
+        if signals.is_some() {
+            interrupt::survive_closed_output();
+        }
         let mut interrupted = false;
         while self.state.step < self.stop_at {
             let mut report = self.train_one_step()?;
