@@ -17,6 +17,7 @@
 
 mod halving;
 pub mod plots;
+mod points;
 pub mod run;
 pub mod summary;
 
