@@ -227,50 +227,6 @@ fn bf16_on_wgpu_is_refused_with_the_setting_to_change() {
     check_precision(&Device::flex(), "flex", Precision::Bf16).unwrap();
 }
 
-/// A machine where wgpu finds no adapter (here: every Vulkan and EGL
-/// driver hidden from the loaders) gets a clean error naming what to
-/// install, before anything starts, not a panic on the backend's device
-/// thread; and a device index, which wgpu does not take, is refused.
-#[test]
-fn wgpu_without_an_adapter_or_with_an_index_is_refused_cleanly() {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = common::Scratch::new("gpu-noadapter", "runs");
-    let train = |device: &str, hide_drivers: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        cmd.args(["train", "--device", device, "--config"])
-            .arg(root.join("configs/tiny.toml"))
-            .arg("--runs-dir")
-            .arg(dir.as_os_str())
-            .env_remove("RUST_BACKTRACE");
-        if hide_drivers {
-            for var in [
-                "VK_ICD_FILENAMES",
-                "VK_DRIVER_FILES",
-                "__EGL_VENDOR_LIBRARY_FILENAMES",
-                "__EGL_VENDOR_LIBRARY_DIRS",
-            ] {
-                cmd.env(var, "/nonexistent");
-            }
-        }
-        let out = cmd.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{device}: {err}");
-        assert!(!err.contains("panicked"), "{device}: {err}");
-        err
-    };
-    let err = train("wgpu", true);
-    assert!(
-        err.contains("found no graphics adapter") && err.contains("mesa-vulkan-drivers"),
-        "{err}"
-    );
-    let err = train("wgpu:1", false);
-    assert!(err.contains("takes no index"), "{err}");
-    assert!(
-        std::fs::read_dir(&*dir).unwrap().next().is_none(),
-        "a run was started"
-    );
-}
-
 /// On a GPU backend the bench reads the device allocator: what it reserves
 /// must hold at least the f32 weights and AdamW's two moments, all resident
 /// on the device after a step. The CPU backend has no pools and reports none.
@@ -368,6 +324,12 @@ mod common;
 
 #[path = "gpu_path/kernels.rs"]
 mod kernels;
+
+#[path = "gpu_path/head.rs"]
+mod head;
+
+#[path = "gpu_path/refusals.rs"]
+mod refusals;
 
 #[path = "gpu_path/half.rs"]
 mod half;

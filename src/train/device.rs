@@ -63,6 +63,20 @@ fn check_wgpu() -> Result<()> {
     Ok(())
 }
 
+/// The most device `spec` allocates in one buffer, where the backend
+/// states a limit that a model could reach: wgpu's, the adapter's
+/// storage-buffer binding size (CubeCL's largest memory page). None on the
+/// CPU and on CUDA, whose single allocations go to the card's memory.
+pub fn max_buffer_bytes(spec: &str) -> Option<u64> {
+    #[cfg(feature = "wgpu")]
+    if spec == "wgpu" {
+        let device = cubecl::Device::wgpu(Default::default()).ok()?;
+        return Some(device.client().properties().memory.max_page_size);
+    }
+    let _ = spec;
+    None
+}
+
 /// Refuse `--device cuda[:N]` with the reason, where the CUDA backend
 /// would otherwise panic on its device thread at the first tensor: no
 /// NVIDIA driver library, no NVRTC (which compiles the kernels) or no

@@ -13,6 +13,7 @@
 //! still identical.
 
 mod device;
+mod device_limits;
 pub mod eval;
 pub mod interrupt;
 mod memory;
@@ -25,7 +26,8 @@ mod setup;
 mod start;
 pub mod step;
 
-pub use device::{check_precision, parse_device};
+pub use device::{check_precision, max_buffer_bytes, parse_device};
+pub use device_limits::check_largest_tensor;
 pub use memory::{check_host_memory, step_memory_floor};
 
 use crate::checkpoint::TrainState;

@@ -7,13 +7,13 @@
 //! place into the loss gradient `(softmax − onehot) · weight` while writing
 //! each row's loss, and two matmuls for its share of the gradients. The
 //! matmuls are the backend's own (CubeCL's matmul, autotuned); the kernel
-//! is one unit per row.
+//! is one cube per row, its units sharing the row's vocabulary.
 //!
 //! x and the weight may be f32, f16 or bf16 (the logits and the gradients
 //! then are too); the row kernel computes in f32, the losses, the row
 //! weights and the weight gradient's sum over chunks are f32.
 
-use super::{empty_f32_like, launch_elementwise};
+use super::empty_f32_like;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::Slice;
@@ -27,9 +27,23 @@ use cubecl::prelude::*;
 /// The logits a chunk holds at most: 2^22 (16 MiB in f32).
 const CHUNK_LOGITS: usize = 1 << 22;
 
+/// Units per cube of [`rows_kernel`] at vocabulary `v`: one cube per row,
+/// the units striding over the vocabulary together; no more units than a
+/// small vocabulary can use (at least a warp's 32).
+fn row_block(v: usize) -> usize {
+    v.next_power_of_two().clamp(32, 256)
+}
+/// The most cubes one dimension of a launch may hold on every backend.
+const MAX_CUBES_PER_DIM: usize = 65_535;
+
 /// Rows `row0..row0 + n` of the cross-entropy: each row's loss
 /// `logsumexp(logits) − logits[target]`, and with `grad` the logits
 /// replaced by their gradient `(softmax − onehot(target)) · weights[row]`.
+///
+/// One cube per row (cubes laid out over x and then y, for more rows than
+/// one dimension holds). Each unit takes every `block`-th logit of the row;
+/// the row's maximum and sum of exponentials are the units' shares added up
+/// in shared memory, so a unit loops over `V / block` values, not `V`.
 #[cube(launch)]
 fn rows_kernel<F: Float, I: Numeric>(
     logits: &mut Tensor<F>,
@@ -37,38 +51,72 @@ fn rows_kernel<F: Float, I: Numeric>(
     weights: &Tensor<f32>,
     loss: &mut Tensor<f32>,
     row0: u32,
+    #[comptime] block: usize,
     #[comptime] grad: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let n = logits.shape(0);
     let v = logits.shape(1);
-    let r = ABSOLUTE_POS;
-    if r >= n {
-        terminate!();
-    }
-    let base = r * v;
-    let mut m = f32::cast_from(logits[base]);
-    for c in 1..v {
-        let x = f32::cast_from(logits[base + c]);
-        if x > m {
-            m = x;
+    let r = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let u = UNIT_POS_X as usize;
+    let mut shares = Shared::<[f32]>::new_slice(block);
+    let mut row_stats = Shared::<[f32]>::new_slice(2usize);
+    // `r` is the same for every unit of a cube, so the barriers below are
+    // reached by all of a cube's units or by none.
+    if r < n {
+        let base = r * v;
+        let mut m = f32::cast_from(logits[base]);
+        let mut c = u;
+        while c < v {
+            let x = f32::cast_from(logits[base + c]);
+            if x > m {
+                m = x;
+            }
+            c += block;
         }
-    }
-    let mut sum = f32::new(0.0);
-    for c in 0..v {
-        sum += (f32::cast_from(logits[base + c]) - m).exp();
-    }
-    let lse = m + sum.ln();
-    let row = r + row0 as usize;
-    let t = u32::cast_from(targets[row]) as usize;
-    let target = f32::cast_from(logits[base + t]);
-    loss[row] = lse - target;
-    if grad {
-        let w = weights[row];
-        for c in 0..v {
-            logits[base + c] = F::cast_from((f32::cast_from(logits[base + c]) - lse).exp() * w);
+        shares[u] = m;
+        sync_cube();
+        if u == 0 {
+            let mut top = shares[0];
+            for j in 1..block {
+                if shares[j] > top {
+                    top = shares[j];
+                }
+            }
+            row_stats[0] = top;
         }
-        logits[base + t] = F::cast_from((target - lse).exp() * w - w);
+        sync_cube();
+        let top = row_stats[0];
+        let mut sum = f32::new(0.0);
+        let mut c = u;
+        while c < v {
+            sum += (f32::cast_from(logits[base + c]) - top).exp();
+            c += block;
+        }
+        shares[u] = sum;
+        sync_cube();
+        let row = r + row0 as usize;
+        let t = u32::cast_from(targets[row]) as usize;
+        if u == 0 {
+            let mut total = f32::new(0.0);
+            for j in 0..block {
+                total += shares[j];
+            }
+            let lse = top + total.ln();
+            row_stats[1] = lse;
+            loss[row] = lse - f32::cast_from(logits[base + t]);
+        }
+        sync_cube();
+        if grad {
+            let lse = row_stats[1];
+            let w = weights[row];
+            let mut c = u;
+            while c < v {
+                let p = (f32::cast_from(logits[base + c]) - lse).exp() * w;
+                logits[base + c] = F::cast_from(if c == t { p - w } else { p });
+                c += block;
+            }
+        }
     }
 }
 
@@ -85,17 +133,20 @@ fn launch_rows(
     row0: usize,
     grad: bool,
 ) {
-    let rows = logits.meta.shape().dims::<2>()[0];
-    let (count, dim) = launch_elementwise(logits, rows);
+    let [rows, v] = logits.meta.shape().dims::<2>();
+    let rows = rows.max(1);
+    let block = row_block(v);
+    let x = rows.min(MAX_CUBES_PER_DIM);
     rows_kernel::launch(
         &logits.client.clone(),
-        count,
-        dim,
+        CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1),
+        CubeDim::new_1d(block as u32),
         logits.clone().into_tensor_arg(),
         targets.clone().into_tensor_arg(),
         weights.clone().into_tensor_arg(),
         loss.clone().into_tensor_arg(),
         row0 as u32,
+        block,
         grad,
         [
             dtype_to_storage_type(logits.dtype),
