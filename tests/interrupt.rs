@@ -132,12 +132,38 @@ fn checkpoints(run: &Path) -> Vec<u64> {
     list.into_iter().map(|(step, _)| step).collect()
 }
 
+/// `switchyard train` of the endless run, its config written in `dir`, its
+/// run directory `dir/runs/{name}`, on one thread.
+fn endless_train(dir: &Path, name: &str) -> Command {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("long.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let mut cmd = switchyard();
+    cmd.args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--runs-dir")
+        .arg(dir.join("runs"))
+        .args(["--name", name])
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// Read a run's progress lines until it has printed step 3 or more; the
+/// last step read.
+fn wait_for_steps(running: &mut Running) -> u64 {
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 3 && running.stdout.read_line(&mut line).unwrap() > 0 {
+        seen = step_of(&line).unwrap_or(seen);
+        line.clear();
+    }
+    assert!(seen >= 3, "the run printed no step");
+    seen
+}
+
 #[test]
 fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
     let dir = common::scratch("interrupt", "run");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("long.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
     let runs = dir.join("runs");
     for (signal, name) in [
         (libc::SIGINT, "int"),
@@ -145,25 +171,13 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
         (libc::SIGHUP, "hup"),
     ] {
         let train = |extra: &[&str]| {
-            let mut cmd = switchyard();
-            cmd.args(["train", "--config"])
-                .arg(&cfg)
-                .arg("--runs-dir")
-                .arg(&runs)
-                .args(["--name", name])
-                .args(extra)
-                .env("RAYON_NUM_THREADS", "1");
+            let mut cmd = endless_train(&dir, name);
+            cmd.args(extra);
             cmd
         };
         let mut running = Running::start(&mut train(&[]));
         // Signal once the run has made a few steps.
-        let mut seen = 0;
-        let mut line = String::new();
-        while seen < 3 && running.stdout.read_line(&mut line).unwrap() > 0 {
-            seen = step_of(&line).unwrap_or(seen);
-            line.clear();
-        }
-        assert!(seen >= 3, "the run printed no step");
+        let seen = wait_for_steps(&mut running);
         let (status, out, err) = running.stop(signal);
         // An error exit, not death by the signal.
         assert_eq!(status.code(), Some(1), "{name}: {status:?}\n{err}");
@@ -195,25 +209,8 @@ fn a_signal_stops_the_run_with_a_checkpoint_that_resumes() {
 #[test]
 fn a_closed_output_pipe_stops_the_run_with_a_checkpoint() {
     let dir = common::scratch("interrupt", "pipe");
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("long.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let runs = dir.join("runs");
-    let mut cmd = switchyard();
-    cmd.args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--runs-dir")
-        .arg(&runs)
-        .args(["--name", "pipe"])
-        .env("RAYON_NUM_THREADS", "1");
-    let mut running = Running::start(&mut cmd);
-    let mut seen = 0;
-    let mut line = String::new();
-    while seen < 3 && running.stdout.read_line(&mut line).unwrap() > 0 {
-        seen = step_of(&line).unwrap_or(seen);
-        line.clear();
-    }
-    assert!(seen >= 3, "the run printed no step");
+    let mut running = Running::start(&mut endless_train(&dir, "pipe"));
+    let seen = wait_for_steps(&mut running);
     // Close the read end, as `head` does when it has its lines.
     let Running {
         mut child,
@@ -231,7 +228,7 @@ fn a_closed_output_pipe_stops_the_run_with_a_checkpoint() {
     let status = child.wait().unwrap();
     done.store(true, Ordering::SeqCst);
     assert_eq!(status.code(), Some(1), "{status:?}\n{err}");
-    let saved = checkpoints(&runs.join("pipe"));
+    let saved = checkpoints(&dir.join("runs").join("pipe"));
     assert_eq!(saved.len(), 1, "{saved:?}\n{err}");
     assert!(saved[0] > seen, "{saved:?} after {seen}");
     assert!(

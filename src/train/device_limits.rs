@@ -137,21 +137,7 @@ mod tests {
     /// 4 bytes = 32 MiB.
     #[test]
     fn the_largest_tensor_of_a_tiny_run_by_hand() {
-        let mut cfg = RunConfig::default();
-        cfg.model.vocab_size = 4096;
-        cfg.model.d_model = 128;
-        cfg.model.n_heads = 4;
-        cfg.model.head_dim = None;
-        cfg.model.seq_len = 128;
-        cfg.moe.num_experts = 8;
-        cfg.moe.top_k = 2;
-        cfg.moe.d_expert = 128;
-        cfg.moe.num_shared_experts = 0;
-        cfg.moe.layers = None;
-        cfg.moe.first_k_dense = 0;
-        cfg.moe.every_n_layers = 1;
-        cfg.train.batch_size = 16;
-        cfg.train.gpu_kernels = true;
+        let mut cfg = crate::train::memory::tiny_by_hand();
         let max = |cfg: &RunConfig| large_tensors(cfg).iter().map(BigTensor::bytes).max();
         // Expert activations: 16 × 128 × 2 rows of 128: 2 MiB, as the embedding.
         assert_eq!(max(&cfg), Some(2 << 20));

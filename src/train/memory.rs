@@ -88,6 +88,33 @@ pub fn check_host_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> 
     Ok((need > available).then(|| format!("warning: {what}; {} is free now", gib(available))))
 }
 
+/// `configs/tiny.toml`'s shape, set key by key so that unit tests can work
+/// its sizes by hand: vocabulary 4,096, width 128, 4 layers of 4 query and
+/// 2 key/value heads, sequence 128, batch 16, 8 experts of 128, top-2, in
+/// every block, no shared expert, an untied head.
+#[cfg(test)]
+pub(crate) fn tiny_by_hand() -> RunConfig {
+    let mut cfg = RunConfig::default();
+    cfg.model.vocab_size = 4096;
+    cfg.model.d_model = 128;
+    cfg.model.n_layers = 4;
+    cfg.model.n_heads = 4;
+    cfg.model.n_kv_heads = 2;
+    cfg.model.head_dim = None;
+    cfg.model.tie_embeddings = false;
+    cfg.model.seq_len = 128;
+    cfg.moe.num_experts = 8;
+    cfg.moe.d_expert = 128;
+    cfg.moe.num_shared_experts = 0;
+    cfg.moe.layers = None;
+    cfg.moe.first_k_dense = 0;
+    cfg.moe.every_n_layers = 1;
+    cfg.train.batch_size = 16;
+    cfg.moe.top_k = 2;
+    cfg.train.gpu_kernels = true;
+    cfg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,22 +127,7 @@ mod tests {
     /// Attention: 4 layers × 16 rows × 4 heads × 128² probabilities.
     #[test]
     fn the_memory_floor_of_the_tiny_config() {
-        let mut cfg = RunConfig::default();
-        cfg.model.vocab_size = 4096;
-        cfg.model.d_model = 128;
-        cfg.model.n_layers = 4;
-        cfg.model.n_heads = 4;
-        cfg.model.n_kv_heads = 2;
-        cfg.model.head_dim = None;
-        cfg.model.tie_embeddings = false;
-        cfg.model.seq_len = 128;
-        cfg.moe.num_experts = 8;
-        cfg.moe.d_expert = 128;
-        cfg.moe.num_shared_experts = 0;
-        cfg.moe.layers = None;
-        cfg.moe.first_k_dense = 0;
-        cfg.moe.every_n_layers = 1;
-        cfg.train.batch_size = 16;
+        let cfg = tiny_by_hand();
         let (weights, attention) = step_memory_floor(&cfg);
         let per_layer = 2.0 * 16_384.0 + 2.0 * 8_192.0 + 8.0 * 3.0 * 16_384.0;
         assert_eq!(weights, 16.0 * (2.0 * 524_288.0 + 4.0 * per_layer)); // 40.8 MiB
