@@ -108,10 +108,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let cfg = RunConfig::load(&opts.config, &opts.overrides)?;
     let base = crate::train::parse_device(&opts.device)?;
     crate::train::check_precision(&base, &opts.device, cfg.train.precision)?;
-    if let Some(max) = crate::train::max_buffer_bytes(&opts.device) {
-        crate::train::check_largest_tensor(&opts.device, &cfg, max)?;
-    }
-    if let Some(warning) = crate::train::check_host_memory(&opts.device, &cfg)? {
+    if let Some(warning) = crate::train::check_memory(&opts.device, &cfg)? {
         eprintln!("{warning}");
     }
     crate::kernels::use_gpu_kernels(cfg.train.gpu_kernels);

@@ -26,9 +26,8 @@ mod setup;
 mod start;
 pub mod step;
 
-pub use device::{check_precision, max_buffer_bytes, parse_device};
-pub use device_limits::check_largest_tensor;
-pub use memory::{check_host_memory, step_memory_floor};
+pub use device::{check_precision, parse_device};
+pub use memory::{check_memory, step_memory_floor};
 
 use crate::checkpoint::TrainState;
 use crate::config::{NonFinitePolicy, RunConfig};

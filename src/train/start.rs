@@ -3,9 +3,8 @@
 //! rank's experts under expert parallelism) → tokenizer → this rank's data
 //! stream → sinks (rank 0).
 
-use super::device::{check_precision, max_buffer_bytes, parse_device};
-use super::device_limits::check_largest_tensor;
-use super::memory::check_host_memory;
+use super::device::{check_precision, parse_device};
+use super::memory::check_memory;
 use super::optim::AdamW;
 use super::parallel;
 use super::setup::{hparams, init_from, resume_point, stream_options};
@@ -218,13 +217,9 @@ impl<'c> Trainer<'c> {
     }
 }
 
-/// [`check_host_memory`], its warning printed by the writing rank, and on
-/// a GPU the largest tensor against the device's largest buffer.
+/// [`check_memory`], its warning printed by the writing rank.
 fn warn_memory(spec: &str, cfg: &RunConfig, writer: bool) -> Result<()> {
-    if let Some(max) = max_buffer_bytes(spec) {
-        check_largest_tensor(spec, cfg, max)?;
-    }
-    if let Some(warning) = check_host_memory(spec, cfg)? {
+    if let Some(warning) = check_memory(spec, cfg)? {
         if writer {
             eprintln!("{warning}");
         }
