@@ -5,6 +5,7 @@
 //! 128 MiB on some drivers (Mesa's llvmpipe among them), so a vocabulary
 //! or an expert stack that fits any CUDA card can be refused there.
 
+use super::memory::gib;
 use crate::config::RunConfig;
 use anyhow::{bail, Result};
 
@@ -96,10 +97,6 @@ pub fn large_tensors(cfg: &RunConfig) -> Vec<BigTensor> {
     out
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
 /// Refuse a run whose largest tensor is over `max_bytes`, the most device
 /// `spec` allocates in one piece, naming the tensor and the keys to lower.
 pub fn check_largest_tensor(spec: &str, cfg: &RunConfig, max_bytes: u64) -> Result<()> {
@@ -111,18 +108,13 @@ pub fn check_largest_tensor(spec: &str, cfg: &RunConfig, max_bytes: u64) -> Resu
         let shape: Vec<String> = big.shape.iter().map(|d| d.to_string()).collect();
         bail!(
             "device `{spec}` allocates at most {} in one buffer, and {} ([{}], f32) takes {}: \
-             lower {}{}",
-            mib(max_bytes),
+             lower {} (on wgpu the limit is the adapter's storage-buffer binding size; \
+             --device cuda or flex has none this low)",
+            gib(max_bytes as f64),
             big.what,
             shape.join(", "),
-            mib(big.bytes()),
+            gib(big.bytes() as f64),
             big.keys,
-            if spec.starts_with("wgpu") {
-                " (on wgpu the limit is the adapter's storage-buffer binding size; \
-                 --device cuda or flex has none this low)"
-            } else {
-                ""
-            }
         );
     }
     Ok(())

@@ -47,7 +47,8 @@ fn host_memory() -> Option<(f64, f64)> {
     Some((total, field("MemAvailable:").unwrap_or(total)))
 }
 
-fn gib(bytes: f64) -> String {
+/// A byte count for people: MiB under a GiB, GiB above.
+pub(super) fn gib(bytes: f64) -> String {
     let mib = bytes / (1u64 << 20) as f64;
     if mib < 1024.0 {
         format!("{mib:.0} MiB")
