@@ -22,6 +22,7 @@ use burn::tensor::{DType, FloatDType};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
+use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::*;
 
 /// The logits a chunk holds at most: 2^22 (16 MiB in f32).
@@ -33,15 +34,12 @@ const CHUNK_LOGITS: usize = 1 << 22;
 fn row_block(v: usize) -> usize {
     v.next_power_of_two().clamp(32, 256)
 }
-/// The most cubes one dimension of a launch may hold on every backend.
-const MAX_CUBES_PER_DIM: usize = 65_535;
-
 /// Rows `row0..row0 + n` of the cross-entropy: each row's loss
 /// `logsumexp(logits) − logits[target]`, and with `grad` the logits
 /// replaced by their gradient `(softmax − onehot(target)) · weights[row]`.
 ///
-/// One cube per row (cubes laid out over x and then y, for more rows than
-/// one dimension holds). Each unit takes every `block`-th logit of the row;
+/// One cube per row (spread over the launch's dimensions, for more rows
+/// than one holds). Each unit takes every `block`-th logit of the row;
 /// the row's maximum and sum of exponentials are the units' shares added up
 /// in shared memory, so a unit loops over `V / block` values, not `V`.
 #[cube(launch)]
@@ -57,7 +55,7 @@ fn rows_kernel<F: Float, I: Numeric>(
 ) {
     let n = logits.shape(0);
     let v = logits.shape(1);
-    let r = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
+    let r = CUBE_POS;
     let u = UNIT_POS_X as usize;
     let mut shares = Shared::<[f32]>::new_slice(block);
     let mut row_stats = Shared::<[f32]>::new_slice(2usize);
@@ -136,11 +134,11 @@ fn launch_rows(
     let [rows, v] = logits.meta.shape().dims::<2>();
     let rows = rows.max(1);
     let block = row_block(v);
-    let x = rows.min(MAX_CUBES_PER_DIM);
+    let dim = CubeDim::new_1d(block as u32);
     rows_kernel::launch(
         &logits.client.clone(),
-        CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1),
-        CubeDim::new_1d(block as u32),
+        calculate_cube_count_elemwise(&logits.client, rows * block, dim),
+        dim,
         logits.clone().into_tensor_arg(),
         targets.clone().into_tensor_arg(),
         weights.clone().into_tensor_arg(),
