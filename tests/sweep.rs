@@ -1,5 +1,6 @@
 //! `switchyard sweep` end to end: a 2×2 grid with 2 jobs, the summary against
-//! each run's metrics, the plots, resume, a failing point, and halving.
+//! each run's metrics, the plots, resume, a failing point, halving, and
+//! variants compared across seeds.
 
 mod common;
 
@@ -159,6 +160,76 @@ fn grid_sweep_runs_summarises_plots_and_resumes() {
     );
     let redone = again.rows.iter().find(|r| r.id == "aux=0.1,cf=2").unwrap();
     assert_eq!((redone.status.clone(), redone.steps), (Status::Finished, 4));
+}
+
+/// With seeds, the summary adds one row per variant: its mean final eval
+/// loss over the seeds and, seed by seed, its difference from the first
+/// variant, each worked here from the runs' own metrics.jsonl.
+#[test]
+fn seeded_sweeps_compare_variants_across_seeds() {
+    let dir = scratch("seeds");
+    let file = setup(
+        &dir,
+        "name = \"seeded\"\nseeds = [3, 4]\n[set]\n\"train.steps\" = 3\n\"train.eval_every\" = 3\n[[points]]\n\"moe.num_experts\" = 0\n\"model.d_ff\" = 64\n[[points]]\n\"moe.num_experts\" = 4\n",
+    );
+    let out = run_sweep(&options(&dir, &file, Search::Grid, false)).unwrap();
+    let loss = |id: &str| *jsonl_eval_losses(&out.dir.join(id)).last().unwrap();
+    let dense = [loss("E=0,d_ff=64,seed=3"), loss("E=0,d_ff=64,seed=4")];
+    let moe = [loss("E=4,seed=3"), loss("E=4,seed=4")];
+    let mean = |v: [f64; 2]| (v[0] + v[1]) / 2.0;
+    let diffs = [moe[0] - dense[0], moe[1] - dense[1]];
+    let sd = |v: [f64; 2]| (v[0] - v[1]).abs() / std::f64::consts::SQRT_2;
+    let lower = diffs.iter().filter(|d| **d < 0.0).count();
+    let (first, second) = if mean(moe) < mean(dense) {
+        ("num_experts=4", "num_experts=0,d_ff=64")
+    } else {
+        ("num_experts=0,d_ff=64", "num_experts=4")
+    };
+
+    let md = std::fs::read_to_string(out.dir.join("summary.md")).unwrap();
+    let section = md
+        .split("## Across seeds")
+        .nth(1)
+        .expect("no seeds section");
+    let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(rows.len(), 3, "{section}");
+    assert!(
+        rows[1].starts_with(&format!("| 1 | {first} | 2 |")),
+        "{section}"
+    );
+    assert!(
+        rows[2].starts_with(&format!("| 2 | {second} | 2 |")),
+        "{section}"
+    );
+    let moe_row = rows
+        .iter()
+        .find(|r| r.contains("| num_experts=4 |"))
+        .unwrap();
+    let want = format!(
+        "| {:.4} | {:.4} | {:+.4} | {:.4} | {lower} of 2 |",
+        mean(moe),
+        sd(moe),
+        mean(diffs),
+        sd(diffs)
+    );
+    assert!(
+        moe_row.ends_with(&want),
+        "{moe_row} does not end with {want}"
+    );
+    let dense_row = rows
+        .iter()
+        .find(|r| r.contains("| num_experts=0,d_ff=64 |"))
+        .unwrap();
+    assert!(
+        dense_row.ends_with(&format!(
+            "| {:.4} | {:.4} | (first) |  |  |",
+            mean(dense),
+            sd(dense)
+        )),
+        "{dense_row}"
+    );
+    let csv = std::fs::read_to_string(out.dir.join("summary_seeds.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
 }
 
 #[test]

@@ -19,6 +19,7 @@ mod halving;
 pub mod plots;
 mod points;
 pub mod run;
+pub mod seeds;
 pub mod summary;
 
 use crate::config::RunConfig;

@@ -209,8 +209,15 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Write `summary.csv` and `summary.md` (rows already ranked).
-pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
+/// Write `summary.csv` and `summary.md` (rows already ranked), and with
+/// several seeds per variant `summary_seeds.csv` and the markdown's
+/// "Across seeds" section (`variants` from [`super::seeds::across_seeds`]).
+pub fn write(
+    dir: &Path,
+    axes: &[String],
+    rows: &[PointResult],
+    variants: &[super::seeds::Variant],
+) -> Result<()> {
     let header = [
         vec!["rank".to_string(), "point".into()],
         axes.to_vec(),
@@ -299,7 +306,12 @@ pub fn write(dir: &Path, axes: &[String], rows: &[PointResult]) -> Result<()> {
         ),
         None => "# Sweep summary\n\nNo point produced an evaluation loss.\n\n".into(),
     };
+    let mut md = title + &md;
+    if !variants.is_empty() {
+        md += &format!("\n{}", super::seeds::markdown(variants));
+        std::fs::write(dir.join("summary_seeds.csv"), super::seeds::csv(variants))?;
+    }
     std::fs::write(dir.join("summary.csv"), csv)?;
-    std::fs::write(dir.join("summary.md"), title + &md)?;
+    std::fs::write(dir.join("summary.md"), md)?;
     Ok(())
 }

@@ -164,7 +164,8 @@ fn axis_value(r: &PointResult, axis: &str) -> String {
 }
 
 /// A name for the point's values on every axis but the one plotted.
-fn group_name(r: &PointResult, skip: &str) -> String {
+/// A point's swept values without `skip`: the name of its variant.
+pub(super) fn group_name(r: &PointResult, skip: &str) -> String {
     r.values
         .iter()
         .filter(|(k, _)| k != skip)
