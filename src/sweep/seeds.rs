@@ -179,26 +179,16 @@ mod tests {
 
     fn run(name_value: i64, seed: i64, loss: Option<f64>, status: Status) -> PointResult {
         PointResult {
-            id: format!("e={name_value},seed={seed}"),
-            values: vec![
-                ("moe.num_experts".into(), toml::Value::Integer(name_value)),
-                ("train.seed".into(), toml::Value::Integer(seed)),
-            ],
-            status,
             steps: 10,
             final_eval_loss: loss,
-            best_eval_loss: loss,
-            tokens_per_s: None,
-            mean_drop_rate: None,
-            mean_reroute_rate: None,
-            mean_max_over_mean: None,
-            worst_max_over_mean: None,
-            dead_experts: None,
-            revivals: 0,
-            mean_router_entropy: None,
-            collapse: false,
-            share_history: Vec::new(),
-            eval_history: Vec::new(),
+            ..PointResult::empty(
+                &format!("e={name_value},seed={seed}"),
+                vec![
+                    ("moe.num_experts".into(), toml::Value::Integer(name_value)),
+                    ("train.seed".into(), toml::Value::Integer(seed)),
+                ],
+                status,
+            )
         }
     }
 

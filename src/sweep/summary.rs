@@ -57,6 +57,31 @@ pub struct PointResult {
     pub eval_history: Vec<(u64, f64)>,
 }
 
+impl PointResult {
+    /// A point with no numbers yet (its run wrote no metrics).
+    pub fn empty(id: &str, values: Vec<(String, toml::Value)>, status: Status) -> Self {
+        Self {
+            id: id.into(),
+            values,
+            status,
+            steps: 0,
+            final_eval_loss: None,
+            best_eval_loss: None,
+            tokens_per_s: None,
+            mean_drop_rate: None,
+            mean_reroute_rate: None,
+            mean_max_over_mean: None,
+            worst_max_over_mean: None,
+            dead_experts: None,
+            revivals: 0,
+            mean_router_entropy: None,
+            collapse: false,
+            share_history: Vec::new(),
+            eval_history: Vec::new(),
+        }
+    }
+}
+
 fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
@@ -73,25 +98,7 @@ fn per_layer(rec: &serde_json::Map<String, Value>, suffix: &str) -> Vec<f64> {
 
 /// Summarise one run directory.
 pub fn read_point(point: &Point, run_dir: &Path, status: Status) -> Result<PointResult> {
-    let mut r = PointResult {
-        id: point.id.clone(),
-        values: point.values.clone(),
-        status,
-        steps: 0,
-        final_eval_loss: None,
-        best_eval_loss: None,
-        tokens_per_s: None,
-        mean_drop_rate: None,
-        mean_reroute_rate: None,
-        mean_max_over_mean: None,
-        worst_max_over_mean: None,
-        dead_experts: None,
-        revivals: 0,
-        mean_router_entropy: None,
-        collapse: false,
-        share_history: Vec::new(),
-        eval_history: Vec::new(),
-    };
+    let mut r = PointResult::empty(&point.id, point.values.clone(), status);
     let Ok(text) = std::fs::read_to_string(run_dir.join("metrics.jsonl")) else {
         return Ok(r);
     };

@@ -185,26 +185,18 @@ mod tests {
 
     fn point(id: &str, values: &[(&str, i64)], evals: &[(u64, f64)]) -> PointResult {
         PointResult {
-            id: id.into(),
-            values: values
-                .iter()
-                .map(|(k, v)| (k.to_string(), toml::Value::Integer(*v)))
-                .collect(),
-            status: Status::Finished,
             steps: 300,
             final_eval_loss: evals.last().map(|e| e.1),
-            best_eval_loss: None,
-            tokens_per_s: None,
-            mean_drop_rate: None,
-            mean_reroute_rate: None,
             mean_max_over_mean: Some(1.2),
-            worst_max_over_mean: None,
-            dead_experts: None,
-            revivals: 0,
-            mean_router_entropy: None,
-            collapse: false,
-            share_history: Vec::new(),
             eval_history: evals.to_vec(),
+            ..PointResult::empty(
+                id,
+                values
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), toml::Value::Integer(*v)))
+                    .collect(),
+                Status::Finished,
+            )
         }
     }
 
