@@ -367,8 +367,8 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<SweepOutcome> {
         rows.push(summary::read_point(p, &dir.join(&p.id), status)?);
     }
     let plots = super::plots::write_all(&dir, &sweep.axes, &rows)?;
-    let variants = super::seeds::across_seeds(&rows);
+    let across_seeds = super::seeds::write(&dir, &super::seeds::across_seeds(&rows))?;
     summary::rank(&mut rows);
-    summary::write(&dir, &sweep.axes, &rows, &variants)?;
+    summary::write(&dir, &sweep.axes, &rows, &across_seeds)?;
     Ok(SweepOutcome { dir, rows, plots })
 }

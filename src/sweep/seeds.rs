@@ -6,7 +6,9 @@
 //! seed read the same batches and draw every shared weight alike, so the
 //! paired difference is the sharper measure.
 
-use super::summary::{PointResult, Status};
+use super::summary::{num, PointResult, Status};
+use anyhow::Result;
+use std::path::Path;
 
 /// A mean, the sample standard deviation (none under two values) and the count.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,8 +103,14 @@ pub fn across_seeds(rows: &[PointResult]) -> Vec<Variant> {
         .collect()
 }
 
-fn num(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.4}")).unwrap_or_default()
+/// Write `summary_seeds.csv` into `dir` and return the markdown section for
+/// `summary.md`; neither when there is nothing to compare.
+pub fn write(dir: &Path, variants: &[Variant]) -> Result<String> {
+    if variants.is_empty() {
+        return Ok(String::new());
+    }
+    std::fs::write(dir.join("summary_seeds.csv"), csv(variants))?;
+    Ok(markdown(variants))
 }
 
 /// The variants ranked by mean final eval loss (unfinished last), as a

@@ -196,7 +196,8 @@ pub fn rank(rows: &mut [PointResult]) {
     });
 }
 
-fn num(v: Option<f64>) -> String {
+/// A loss or rate as the summaries print it: four decimals, blank for none.
+pub(super) fn num(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.4}")).unwrap_or_default()
 }
 
@@ -216,15 +217,9 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Write `summary.csv` and `summary.md` (rows already ranked), and with
-/// several seeds per variant `summary_seeds.csv` and the markdown's
-/// "Across seeds" section (`variants` from [`super::seeds::across_seeds`]).
-pub fn write(
-    dir: &Path,
-    axes: &[String],
-    rows: &[PointResult],
-    variants: &[super::seeds::Variant],
-) -> Result<()> {
+/// Write `summary.csv` and `summary.md` (rows already ranked), the
+/// markdown followed by `appendix` (the "Across seeds" section, or empty).
+pub fn write(dir: &Path, axes: &[String], rows: &[PointResult], appendix: &str) -> Result<()> {
     let header = [
         vec!["rank".to_string(), "point".into()],
         axes.to_vec(),
@@ -314,9 +309,8 @@ pub fn write(
         None => "# Sweep summary\n\nNo point produced an evaluation loss.\n\n".into(),
     };
     let mut md = title + &md;
-    if !variants.is_empty() {
-        md += &format!("\n{}", super::seeds::markdown(variants));
-        std::fs::write(dir.join("summary_seeds.csv"), super::seeds::csv(variants))?;
+    if !appendix.is_empty() {
+        md += &format!("\n{appendix}");
     }
     std::fs::write(dir.join("summary.csv"), csv)?;
     std::fs::write(dir.join("summary.md"), md)?;
