@@ -4,8 +4,10 @@
 //! as an error. wgpu's limit is the adapter's storage-buffer binding size,
 //! 128 MiB on some drivers (Mesa's llvmpipe among them), so a vocabulary
 //! or an expert stack that fits any CUDA card can be refused there.
+//! [`check_memory`] runs this check, then the host's (`memory.rs`).
 
-use super::memory::gib;
+use super::device::max_buffer_bytes;
+use super::memory::{check_host_memory, gib};
 use crate::config::RunConfig;
 use anyhow::{bail, Result};
 
@@ -95,6 +97,17 @@ pub fn large_tensors(cfg: &RunConfig) -> Vec<BigTensor> {
         });
     }
     out
+}
+
+/// Refuse, before anything is allocated, a run that cannot fit where it
+/// runs: on a GPU a tensor over the device's largest buffer
+/// ([`check_largest_tensor`]), on the CPU a step over this machine's memory
+/// ([`check_host_memory`]). Returns the host check's warning, if any.
+pub fn check_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> {
+    if let Some(max) = max_buffer_bytes(spec) {
+        check_largest_tensor(spec, cfg, max)?;
+    }
+    check_host_memory(spec, cfg)
 }
 
 /// Refuse a run whose largest tensor is over `max_bytes`, the most device

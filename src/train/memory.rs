@@ -1,8 +1,6 @@
 //! The host memory a CPU training step needs at least, checked against
 //! this machine's before anything is allocated.
 
-use super::device::max_buffer_bytes;
-use super::device_limits::check_largest_tensor;
 use crate::config::RunConfig;
 use anyhow::{bail, Result};
 
@@ -57,22 +55,11 @@ pub(super) fn gib(bytes: f64) -> String {
     }
 }
 
-/// Refuse, before anything is allocated, a run that cannot fit where it
-/// runs: on a GPU a tensor over the device's largest buffer
-/// ([`check_largest_tensor`]), on the CPU a step over this machine's memory
-/// ([`check_host_memory`]). Returns the host check's warning, if any.
-pub fn check_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> {
-    if let Some(max) = max_buffer_bytes(spec) {
-        check_largest_tensor(spec, cfg, max)?;
-    }
-    check_host_memory(spec, cfg)
-}
-
 /// Refuse, before anything is allocated, a run on the CPU backend whose
 /// step cannot fit in this machine's memory (an allocation that large
 /// would abort the process, not return an error); say so when it exceeds
 /// the memory free now. Returns the warning, if any.
-fn check_host_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> {
+pub(super) fn check_host_memory(spec: &str, cfg: &RunConfig) -> Result<Option<String>> {
     if spec != "flex" {
         return Ok(None);
     }

@@ -27,7 +27,8 @@ mod start;
 pub mod step;
 
 pub use device::{check_precision, parse_device};
-pub use memory::{check_memory, step_memory_floor};
+pub use device_limits::check_memory;
+pub use memory::step_memory_floor;
 
 use crate::checkpoint::TrainState;
 use crate::config::{NonFinitePolicy, RunConfig};

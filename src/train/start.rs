@@ -4,7 +4,7 @@
 //! stream → sinks (rank 0).
 
 use super::device::{check_precision, parse_device};
-use super::memory::check_memory;
+use super::device_limits::check_memory;
 use super::optim::AdamW;
 use super::parallel;
 use super::setup::{hparams, init_from, resume_point, stream_options};
