@@ -64,6 +64,13 @@ fn rel_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>() / scale
 }
 
+/// Assert that `a` is within 1e-5 of `b`, relative to `b`'s largest
+/// magnitude ([`rel_diff`]), naming what is compared and where.
+fn assert_close<const D: usize>(what: &str, a: Tensor<D>, b: Tensor<D>, at: &str) {
+    let d = rel_diff(a, b);
+    assert!(d < 1e-5, "{what} differs by {d} (relative) at {at}");
+}
+
 /// One configuration on both backends: the total loss and each of its
 /// terms, each layer's router logits and kept-token counts, and the
 /// gradients of one weight from every kind of module. Evaluation routing

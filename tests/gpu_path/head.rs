@@ -2,7 +2,7 @@
 //! the same device, and on the CPU at sizes where the device's own
 //! composed operations are not a reliable reference.
 
-use super::rel_diff;
+use super::assert_close;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Distribution, Int};
@@ -55,31 +55,28 @@ fn gpu_head_kernel_matches_composed_head_and_its_gradients() {
             .reshape([n])
             .neg();
         let want = (nll.clone() * weights).sum();
-        let d_loss = rel_diff(ours.clone(), want.clone());
-        assert!(d_loss < 1e-5, "loss differs by {d_loss} (relative) at {at}");
+        assert_close("loss", ours.clone(), want.clone(), &at);
         let rows = kernels::linear_cross_entropy_rows(
             x.clone().detach(),
             weight().detach(),
             targets.clone(),
         )
         .expect("the GPU serves the head");
-        let d_rows = rel_diff(rows, nll.detach());
-        assert!(
-            d_rows < 1e-5,
-            "row losses differ by {d_rows} (relative) at {at}"
-        );
+        assert_close("row losses", rows, nll.detach(), &at);
 
         let g1 = ours.mul_scalar(0.7).backward();
         let g2 = want.mul_scalar(0.7).backward();
-        let d_x = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-        assert!(
-            d_x < 1e-5,
-            "gradient of x differs by {d_x} (relative) at {at}"
+        assert_close(
+            "gradient of x",
+            x.grad(&g1).unwrap(),
+            x.grad(&g2).unwrap(),
+            &at,
         );
-        let d_w = rel_diff(leaf.grad(&g1).unwrap(), leaf.grad(&g2).unwrap());
-        assert!(
-            d_w < 1e-5,
-            "gradient of w differs by {d_w} (relative) at {at}"
+        assert_close(
+            "gradient of w",
+            leaf.grad(&g1).unwrap(),
+            leaf.grad(&g2).unwrap(),
+            &at,
         );
     }
 }
@@ -122,27 +119,24 @@ fn gpu_head_kernel_matches_the_cpu_at_a_wide_vocabulary_and_many_rows() {
         let (targets, weights) = on(&gpu);
         let ours = kernels::linear_cross_entropy(xg.clone(), wg.clone(), targets.clone(), weights)
             .expect("the GPU serves the head");
-        let d_loss = rel_diff(want.clone(), ours.clone());
-        assert!(d_loss < 1e-5, "loss differs by {d_loss} (relative) at {at}");
+        assert_close("loss", want.clone(), ours.clone(), &at);
         let rows =
             kernels::linear_cross_entropy_rows(xg.clone().detach(), wg.clone().detach(), targets)
                 .expect("the GPU serves the head");
-        let d_rows = rel_diff(nll.detach(), rows);
-        assert!(
-            d_rows < 1e-5,
-            "row losses differ by {d_rows} (relative) at {at}"
-        );
+        assert_close("row losses", nll.detach(), rows, &at);
 
         let (g1, g2) = (want.backward(), ours.backward());
-        let d_x = rel_diff(xc.grad(&g1).unwrap(), xg.grad(&g2).unwrap());
-        assert!(
-            d_x < 1e-5,
-            "gradient of x differs by {d_x} (relative) at {at}"
+        assert_close(
+            "gradient of x",
+            xc.grad(&g1).unwrap(),
+            xg.grad(&g2).unwrap(),
+            &at,
         );
-        let d_w = rel_diff(wc.grad(&g1).unwrap(), wg.grad(&g2).unwrap());
-        assert!(
-            d_w < 1e-5,
-            "gradient of w differs by {d_w} (relative) at {at}"
+        assert_close(
+            "gradient of w",
+            wc.grad(&g1).unwrap(),
+            wg.grad(&g2).unwrap(),
+            &at,
         );
     }
 }

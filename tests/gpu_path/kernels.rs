@@ -1,7 +1,7 @@
 //! Each GPU kernel against the operation composed from Burn's tensor
 //! operations on the same device, in value and in every input gradient.
 
-use super::rel_diff;
+use super::assert_close;
 use burn::prelude::*;
 
 /// Burn's attention on key/value heads repeated to the query heads, heads
@@ -58,15 +58,15 @@ fn gpu_attention_kernel_matches_composed_attention_and_its_gradients() {
         let ours = kernels::causal_attention(q.clone(), k.clone(), v.clone());
         let want = composed_attention(q.clone(), k.clone(), v.clone());
         let at = format!("B = {b}, H = {h}, KV = {kv}, S = {s}, hd = {hd}");
-        let d = rel_diff(ours.clone(), want.clone());
-        assert!(d < 1e-5, "values differ by {d} (relative) at {at}");
+        assert_close("values", ours.clone(), want.clone(), &at);
         let g1 = (ours * w.clone()).sum().backward();
         let g2 = (want * w).sum().backward();
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-            let d = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-            assert!(
-                d < 1e-5,
-                "gradient of {name} differs by {d} (relative) at {at}"
+            assert_close(
+                &format!("gradient of {name}"),
+                x.grad(&g1).unwrap(),
+                x.grad(&g2).unwrap(),
+                &at,
             );
         }
     }
@@ -95,16 +95,20 @@ fn gpu_norm_and_rope_kernels_match_their_compositions_and_gradients() {
         let rms = (x.clone().square().mean_dim(2) + eps).sqrt();
         let want = x.clone() / rms * gamma.clone().reshape([1, 1, d]);
         let at = format!("rms_norm [{b}, {s}, {d}]");
-        let dv = rel_diff(ours.clone(), want.clone());
-        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        assert_close("values", ours.clone(), want.clone(), &at);
         let g1 = (ours * w.clone()).sum().backward();
         let g2 = (want * w).sum().backward();
-        let dx = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-        assert!(dx < 1e-5, "{at}: gradient of x differs by {dx} (relative)");
-        let dg = rel_diff(gamma.grad(&g1).unwrap(), gamma.grad(&g2).unwrap());
-        assert!(
-            dg < 1e-5,
-            "{at}: gradient of gamma differs by {dg} (relative)"
+        assert_close(
+            "gradient of x",
+            x.grad(&g1).unwrap(),
+            x.grad(&g2).unwrap(),
+            &at,
+        );
+        assert_close(
+            "gradient of gamma",
+            gamma.grad(&g1).unwrap(),
+            gamma.grad(&g2).unwrap(),
+            &at,
         );
     }
 
@@ -125,12 +129,15 @@ fn gpu_norm_and_rope_kernels_match_their_compositions_and_gradients() {
         let table = |t: Tensor<2>| t.reshape([1, s, 1, hd]);
         let want = x.clone() * table(cos) + rotated * table(sin);
         let at = format!("rope [{b}, {s}, {h}, {hd}]");
-        let dv = rel_diff(ours.clone(), want.clone());
-        assert!(dv < 1e-5, "{at}: values differ by {dv} (relative)");
+        assert_close("values", ours.clone(), want.clone(), &at);
         let g1 = (ours * w.clone()).sum().backward();
         let g2 = (want * w).sum().backward();
-        let dg = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-        assert!(dg < 1e-5, "{at}: gradient of x differs by {dg} (relative)");
+        assert_close(
+            "gradient of x",
+            x.grad(&g1).unwrap(),
+            x.grad(&g2).unwrap(),
+            &at,
+        );
     }
 }
 
@@ -192,10 +199,11 @@ fn gpu_adamw_kernel_matches_the_composed_update() {
                 ("first moment", m1, m2.clone()),
                 ("second moment", v1, v2.clone()),
             ] {
-                let d = rel_diff(a, b);
-                assert!(
-                    d < 1e-5,
-                    "{name} differs by {d} (relative) at weight decay {weight_decay}, unique {unique}"
+                assert_close(
+                    name,
+                    a,
+                    b,
+                    &format!("weight decay {weight_decay}, unique {unique}"),
                 );
             }
         }
@@ -254,14 +262,14 @@ fn grouped_against_composed(d: usize, f: usize, offsets: &[usize], fused: bool) 
         })
         .collect();
     let want = Tensor::cat(parts, 0);
-    let dv = rel_diff(ours.clone(), want.clone());
-    assert!(dv < 1e-5, "values differ by {dv} (relative) at {at}");
+    assert_close("values", ours.clone(), want.clone(), &at);
     let g1 = (ours * w.clone()).sum().backward();
     let g2 = (want * w).sum().backward();
-    let dx = rel_diff(x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
-    assert!(
-        dx < 1e-5,
-        "gradient of x differs by {dx} (relative) at {at}"
+    assert_close(
+        "gradient of x",
+        x.grad(&g1).unwrap(),
+        x.grad(&g2).unwrap(),
+        &at,
     );
     let empty = (0..e).find(|&i| offsets[i + 1] == offsets[i]).unwrap();
     for (name, p) in [("gate", &gate), ("up", &up), ("down", &down)] {
@@ -276,11 +284,7 @@ fn grouped_against_composed(d: usize, f: usize, offsets: &[usize], fused: bool) 
             zero, 0.0,
             "the expert with no rows has a {name} gradient at {at}"
         );
-        let dg = rel_diff(a, b);
-        assert!(
-            dg < 1e-5,
-            "gradient of {name} differs by {dg} (relative) at {at}"
-        );
+        assert_close(&format!("gradient of {name}"), a, b, &at);
     }
 }
 
@@ -313,8 +317,8 @@ fn gpu_combine_matches_the_composed_combine_and_its_gradients() {
     .reshape([t, k, d])
     .sum_dim(1)
     .reshape([t, d]);
-    let dv = rel_diff(ours.clone(), want.clone());
-    assert!(dv < 1e-5, "values differ by {dv} (relative)");
+    let at = format!("T = {t}, k = {k}, d = {d}");
+    assert_close("values", ours.clone(), want.clone(), &at);
     let g1 = (ours * w.clone()).sum().backward();
     let g2 = (want * w).sum().backward();
     let (a, b) = (rows.grad(&g1).unwrap(), rows.grad(&g2).unwrap());
@@ -325,12 +329,12 @@ fn gpu_combine_matches_the_composed_combine_and_its_gradients() {
         .max()
         .into_scalar::<f32>();
     assert_eq!(unread, 0.0, "a row no assignment reads has a gradient");
-    let dr = rel_diff(a, b);
-    assert!(dr < 1e-5, "gradient of the rows differs by {dr} (relative)");
-    let dw = rel_diff(weights.grad(&g1).unwrap(), weights.grad(&g2).unwrap());
-    assert!(
-        dw < 1e-5,
-        "gradient of the weights differs by {dw} (relative)"
+    assert_close("gradient of the rows", a, b, &at);
+    assert_close(
+        "gradient of the weights",
+        weights.grad(&g1).unwrap(),
+        weights.grad(&g2).unwrap(),
+        &at,
     );
 }
 
